@@ -1,0 +1,213 @@
+"""The attack contract: a stable name, JSON parameters, a threat model, targeted or not.
+
+``attack.run(model, x, y, generator)`` returns an :class:`AttackResult` with the adversarial batch
+(always inside the threat model), per-sample success, and per-sample counts of input gradients and
+forward passes spent. Attacks never change the model's mode or parameters: they run it in eval mode,
+restore the caller's modes afterwards, and differentiate with respect to the input only (no
+parameter gradient is computed or accumulated).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+from robustlab.checks import check_images, check_labels, check_logits
+from robustlab.errors import RobustlabError
+from robustlab.losses import get_loss
+from robustlab.models.mode import eval_mode
+from robustlab.registry import Registry
+from robustlab.threat import NORMS, ThreatModel
+
+
+@dataclass
+class AttackResult:
+    """What an attack returns for a batch of N samples.
+
+    x_adv: (N, C, H, W) adversarial images, inside the threat model.
+    success: (N,) bool, misclassified (untargeted) or classified as the target (targeted) by the
+      attack's own last forward pass on ``x_adv``; the evaluation runner re-verifies it.
+    gradients: (N,) int64, input-gradient evaluations spent on each sample.
+    forwards: (N,) int64, forward passes (model queries) spent on each sample, gradient steps included.
+    """
+
+    x_adv: torch.Tensor
+    success: torch.Tensor
+    gradients: torch.Tensor
+    forwards: torch.Tensor
+
+
+class Attack:
+    """Base class. Subclasses set ``name`` and ``defaults`` and implement ``_attack``.
+
+    ``defaults`` maps every parameter name to its default (JSON values only); ``None`` means "derived
+    from the threat model" (for example a step size). ``norms`` lists the supported norms.
+    """
+
+    name: ClassVar[str] = ""
+    defaults: ClassVar[dict[str, Any]] = {}
+    choices: ClassVar[dict[str, tuple]] = {}
+    norms: ClassVar[tuple[str, ...]] = NORMS
+
+    def __init__(self, threat: ThreatModel, targeted: bool = False, **params: Any) -> None:
+        if threat.norm not in self.norms:
+            raise RobustlabError(f"attack {self.name!r} supports norms {', '.join(self.norms)}, not {threat.norm}")
+        unknown = sorted(set(params) - set(self.defaults))
+        if unknown:
+            known = ", ".join(sorted(self.defaults)) or "none"
+            raise RobustlabError(f"attack {self.name!r} has no parameter {', '.join(unknown)}; its parameters: {known}")
+        self.threat = threat
+        self.targeted = bool(targeted)
+        self.params = {k: _coerce(self.name, k, params.get(k, d), d) for k, d in self.defaults.items()}
+        for key, allowed in self.choices.items():
+            if self.params[key] not in allowed:
+                raise RobustlabError(
+                    f"attack {self.name!r}: {key}={self.params[key]!r} is not one of {', '.join(map(str, allowed))}"
+                )
+        self.validate()
+
+    # ------------------------------------------------------------------ public
+
+    def validate(self) -> None:
+        """Check parameter values; raise RobustlabError with a clear message. Override to add checks."""
+        for key in ("steps", "restarts"):
+            if key in self.params and self.params[key] < 1:
+                raise RobustlabError(f"attack {self.name!r}: {key} must be >= 1, got {self.params[key]}")
+
+    def config(self) -> dict[str, Any]:
+        """Everything needed to rebuild this attack: JSON-serializable."""
+        return {"name": self.name, "params": dict(self.params), "threat": self.threat.to_dict(), "targeted": self.targeted}
+
+    def with_params(self, **params: Any) -> "Attack":
+        """A copy with some parameters changed (same threat model and targeting)."""
+        return type(self)(self.threat, targeted=self.targeted, **{**self.params, **params})
+
+    def with_threat(self, threat: ThreatModel) -> "Attack":
+        return type(self)(threat, targeted=self.targeted, **self.params)
+
+    def run(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None
+    ) -> AttackResult:
+        """Attack the batch ``(x, y)`` (``y`` are targets when targeted). Returns an AttackResult."""
+        check_images(x)
+        y = check_labels(y, x.shape[0])
+        with eval_mode(model):
+            result = self._attack(model, x.detach(), y.to(x.device), generator)
+        # The contract: never outside the threat model, whatever the algorithm did.
+        result.x_adv = self.threat.project(result.x_adv.detach(), x)
+        return result
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{type(self).__name__}({self.threat}, targeted={self.targeted}, {args})"
+
+    # ------------------------------------------------------------------ for subclasses
+
+    def _attack(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None
+    ) -> AttackResult:
+        raise NotImplementedError
+
+    def is_success(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        pred = logits.argmax(dim=1)
+        return pred == y if self.targeted else pred != y
+
+    def loss_and_grad(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (detached) and the input gradient of the per-sample ``loss``, summed over samples."""
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = check_logits(model(x), x.shape[0])
+            value = get_loss(loss)(logits, y, self.targeted)
+            (grad,) = torch.autograd.grad(value.sum(), x)
+        return logits.detach(), grad
+
+    def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return check_logits(model(x), x.shape[0])
+
+
+def _coerce(attack: str, key: str, value: Any, default: Any) -> Any:
+    """Give a parameter the type of its default (ints stay ints, "true" becomes True, ...)."""
+    bad = RobustlabError(f"attack {attack!r}: {key}={value!r} should be like {default!r}")
+    if value is None:
+        return None
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        raise bad
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+            raise bad
+        return int(value)
+    if isinstance(default, float) or default is None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if default is None and isinstance(value, str):
+                return value
+            raise bad
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise bad
+        return value.lower()
+    return value
+
+
+ATTACKS: Registry[type[Attack]] = Registry("attack")
+
+
+def register_attack(cls: type[Attack]) -> type[Attack]:
+    """Class decorator: make an Attack subclass buildable by its ``name``."""
+    return ATTACKS.register(cls.name)(cls)
+
+
+def create_attack(name: str, threat: ThreatModel, targeted: bool = False, **params: Any) -> Attack:
+    """Build the registered attack ``name`` for ``threat`` with the given parameters."""
+    return ATTACKS.get(name)(threat, targeted=targeted, **params)
+
+
+def parse_attack_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"pgd:steps=40,alpha=0.01,loss=cw"`` -> ``("pgd", {"steps": 40, "alpha": 0.01, "loss": "cw"})``.
+
+    Values are read as int, float (``2/255`` allowed), bool (true/false), none, or else a string.
+    """
+    name, _, rest = spec.strip().partition(":")
+    if not name:
+        raise RobustlabError(f"empty attack name in {spec!r}; write NAME[:key=value,...]")
+    params: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, raw = part.partition("=")
+        if not eq or not key.strip():
+            raise RobustlabError(f"attack parameter {part!r} in {spec!r} must be written key=value")
+        params[key.strip()] = parse_value(raw.strip())
+    return name.strip().lower(), params
+
+
+def parse_value(raw: str) -> Any:
+    """Read a command-line value: int, float, fraction ``a/b``, bool, ``none``, or a string."""
+    low = raw.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    num, slash, den = raw.partition("/")
+    if slash:
+        try:
+            return float(num) / float(den)
+        except (ValueError, ZeroDivisionError):
+            pass
+    return raw

@@ -1,0 +1,1 @@
+"""Models: architectures by name, the Normalize wrapper, checkpoints with model cards."""

@@ -1,0 +1,257 @@
+"""Threat models: an Lp ball around each clean image intersected with the valid box.
+
+Everything an attack needs about the geometry lives here, once: per-sample norms, the exact
+Euclidean projection onto (ball intersected with box), uniform random starts inside the ball, and
+the steepest-ascent step of each norm. Attacks never re-implement any of it.
+
+All perturbations are in pixel space ([0, 1] images), so ``eps=8/255`` means the same everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from robustlab.errors import RobustlabError
+
+NORMS = ("linf", "l2", "l1")
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """The set ``{x' : ||x' - x||_p <= eps, lower <= x' <= upper}`` around each clean image ``x``.
+
+    norm: ``"linf"``, ``"l2"`` or ``"l1"``; eps: the radius in pixel units ([0, 1] scale).
+    """
+
+    norm: str
+    eps: float
+    lower: float = 0.0
+    upper: float = 1.0
+
+    def __post_init__(self) -> None:
+        norm = str(self.norm).lower()
+        if norm not in NORMS:
+            raise RobustlabError(f"unknown norm {self.norm!r}; use one of {', '.join(NORMS)}")
+        object.__setattr__(self, "norm", norm)
+        try:
+            eps = float(self.eps)
+        except (TypeError, ValueError):
+            raise RobustlabError(f"epsilon must be a number, got {self.eps!r}") from None
+        if not math.isfinite(eps) or eps < 0:
+            raise RobustlabError(f"epsilon must be a finite number >= 0, got {self.eps!r}")
+        object.__setattr__(self, "eps", eps)
+        if not self.lower < self.upper:
+            raise RobustlabError(f"box lower bound {self.lower} must be below upper bound {self.upper}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_eps(self, eps: float) -> "ThreatModel":
+        return ThreatModel(self.norm, eps, self.lower, self.upper)
+
+    def __str__(self) -> str:
+        return f"{self.norm} eps={self.eps:g}"
+
+    # ------------------------------------------------------------------ geometry
+
+    def distance(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample ``||x_adv - x||_p`` as a float tensor of shape (N,)."""
+        return norms(x_adv - x, self.norm)
+
+    def contains(self, x_adv: torch.Tensor, x: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
+        """Per-sample bool: finite, inside the box and inside the ball, each within ``tol``."""
+        flat = x_adv.flatten(1)
+        finite = torch.isfinite(flat).all(dim=1)
+        in_box = ((flat >= self.lower - tol) & (flat <= self.upper + tol)).all(dim=1)
+        in_ball = self.distance(x_adv.clamp(self.lower, self.upper), x) <= self.eps + tol
+        return finite & in_box & in_ball
+
+    def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Exact Euclidean projection of ``x_adv`` onto the ball around ``x`` intersected with the box."""
+        delta = project_delta(x_adv - x, x, self.norm, self.eps, self.lower, self.upper)
+        return (x + delta).clamp(self.lower, self.upper)
+
+    def random_init(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A point drawn uniformly from the ball around each ``x`` (then clipped to the box)."""
+        delta = sample_ball(x.shape, self.norm, self.eps, x.device, x.dtype, generator)
+        return (x + delta).clamp(self.lower, self.upper)
+
+    def steepest_step(
+        self,
+        grad: torch.Tensor,
+        step_size: float | torch.Tensor,
+        x_adv: torch.Tensor | None = None,
+        l1_sparsity: float = 0.95,
+    ) -> torch.Tensor:
+        """The step of size ``step_size`` (in this norm) that increases a linear loss most.
+
+        linf: ``step * sign(g)``; l2: ``step * g / ||g||_2``; l1: the sparse step of SLIDE
+        (Tramer & Boneh 2019): the budget is spread evenly over the top ``1 - l1_sparsity`` fraction
+        of coordinates by ``|g|``, skipping coordinates that already sit on the box face the gradient
+        pushes towards (needs ``x_adv``). ``step_size`` may be a scalar or a per-sample (N,) tensor.
+        """
+        step = _per_sample(step_size, grad)
+        if self.norm == "linf":
+            return step * grad.sign()
+        if self.norm == "l2":
+            return step * grad / norms(grad, "l2").clamp_min(1e-12).view(-1, *[1] * (grad.dim() - 1))
+        g = grad.flatten(1).clone()
+        if x_adv is not None:
+            flat = x_adv.flatten(1)
+            blocked = ((flat <= self.lower) & (g < 0)) | ((flat >= self.upper) & (g > 0))
+            g = g.masked_fill(blocked, 0.0)
+        mag = g.abs()
+        k = max(1, int(round((1.0 - l1_sparsity) * g.shape[1])))
+        kth = mag.topk(k, dim=1).values[:, -1:]
+        mask = (mag >= kth) & (mag > 0)
+        count = mask.sum(dim=1, keepdim=True).clamp_min(1)
+        out = g.sign() * mask / count
+        return step * out.view_as(grad)
+
+
+# ---------------------------------------------------------------------- free functions
+
+
+def _per_sample(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor | float:
+    if isinstance(value, torch.Tensor) and value.dim() > 0:
+        return value.to(like.dtype).view(-1, *[1] * (like.dim() - 1))
+    return value
+
+
+def norms(delta: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-sample norm of a batch of perturbations, shape (N,)."""
+    flat = delta.flatten(1)
+    if norm == "linf":
+        return flat.abs().amax(dim=1)
+    if norm == "l2":
+        return flat.norm(p=2, dim=1)
+    if norm == "l1":
+        return flat.abs().sum(dim=1)
+    raise RobustlabError(f"unknown norm {norm!r}; use one of {', '.join(NORMS)}")
+
+
+def project_delta(
+    delta: torch.Tensor, x: torch.Tensor, norm: str, eps: float, lower: float = 0.0, upper: float = 1.0
+) -> torch.Tensor:
+    """Exact Euclidean projection of ``delta`` onto ``{d : ||d||_p <= eps, lower <= x + d <= upper}``.
+
+    Since 0 is feasible and both sets are convex, the projection is unique. linf: coordinate-wise
+    clipping. l2 and l1: the KKT conditions give ``d = clip(s(v, t), lo, hi)`` with a shrinkage ``s``
+    (scaling for l2, soft-thresholding for l1) whose parameter ``t`` is found exactly by sorting the
+    breakpoints of the piecewise (quadratic / linear) norm function.
+    """
+    lo = (lower - x).clamp(max=0.0)
+    hi = (upper - x).clamp(min=0.0)
+    if norm == "linf":
+        return torch.maximum(torch.minimum(delta.clamp(-eps, eps), hi), lo)
+    shape = delta.shape
+    v = delta.flatten(1)
+    lo_f, hi_f = lo.flatten(1), hi.flatten(1)
+    boxed = torch.maximum(torch.minimum(v, hi_f), lo_f)
+    inside = norms(boxed, norm) <= eps
+    if bool(inside.all()):
+        return boxed.view(shape)
+    out = boxed.clone()
+    rows = (~inside).nonzero(as_tuple=True)[0]
+    vr = v[rows].double()
+    # Bound on |d_i| in the direction of v_i.
+    bound = torch.where(vr >= 0, hi_f[rows].double(), -lo_f[rows].double())
+    if norm == "l2":
+        proj = _project_l2_box(vr, bound, eps)
+    elif norm == "l1":
+        proj = _project_l1_box(vr, bound, eps)
+    else:
+        raise RobustlabError(f"unknown norm {norm!r}; use one of {', '.join(NORMS)}")
+    proj = proj.to(delta.dtype)
+    # Rounding can leave the point a hair outside the ball: shrink towards 0 (always feasible).
+    size = norms(proj, norm)
+    over = size > eps
+    if bool(over.any()):
+        safety = 1.0 - 4 * torch.finfo(proj.dtype).eps
+        scale = torch.where(over, eps * safety / size.clamp_min(1e-30), torch.ones_like(size))
+        proj = proj * scale.unsqueeze(1)
+    out[rows] = proj
+    return out.view(shape)
+
+
+def _project_l2_box(v: torch.Tensor, bound: torch.Tensor, eps: float) -> torch.Tensor:
+    """Rows of ``v`` with ||clip(v)||_2 > eps: returns ``sign(v) * min(t |v|, bound)`` with the t in
+    (0, 1) at which the L2 norm equals eps (the KKT point of the ball-and-box projection)."""
+    a = v.abs()
+    # Coordinate i saturates (hits its bound) once t >= bound_i / a_i.
+    brk = torch.where(a > 0, bound / a.clamp_min(1e-300), torch.full_like(a, math.inf))
+    order = brk.argsort(dim=1)
+    brk_s = brk.gather(1, order)
+    a2_s = a.gather(1, order).square()
+    b2_s = bound.gather(1, order).square()
+    # With t in [brk_s[k-1], brk_s[k]], coordinates 0..k-1 are saturated:
+    #   f(t) = sum_{j<k} b_j^2 + t^2 * sum_{j>=k} a_j^2.
+    zero = torch.zeros_like(a2_s[:, :1])
+    sat = torch.cat([zero, b2_s.cumsum(1)], dim=1)  # sum_{j<k} b^2, k = 0..n
+    free = torch.cat([a2_s.flip(1).cumsum(1).flip(1), zero], dim=1)  # sum_{j>=k} a^2
+    # f at the right end of each segment k (t = brk_s[k]); the last segment never ends.
+    t_end = torch.cat([brk_s, torch.full_like(zero, math.inf)], dim=1)
+    f_end = torch.where(torch.isinf(t_end), torch.full_like(t_end, math.inf), sat + t_end.square() * free)
+    k = (f_end < eps**2).sum(dim=1, keepdim=True)  # first segment whose end reaches eps^2
+    t = ((eps**2 - sat.gather(1, k)).clamp_min(0) / free.gather(1, k).clamp_min(1e-300)).sqrt()
+    t = t.clamp(max=1.0)
+    return v.sign() * torch.minimum(t * a, bound)
+
+
+def _project_l1_box(v: torch.Tensor, bound: torch.Tensor, eps: float) -> torch.Tensor:
+    """Rows of ``v`` with ||clip(v)||_1 > eps: returns ``sign(v) * min(max(|v| - lam, 0), bound)``
+    with the lam > 0 at which the L1 norm equals eps (the KKT point of the ball-and-box projection).
+
+    g(lam) = sum_i clamp(|v_i| - lam, 0, bound_i) is piecewise linear and decreasing; coordinate i
+    contributes slope -1 on (max(|v_i| - bound_i, 0), |v_i|). Sorting the 2n breakpoints gives g at
+    every breakpoint by a cumulative sum, and lam exactly by linear interpolation.
+    """
+    a = v.abs()
+    live = (a > 0) & (bound > 0)
+    start = (a - bound).clamp_min(0)
+    points = torch.cat([start, a], dim=1)
+    slope_change = torch.cat([-live.to(v.dtype), live.to(v.dtype)], dim=1)
+    order = points.argsort(dim=1)
+    p = points.gather(1, order)
+    dslope = slope_change.gather(1, order)
+    slope = dslope.cumsum(1)  # slope of g just right of p[k]
+    g0 = torch.minimum(a, bound).sum(dim=1, keepdim=True)
+    seg = p.diff(dim=1) * slope[:, :-1]
+    g = torch.cat([g0, g0 + seg.cumsum(1)], dim=1)  # g at each sorted breakpoint
+    # First breakpoint with g <= eps; lam lies between it and the one before.
+    k = (g > eps).sum(dim=1, keepdim=True).clamp(1, p.shape[1] - 1)
+    p_prev, g_prev, s_prev = p.gather(1, k - 1), g.gather(1, k - 1), slope.gather(1, k - 1)
+    lam = p_prev + (g_prev - eps) / (-s_prev).clamp_min(1e-300)
+    lam = torch.minimum(lam, p.gather(1, k)).clamp_min(0)
+    return v.sign() * torch.minimum((a - lam).clamp_min(0), bound)
+
+
+def sample_ball(
+    shape: torch.Size | tuple[int, ...],
+    norm: str,
+    eps: float,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Perturbations drawn uniformly from the ``norm`` ball of radius ``eps`` (one per sample)."""
+    n, dim = shape[0], int(math.prod(shape[1:]))
+    kw = dict(device=device, dtype=dtype, generator=generator)
+    if norm == "linf":
+        return (torch.rand(shape, **kw) * 2 - 1) * eps
+    if norm == "l2":
+        direction = torch.randn(n, dim, **kw)
+        direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        radius = torch.rand(n, 1, **kw).pow(1.0 / dim)
+        return (direction * radius * eps).view(shape)
+    if norm == "l1":
+        # Uniform in the L1 ball: |d| uniform in the simplex {s >= 0, sum s <= 1} (normalized
+        # exponentials with one slack coordinate), with independent random signs.
+        e = -torch.rand(n, dim + 1, **kw).clamp_min(1e-12).log()
+        mag = e[:, :dim] / e.sum(dim=1, keepdim=True)
+        sign = torch.randint(0, 2, (n, dim), device=device, generator=generator).to(dtype) * 2 - 1
+        return (mag * sign * eps).view(shape)
+    raise RobustlabError(f"unknown norm {norm!r}; use one of {', '.join(NORMS)}")
