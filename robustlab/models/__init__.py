@@ -1,1 +1,27 @@
-"""Models: architectures by name, the Normalize wrapper, checkpoints with model cards."""
+"""Models: architectures by name, the Normalize wrapper, checkpoints with model cards, loading.
+
+Every model maps float NCHW images in [0, 1] to logits; normalization is its first layer.
+"""
+
+from robustlab.models import resnet, small, wideresnet  # noqa: F401  (register the architectures)
+from robustlab.models.checkpoint import ModelCard, load_checkpoint, save_checkpoint
+from robustlab.models.loading import LoadedModel, load_model
+from robustlab.models.mode import eval_mode, training_modules
+from robustlab.models.normalize import Normalize
+from robustlab.models.registry import MODELS, create_model, list_models, model_config, register_model
+
+__all__ = [
+    "MODELS",
+    "LoadedModel",
+    "ModelCard",
+    "Normalize",
+    "create_model",
+    "eval_mode",
+    "list_models",
+    "load_checkpoint",
+    "load_model",
+    "model_config",
+    "register_model",
+    "save_checkpoint",
+    "training_modules",
+]

@@ -1,0 +1,451 @@
+"""One self-contained HTML report per run, plus its numbers as ``summary.json`` and ``samples.csv``.
+
+The HTML page has no external resources and no JavaScript: CSS is inline and plots are embedded as
+base64 PNG data URIs, so the file can be mailed, archived or attached to a paper as it is. Every string
+that comes from the store (model names, attack parameters, check details, model cards) is HTML-escaped.
+
+A run that did not finish (no summary in the store) still gets a report, built from the per-task
+counts of the samples done so far, under a visible "incomplete" banner.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import math
+from dataclasses import asdict, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from robustlab.bench.plots import (
+    format_eps,
+    format_percent,
+    norm_name,
+    plot_eps_curve,
+    plot_gallery,
+    plot_steps_curve,
+)
+from robustlab.bench.store import ResultsStore, SampleRow
+
+_CSS = """
+body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; color: #1d1d1f;
+       max-width: 1100px; margin: 0 auto; padding: 24px; line-height: 1.45; font-size: 15px; }
+h1 { font-size: 26px; margin-bottom: 4px; word-break: break-all; }
+h2 { font-size: 20px; border-bottom: 2px solid #e3e3e8; padding-bottom: 4px; margin-top: 34px; }
+h3 { font-size: 16px; margin-bottom: 6px; }
+.sub { color: #555; margin-top: 0; }
+table { border-collapse: collapse; margin: 10px 0 16px 0; }
+th, td { border: 1px solid #d5d5dc; padding: 5px 10px; text-align: left; vertical-align: top; }
+th { background: #f3f3f7; font-weight: 600; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+table.kv th { width: 220px; }
+code, pre { font-family: SFMono-Regular, Menlo, Consolas, monospace; font-size: 13px; }
+pre { background: #f6f6f9; padding: 10px; overflow-x: auto; border: 1px solid #e3e3e8; }
+.banner { padding: 12px 16px; margin: 14px 0; border-radius: 6px; font-size: 15px; }
+.banner.incomplete { background: #fff4d6; border: 2px solid #e0a800; color: #5c4400; }
+.banner.failed { background: #fde2e2; border: 2px solid #c62828; color: #6d1010; }
+.banner.warn { background: #fff8e1; border: 1px solid #e0a800; color: #5c4400; }
+.banner.info { background: #e8f1fd; border: 1px solid #5b8fd6; color: #173a6b; }
+.headline { display: flex; gap: 18px; flex-wrap: wrap; margin: 14px 0; }
+.metric { border: 1px solid #d5d5dc; border-radius: 8px; padding: 10px 18px; min-width: 180px; }
+.metric .value { font-size: 28px; font-weight: 700; font-variant-numeric: tabular-nums; }
+.metric .label { color: #555; font-size: 13px; }
+.badge { display: inline-block; padding: 1px 9px; border-radius: 10px; font-weight: 700; font-size: 13px;
+         text-transform: uppercase; letter-spacing: 0.03em; }
+.badge.pass { background: #d8f3dc; color: #1b5e20; border: 1px solid #81c784; }
+.badge.warn { background: #fff3c4; color: #6d4c00; border: 1px solid #e0a800; }
+.badge.fail { background: #fde2e2; color: #8e0000; border: 1px solid #e57373; }
+.badge.unknown { background: #eee; color: #444; border: 1px solid #bbb; }
+tr.check-fail td { background: #fff5f5; }
+tr.check-warn td { background: #fffbea; }
+img.plot { max-width: 100%; border: 1px solid #e3e3e8; margin: 6px 0; }
+.muted { color: #666; font-size: 13px; }
+footer { margin-top: 40px; color: #777; font-size: 12px; border-top: 1px solid #e3e3e8; padding-top: 8px; }
+"""
+
+_STATUS_CLASSES = ("pass", "warn", "fail")
+
+
+# ---------------------------------------------------------------------- small helpers
+
+def _e(value: Any) -> str:
+    """HTML-escape anything (``None`` becomes an em dash)."""
+    if value is None:
+        return "—"
+    return html.escape(str(value), quote=True)
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _img(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img class="plot" alt="{_e(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _int(value: Any) -> str:
+    if value is None:
+        return "—"
+    try:
+        return f"{int(value):,}"
+    except (TypeError, ValueError):
+        return _e(value)
+
+
+def _seconds(value: Any) -> str:
+    if value is None:
+        return "—"
+    try:
+        return f"{float(value):,.1f}"
+    except (TypeError, ValueError):
+        return _e(value)
+
+
+def _wilson(p: float | None, n: int | None, z: float = 1.96) -> tuple[float, float] | None:
+    """The 95% Wilson score interval of a proportion ``p`` measured on ``n`` samples."""
+    if p is None or not n:
+        return None
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def _ci_text(p: float | None, n: int | None) -> str:
+    ci = _wilson(p, n)
+    if ci is None:
+        return ""
+    return f"95% CI {format_percent(ci[0], 1)} – {format_percent(ci[1], 1)} (n = {n})"
+
+
+def _kv_table(items: Sequence[tuple[str, Any]], raw: bool = False) -> str:
+    rows = "".join(f"<tr><th>{_e(k)}</th><td>{v if raw else _e(v)}</td></tr>" for k, v in items)
+    return f'<table class="kv">{rows}</table>'
+
+
+def _value_html(value: Any) -> str:
+    """A model-card or environment value: scalars as text, lists/dicts as compact JSON."""
+    if isinstance(value, (dict, list, tuple)):
+        return f"<code>{_e(_json_text(value))}</code>"
+    return _e(value)
+
+
+# ---------------------------------------------------------------------- the numbers
+
+def _partial_summary(store: ResultsStore, run: dict[str, Any], rows: list[SampleRow]) -> dict[str, Any]:
+    """A summary-shaped dict for a run without a summary, from the samples written so far."""
+    stats = store.task_stats(run["run_id"])
+    main = next((t for t in stats if t["task"] == "main"), None)
+    done = len(rows)
+    clean = sum(r.clean_correct for r in rows)
+    costs = store.attack_costs(run["run_id"], "main")
+    attacks = []
+    still = clean
+    for a in run.get("attacks", []):
+        broken = sum(1 for r in rows if r.broken_by == a["index"])
+        still -= broken
+        cost = costs[a["index"]] if a["index"] < len(costs) else {}
+        attacks.append({
+            "index": a["index"], "name": a["name"], "params": a["params"],
+            "robust_accuracy": still / done if done else None, "broken": broken,
+            "seconds": cost.get("seconds"), "gradients": cost.get("gradients"), "forwards": cost.get("forwards"),
+        })
+    seconds = [c["seconds"] for c in costs if c.get("seconds") is not None]
+    eps_curve = [
+        {"eps": t["eps"], "robust_accuracy": t["robust_accuracy"]}
+        for t in stats if t["kind"] == "eps" and t["robust_accuracy"] is not None and t["done"] >= t["n"]
+    ]
+    return {
+        "run_id": run["run_id"], "model": run["model"], "dataset": run["dataset"], "split": run["split"],
+        "n": run["n"], "done": done, "threat": {"norm": run["norm"], "eps": run["eps"]},
+        "clean_accuracy": clean / done if done else None,
+        "robust_accuracy": (sum(r.robust for r in rows) / done) if done else None,
+        "attacks": attacks, "eps_curve": sorted(eps_curve, key=lambda p: p["eps"]), "steps_curve": None,
+        "rejected": main["rejected"] if main else 0, "attack_seconds": sum(seconds) if seconds else None,
+        "partial": True,
+    }
+
+
+# ---------------------------------------------------------------------- HTML sections
+
+def _header(run: dict[str, Any], summary: dict[str, Any], partial: bool) -> str:
+    threat = f"{norm_name(run['norm'])}, ε = {format_eps(run['norm'], run['eps'])}"
+    parts = [
+        f"<h1>Robustness report: {_e(run['model'])}</h1>",
+        f'<p class="sub">{_e(run["dataset"])} / {_e(run["split"])}, n = {_int(run["n"])} · threat model '
+        f"{_e(threat)} · run <code>{_e(run['run_id'])}</code></p>",
+    ]
+    status = str(run.get("status"))
+    if status != "complete" or partial:
+        cls = "failed" if status == "failed" else "incomplete"
+        done = summary.get("done")
+        progress = f" {_int(done)} of {_int(run['n'])} samples of the main evaluation are done." if done is not None else ""
+        parts.append(
+            f'<div class="banner {cls}"><strong>INCOMPLETE RUN (status: {_e(status)}).</strong> '
+            f"The numbers below are partial, computed from the samples written so far.{progress} "
+            "Sanity checks, curves and per-attack costs may be missing. Resume the run to finish it.</div>"
+        )
+    meta = [
+        ("Model", run["model"]), ("Dataset / split", f"{run['dataset']} / {run['split']}"),
+        ("Samples (n)", run["n"]), ("Threat model", threat), ("Seed", run["seed"]), ("Status", status),
+        ("Run id", run["run_id"]), ("Created", run.get("created")), ("Finished", run.get("finished")),
+    ]
+    if summary.get("seconds") is not None:
+        meta.append(("Total wall time (s)", f"{float(summary['seconds']):,.1f}"))
+    elif summary.get("attack_seconds") is not None:
+        meta.append(("Time spent attacking so far (s)", f"{float(summary['attack_seconds']):,.1f}"))
+    parts.append(_kv_table(meta))
+    return "\n".join(parts)
+
+
+def _warnings(run: dict[str, Any], summary: dict[str, Any], checks: list[dict[str, Any]]) -> str:
+    info = run.get("model_info") or {}
+    out = []
+    failed = [c for c in checks if str(c.get("status")) == "fail"]
+    if failed:
+        names = ", ".join(str(c.get("name")) for c in failed)
+        out.append(f'<div class="banner failed"><strong>{len(failed)} sanity check(s) failed</strong> ({_e(names)}): '
+                   "the robust accuracy may be overestimated (for example by gradient masking). "
+                   "See the sanity checks below before trusting it.</div>")
+    if info.get("randomized"):
+        out.append('<div class="banner warn"><strong>Randomized model:</strong> its output changes between identical '
+                   "calls. Attacks that use single gradients overestimate its robustness; an EOT (expectation over "
+                   "transformation) evaluation is needed for a trustworthy number.</div>")
+    forced = info.get("eval_mode_forced") or []
+    if forced:
+        out.append('<div class="banner info"><strong>Evaluated in eval mode:</strong> '
+                   f"{len(forced)} submodule(s) were in train mode and were switched to eval mode for the evaluation: "
+                   f"<code>{_e(', '.join(map(str, forced)))}</code>.</div>")
+    rejected = summary.get("rejected") or 0
+    if rejected:
+        out.append(f'<div class="banner info"><strong>{_int(rejected)} claimed success(es) rejected</strong>: '
+                   "adversarial examples an attack reported that failed re-verification (outside the threat model, "
+                   "outside [0, 1], or not misclassified) were not counted.</div>")
+    return "\n".join(out)
+
+
+def _results(run: dict[str, Any], summary: dict[str, Any]) -> str:
+    n = summary.get("done", summary.get("n", run["n"]))
+    clean, robust = summary.get("clean_accuracy"), summary.get("robust_accuracy")
+    head = (
+        '<div class="headline">'
+        f'<div class="metric"><div class="value">{format_percent(clean)}</div><div class="label">clean accuracy'
+        f'<br>{_e(_ci_text(clean, n))}</div></div>'
+        f'<div class="metric"><div class="value">{format_percent(robust)}</div><div class="label">robust accuracy at '
+        f'{_e(norm_name(run["norm"]))} ε = {_e(format_eps(run["norm"], run["eps"]))}<br>{_e(_ci_text(robust, n))}'
+        "</div></div></div>"
+    )
+    targeted = {a["index"]: a.get("targeted") for a in run.get("attacks", [])}
+    rows = [
+        "<tr><td>—</td><td>clean (no attack)</td><td></td><td></td>"
+        f'<td class="num">{format_percent(clean)}</td><td class="num"></td><td class="num"></td>'
+        '<td class="num"></td><td class="num"></td></tr>'
+    ]
+    for a in summary.get("attacks") or []:
+        params = a.get("params")
+        rows.append(
+            f"<tr><td class=\"num\">{_e(a.get('index'))}</td><td><strong>{_e(a.get('name'))}</strong></td>"
+            f"<td><code>{_e(_json_text(params) if params is not None else '')}</code></td>"
+            f"<td>{'yes' if targeted.get(a.get('index')) else 'no'}</td>"
+            f'<td class="num">{format_percent(a.get("robust_accuracy"))}</td>'
+            f'<td class="num">{_int(a.get("broken"))}</td><td class="num">{_seconds(a.get("seconds"))}</td>'
+            f'<td class="num">{_int(a.get("gradients"))}</td><td class="num">{_int(a.get("forwards"))}</td></tr>'
+        )
+    table = (
+        "<table><tr><th>#</th><th>attack</th><th>parameters</th><th>targeted</th>"
+        '<th class="num">robust accuracy after it</th><th class="num">samples it broke first</th>'
+        '<th class="num">seconds</th><th class="num">input gradients</th><th class="num">forward passes</th></tr>'
+        + "".join(rows) + "</table>"
+        '<p class="muted">Attacks run in order as a worst-case ensemble: each attacks only the samples still robust '
+        "after the previous ones, so the robust accuracy after the last attack is the reported number.</p>"
+    )
+    return "<h2>Results</h2>" + head + table
+
+
+def _tasks_table(stats: list[dict[str, Any]]) -> str:
+    if not stats:
+        return "<p>No tasks were declared yet.</p>"
+    rows = []
+    for t in stats:
+        rows.append(
+            f"<tr><td><code>{_e(t['task'])}</code></td><td>{_e(t['kind'])}</td><td class=\"num\">{t['eps']:.4g}</td>"
+            f"<td class=\"num\">{_int(t.get('steps'))}</td><td class=\"num\">{_int(t['done'])} / {_int(t['n'])}</td>"
+            f"<td class=\"num\">{format_percent(t['clean_accuracy'])}</td>"
+            f"<td class=\"num\">{format_percent(t['robust_accuracy'])}</td><td class=\"num\">{_int(t['rejected'])}</td></tr>"
+        )
+    return (
+        "<table><tr><th>task</th><th>kind</th><th class=\"num\">ε</th><th class=\"num\">steps</th>"
+        "<th class=\"num\">samples done / n</th><th class=\"num\">clean acc.</th><th class=\"num\">robust acc.</th>"
+        "<th class=\"num\">rejected</th></tr>" + "".join(rows) + "</table>"
+    )
+
+
+def _curves(summary: dict[str, Any], norm: str) -> str:
+    parts = ["<h2>Curves</h2>"]
+    if summary.get("eps_curve"):
+        parts.append(_img(plot_eps_curve(summary), "robust accuracy against epsilon"))
+        pts = "".join(
+            f'<tr><td class="num">{_e(format_eps(norm, p["eps"]))}</td>'
+            f'<td class="num">{format_percent(p.get("robust_accuracy"))}</td></tr>'
+            for p in summary["eps_curve"]
+        )
+        parts.append('<table><tr><th class="num">ε</th><th class="num">robust accuracy</th></tr>' + pts + "</table>")
+    else:
+        parts.append("<p>No epsilon curve was recorded for this run.</p>")
+    steps = summary.get("steps_curve")
+    if steps and steps.get("points"):
+        parts.append(_img(plot_steps_curve(summary), "robust accuracy against attack iterations"))
+        parts.append('<p class="muted">More iterations should not help the model: a curve still falling at the right '
+                     "edge means the attack had not converged and the robust accuracy is an overestimate.</p>")
+    else:
+        parts.append("<p>No steps curve was recorded for this run.</p>")
+    return "\n".join(parts)
+
+
+def _checks(checks: list[dict[str, Any]], partial: bool) -> str:
+    if not checks:
+        note = "not run yet (the run is incomplete)" if partial else "none were recorded"
+        return f"<h2>Sanity checks</h2><p>Sanity checks: {note}.</p>"
+    counts = {s: sum(1 for c in checks if str(c.get("status")) == s) for s in _STATUS_CLASSES}
+    rows = []
+    for c in checks:
+        status = str(c.get("status"))
+        cls = status if status in _STATUS_CLASSES else "unknown"
+        detail = c.get("detail")
+        detail_html = _value_html(detail) if not isinstance(detail, str) else _e(detail)
+        rows.append(f'<tr class="check-{cls}"><td>{_e(c.get("name"))}</td>'
+                    f'<td><span class="badge {cls}">{_e(status)}</span></td><td>{detail_html}</td></tr>')
+    summary = ", ".join(f"{counts[s]} {s}" for s in _STATUS_CLASSES)
+    return ("<h2>Sanity checks</h2>"
+            f"<p>{_e(summary)}. These checks look for signs of gradient masking and broken evaluations.</p>"
+            "<table><tr><th>check</th><th>verdict</th><th>detail</th></tr>" + "".join(rows) + "</table>")
+
+
+def _model_notes(run: dict[str, Any]) -> str:
+    info = run.get("model_info") or {}
+    forced = info.get("eval_mode_forced") or []
+    items: list[tuple[str, str]] = [
+        ("Source", _e(info.get("source"))),
+        ("Eval mode", (f"forced for {len(forced)} submodule(s) that were in train mode: <code>"
+                       f"{_e(', '.join(map(str, forced)))}</code>") if forced else "model was already in eval mode"),
+        ("Randomized", ("<strong>yes</strong>: output changes between identical calls; an EOT evaluation is needed"
+                        if info.get("randomized") else "no")),
+    ]
+    for key, value in info.items():
+        if key not in ("card", "source", "eval_mode_forced", "randomized"):
+            items.append((key, _value_html(value)))
+    parts = ["<h2>Model notes</h2>", _kv_table(items, raw=True)]
+    card = info.get("card")
+    if isinstance(card, dict) and card:
+        parts.append("<h3>Model card</h3>")
+        parts.append(_kv_table([(k, _value_html(v)) for k, v in card.items()], raw=True))
+    else:
+        parts.append('<p class="muted">No model card.</p>')
+    return "\n".join(parts)
+
+
+def _environment(run: dict[str, Any]) -> str:
+    env = run.get("environment") or {}
+    config = run.get("config") or {}
+    return (
+        "<h2>Environment</h2>"
+        + (_kv_table([(k, _value_html(v)) for k, v in env.items()], raw=True) if env else "<p>Not recorded.</p>")
+        + "<details><summary>Full configuration (JSON)</summary><pre>"
+        + _e(json.dumps(config, indent=2, sort_keys=True, default=str))
+        + "</pre></details>"
+    )
+
+
+def _gallery(examples: list[Any], classes: Sequence[str] | None) -> str:
+    if not examples:
+        return "<h2>Adversarial examples</h2><p>No adversarial examples were stored for this run.</p>"
+    return ("<h2>Adversarial examples</h2>"
+            f'<p class="muted">{len(examples)} verified adversarial examples from the main evaluation. Columns: clean '
+            "image with its true label, adversarial image with the model's prediction, and the perturbation "
+            "amplified to the full range (mid-gray = unchanged).</p>"
+            + _img(plot_gallery(examples, classes), "adversarial examples"))
+
+
+# ---------------------------------------------------------------------- files
+
+def _write_samples_csv(path: Path, rows: list[SampleRow], attack_names: dict[int, str]) -> None:
+    names = [f.name for f in fields(SampleRow)]
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(names + ["broken_by_attack"])
+        for r in rows:
+            d = asdict(r)
+            values = []
+            for name in names:
+                v = d[name]
+                values.append("" if v is None else (int(v) if isinstance(v, bool) else v))
+            values.append(attack_names.get(r.broken_by, "") if r.broken_by is not None else "")
+            writer.writerow(values)
+
+
+def write_report(store: ResultsStore, run: str, out_dir: str | Path, *, gallery_size: int = 12) -> dict[str, Path]:
+    """Write the report of one run into ``out_dir`` (created if missing).
+
+    ``run``: a run id, a unique prefix of one, or ``latest``. Writes ``report.html`` (one self-contained
+    page), ``summary.json`` (summary, sanity checks, configuration, environment, model info) and
+    ``samples.csv`` (one row per sample of the main evaluation, with a header). A run that has no summary
+    yet gets a partial report built from the samples done so far, clearly marked as such.
+
+    Returns ``{"html": ..., "summary": ..., "samples": ...}``, the paths written.
+    """
+    info = store.get_run(run)
+    run_id = info["run_id"]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    rows = store.samples(run_id, "main")
+    partial = info.get("summary") is None
+    summary = _partial_summary(store, info, rows) if partial else info["summary"]
+    checks = info.get("checks") or []
+    config = info.get("config") or {}
+    classes = config.get("classes") if isinstance(config.get("classes"), list) else None
+    stats = store.task_stats(run_id)
+    examples = store.examples(run_id, "main", gallery_size) if gallery_size > 0 else []
+
+    body = [
+        _header(info, summary, partial),
+        _warnings(info, summary, checks),
+        _results(info, summary),
+        _curves(summary, str(info["norm"])),
+        _checks(checks, partial or info.get("status") != "complete"),
+        _model_notes(info),
+        _environment(info),
+        _gallery(examples, classes),
+        "<h2>Tasks</h2>" + _tasks_table(stats),
+    ]
+    try:
+        from robustlab import __version__ as version
+    except ImportError:  # pragma: no cover
+        version = "?"
+    generated = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    page = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>robustlab report: {_e(info['model'])} ({_e(run_id)})</title><style>{_CSS}</style></head><body>\n"
+        + "\n".join(b for b in body if b)
+        + f"\n<footer>Generated by robustlab {_e(version)} on {_e(generated)} from results store "
+        f"<code>{_e(store.path.name)}</code>.</footer>\n</body></html>\n"
+    )
+    html_path = out / "report.html"
+    html_path.write_text(page, encoding="utf-8")
+
+    summary_path = out / "summary.json"
+    document = {
+        "run_id": run_id, "status": info.get("status"), "partial": partial, "created": info.get("created"),
+        "finished": info.get("finished"), "summary": summary, "checks": checks, "config": config,
+        "environment": info.get("environment"), "model_info": info.get("model_info"), "attacks": info.get("attacks"),
+    }
+    summary_path.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
+
+    samples_path = out / "samples.csv"
+    _write_samples_csv(samples_path, rows, {a["index"]: a["name"] for a in info.get("attacks", [])})
+    return {"html": html_path, "summary": summary_path, "samples": samples_path}

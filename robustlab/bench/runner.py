@@ -1,0 +1,386 @@
+"""The evaluation runner: clean accuracy, a worst-case attack ensemble on still-robust points, every
+success re-verified, robustness curves over epsilons and iterations, sanity checks, all per sample
+into the results store, resumable after a crash.
+
+Work is split into tasks (main, each curve point, the large-epsilon check) and batches of fixed
+sample ranges. A batch's randomness comes from (seed, task, batch, attack), so a resumed run gives
+exactly the numbers of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+import robustlab
+from robustlab.attacks.base import Attack, create_attack
+from robustlab.bench import sanity
+from robustlab.bench.store import Example, ResultsStore, SampleRow
+from robustlab.bench.verify import verify_adversarial
+from robustlab.checks import check_logits
+from robustlab.data import ImageDataset
+from robustlab.errors import RobustlabError
+from robustlab.models.mode import eval_mode
+from robustlab.seeding import make_generator
+from robustlab.threat import ThreatModel
+
+LARGE_EPS_SAMPLES = 200
+
+
+@dataclass
+class Task:
+    name: str
+    kind: str  # main | eps | steps | sanity
+    threat: ThreatModel
+    attacks: list[Attack]
+    n: int
+    steps: int | None = None
+
+
+@dataclass
+class RunResult:
+    """What ``evaluate`` returns: the run id, its summary and sanity verdicts (as in the store)."""
+
+    run_id: str
+    summary: dict[str, Any]
+    checks: list[dict[str, str]]
+    resumed: bool = False
+
+    @property
+    def clean_accuracy(self) -> float:
+        return self.summary["clean_accuracy"]
+
+    @property
+    def robust_accuracy(self) -> float:
+        return self.summary["robust_accuracy"]
+
+
+@dataclass
+class EvalOptions:
+    """Everything besides model, data and attacks that determines the numbers of a run."""
+
+    eps_grid: tuple[float, ...] = ()
+    steps_grid: tuple[int, ...] | None = None  # None: derived from the first iterative attack; (): none
+    seed: int = 0
+    batch_size: int = 128
+    sanity: bool = True
+    examples: int = 8
+    extra: dict[str, Any] = field(default_factory=dict)  # recorded in the config (e.g. class names)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Versions and hardware, recorded with every run."""
+    env = {
+        "robustlab": robustlab.__version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def default_steps_grid(steps: int) -> tuple[int, ...]:
+    """Iteration counts for the steps curve around an attack's own ``steps``: up to twice as many."""
+    return tuple(sorted({max(1, steps // 10), max(1, steps // 2), steps, 2 * steps}))
+
+
+def plan_tasks(attacks: list[Attack], n: int, image_dim: int, options: EvalOptions) -> list[Task]:
+    """The main ensemble, the epsilon curve, the steps curve and the large-epsilon check."""
+    threat = attacks[0].threat
+    tasks = [Task("main", "main", threat, attacks, n)]
+    for eps in sorted(set(float(e) for e in options.eps_grid)):
+        if eps != threat.eps:
+            t = threat.with_eps(eps)
+            tasks.append(Task(f"eps={eps:g}", "eps", t, [a.with_threat(t) for a in attacks], n))
+    iterative = next((a for a in attacks if "steps" in a.params), None)
+    grid = options.steps_grid
+    if grid is None:
+        grid = default_steps_grid(iterative.params["steps"]) if iterative else ()
+    if grid and iterative is None:
+        raise RobustlabError("a steps grid needs an iterative attack (one with a 'steps' parameter)")
+    for steps in sorted(set(int(s) for s in grid)):
+        if steps < 1:
+            raise RobustlabError(f"steps in the steps grid must be >= 1, got {steps}")
+        if len(attacks) == 1 and steps == iterative.params["steps"]:
+            continue  # the main task is this point already
+        tasks.append(Task(f"steps={steps}", "steps", threat, [iterative.with_params(steps=steps)], n, steps))
+    if options.sanity:
+        big = threat.with_eps(sanity.large_eps(threat, image_dim))
+        pgd = create_attack("pgd", big, steps=20)
+        tasks.append(Task("sanity:large-eps", "sanity", big, [pgd], min(n, LARGE_EPS_SAMPLES)))
+    return tasks
+
+
+def evaluate(
+    model: nn.Module,
+    data: ImageDataset,
+    attacks: list[Attack],
+    store: ResultsStore,
+    *,
+    model_name: str = "model",
+    model_info: dict[str, Any] | None = None,
+    options: EvalOptions | None = None,
+    resume: bool = False,
+    device: torch.device | str | None = None,
+    progress: bool | None = None,
+    log: Callable[[str], None] = lambda msg: None,
+) -> RunResult:
+    """Evaluate ``model`` on ``data`` under the ensemble ``attacks`` (all on one threat model).
+
+    Only correctly classified points are attacked; each attack only sees points still robust; every
+    claimed success is re-verified. Results go to ``store`` batch by batch; with ``resume=True`` an
+    unfinished run of the same configuration is continued instead of starting a new one.
+    """
+    options = options or EvalOptions()
+    if not attacks:
+        raise RobustlabError("give at least one attack")
+    threat = attacks[0].threat
+    for a in attacks:
+        if a.threat != threat:
+            raise RobustlabError(f"all attacks of an ensemble need one threat model; {a.name} has {a.threat}, not {threat}")
+        if a.targeted:
+            raise RobustlabError(f"the ensemble counts misclassifications; attack {a.name} is targeted")
+    if options.batch_size < 1:
+        raise RobustlabError(f"batch size must be >= 1, got {options.batch_size}")
+    if device is None:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+    device = torch.device(device)
+
+    # Probe the model before anything is written: bad models fail here with a clear message.
+    probe_x = data.x[: min(len(data), options.batch_size)].to(device)
+    with eval_mode(model), torch.no_grad():
+        try:
+            out = model(probe_x)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise RobustlabError(
+                f"the model failed on a batch of shape {tuple(probe_x.shape)} from {data.name}: {exc}"
+            ) from None
+        check_logits(out, probe_x.shape[0], data.num_classes)
+    info = {**(model_info or {}), **sanity.inspect_model(model, probe_x)}
+    tasks = plan_tasks(attacks, len(data), int(np.prod(data.image_shape)), options)
+    card = info.get("card") or {}
+    config = {
+        "model": model_name,
+        "model_sha256": card.get("sha256"),
+        "dataset": data.name,
+        "split": data.split,
+        "n": len(data),
+        "norm": threat.norm,
+        "eps": threat.eps,
+        "attacks": [a.config() for a in attacks],
+        "eps_grid": sorted(set(float(e) for e in options.eps_grid)),
+        "steps_grid": [t.steps for t in tasks if t.kind == "steps"],
+        "seed": options.seed,
+        "batch_size": options.batch_size,
+        "sanity": options.sanity,
+        **options.extra,
+    }
+    run_id = store.find_resumable(config) if resume else None
+    resumed = run_id is not None
+    if resume and not resumed:
+        log("no unfinished run with this configuration in the store; starting a new run")
+    if run_id is None:
+        run_id = store.create_run(
+            config, environment(device), info, [{**a.config(), "targeted": a.targeted} for a in attacks]
+        )
+    else:
+        log(f"resuming run {run_id}")
+        store.set_status(run_id, "running")
+    for t in tasks:
+        store.add_task(run_id, t.name, t.kind, t.threat.eps, t.steps, t.n)
+
+    try:
+        _run_tasks(model, data, tasks, store, run_id, options, device, progress)
+    except BaseException:
+        store.set_status(run_id, "interrupted")
+        raise
+    checks = sanity.mode_verdicts(info)
+    if options.sanity:
+        checks.append(sanity.gradient_verdict(model, probe_x, data.y[: probe_x.shape[0]].to(device)))
+    summary = summarize(store, run_id, attacks, tasks, checks)
+    store.finish_run(run_id, summary, checks)
+    return RunResult(run_id, summary, checks, resumed)
+
+
+def _run_tasks(model, data, tasks, store, run_id, options, device, progress) -> None:
+    bs = options.batch_size
+    todo = []
+    for t in tasks:
+        done = store.done_batches(run_id, t.name)
+        todo += [(t, b) for b in range((t.n + bs - 1) // bs) if b not in done]
+    bar = tqdm(total=len(todo), desc="evaluating", unit="batch", disable=(not progress) if progress is not None else None)
+    with bar:
+        for task, b in todo:
+            bar.set_postfix_str(task.name)
+            start, stop = b * bs, min((b + 1) * bs, task.n)
+            x = data.x[start:stop].to(device)
+            y = data.y[start:stop].to(device)
+            keep = 0
+            if task.name == "main" and options.examples:
+                keep = max(0, options.examples - store.count_examples(run_id, "main"))
+            rows, costs, rejected, examples = attack_batch(
+                model, x, y, start, task, options.seed, b, device, keep_examples=keep
+            )
+            store.write_batch(run_id, task.name, b, rows, costs, rejected, examples)
+            bar.update(1)
+
+
+def attack_batch(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    start: int,
+    task: Task,
+    seed: int,
+    batch_index: int,
+    device: torch.device,
+    keep_examples: int = 0,
+) -> tuple[list[SampleRow], list[dict[str, float]], int, list[Example]]:
+    """Run one task's ensemble on one batch. Returns per-sample rows, per-attack costs, the number
+    of claimed successes that failed verification, and up to ``keep_examples`` broken examples."""
+    n = x.shape[0]
+    with eval_mode(model), torch.no_grad():
+        clean_pred = check_logits(model(x), n).argmax(dim=1)
+    robust = clean_pred == y
+    correct = robust.clone()
+    broken_by = torch.full((n,), -1, dtype=torch.long, device=device)
+    adv_pred = torch.full((n,), -1, dtype=torch.long, device=device)
+    distance = torch.full((n,), float("nan"), device=device)
+    grads = torch.zeros(n, dtype=torch.long, device=device)
+    forwards = torch.zeros(n, dtype=torch.long, device=device)
+    x_adv_all = x.clone()
+    costs: list[dict[str, float]] = []
+    rejected = 0
+    task_key = zlib.crc32(task.name.encode())
+    for ai, attack in enumerate(task.attacks):
+        idx = robust.nonzero(as_tuple=True)[0]
+        cost = {"seconds": 0.0, "gradients": 0, "forwards": 0}
+        if idx.numel() and task.threat.eps > 0:
+            t0 = time.perf_counter()
+            gen = make_generator(seed, task_key, batch_index, ai, device=device)
+            res = attack.run(model, x[idx], y[idx], generator=gen)
+            grads[idx] += res.gradients
+            forwards[idx] += res.forwards
+            claimed = res.success.nonzero(as_tuple=True)[0]
+            if claimed.numel():
+                cand = idx[claimed]
+                ok, pred = verify_adversarial(model, x[cand], res.x_adv[claimed], y[cand], task.threat)
+                rejected += int((~ok).sum())
+                hit = cand[ok]
+                robust[hit] = False
+                broken_by[hit] = ai
+                adv_pred[hit] = pred[ok]
+                distance[hit] = task.threat.distance(res.x_adv[claimed][ok], x[hit])
+                x_adv_all[hit] = res.x_adv[claimed][ok]
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            cost = {
+                "seconds": time.perf_counter() - t0,
+                "gradients": int(res.gradients.sum()),
+                "forwards": int(res.forwards.sum()),
+            }
+        costs.append(cost)
+    rows = []
+    for i, (lab, cp, ok, rb, bb, ap, d, g, f) in enumerate(
+        zip(
+            y.tolist(), clean_pred.tolist(), correct.tolist(), robust.tolist(), broken_by.tolist(),
+            adv_pred.tolist(), distance.tolist(), grads.tolist(), forwards.tolist(),
+        )
+    ):
+        rows.append(
+            SampleRow(start + i, lab, cp, ok, rb, bb if bb >= 0 else None, ap if ap >= 0 else None,
+                      d if bb >= 0 else None, g, f)
+        )
+    examples = []
+    for i in (broken_by >= 0).nonzero(as_tuple=True)[0].tolist()[:keep_examples]:
+        examples.append(
+            Example(start + i, int(y[i]), int(adv_pred[i]), x[i].cpu().numpy(), x_adv_all[i].cpu().numpy())
+        )
+    return rows, costs, rejected, examples
+
+
+def summarize(
+    store: ResultsStore, run_id: str, attacks: list[Attack], tasks: list[Task], checks: list[dict[str, str]]
+) -> dict[str, Any]:
+    """Build the run summary from the store (so a resumed run summarizes exactly like an uninterrupted
+    one), and append the curve-based sanity verdicts to ``checks``."""
+    run = store.get_run(run_id)
+    stats = {s["task"]: s for s in store.task_stats(run_id)}
+    main = store.samples(run_id, "main")
+    n = len(main)
+    clean = sum(r.clean_correct for r in main)
+    robust = sum(r.robust for r in main)
+    costs = store.attack_costs(run_id, "main")
+    per_attack = []
+    still = clean
+    for i, a in enumerate(attacks):
+        broken = sum(1 for r in main if r.broken_by == i)
+        still -= broken
+        cost = costs[i] if i < len(costs) else {"seconds": 0.0, "gradients": 0, "forwards": 0}
+        per_attack.append(
+            {
+                "index": i,
+                "name": a.name,
+                "params": dict(a.params),
+                "robust_accuracy": still / n,
+                "broken": broken,
+                "seconds": round(cost["seconds"], 4),
+                "gradients": int(cost["gradients"]),
+                "forwards": int(cost["forwards"]),
+            }
+        )
+    threat = attacks[0].threat
+    eps_curve = [{"eps": 0.0, "robust_accuracy": clean / n}, {"eps": threat.eps, "robust_accuracy": robust / n}]
+    eps_curve += [{"eps": t.threat.eps, "robust_accuracy": stats[t.name]["robust_accuracy"]} for t in tasks if t.kind == "eps"]
+    eps_curve = sorted({p["eps"]: p for p in eps_curve}.values(), key=lambda p: p["eps"])
+    steps_curve = None
+    steps_tasks = [t for t in tasks if t.kind == "steps"]
+    iterative = next((a for a in attacks if "steps" in a.params), None)
+    if steps_tasks:
+        points = [{"steps": t.steps, "robust_accuracy": stats[t.name]["robust_accuracy"]} for t in steps_tasks]
+        if len(attacks) == 1:
+            points.append({"steps": iterative.params["steps"], "robust_accuracy": robust / n})
+        points = sorted({p["steps"]: p for p in points}.values(), key=lambda p: p["steps"])
+        steps_curve = {"attack": iterative.name, "eps": threat.eps, "points": points}
+        checks.append(sanity.steps_verdict(points, n))
+    big = next((t for t in tasks if t.kind == "sanity"), None)
+    if big is not None:
+        rows = store.samples(run_id, big.name)
+        attacked = sum(r.clean_correct for r in rows)
+        checks.append(sanity.large_eps_verdict(sum(r.robust for r in rows), attacked, big.threat.eps))
+    rejected = sum(s["rejected"] for s in stats.values())
+    if rejected:
+        checks.append(sanity.verdict("verification", "warn", f"{rejected} claimed adversarial examples failed "
+                                     "re-verification and were not counted"))
+    else:
+        checks.append(sanity.verdict("verification", "pass", "every counted adversarial example was re-verified"))
+    return {
+        "run_id": run_id,
+        "model": run["model"],
+        "dataset": run["dataset"],
+        "split": run["split"],
+        "n": n,
+        "threat": {"norm": threat.norm, "eps": threat.eps},
+        "clean_accuracy": clean / n,
+        "robust_accuracy": robust / n,
+        "attacks": per_attack,
+        "eps_curve": eps_curve,
+        "steps_curve": steps_curve,
+        "rejected": rejected,
+        "seconds": round(sum(c["seconds"] for t in tasks for c in store.attack_costs(run_id, t.name)), 4),
+    }

@@ -1,0 +1,338 @@
+"""The ``robustlab`` command: parse, build objects from registries, call the library.
+
+Problems the user can fix print one line ``robustlab: error: ...`` and exit with status 2; no
+traceback (set ROBUSTLAB_DEBUG=1 to see one for unexpected errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+from robustlab.errors import RobustlabError
+
+DEFAULT_DB = "results.db"
+
+
+def _argument_type(convert):
+    """Turn a converter's RobustlabError into argparse's own error (usage line, exit status 2)."""
+
+    def wrapped(text: str):
+        try:
+            return convert(text)
+        except RobustlabError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    wrapped.__name__ = convert.__name__.strip("_")
+    return wrapped
+
+
+def _floats(text: str) -> list[float]:
+    from robustlab.attacks.base import parse_value
+
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        value = parse_value(part)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RobustlabError(f"{part!r} in {text!r} is not a number")
+        out.append(float(value))
+    return out
+
+
+def _number(text: str) -> float:
+    values = _floats(text)
+    if len(values) != 1:
+        raise RobustlabError(f"expected one number, got {text!r}")
+    return values[0]
+
+
+def _steps_grid(text: str) -> tuple[int, ...] | None:
+    if text.lower() in ("none", "off", ""):
+        return ()
+    if text.lower() == "auto":
+        return None
+    values = _floats(text)
+    if any(v != int(v) or v < 1 for v in values):
+        raise RobustlabError(f"the steps grid must be whole numbers >= 1, got {text!r}")
+    return tuple(int(v) for v in values)
+
+
+def _device(name: str | None):
+    import torch
+
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RobustlabError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RobustlabError("--device cuda was asked for but no CUDA device is available")
+    return device
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+# ---------------------------------------------------------------------- train
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import robustlab
+    from robustlab.data import load_dataset
+    from robustlab.models import ModelCard, create_model, model_config, save_checkpoint
+    from robustlab.training import TrainConfig, accuracy, train
+
+    device = _device(args.device)
+    data = load_dataset(args.data, "train", root=args.data_root)
+    test = load_dataset(args.data, "test", root=args.data_root)
+    if args.n:
+        data = data.subset(args.n)
+    cfg = model_config(args.model)
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                         weight_decay=args.weight_decay, seed=args.seed)
+    _say(f"training {args.model} on {data.name} ({len(data)} images) for {args.epochs} epochs on {device}")
+    import torch
+
+    torch.manual_seed(args.seed)
+    model = create_model(args.model, num_classes=data.num_classes, in_channels=data.image_shape[0])
+    t0 = time.perf_counter()
+    history = train(model, data, config, device=device,
+                    on_epoch=lambda r: _say(f"  epoch {r['epoch']}: loss {r['loss']:.4f} ({r['seconds']:.1f}s)"))
+    seconds = time.perf_counter() - t0
+    acc = accuracy(model, test, device=device)
+    normalize = model.normalize
+    card = ModelCard(
+        architecture=args.model,
+        num_classes=data.num_classes,
+        in_channels=data.image_shape[0],
+        input_size=tuple(data.image_shape[1:]),
+        mean=[float(v) for v in normalize.mean.flatten()],
+        std=[float(v) for v in normalize.std.flatten()],
+        arch_kwargs={},
+        dataset=f"{data.name}:train[{len(data)}]",
+        training={"recipe": "standard", **config.to_dict(), "seconds": round(seconds, 1), "history": history},
+        clean_accuracy=acc,
+        robust_accuracy=None,
+        robustlab_version=robustlab.__version__,
+        notes=f"clean accuracy on {test.name}:test ({len(test)} images); default input size {cfg.get('input_size')}",
+    )
+    path = save_checkpoint(model.cpu(), args.out, card)
+    _say(f"clean test accuracy {100 * acc:.2f}% after {seconds:.1f}s")
+    print(path)
+    return 0
+
+
+# ---------------------------------------------------------------------- eval
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from robustlab.attacks import create_attack, parse_attack_spec
+    from robustlab.bench.runner import EvalOptions, evaluate
+    from robustlab.bench.store import ResultsStore
+    from robustlab.data import load_dataset
+    from robustlab.models import load_model
+    from robustlab.threat import ThreatModel
+
+    threat = ThreatModel(args.norm, args.eps)
+    specs = args.attack or ["pgd"]
+    attacks = [create_attack(name, threat, **params) for name, params in map(parse_attack_spec, specs)]
+    if args.n is not None and args.n < 1:
+        raise RobustlabError(f"--n must be >= 1, got {args.n}")
+    data = load_dataset(args.data, args.split, root=args.data_root)
+    if args.n:
+        data = data.subset(args.n)
+    device = _device(args.device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_model(args.model, device=device)
+    for w in caught:
+        _say(f"robustlab: warning: {w.message}")
+    model = loaded.model.to(device)
+    info = {"source": loaded.source, "spec": args.model, "card": loaded.card.to_dict() if loaded.card else None}
+    options = EvalOptions(
+        eps_grid=tuple(args.eps_grid or ()),
+        steps_grid=args.steps_grid,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        sanity=not args.no_sanity,
+        extra={"classes": list(data.classes)},
+    )
+    with ResultsStore(args.db) as store:
+        result = evaluate(model, data, attacks, store, model_name=args.model, model_info=info, options=options,
+                          resume=args.resume, device=device, progress=None if not args.json else False, log=_say)
+    s = result.summary
+    if args.json:
+        out = {
+            "run_id": result.run_id,
+            "db": str(Path(args.db)),
+            "resumed": result.resumed,
+            "model": args.model,
+            "dataset": data.name,
+            "split": data.split,
+            "n": s["n"],
+            "threat": s["threat"],
+            "clean_accuracy": s["clean_accuracy"],
+            "robust_accuracy": s["robust_accuracy"],
+            "attacks": [
+                {k: a[k] for k in ("name", "params", "robust_accuracy", "seconds", "broken", "gradients", "forwards")}
+                for a in s["attacks"]
+            ],
+            "eps_curve": s["eps_curve"],
+            "steps_curve": s["steps_curve"],
+            "checks": result.checks,
+            "seconds": s["seconds"],
+        }
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_summary(s, result.checks))
+        print(f"run {result.run_id} in {args.db}; `robustlab report {result.run_id} --db {args.db}` writes the report")
+    return 0
+
+
+def format_summary(s: dict[str, Any], checks: list[dict[str, str]]) -> str:
+    lines = [
+        f"{s['model']} on {s['dataset']}:{s['split']} (n={s['n']}), {s['threat']['norm']} eps={s['threat']['eps']:g}",
+        f"  clean accuracy   {100 * s['clean_accuracy']:6.2f}%",
+    ]
+    for a in s["attacks"]:
+        lines.append(f"  after {a['name']:<10} {100 * a['robust_accuracy']:6.2f}%   ({a['broken']} broken, {a['seconds']:.2f}s)")
+    lines.append(f"  robust accuracy  {100 * s['robust_accuracy']:6.2f}%")
+    if len(s["eps_curve"]) > 2:
+        lines.append("  eps curve: " + ", ".join(f"{p['eps']:g}: {100 * p['robust_accuracy']:.1f}%" for p in s["eps_curve"]))
+    for c in checks:
+        lines.append(f"  [{c['status']}] {c['name']}: {c['detail']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- report / leaderboard
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from robustlab.bench.report import write_report
+    from robustlab.bench.store import ResultsStore
+
+    _require_db(args.db)
+    with ResultsStore(args.db) as store:
+        run_id = store.resolve_run(args.run)
+        out = Path(args.out) if args.out else Path(f"report-{run_id}")
+        paths = write_report(store, run_id, out)
+    for p in paths.values():
+        print(p)
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from robustlab.bench.leaderboard import format_leaderboard, leaderboard, write_leaderboard_html
+    from robustlab.bench.store import ResultsStore
+
+    _require_db(args.db)
+    with ResultsStore(args.db) as store:
+        groups = leaderboard(store)
+    print(format_leaderboard(groups))
+    path = write_leaderboard_html(groups, Path(args.out))
+    _say(f"written {path}")
+    return 0
+
+
+def _require_db(db: str) -> None:
+    if not Path(db).is_file():
+        raise RobustlabError(f"no results store at {db}; run `robustlab eval ... --db {db}` first")
+
+
+# ---------------------------------------------------------------------- demo
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from robustlab.demo import run_demo
+
+    paths = run_demo(Path(args.out), device=_device(args.device))
+    print(f"results store: {paths['db']}")
+    print(f"report:        {paths['report']}")
+    return 0
+
+
+# ---------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="robustlab", description="Measure and improve adversarial robustness.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model (standard training) and save a checkpoint with its card")
+    t.add_argument("--model", required=True, help="architecture name (see robustlab.models.list_models)")
+    t.add_argument("--data", required=True, help="data set name, e.g. digits, mnist, cifar10")
+    t.add_argument("--data-root", help="folder with the data set files (default: $ROBUSTLAB_DATA or ./data)")
+    t.add_argument("--n", type=int, help="train on the first N training images")
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=0.05)
+    t.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
+    t.add_argument("--weight-decay", type=float, default=5e-4)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--out", required=True, help="checkpoint path (.safetensors; the card goes beside it as .json)")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate clean and robust accuracy under an attack ensemble")
+    e.add_argument("--model", required=True, help="registry name, checkpoint path, or file.py:function / module:function")
+    e.add_argument("--data", required=True)
+    e.add_argument("--split", default="test")
+    e.add_argument("--data-root")
+    e.add_argument("--n", type=int, help="evaluate the first N examples of the split, in order")
+    e.add_argument("--batch-size", type=int, default=128)
+    e.add_argument("--norm", required=True, help="linf, l2 or l1")
+    e.add_argument("--eps", required=True, type=_argument_type(_number), help="radius in [0, 1] pixel units (fractions like 8/255 work)")
+    e.add_argument("--eps-grid", type=_argument_type(_floats), help="comma-separated epsilons for the robustness curve")
+    e.add_argument("--steps-grid", type=_argument_type(_steps_grid), default=None,
+                   help="iteration counts for the steps curve of the first iterative attack (auto, none, or 1,5,10)")
+    e.add_argument("--attack", action="append", metavar="NAME[:key=value,...]",
+                   help="attack to run (repeat for an ensemble, run in order); default pgd")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--db", default=DEFAULT_DB, help=f"results store (SQLite), default {DEFAULT_DB}")
+    e.add_argument("--resume", action="store_true", help="continue an unfinished run with the same configuration")
+    e.add_argument("--no-sanity", action="store_true", help="skip the gradient-masking sanity checks")
+    e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("report", help="write an HTML report (plus JSON and CSV) for a run")
+    r.add_argument("run", help="run id, unique prefix, or 'latest'")
+    r.add_argument("--db", default=DEFAULT_DB)
+    r.add_argument("--out", help="output folder (default report-RUN)")
+    r.set_defaults(func=cmd_report)
+
+    lb = sub.add_parser("leaderboard", help="rank all runs in the store per (data set, threat model)")
+    lb.add_argument("--db", default=DEFAULT_DB)
+    lb.add_argument("--out", default="leaderboard.html", help="HTML output path")
+    lb.set_defaults(func=cmd_leaderboard)
+
+    d = sub.add_parser("demo", help="train a small model on the embedded digits and evaluate it end to end")
+    d.add_argument("--out", default="robustlab-demo", help="output folder")
+    d.add_argument("--device", default="auto")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RobustlabError as exc:
+        _say(f"robustlab: error: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        _say("robustlab: interrupted; finished batches are saved, continue with --resume")
+        return 130
+    except Exception as exc:  # an unexpected failure: short message unless debugging
+        if os.environ.get("ROBUSTLAB_DEBUG"):
+            raise
+        _say(f"robustlab: internal error: {type(exc).__name__}: {exc} (set ROBUSTLAB_DEBUG=1 for the traceback)")
+        return 1

@@ -1,0 +1,225 @@
+"""The evaluation runner: worst-case ensemble, re-verification, resume, sanity checks, bad input."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+import torch
+import torch.nn as nn
+
+from robustlab.attacks import Attack, AttackResult, create_attack
+from robustlab.bench.runner import EvalOptions, evaluate
+from robustlab.bench.store import ResultsStore
+from robustlab.errors import RobustlabError
+from robustlab.threat import ThreatModel
+
+LINF = ThreatModel("linf", 0.1)
+FAST = EvalOptions(steps_grid=(), sanity=False, batch_size=64)
+
+
+def _rows(store, run_id, task="main"):
+    return [(r.sample_index, r.clean_correct, r.robust, r.broken_by, r.adv_pred) for r in store.samples(run_id, task)]
+
+
+class Liar(Attack):
+    """Claims success for every sample, returning a point outside the ball (or the clean image)."""
+
+    name = "liar"
+    defaults = {"outside": True}
+
+    def _attack(self, model, x, y, generator):
+        n = x.shape[0]
+        return AttackResult(x.clone(), torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.long),
+                            torch.zeros(n, dtype=torch.long))
+
+    def run(self, model, x, y, generator=None):  # bypasses the base class's projection on purpose
+        res = self._attack(model, x, y, generator)
+        if self.params["outside"]:
+            res.x_adv = (x + 0.5).clamp(0, 1)  # far outside the 0.1 ball, possibly misclassified
+        return res
+
+
+class Crash(Exception):
+    pass
+
+
+def test_ensemble_is_worst_case_and_attacks_only_robust_points(digits_model, digits_test, tmp_path):
+    data = digits_test.subset(200)
+    fgsm, pgd = create_attack("fgsm", LINF), create_attack("pgd", LINF, steps=10)
+    with ResultsStore(tmp_path / "r.db") as store:
+        both = evaluate(digits_model, data, [fgsm, pgd], store, options=FAST)
+        only_fgsm = evaluate(digits_model, data, [fgsm], store, options=FAST)
+        rows = store.samples(both.run_id)
+    s = both.summary
+    assert 0.9 < s["clean_accuracy"] <= 1.0
+    assert s["robust_accuracy"] < s["clean_accuracy"]
+    # The ensemble can only be stronger than its first member; per-attack accuracies are cumulative.
+    assert s["robust_accuracy"] <= only_fgsm.robust_accuracy
+    assert s["attacks"][0]["robust_accuracy"] == pytest.approx(only_fgsm.robust_accuracy)
+    assert s["attacks"][1]["robust_accuracy"] == pytest.approx(s["robust_accuracy"])
+    assert s["attacks"][0]["broken"] + s["attacks"][1]["broken"] == round(
+        (s["clean_accuracy"] - s["robust_accuracy"]) * len(data))
+    for r in rows:
+        if not r.clean_correct:  # misclassified points are never attacked
+            assert r.gradients == 0 and r.broken_by is None and not r.robust
+        if r.broken_by is not None:
+            assert r.adv_pred != r.label and r.distance <= LINF.eps + 1e-6
+        if r.broken_by == 0:  # broken by FGSM: PGD spent nothing on it
+            assert r.gradients == 1
+    # PGD spends compute only on what FGSM left robust.
+    assert s["attacks"][1]["gradients"] <= 10 * round(s["attacks"][0]["robust_accuracy"] * len(data))
+
+
+def test_claimed_successes_are_reverified(digits_model, digits_test, tmp_path):
+    data = digits_test.subset(64)
+    with ResultsStore(tmp_path / "r.db") as store:
+        res = evaluate(digits_model, data, [Liar(LINF, outside=True), Liar(LINF, outside=False)], store, options=FAST)
+    # Outside the ball: rejected. Clean image (correctly classified): rejected. Nothing counted.
+    assert res.robust_accuracy == res.clean_accuracy
+    assert res.summary["rejected"] == 2 * round(res.clean_accuracy * len(data))
+    assert {c["name"]: c["status"] for c in res.checks}["verification"] == "warn"
+
+
+def test_resume_after_crash_equals_uninterrupted(digits_model, digits_test, tmp_path, monkeypatch):
+    data = digits_test.subset(150)
+    attacks = [create_attack("fgsm", LINF), create_attack("pgd", LINF, steps=5)]
+    options = EvalOptions(eps_grid=(0.05, 0.2), steps_grid=(2, 5), batch_size=32, seed=3)
+    with ResultsStore(tmp_path / "full.db") as store:
+        full = evaluate(digits_model, data, attacks, store, options=options)
+        full_rows = {t["task"]: _rows(store, full.run_id, t["task"]) for t in store.task_stats(full.run_id)}
+
+    calls = {"n": 0}
+    pgd_class = type(attacks[1])
+    original = pgd_class.run
+
+    def crashing_run(self, *args, **kwargs):  # PGD dies on its 7th batch, in the middle of the eps curve
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise Crash("killed")
+        return original(self, *args, **kwargs)
+
+    db = tmp_path / "resumed.db"
+    with ResultsStore(db) as store:
+        monkeypatch.setattr(pgd_class, "run", crashing_run)
+        with pytest.raises(Crash):
+            evaluate(digits_model, data, attacks, store, options=options)
+        run_id = store.list_runs()[0]["run_id"]
+        assert store.get_run(run_id)["status"] == "interrupted"
+        partial = sum(t["done"] for t in store.task_stats(run_id))
+        assert 0 < partial < sum(len(v) for v in full_rows.values())
+        monkeypatch.undo()
+        resumed = evaluate(digits_model, data, attacks, store, options=options, resume=True)
+        assert resumed.resumed and resumed.run_id == run_id
+        assert len(store.list_runs()) == 1
+        resumed_rows = {t["task"]: _rows(store, run_id, t["task"]) for t in store.task_stats(run_id)}
+    assert resumed_rows == full_rows  # no sample lost, none counted twice, same outcomes
+    for key in ("clean_accuracy", "robust_accuracy", "eps_curve", "steps_curve", "n"):
+        assert resumed.summary[key] == full.summary[key]
+    assert [a["robust_accuracy"] for a in resumed.summary["attacks"]] == [
+        a["robust_accuracy"] for a in full.summary["attacks"]]
+
+
+def test_resume_without_unfinished_run_starts_new_and_finished_runs_are_not_resumed(digits_model, digits_test, tmp_path):
+    data = digits_test.subset(32)
+    messages = []
+    with ResultsStore(tmp_path / "r.db") as store:
+        a = evaluate(digits_model, data, [create_attack("fgsm", LINF)], store, options=FAST, resume=True,
+                     log=messages.append)
+        b = evaluate(digits_model, data, [create_attack("fgsm", LINF)], store, options=FAST, resume=True)
+        assert a.run_id != b.run_id and not b.resumed
+        assert a.summary["robust_accuracy"] == b.summary["robust_accuracy"]  # same seed, same numbers
+    assert any("starting a new run" in m for m in messages)
+
+
+def test_curves_and_sanity_checks_on_a_real_model(digits_model, digits_test, tmp_path):
+    data = digits_test.subset(128)
+    options = EvalOptions(eps_grid=(0.0, 0.05, 0.2, 0.3), batch_size=64)
+    with ResultsStore(tmp_path / "r.db") as store:
+        res = evaluate(digits_model, data, [create_attack("pgd", LINF, steps=10)], store, options=options)
+    curve = res.summary["eps_curve"]
+    assert [p["eps"] for p in curve] == [0.0, 0.05, 0.1, 0.2, 0.3]
+    assert curve[0]["robust_accuracy"] == res.clean_accuracy
+    accs = [p["robust_accuracy"] for p in curve]
+    assert all(b <= a for a, b in zip(accs, accs[1:]))
+    assert accs[-1] < 0.2
+    steps = res.summary["steps_curve"]
+    assert [p["steps"] for p in steps["points"]] == [1, 5, 10, 20]
+    verdicts = {c["name"]: c["status"] for c in res.checks}
+    assert verdicts == {"eval-mode": "pass", "randomized": "pass", "gradients": "pass", "more-steps": "pass",
+                        "large-eps": "pass", "verification": "pass"}
+
+
+class Quantized(nn.Module):
+    """Rounds its input to 4 grey levels first: zero input gradients (a masking defense)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(torch.round(x * 3) / 3)
+
+
+class Noisy(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model((x + 0.05 * torch.randn_like(x)).clamp(0, 1))
+
+
+def test_masked_gradients_and_randomized_models_are_flagged(digits_model, digits_test, tmp_path):
+    data = digits_test.subset(64)
+    pgd = create_attack("pgd", LINF, steps=5)
+    with ResultsStore(tmp_path / "r.db") as store:
+        masked = evaluate(Quantized(digits_model), data, [pgd], store, options=EvalOptions(batch_size=64))
+        noisy = evaluate(Noisy(digits_model), data, [pgd], store, options=EvalOptions(batch_size=64, steps_grid=()))
+    m = {c["name"]: c for c in masked.checks}
+    assert m["gradients"]["status"] == "fail"
+    assert m["large-eps"]["status"] == "fail"  # gradient attacks cannot move a quantized model
+    assert {c["name"]: c["status"] for c in noisy.checks}["randomized"] == "warn"
+
+
+def test_train_mode_model_is_evaluated_in_eval_mode_and_restored(digits_test, tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.Dropout(0.5), nn.ReLU(),
+                          nn.Linear(32, 10))
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with ResultsStore(tmp_path / "r.db") as store:
+        res = evaluate(model, digits_test.subset(64), [create_attack("pgd", LINF, steps=3)], store, options=FAST)
+        info = store.get_run(res.run_id)["model_info"]
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN stats untouched
+    assert all(p.grad is None for p in model.parameters())
+    assert len(info["eval_mode_forced"]) == 2
+    assert {c["name"]: c["status"] for c in res.checks}["eval-mode"] == "warn"
+    assert {c["name"]: c["status"] for c in res.checks}["randomized"] == "pass"  # dropout is off in eval mode
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        (nn.Sequential(nn.Flatten(), nn.Linear(64, 7)), "classes"),
+        (nn.Sequential(nn.Flatten(), nn.Linear(64, 1), nn.Flatten(0)), "logits of shape"),
+        (nn.Sequential(nn.Flatten(), nn.Linear(100, 10)), "failed on a batch"),
+    ],
+)
+def test_bad_models_fail_clearly_and_leave_the_store_intact(digits_model, digits_test, tmp_path, model, message):
+    db = tmp_path / "r.db"
+    with ResultsStore(db) as store:
+        evaluate(digits_model, digits_test.subset(16), [create_attack("fgsm", LINF)], store, options=FAST)
+    before = sqlite3.connect(db).execute("SELECT COUNT(*) FROM samples").fetchone()[0]
+    with ResultsStore(db) as store:
+        with pytest.raises(RobustlabError, match=message):
+            evaluate(model, digits_test.subset(16), [create_attack("fgsm", LINF)], store, options=FAST)
+        assert len(store.list_runs()) == 1
+    assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM samples").fetchone()[0] == before
+
+
+def test_ensemble_needs_one_threat_model(digits_model, digits_test, tmp_path):
+    with ResultsStore(tmp_path / "r.db") as store, pytest.raises(RobustlabError, match="one threat model"):
+        evaluate(digits_model, digits_test.subset(8),
+                 [create_attack("fgsm", LINF), create_attack("fgsm", ThreatModel("l2", 1.0))], store)
