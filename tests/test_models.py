@@ -209,8 +209,9 @@ def test_save_load_round_trip(tmp_path):
 def test_shared_tensors_are_saved(tmp_path):
     model = create_model("digits_mlp", hidden=(64, 64))  # 8*8 inputs: two Linear(64, 64) layers
     model.net[3].weight = model.net[1].weight  # tie them
-    card = ModelCard.for_architecture("digits_mlp", arch_kwargs={"hidden": [64, 64]})
-    loaded, _ = load_checkpoint(save_checkpoint(model, tmp_path / "tied.safetensors", card))
+    card = ModelCard.for_architecture("digits_mlp", arch_kwargs={"hidden": (64, 64)})
+    loaded, loaded_card = load_checkpoint(save_checkpoint(model, tmp_path / "tied.safetensors", card))
+    assert loaded_card.arch_kwargs == card.arch_kwargs == {"hidden": [64, 64]}
     x = torch.rand(2, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(model.eval()(x), loaded(x))
@@ -254,7 +255,7 @@ def test_weights_that_do_not_fit_the_card_are_refused(tmp_path):
         load_checkpoint(weights)
 
 
-def test_card_from_dict():
+def test_card_from_dict(tmp_path):
     card = ModelCard.for_architecture("lenet", training={"epochs": 3})
     data = card.to_dict()
     json.dumps(data)  # JSON-serializable
@@ -265,6 +266,9 @@ def test_card_from_dict():
         ModelCard.from_dict(data)
     with pytest.raises(RobustlabError, match="one per channel"):
         ModelCard.from_dict({**card.to_dict(), "mean": [0.1, 0.2]})
+    with pytest.raises(RobustlabError, match="JSON-serializable"):
+        bad = ModelCard.for_architecture("lenet", training={"optimizer": object()})
+        save_checkpoint(create_model("lenet"), tmp_path / "m", bad)
 
 
 def test_raw_torch_state_dict_with_a_card(tmp_path):

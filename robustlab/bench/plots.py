@@ -6,7 +6,7 @@ Figures are drawn with matplotlib's Agg canvas directly (``matplotlib.figure.Fig
 and nothing of matplotlib is imported until a plot is asked for.
 
 Accuracies in a summary are fractions in [0, 1]; plots show them in percent. Epsilons are radii in
-pixel units ([0, 1] scale); for the linf norm they are also shown in 1/255 steps.
+pixel units ([0, 1] scale); linf radii given as multiples of 1/255 are also shown in 1/255 units.
 """
 
 from __future__ import annotations
@@ -79,21 +79,37 @@ def _style_accuracy_axis(ax) -> None:
     from matplotlib.ticker import PercentFormatter
 
     ax.set_ylabel("robust accuracy (% of samples)", fontsize=11)
-    ax.set_ylim(-2, 102)
+    ax.set_ylim(-2, 109)
+    ax.set_yticks([0, 20, 40, 60, 80, 100])
     ax.yaxis.set_major_formatter(PercentFormatter(100, decimals=0))
     ax.grid(True, which="major", alpha=0.35)
     ax.tick_params(labelsize=10)
 
 
 def _annotate_points(ax, xs: Sequence[float], ys: Sequence[float]) -> None:
-    """Write each point's value next to it when there are few enough points to stay readable."""
-    if len(xs) > 12:
+    """Write each point's value next to it, skipping labels that would overlap one already written
+    (the report lists every value in a table). Call after the axis limits are final."""
+    if len(xs) > 20:
         return
+    to_px = ax.transData.transform
+    placed: list[tuple[float, float]] = []
     for i, (x, y) in enumerate(zip(xs, ys)):
-        va, dy = ("bottom", 4) if y < 88 else ("top", -6)
+        va, dy = "bottom", 4  # above-right: free space for a falling curve (the y axis leaves room above 100%)
         ha, dx = ("right", -5) if i == len(xs) - 1 and len(xs) > 1 else ("left", 5)
+        px, py = to_px((x, y))
+        # Label box centre in pixels (about 40 x 13 px at 9 pt and 100 dpi).
+        cx = px + (dx + 20 if ha == "left" else dx - 20)
+        cy = py + dy + 7
+        if any(abs(cx - qx) < 44 and abs(cy - qy) < 15 for qx, qy in placed):
+            continue
+        placed.append((cx, cy))
         ax.annotate(f"{y:.1f}%", (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, va=va,
                     fontsize=9, color="#1f3b73")
+
+
+def _shorten(text: str, width: int = 70) -> str:
+    """Long strings (model paths) shortened from the left: '…/very/long/path.safetensors'."""
+    return text if len(text) <= width else "…" + text[-(width - 1):]
 
 
 # ---------------------------------------------------------------------- curves
@@ -101,8 +117,9 @@ def _annotate_points(ax, xs: Sequence[float], ys: Sequence[float]) -> None:
 def plot_eps_curve(summary: dict[str, Any]) -> bytes:
     """Robust accuracy (%) against the perturbation radius epsilon, from ``summary["eps_curve"]``.
 
-    The run's own threat epsilon is marked with a dashed line. For linf the top axis shows the radius in
-    1/255 steps. Returns PNG bytes (a placeholder image if the summary has no curve).
+    The run's own threat epsilon is marked with a dashed line. When that epsilon is a multiple of 1/255
+    (linf, e.g. 8/255), a top axis shows the radius in 1/255 units too. Values are written next to the
+    points where they do not overlap. Returns PNG bytes (a placeholder image if there is no curve).
     """
     threat = summary.get("threat") or {}
     norm = str(threat.get("norm", "linf"))
@@ -120,7 +137,6 @@ def plot_eps_curve(summary: dict[str, Any]) -> bytes:
     fig = _figure(7.2, 4.6)
     ax = fig.add_subplot(1, 1, 1)
     ax.plot(xs, ys, marker="o", markersize=6, linewidth=2, color="#1f77b4", label="robust accuracy")
-    _annotate_points(ax, xs, ys)
     eps = threat.get("eps")
     if eps is not None:
         ax.axvline(float(eps), color="#d62728", linestyle="--", linewidth=1.3,
@@ -129,14 +145,18 @@ def plot_eps_curve(summary: dict[str, Any]) -> bytes:
     _style_accuracy_axis(ax)
     xmax = max(xs + ([float(eps)] if eps is not None else []))
     ax.set_xlim(min(0.0, min(xs)) - 0.03 * (xmax or 1.0), xmax * 1.06 if xmax > 0 else 1.0)
-    if norm.lower() == "linf":
+    # A second axis in 1/255 units when the run's epsilon was given that way (8/255, not 0.3).
+    in_255ths = eps is not None and "/255" in format_eps(norm, float(eps))
+    if in_255ths:
         top = ax.secondary_xaxis("top", functions=(lambda x: x * 255.0, lambda x: x / 255.0))
         top.set_xlabel("ε in units of 1/255", fontsize=10)
         top.tick_params(labelsize=9)
-    ax.legend(loc="upper right", fontsize=9, framealpha=0.9)
+    ax.legend(loc="best", fontsize=9, framealpha=0.9)
     model = summary.get("model")
-    ax.set_title(title + (f"\n{model}, {summary.get('dataset', '')}" if model else ""), fontsize=12)
-    fig.subplots_adjust(left=0.105, right=0.975, bottom=0.115, top=0.79 if norm.lower() == "linf" else 0.86)
+    subtitle = f"\n{_shorten(str(model))}, {summary.get('dataset', '')}" if model else ""
+    ax.set_title(title + subtitle, fontsize=12)
+    fig.subplots_adjust(left=0.105, right=0.975, bottom=0.115, top=0.79 if in_255ths else 0.86)
+    _annotate_points(ax, xs, ys)
     return _png(fig)
 
 
@@ -162,8 +182,12 @@ def plot_steps_curve(summary: dict[str, Any]) -> bytes:
 
     fig = _figure(7.2, 4.6)
     ax = fig.add_subplot(1, 1, 1)
-    ax.plot(xs, ys, marker="o", markersize=6, linewidth=2, color="#2ca02c")
-    _annotate_points(ax, xs, ys)
+    ax.plot(xs, ys, marker="o", markersize=6, linewidth=2, color="#2ca02c", label=f"{attack} alone")
+    reported = summary.get("robust_accuracy")
+    if reported is not None:
+        ax.axhline(100.0 * float(reported), color="#555555", linestyle=":", linewidth=1.5,
+                   label=f"reported robust accuracy (all attacks): {100.0 * float(reported):.2f}%")
+        ax.legend(loc="best", fontsize=9, framealpha=0.9)
     positive = [x for x in xs if x > 0]
     if positive and len(positive) == len(xs) and max(xs) / min(xs) >= 10:
         from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator, ScalarFormatter
@@ -187,6 +211,7 @@ def plot_steps_curve(summary: dict[str, Any]) -> bytes:
     sub = f"{norm_name(norm)} ε = {format_eps(norm, float(eps))}" if eps is not None else ""
     ax.set_title(title + (f"\n{sub}" if sub else ""), fontsize=12)
     fig.subplots_adjust(left=0.105, right=0.975, bottom=0.115, top=0.86)
+    _annotate_points(ax, xs, ys)
     return _png(fig)
 
 

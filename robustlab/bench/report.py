@@ -195,7 +195,7 @@ def _header(run: dict[str, Any], summary: dict[str, Any], partial: bool) -> str:
         ("Run id", run["run_id"]), ("Created", run.get("created")), ("Finished", run.get("finished")),
     ]
     if summary.get("seconds") is not None:
-        meta.append(("Total wall time (s)", f"{float(summary['seconds']):,.1f}"))
+        meta.append(("Time in attacks, all tasks (s)", f"{float(summary['seconds']):,.1f}"))
     elif summary.get("attack_seconds") is not None:
         meta.append(("Time spent attacking so far (s)", f"{float(summary['attack_seconds']):,.1f}"))
     parts.append(_kv_table(meta))

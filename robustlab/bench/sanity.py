@@ -90,10 +90,11 @@ def large_eps_verdict(robust: int, attacked_n: int, eps: float) -> dict[str, str
 
 
 def steps_verdict(points: list[dict[str, float]], n: int) -> dict[str, str]:
-    """More iterations must not raise robust accuracy (beyond one sample or half a point of noise)."""
+    """More iterations must not raise robust accuracy beyond the noise of random starts (two samples
+    or one point, whichever is larger); gradient masking typically shows far larger rises."""
     if len(points) < 2:
         return verdict("more-steps", "warn", "fewer than two steps-curve points; not checked")
-    tol = max(1.0 / max(n, 1), 0.005) + 1e-12
+    tol = max(2.0 / max(n, 1), 0.01) + 1e-12
     worst = None
     for a, b in zip(points, points[1:]):
         rise = b["robust_accuracy"] - a["robust_accuracy"]

@@ -79,6 +79,10 @@ class ModelCard:
             raise RobustlabError(f"model card has a malformed field: {exc}") from None
         if not isinstance(self.arch_kwargs, dict) or not isinstance(self.training, dict):
             raise RobustlabError("model card: arch_kwargs and training must be JSON objects (dicts)")
+        try:  # JSON form now (tuples -> lists), so a card equals itself after a save/load round trip
+            self.arch_kwargs = json.loads(json.dumps(self.arch_kwargs))
+        except (TypeError, ValueError) as exc:
+            raise RobustlabError(f"model card: arch_kwargs must be JSON-serializable: {exc}") from None
         if self.num_classes < 1 or self.in_channels < 1:
             raise RobustlabError("model card: num_classes and in_channels must be >= 1")
         if not len(self.mean) == len(self.std) == self.in_channels:
@@ -201,7 +205,9 @@ def _weights_path(path: str | os.PathLike[str]) -> Path:
     if p.suffix == WEIGHTS_SUFFIX:
         return p
     if p.suffix in (CARD_SUFFIX, *TORCH_SUFFIXES):
-        raise RobustlabError(f"save_checkpoint writes {WEIGHTS_SUFFIX} weights; give a path like {p.with_suffix(WEIGHTS_SUFFIX)}")
+        raise RobustlabError(
+            f"save_checkpoint writes {WEIGHTS_SUFFIX} weights; give a path like {p.with_suffix(WEIGHTS_SUFFIX)}"
+        )
     return p.with_name(p.name + WEIGHTS_SUFFIX)
 
 
@@ -226,6 +232,11 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike[str], card: ModelC
         actual = tuple(state[key].flatten().tolist())
         if not torch.allclose(torch.tensor(actual), torch.tensor(values), atol=1e-6):
             raise RobustlabError(f"the model's {key} {actual} differs from the card's {values}; make them agree")
+
+    try:  # fail before writing anything
+        json.dumps(card.to_dict())
+    except (TypeError, ValueError) as exc:
+        raise RobustlabError(f"the model card must be JSON-serializable (training, ...): {exc}") from None
 
     tensors: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, int]] = set()
@@ -270,7 +281,9 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # weights_only refuses pickled objects: not a raw state dict
-            raise RobustlabError(f"cannot read {path} as a raw state dict with torch.load(weights_only=True): {exc}") from None
+            raise RobustlabError(
+                f"cannot read {path} as a raw state dict with torch.load(weights_only=True): {exc}"
+            ) from None
         if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             keys = list(state)[:5] if isinstance(state, Mapping) else type(state).__name__
             raise RobustlabError(

@@ -19,7 +19,7 @@ def as_channel_tuple(values: float | Sequence[float], name: str) -> tuple[float,
     try:
         out = tuple(float(v) for v in values)
     except (TypeError, ValueError):
-        raise RobustlabError(f"{name} must be a number or a list of numbers (one per channel), got {values!r}") from None
+        raise RobustlabError(f"{name} must be a number or a list of numbers, one per channel; got {values!r}") from None
     if not out:
         raise RobustlabError(f"{name} must have one value per channel, got an empty list")
     return out

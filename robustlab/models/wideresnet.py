@@ -73,9 +73,9 @@ class WideResNet(nn.Module):
 
     @staticmethod
     def _stage(n: int, in_planes: int, out_planes: int, stride: int, dropout: float) -> nn.Sequential:
-        return nn.Sequential(
-            *[WideBasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, dropout) for i in range(n)]
-        )
+        blocks = [WideBasicBlock(in_planes, out_planes, stride, dropout)]
+        blocks += [WideBasicBlock(out_planes, out_planes, 1, dropout) for _ in range(n - 1)]
+        return nn.Sequential(*blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.block3(self.block2(self.block1(self.conv1(x))))

@@ -1,0 +1,275 @@
+"""Shared pieces of the benchmarks: where the real data is, reference models (trained once and cached
+under ``benchmarks/.cache/``), and honest timing (the physical floor, interleaved repeats, medians).
+
+Data: ``../shared/data`` next to the repository root, or ``$ROBUSTLAB_SHARED_DATA``.
+Models (``get_model(key)``), each a robustlab checkpoint (safetensors + model card):
+
+- ``mnist_std``: SmallCNN, standard training on MNIST train;
+- ``mnist_pgd``: the same SmallCNN fine-tuned with PGD adversarial training at Linf eps 0.3, so that
+  robust accuracy is far from 0 and a weaker attack shows up as a higher number;
+- ``cifar_std``: cifar_cnn, standard training on the 8,068-image CIFAR-10 train subset.
+
+A cached model is reused only if its card records the same training recipe; change a recipe and the
+model is retrained on the next run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / "benchmarks" / ".cache"
+RESULTS = REPO / "benchmarks" / "results"
+DATA_ENV = "ROBUSTLAB_SHARED_DATA"
+
+
+# ---------------------------------------------------------------------- environment
+
+
+def set_threads(n: int) -> None:
+    """Fix the intra-op thread count for the whole run (timings are only comparable at a fixed count)."""
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set once in this process
+        pass
+
+
+def shared_data_dir() -> Path:
+    """The folder with ``mnist_*.npz`` and ``cifar10_*.npz``; exits with a clear message if absent."""
+    env = os.environ.get(DATA_ENV, "").strip()
+    root = Path(env).expanduser() if env else REPO.parent / "shared" / "data"
+    needed = ["mnist_train.npz", "mnist_test.npz", "cifar10_train.npz", "cifar10_test.npz"]
+    missing = [name for name in needed if not (root / name).is_file()]
+    if missing:
+        sys.exit(
+            f"benchmark data not found: {', '.join(missing)} missing in {root.resolve()}.\n"
+            f"Put the shared data sets there (../shared/data next to the repository) or set {DATA_ENV} "
+            f"to the folder that holds them."
+        )
+    return root
+
+
+def load_split(dataset: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x float32 NCHW in [0, 1], y int64) of ``dataset`` (mnist | cifar10) ``split`` from the shared data."""
+    from robustlab.data import load_dataset
+
+    data = load_dataset(dataset, split, root=shared_data_dir())
+    return data.x, data.y
+
+
+def environment() -> str:
+    """One line saying what the numbers were measured on."""
+    import platform
+
+    return (
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} CPU(s) "
+        f"({platform.processor() or platform.machine()}), python {platform.python_version()}"
+    )
+
+
+# ---------------------------------------------------------------------- reference models
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _augment_cifar(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random horizontal flip and random 32x32 crop of the 4-pixel zero-padded image, per sample."""
+    n, _, h, w = x.shape
+    flip = torch.rand(n, generator=gen) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    padded = F.pad(x, (4, 4, 4, 4))
+    dy = torch.randint(0, 9, (n,), generator=gen)
+    dx = torch.randint(0, 9, (n,), generator=gen)
+    rows = (dy.view(-1, 1) + torch.arange(h)).view(n, 1, h, 1).expand(n, x.shape[1], h, w + 8)
+    out = padded.gather(2, rows)
+    cols = (dx.view(-1, 1) + torch.arange(w)).view(n, 1, 1, w).expand(n, x.shape[1], h, w)
+    return out.gather(3, cols)
+
+
+def _pgd_objective(eps: float, steps: int, alpha: float, ramp_steps: int, seed: int) -> Callable:
+    """Madry-style adversarial training loss with robustlab's own PGD (random start, CE); eps ramps
+    up linearly over the first ``ramp_steps`` optimizer steps. The attack runs in eval mode and leaves
+    the model in train mode for the update."""
+    from robustlab.attacks import create_attack
+    from robustlab.threat import ThreatModel
+
+    gen = torch.Generator().manual_seed(seed)
+    state = {"step": 0}
+
+    def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        frac = min(1.0, (state["step"] + 1) / max(1, ramp_steps))
+        state["step"] += 1
+        e = eps * frac
+        attack = create_attack("pgd", ThreatModel("linf", e), steps=steps, alpha=alpha * frac)
+        x_adv = attack.run(model, x, y, gen).x_adv
+        return F.cross_entropy(model(x_adv), y)
+
+    return objective
+
+
+def _cifar_objective(seed: int) -> Callable:
+    gen = torch.Generator().manual_seed(seed)
+
+    def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(_augment_cifar(x, gen)), y)
+
+    return objective
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a reference model is made. ``init`` names another reference model to start from."""
+
+    key: str
+    architecture: str
+    dataset: str
+    train_subset: int
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str = "sgd"
+    schedule: str = "cosine"
+    arch_kwargs: dict = field(default_factory=dict)
+    init: str | None = None
+    adversarial: dict | None = None  # eps, steps, alpha, ramp_fraction (Linf PGD training)
+    augment: bool = False
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+RECIPES = {
+    r.key: r
+    for r in (
+        Recipe("mnist_std", "smallcnn", "mnist", train_subset=30000, epochs=2, batch_size=128, lr=0.05),
+        Recipe(
+            "mnist_pgd", "smallcnn", "mnist", train_subset=15000, epochs=1, batch_size=128, lr=0.01,
+            schedule="constant", init="mnist_std",
+            adversarial={"eps": 0.3, "steps": 5, "alpha": 0.1, "ramp_fraction": 0.3},
+        ),
+        Recipe("cifar_std", "cifar_cnn", "cifar10", train_subset=0, epochs=5, batch_size=128, lr=0.05, augment=True),
+    )
+}
+
+
+def _checkpoint_path(key: str) -> Path:
+    return CACHE / f"{key}.safetensors"
+
+
+def _clean_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(y), batch):
+            correct += int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum())
+    return correct / len(y)
+
+
+def get_model(key: str) -> tuple[nn.Module, dict[str, Any]]:
+    """The reference model ``key`` in eval mode, and its card as a dict (training recipe, clean test
+    accuracy, training seconds). Trained on first use (minutes on CPU), then loaded from the cache."""
+    from robustlab.models import ModelCard, create_model, load_checkpoint, save_checkpoint
+    from robustlab.training import TrainConfig, train
+
+    recipe = RECIPES[key]
+    path = _checkpoint_path(key)
+    if path.is_file():
+        try:
+            model, card = load_checkpoint(path)
+            if card.training.get("recipe") == recipe.to_dict():
+                return model.eval(), card.to_dict()
+            log(f"[{key}] cached model was made with another recipe; retraining")
+        except Exception as exc:  # a broken cache entry: retrain rather than fail
+            log(f"[{key}] cannot load the cached model ({exc}); retraining")
+
+    x, y = load_split(recipe.dataset, "train")
+    if recipe.train_subset:
+        x, y = x[: recipe.train_subset], y[: recipe.train_subset]
+    from robustlab.data import ImageDataset
+
+    data = ImageDataset(recipe.dataset, "train", x, y, [str(i) for i in range(10)])
+    torch.manual_seed(recipe.seed)
+    model = create_model(recipe.architecture, num_classes=10, **recipe.arch_kwargs)
+    if recipe.init:
+        base, _ = get_model(recipe.init)
+        model.load_state_dict(base.state_dict())
+    config = TrainConfig(
+        epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr, optimizer=recipe.optimizer,
+        schedule=recipe.schedule, seed=recipe.seed,
+    )
+    if recipe.adversarial:
+        adv = recipe.adversarial
+        total = recipe.epochs * math.ceil(len(y) / recipe.batch_size)
+        objective = _pgd_objective(adv["eps"], adv["steps"], adv["alpha"], int(adv["ramp_fraction"] * total), recipe.seed)
+    elif recipe.augment:
+        objective = _cifar_objective(recipe.seed)
+    else:
+        from robustlab.training.loop import standard_objective as objective
+    log(f"[{key}] training {recipe.architecture} on {len(y)} {recipe.dataset} images ({recipe.epochs} epoch(s)) ...")
+    t0 = time.perf_counter()
+    history = train(model, data, config, objective=objective, progress=None, on_epoch=lambda r: log(f"[{key}]   {r}"))
+    seconds = time.perf_counter() - t0
+    model.eval()
+    x_test, y_test = load_split(recipe.dataset, "test")
+    clean = _clean_accuracy(model, x_test, y_test)
+    log(f"[{key}] trained in {seconds:.0f} s; clean test accuracy {clean:.4f} on {len(y_test)} images")
+    card = ModelCard.for_architecture(
+        recipe.architecture,
+        num_classes=10,
+        arch_kwargs=dict(recipe.arch_kwargs),
+        dataset=recipe.dataset,
+        training={"recipe": recipe.to_dict(), "seconds": round(seconds, 1), "history": history,
+                  "threads": torch.get_num_threads()},
+        clean_accuracy=clean,
+        notes=f"robustlab benchmark reference model {key!r} (benchmarks/common.py)",
+    )
+    save_checkpoint(model, path, card)
+    _, saved = load_checkpoint(path)
+    return model, saved.to_dict()
+
+
+# ---------------------------------------------------------------------- timing
+
+
+def input_gradient_floor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
+    """The physical floor of a k-step gradient attack: k x (forward + backward to the input only)."""
+    for _ in range(steps):
+        x_req = x.detach().requires_grad_(True)
+        loss = F.cross_entropy(model(x_req), y, reduction="sum")
+        torch.autograd.grad(loss, x_req)
+
+
+def time_interleaved(contenders: dict[str, Callable[[], Any]], repeats: int, warmup: bool = True) -> dict[str, dict]:
+    """Run every contender ``repeats`` times, interleaved (round r runs them in a rotated order, so
+    slow drifts of the machine hit all alike). Returns {name: {"median": s, "times": [s, ...]}}."""
+    names = list(contenders)
+    if warmup:
+        for name in names:
+            contenders[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            contenders[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {name: {"median": statistics.median(ts), "times": ts} for name, ts in times.items()}
+
+
+def predict(model: nn.Module, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(x[i : i + batch]).argmax(1) for i in range(0, len(x), batch)])
