@@ -85,9 +85,8 @@ def _say(msg: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import robustlab
     from robustlab.data import load_dataset
-    from robustlab.models import ModelCard, create_model, model_config, save_checkpoint
+    from robustlab.models import ModelCard, create_model, save_checkpoint
     from robustlab.training import TrainConfig, accuracy, train
 
     device = _device(args.device)
@@ -95,7 +94,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     test = load_dataset(args.data, "test", root=args.data_root)
     if args.n:
         data = data.subset(args.n)
-    cfg = model_config(args.model)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                          weight_decay=args.weight_decay, seed=args.seed)
     _say(f"training {args.model} on {data.name} ({len(data)} images) for {args.epochs} epochs on {device}")
@@ -108,21 +106,14 @@ def cmd_train(args: argparse.Namespace) -> int:
                     on_epoch=lambda r: _say(f"  epoch {r['epoch']}: loss {r['loss']:.4f} ({r['seconds']:.1f}s)"))
     seconds = time.perf_counter() - t0
     acc = accuracy(model, test, device=device)
-    normalize = model.normalize
-    card = ModelCard(
-        architecture=args.model,
+    card = ModelCard.for_architecture(
+        args.model,
         num_classes=data.num_classes,
         in_channels=data.image_shape[0],
-        input_size=tuple(data.image_shape[1:]),
-        mean=[float(v) for v in normalize.mean.flatten()],
-        std=[float(v) for v in normalize.std.flatten()],
-        arch_kwargs={},
         dataset=f"{data.name}:train[{len(data)}]",
         training={"recipe": "standard", **config.to_dict(), "seconds": round(seconds, 1), "history": history},
         clean_accuracy=acc,
-        robust_accuracy=None,
-        robustlab_version=robustlab.__version__,
-        notes=f"clean accuracy on {test.name}:test ({len(test)} images); default input size {cfg.get('input_size')}",
+        notes=f"clean accuracy measured on {test.name}:test ({len(test)} images)",
     )
     path = save_checkpoint(model.cpu(), args.out, card)
     _say(f"clean test accuracy {100 * acc:.2f}% after {seconds:.1f}s")

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-import robustlab
 from robustlab.attacks import create_attack
 from robustlab.bench.report import write_report
 from robustlab.bench.runner import EvalOptions, evaluate
@@ -33,18 +32,16 @@ def run_demo(out: Path, device: torch.device | str = "cpu", log=print) -> dict[s
     train_data, test_data = load_dataset("digits", "train"), load_dataset("digits", "test")
     torch.manual_seed(0)
     model = create_model(ARCHITECTURE, num_classes=train_data.num_classes)
-    config = TrainConfig(epochs=30, batch_size=64, lr=0.05, seed=0)
+    config = TrainConfig(epochs=15, batch_size=64, lr=0.05, seed=0)
     t0 = time.perf_counter()
     history = train(model, train_data, config, device=device)
     clean = accuracy(model, test_data, device=torch.device(device))
     log(f"trained {ARCHITECTURE} on digits ({len(train_data)} images) in {time.perf_counter() - t0:.1f}s: "
         f"clean test accuracy {100 * clean:.2f}%")
-    norm = model.normalize
-    card = ModelCard(
-        architecture=ARCHITECTURE, num_classes=train_data.num_classes, in_channels=1, input_size=(8, 8),
-        mean=norm.mean.flatten().tolist(), std=norm.std.flatten().tolist(), dataset="digits:train",
+    card = ModelCard.for_architecture(
+        ARCHITECTURE, num_classes=train_data.num_classes, dataset="digits:train",
         training={"recipe": "standard", **config.to_dict(), "final_loss": history[-1]["loss"]},
-        clean_accuracy=clean, robustlab_version=robustlab.__version__,
+        clean_accuracy=clean,
     )
     checkpoint = save_checkpoint(model.cpu(), out / f"{ARCHITECTURE}.safetensors", card)
     model.to(device)

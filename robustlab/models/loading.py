@@ -141,7 +141,7 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> LoadedModel:
         target, attr = entry
         module = _import_file(Path(target)) if target.endswith(".py") else _import_module(target)
         model = _call_entry_point(_resolve_attr(module, attr, spec), spec)
-        return LoadedModel(model.to(device).eval(), None, "entry_point", spec)
+        return LoadedModel(model.to(device), None, "entry_point", spec)
 
     if spec in MODELS:
         warnings.warn(
