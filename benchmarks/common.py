@@ -150,7 +150,11 @@ class Recipe:
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        """The recipe, with the recipe of the model it starts from (so changing that retrains this)."""
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        if self.init:
+            out["init_recipe"] = RECIPES[self.init].to_dict()
+        return out
 
 
 RECIPES = {
