@@ -125,7 +125,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from robustlab.attacks import create_attack, parse_attack_spec
+    from robustlab.attacks import build_attacks
     from robustlab.bench.runner import EvalOptions, evaluate
     from robustlab.bench.store import ResultsStore
     from robustlab.data import load_dataset
@@ -133,8 +133,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from robustlab.threat import ThreatModel
 
     threat = ThreatModel(args.norm, args.eps)
-    specs = args.attack or ["pgd"]
-    attacks = [create_attack(name, threat, **params) for name, params in map(parse_attack_spec, specs)]
+    attacks = build_attacks(args.attack or ["pgd"], threat)
     if args.n is not None and args.n < 1:
         raise RobustlabError(f"--n must be >= 1, got {args.n}")
     data = load_dataset(args.data, args.split, root=args.data_root)
@@ -285,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps-grid", type=_argument_type(_steps_grid), default=None,
                    help="iteration counts for the steps curve of the first iterative attack (auto, none, or 1,5,10)")
     e.add_argument("--attack", action="append", metavar="NAME[:key=value,...]",
-                   help="attack to run (repeat for an ensemble, run in order); default pgd")
+                   help="attack to run (repeat for an ensemble, run in order), a suite (standard, rand), or an "
+                   "ensemble file (.txt: one spec per line, .json: a list); default pgd")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="auto")
     e.add_argument("--db", default=DEFAULT_DB, help=f"results store (SQLite), default {DEFAULT_DB}")

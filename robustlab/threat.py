@@ -83,9 +83,17 @@ class ThreatModel:
         # over all pixels (~1e-5 on a CIFAR image). Move such coordinates one ulp back towards x.
         return torch.where((out - x).abs() > delta.abs(), torch.nextafter(out, x), out)
 
-    def random_init(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A point drawn uniformly from the ball around each ``x`` (then clipped to the box)."""
-        delta = sample_ball(x.shape, self.norm, self.eps, x.device, x.dtype, generator)
+    def random_init(
+        self, x: torch.Tensor, generator: torch.Generator | None = None, radius: str = "volume"
+    ) -> torch.Tensor:
+        """A random point in the ball around each ``x`` (then clipped to the box).
+
+        radius: ``"volume"`` draws uniformly from the ball; ``"uniform"`` draws a uniformly random
+        direction and a radius uniform in [0, eps] (L2 and L1; Linf stays uniform in the cube). In high
+        dimension a volume-uniform point lies almost surely on the sphere, so ``"uniform"`` is the
+        better start for an iterative attack (see :func:`sample_ball`).
+        """
+        delta = sample_ball(x.shape, self.norm, self.eps, x.device, x.dtype, generator, radius)
         return (x + delta).clamp(self.lower, self.upper)
 
     def steepest_step(
@@ -245,8 +253,18 @@ def sample_ball(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     generator: torch.Generator | None = None,
+    radius: str = "volume",
 ) -> torch.Tensor:
-    """Perturbations drawn uniformly from the ``norm`` ball of radius ``eps`` (one per sample)."""
+    """Perturbations drawn from the ``norm`` ball of radius ``eps`` (one per sample).
+
+    radius ``"volume"``: uniform in the ball. ``"uniform"``: for L2 and L1 a uniformly random
+    direction (uniform on the L2 sphere; uniform on the L1 sphere, with random signs) scaled by a
+    radius uniform in [0, eps]; for Linf the same as ``"volume"`` (uniform in the cube). In d
+    dimensions a volume-uniform radius is ``eps * U^(1/d)``, i.e. ~eps for an image: the point sits on
+    the sphere, and an attack started there spends its budget undoing noise.
+    """
+    if radius not in ("volume", "uniform"):
+        raise RobustlabError(f"radius must be 'volume' or 'uniform', got {radius!r}")
     n, dim = shape[0], int(math.prod(shape[1:]))
     kw = dict(device=device, dtype=dtype, generator=generator)
     if norm == "linf":
@@ -254,13 +272,18 @@ def sample_ball(
     if norm == "l2":
         direction = torch.randn(n, dim, **kw)
         direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        radius = torch.rand(n, 1, **kw).pow(1.0 / dim)
-        return (direction * radius * eps).view(shape)
+        r = torch.rand(n, 1, **kw)
+        r = r if radius == "uniform" else r.pow(1.0 / dim)
+        return (direction * r * eps).view(shape)
     if norm == "l1":
         # Uniform in the L1 ball: |d| uniform in the simplex {s >= 0, sum s <= 1} (normalized
-        # exponentials with one slack coordinate), with independent random signs.
+        # exponentials with one slack coordinate), with independent random signs. Without the slack
+        # coordinate |d| is uniform on the face {sum s = 1} (the L1 sphere).
         e = -torch.rand(n, dim + 1, **kw).clamp_min(1e-12).log()
-        mag = e[:, :dim] / e.sum(dim=1, keepdim=True)
         sign = torch.randint(0, 2, (n, dim), device=device, generator=generator).to(dtype) * 2 - 1
+        if radius == "uniform":
+            mag = e[:, :dim] / e[:, :dim].sum(dim=1, keepdim=True) * torch.rand(n, 1, **kw)
+        else:
+            mag = e[:, :dim] / e.sum(dim=1, keepdim=True)
         return (mag * sign * eps).view(shape)
     raise RobustlabError(f"unknown norm {norm!r}; use one of {', '.join(NORMS)}")

@@ -147,7 +147,7 @@ def test_curves_and_sanity_checks_on_a_real_model(digits_model, digits_test, tmp
     assert [p["steps"] for p in steps["points"]] == [1, 5, 10, 20]
     verdicts = {c["name"]: c["status"] for c in res.checks}
     assert verdicts == {"eval-mode": "pass", "randomized": "pass", "gradients": "pass", "more-steps": "pass",
-                        "large-eps": "pass", "verification": "pass"}
+                        "large-eps": "pass", "black-box": "pass", "verification": "pass"}
 
 
 class Quantized(nn.Module):
@@ -223,3 +223,55 @@ def test_ensemble_needs_one_threat_model(digits_model, digits_test, tmp_path):
     with ResultsStore(tmp_path / "r.db") as store, pytest.raises(RobustlabError, match="one threat model"):
         evaluate(digits_model, digits_test.subset(8),
                  [create_attack("fgsm", LINF), create_attack("fgsm", ThreatModel("l2", 1.0))], store)
+
+
+class FarPGD(Attack):
+    """A stand-in minimum-norm attack: PGD at three times the budget, reporting points beyond eps."""
+
+    name = "far-pgd"
+    defaults = {}
+    minimum_norm = True
+
+    def _attack(self, model, x, y, generator):
+        return create_attack("pgd", self.threat.with_eps(3 * self.threat.eps), steps=10).run(model, x, y, generator)
+
+
+class BlackBoxPGD(FarPGD):
+    """Pretends to be score-based; really PGD at the budget (breaks what FGSM missed)."""
+
+    name = "fake-square"
+    kind = "score-based"
+    minimum_norm = False
+
+    def _attack(self, model, x, y, generator):
+        return create_attack("pgd", self.threat, steps=10).run(model, x, y, generator)
+
+
+def test_minimum_norm_distances_are_recorded_but_only_in_ball_points_count(digits_model, digits_test, tmp_path):
+    data = digits_test.subset(128)
+    with ResultsStore(tmp_path / "r.db") as store:
+        res = evaluate(digits_model, data, [FarPGD(LINF)], store, options=FAST)
+        rows = store.samples(res.run_id)
+    mn = res.summary["min_norm"]
+    assert res.summary["rejected"] == 0  # beyond-eps points of a minimum-norm attack are not rejections
+    found = [r for r in rows if r.min_distance is not None]
+    assert mn["found"] == len(found) > 0
+    for r in rows:
+        if r.broken_by is not None:
+            assert r.distance <= LINF.eps + 1e-6 and r.min_distance == r.distance
+        elif r.min_distance is not None:
+            assert r.min_distance > LINF.eps  # found, but outside the ball: still robust at eps
+    beyond = sum(1 for r in found if r.min_distance > LINF.eps)
+    assert beyond > 0
+    # The curve from the distances agrees with the counted robust accuracy at eps.
+    at = next(p for p in mn["curve"] if p["eps"] == LINF.eps)
+    assert at["robust_accuracy"] == sum(r.robust for r in rows) / len(rows)
+
+
+def test_black_box_success_after_white_box_is_flagged(digits_model, digits_test, tmp_path):
+    with ResultsStore(tmp_path / "r.db") as store:
+        res = evaluate(digits_model, digits_test.subset(128), [create_attack("fgsm", LINF), BlackBoxPGD(LINF)],
+                       store, options=FAST)
+    verdict = {c["name"]: c for c in res.checks}["black-box"]
+    assert res.summary["attacks"][1]["broken"] > 0
+    assert verdict["status"] in ("warn", "fail") and "fake-square" in verdict["detail"]

@@ -46,12 +46,20 @@ class Attack:
 
     ``defaults`` maps every parameter name to its default (JSON values only); ``None`` means "derived
     from the threat model" (for example a step size). ``norms`` lists the supported norms.
+
+    ``kind`` says what the attacker sees: ``white-box`` (gradients), ``transfer`` (a surrogate model),
+    ``score-based`` (output scores only) or ``decision-based`` (the predicted label only); reports label
+    results by it. A ``minimum_norm`` attack looks for the smallest misclassifying perturbation and may
+    return points outside the ball (never outside the box): the evaluation records the distance it
+    found and counts a success only inside the ball.
     """
 
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
     choices: ClassVar[dict[str, tuple]] = {}
     norms: ClassVar[tuple[str, ...]] = NORMS
+    kind: ClassVar[str] = "white-box"
+    minimum_norm: ClassVar[bool] = False
 
     def __init__(self, threat: ThreatModel, targeted: bool = False, **params: Any) -> None:
         if threat.norm not in self.norms:
@@ -80,7 +88,8 @@ class Attack:
 
     def config(self) -> dict[str, Any]:
         """Everything needed to rebuild this attack: JSON-serializable."""
-        return {"name": self.name, "params": dict(self.params), "threat": self.threat.to_dict(), "targeted": self.targeted}
+        return {"name": self.name, "params": dict(self.params), "threat": self.threat.to_dict(), "targeted": self.targeted,
+                "kind": self.kind}
 
     def with_params(self, **params: Any) -> "Attack":
         """A copy with some parameters changed (same threat model and targeting)."""
@@ -97,8 +106,14 @@ class Attack:
         y = check_labels(y, x.shape[0])
         with eval_mode(model):
             result = self._attack(model, x.detach(), y.to(x.device), generator)
-        # The contract: never outside the threat model, whatever the algorithm did.
-        result.x_adv = self.threat.project(result.x_adv.detach(), x)
+        # The contract: never outside the threat model (minimum-norm attacks: never outside the box),
+        # whatever the algorithm did.
+        x_adv = result.x_adv.detach()
+        if self.minimum_norm:
+            x_adv = torch.where(torch.isfinite(x_adv), x_adv, x).clamp(self.threat.lower, self.threat.upper)
+        else:
+            x_adv = self.threat.project(x_adv, x)
+        result.x_adv = x_adv
         return result
 
     def __repr__(self) -> str:
@@ -117,15 +132,25 @@ class Attack:
         return pred == y if self.targeted else pred != y
 
     def loss_and_grad(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, eot: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (detached) and the input gradient of the per-sample ``loss``, summed over samples."""
+        """Logits (detached) and the input gradient of the per-sample ``loss`` (summed over samples).
+
+        ``eot > 1`` (expectation over transformation, for randomized models and defenses): the
+        gradient and the logits are averaged over ``eot`` forward/backward passes.
+        """
         x = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            logits = check_logits(model(x), x.shape[0])
-            value = get_loss(loss)(logits, y, self.targeted)
-            (grad,) = torch.autograd.grad(value.sum(), x)
-        return logits.detach(), grad
+        grad = logits = None
+        for _ in range(eot):
+            with torch.enable_grad():
+                out = check_logits(model(x), x.shape[0])
+                value = get_loss(loss)(out, y, self.targeted)
+                (g,) = torch.autograd.grad(value.sum(), x)
+            grad = g if grad is None else grad + g
+            logits = out.detach() if logits is None else logits + out.detach()
+        if eot > 1:
+            grad, logits = grad / eot, logits / eot
+        return logits, grad
 
     def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

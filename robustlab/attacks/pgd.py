@@ -21,7 +21,8 @@ class PGD(Attack):
 
     steps: iterations per restart; alpha: step size in the threat model's norm (default
     ``2.5 * eps / steps``); restarts: number of runs, each from a new random start and only on
-    samples not yet broken; random_start: start uniformly inside the ball; loss: ``ce``, ``cw`` or
+    samples not yet broken; random_start: start at a random point of the ball (uniform in the cube for
+    Linf; uniform direction and radius for L2 and L1); loss: ``ce``, ``cw`` or
     ``dlr``; l1_sparsity: for L1, the fraction of coordinates left out of each step.
     """
 
@@ -55,7 +56,8 @@ class PGD(Attack):
             if idx.numel() == 0:
                 break
             x0, y0 = x[idx], y[idx]
-            x_cur = self.threat.random_init(x0, generator) if p["random_start"] else x0.clone()
+            # Random start: uniform radius (a volume-uniform L2/L1 start sits on the sphere and is weaker).
+            x_cur = self.threat.random_init(x0, generator, radius="uniform") if p["random_start"] else x0.clone()
             momentum = torch.zeros_like(x0) if self.decay else None
             for _step in range(p["steps"]):
                 logits, g = self.loss_and_grad(model, x_cur, y0, p["loss"])

@@ -261,6 +261,7 @@ def attack_batch(
     broken_by = torch.full((n,), -1, dtype=torch.long, device=device)
     adv_pred = torch.full((n,), -1, dtype=torch.long, device=device)
     distance = torch.full((n,), float("nan"), device=device)
+    min_distance = torch.full((n,), float("inf"), device=device)
     grads = torch.zeros(n, dtype=torch.long, device=device)
     forwards = torch.zeros(n, dtype=torch.long, device=device)
     x_adv_all = x.clone()
@@ -279,13 +280,18 @@ def attack_batch(
             claimed = res.success.nonzero(as_tuple=True)[0]
             if claimed.numel():
                 cand = idx[claimed]
-                ok, pred = verify_adversarial(model, x[cand], res.x_adv[claimed], y[cand], task.threat)
-                rejected += int((~ok).sum())
+                v = verify_adversarial(model, x[cand], res.x_adv[claimed], y[cand], task.threat)
+                # A minimum-norm attack may report points beyond eps: their distance is recorded, and
+                # they are not counted; from any other attack such a point is a rejected claim.
+                rejected += int((~v.ok).sum()) if not attack.minimum_norm else int((~v.misclassified).sum())
+                found = cand[v.misclassified]
+                min_distance[found] = torch.minimum(min_distance[found], v.distance[v.misclassified])
+                ok = v.ok
                 hit = cand[ok]
                 robust[hit] = False
                 broken_by[hit] = ai
-                adv_pred[hit] = pred[ok]
-                distance[hit] = task.threat.distance(res.x_adv[claimed][ok], x[hit])
+                adv_pred[hit] = v.pred[ok]
+                distance[hit] = v.distance[ok]
                 x_adv_all[hit] = res.x_adv[claimed][ok]
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -296,15 +302,15 @@ def attack_batch(
             }
         costs.append(cost)
     rows = []
-    for i, (lab, cp, ok, rb, bb, ap, d, g, f) in enumerate(
+    for i, (lab, cp, ok, rb, bb, ap, d, g, f, md) in enumerate(
         zip(
             y.tolist(), clean_pred.tolist(), correct.tolist(), robust.tolist(), broken_by.tolist(),
-            adv_pred.tolist(), distance.tolist(), grads.tolist(), forwards.tolist(),
+            adv_pred.tolist(), distance.tolist(), grads.tolist(), forwards.tolist(), min_distance.tolist(),
         )
     ):
         rows.append(
             SampleRow(start + i, lab, cp, ok, rb, bb if bb >= 0 else None, ap if ap >= 0 else None,
-                      d if bb >= 0 else None, g, f)
+                      d if bb >= 0 else None, g, f, md if md != float("inf") else None)
         )
     examples = []
     for i in (broken_by >= 0).nonzero(as_tuple=True)[0].tolist()[:keep_examples]:
@@ -336,6 +342,7 @@ def summarize(
             {
                 "index": i,
                 "name": a.name,
+                "kind": a.kind,
                 "params": dict(a.params),
                 "robust_accuracy": still / n,
                 "broken": broken,
@@ -363,6 +370,7 @@ def summarize(
         rows = store.samples(run_id, big.name)
         attacked = sum(r.clean_correct for r in rows)
         checks.append(sanity.large_eps_verdict(sum(r.robust for r in rows), attacked, big.threat.eps))
+    checks.append(blackbox_verdict(per_attack, clean))
     rejected = sum(s["rejected"] for s in stats.values())
     if rejected:
         checks.append(sanity.verdict("verification", "warn", f"{rejected} claimed adversarial examples failed "
@@ -381,6 +389,43 @@ def summarize(
         "attacks": per_attack,
         "eps_curve": eps_curve,
         "steps_curve": steps_curve,
+        "min_norm": min_norm_summary(main, attacks, threat.eps),
         "rejected": rejected,
         "seconds": round(sum(c["seconds"] for t in tasks for c in store.attack_costs(run_id, t.name)), 4),
+    }
+
+
+def blackbox_verdict(per_attack: list[dict[str, Any]], attacked: int) -> dict[str, str]:
+    """A black-box attack that breaks points after white-box attacks gave up suggests masked gradients."""
+    white = [a for a in per_attack if a["kind"] == "white-box"]
+    late = [a for a in per_attack if a["kind"] != "white-box" and any(w["index"] < a["index"] for w in white)]
+    if not white or not late:
+        return sanity.verdict("black-box", "pass", "no black-box attack ran after a white-box one")
+    broken = sum(a["broken"] for a in late)
+    names = "+".join(a["name"] for a in late)
+    detail = f"{names} broke {broken} of {attacked} points the white-box attacks left robust"
+    if broken == 0:
+        return sanity.verdict("black-box", "pass", detail)
+    status = "fail" if broken > max(1, attacked // 50) else "warn"
+    return sanity.verdict("black-box", status, detail + ": the white-box attacks are being fooled (masked gradients?)")
+
+
+def min_norm_summary(rows: list[SampleRow], attacks: list[Attack], eps: float) -> dict[str, Any] | None:
+    """From the smallest perturbation found per sample (minimum-norm attacks): accuracy against
+    budget from one run, the median distance, and the budget that breaks every point, if found."""
+    if not any(a.minimum_norm for a in attacks):
+        return None
+    correct = [r for r in rows if r.clean_correct]
+    dists = sorted(r.min_distance for r in correct if r.min_distance is not None)
+    n = len(rows)
+    top = dists[-1] if dists else 0.0
+    grid = sorted({0.0, eps, *dists[:: max(1, len(dists) // 50)], top})
+    curve = [{"eps": e, "robust_accuracy": (len(correct) - sum(1 for d in dists if d <= e)) / n} for e in grid]
+    return {
+        "attacks": [a.name for a in attacks if a.minimum_norm],
+        "found": len(dists),
+        "attacked": len(correct),
+        "median": dists[len(dists) // 2] if dists else None,
+        "eps_for_full_success": top if dists and len(dists) == len(correct) else None,
+        "curve": curve,
     }

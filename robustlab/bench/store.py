@@ -88,6 +88,7 @@ CREATE TABLE IF NOT EXISTS samples (
     distance REAL,                       -- norm of the verified adversarial perturbation
     gradients INTEGER NOT NULL,          -- input gradients spent on this sample
     forwards INTEGER NOT NULL,           -- forward passes spent on this sample
+    min_distance REAL,                   -- smallest verified misclassifying perturbation found, any norm
     PRIMARY KEY (run_id, task, sample_index)
 );
 CREATE TABLE IF NOT EXISTS examples (
@@ -117,6 +118,7 @@ class SampleRow:
     distance: float | None
     gradients: int
     forwards: int
+    min_distance: float | None = None
 
 
 @dataclass
@@ -171,6 +173,9 @@ class ResultsStore:
         self.db.execute("PRAGMA journal_mode = WAL")
         self.db.execute("PRAGMA synchronous = NORMAL")
         self.db.executescript(_SCHEMA)
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(samples)")}
+        if "min_distance" not in columns:  # stores written before minimum-norm attacks existed
+            self.db.execute("ALTER TABLE samples ADD COLUMN min_distance REAL")
         row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if row is None:
             self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
@@ -305,11 +310,12 @@ class ResultsStore:
                 (run_id, task, int(batch_index), json.dumps(costs), int(rejected), _now()),
             )
             self.db.executemany(
-                "INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO samples (run_id, task, sample_index, label, clean_pred, clean_correct, robust, broken_by,"
+                " adv_pred, distance, gradients, forwards, min_distance) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         run_id, task, r.sample_index, r.label, r.clean_pred, int(r.clean_correct), int(r.robust),
-                        r.broken_by, r.adv_pred, r.distance, r.gradients, r.forwards,
+                        r.broken_by, r.adv_pred, r.distance, r.gradients, r.forwards, r.min_distance,
                     )
                     for r in rows
                 ],
@@ -330,11 +336,12 @@ class ResultsStore:
         """Per-sample outcomes of one task, by sample index."""
         cur = self.db.execute(
             "SELECT sample_index, label, clean_pred, clean_correct, robust, broken_by, adv_pred, distance, gradients,"
-            " forwards FROM samples WHERE run_id = ? AND task = ? ORDER BY sample_index",
+            " forwards, min_distance FROM samples WHERE run_id = ? AND task = ? ORDER BY sample_index",
             (run_id, task),
         )
         return [
-            SampleRow(r[0], r[1], r[2], bool(r[3]), bool(r[4]), r[5], r[6], r[7], r[8], r[9]) for r in cur.fetchall()
+            SampleRow(r[0], r[1], r[2], bool(r[3]), bool(r[4]), r[5], r[6], r[7], r[8], r[9], r[10])
+            for r in cur.fetchall()
         ]
 
     def task_stats(self, run_id: str) -> list[dict[str, Any]]:
