@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from robustlab.attacks import Attack, AttackResult, create_attack
+from robustlab.bench.report import write_report
 from robustlab.bench.runner import EvalOptions, evaluate
 from robustlab.bench.store import ResultsStore
 from robustlab.errors import RobustlabError
@@ -252,6 +253,8 @@ def test_minimum_norm_distances_are_recorded_but_only_in_ball_points_count(digit
     with ResultsStore(tmp_path / "r.db") as store:
         res = evaluate(digits_model, data, [FarPGD(LINF)], store, options=FAST)
         rows = store.samples(res.run_id)
+        html = write_report(store, res.run_id, tmp_path / "report")["html"].read_text()
+    assert "Minimum-norm attacks (far-pgd)" in html and "white-box" in html
     mn = res.summary["min_norm"]
     assert res.summary["rejected"] == 0  # beyond-eps points of a minimum-norm attack are not rejections
     found = [r for r in rows if r.min_distance is not None]

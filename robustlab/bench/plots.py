@@ -137,6 +137,12 @@ def plot_eps_curve(summary: dict[str, Any]) -> bytes:
     fig = _figure(7.2, 4.6)
     ax = fig.add_subplot(1, 1, 1)
     ax.plot(xs, ys, marker="o", markersize=6, linewidth=2, color="#1f77b4", label="robust accuracy")
+    mn = summary.get("min_norm") or {}
+    if mn.get("curve"):
+        mx = [float(p["eps"]) for p in mn["curve"]]
+        ax.step(mx, [100.0 * p["robust_accuracy"] for p in mn["curve"]], where="post", linestyle=":",
+                linewidth=1.8, color="#2ca02c", label="from minimum-norm distances")
+        xs = xs + [max(mx)]
     eps = threat.get("eps")
     if eps is not None:
         ax.axvline(float(eps), color="#d62728", linestyle="--", linewidth=1.3,

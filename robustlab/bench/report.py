@@ -241,7 +241,7 @@ def _results(run: dict[str, Any], summary: dict[str, Any]) -> str:
     )
     targeted = {a["index"]: a.get("targeted") for a in run.get("attacks", [])}
     rows = [
-        "<tr><td>—</td><td>clean (no attack)</td><td></td><td></td>"
+        "<tr><td>—</td><td>clean (no attack)</td><td></td><td></td><td></td>"
         f'<td class="num">{format_percent(clean)}</td><td class="num"></td><td class="num"></td>'
         '<td class="num"></td><td class="num"></td></tr>'
     ]
@@ -250,13 +250,13 @@ def _results(run: dict[str, Any], summary: dict[str, Any]) -> str:
         rows.append(
             f"<tr><td class=\"num\">{_e(a.get('index'))}</td><td><strong>{_e(a.get('name'))}</strong></td>"
             f"<td><code>{_e(_json_text(params) if params is not None else '')}</code></td>"
-            f"<td>{'yes' if targeted.get(a.get('index')) else 'no'}</td>"
+            f"<td>{_e(a.get('kind', 'white-box'))}</td><td>{'yes' if targeted.get(a.get('index')) else 'no'}</td>"
             f'<td class="num">{format_percent(a.get("robust_accuracy"))}</td>'
             f'<td class="num">{_int(a.get("broken"))}</td><td class="num">{_seconds(a.get("seconds"))}</td>'
             f'<td class="num">{_int(a.get("gradients"))}</td><td class="num">{_int(a.get("forwards"))}</td></tr>'
         )
     table = (
-        "<table><tr><th>#</th><th>attack</th><th>parameters</th><th>targeted</th>"
+        "<table><tr><th>#</th><th>attack</th><th>parameters</th><th>threat model</th><th>targeted</th>"
         '<th class="num">robust accuracy after it</th><th class="num">samples it broke first</th>'
         '<th class="num">seconds</th><th class="num">input gradients</th><th class="num">forward passes</th></tr>'
         + "".join(rows) + "</table>"
@@ -296,6 +296,16 @@ def _curves(summary: dict[str, Any], norm: str) -> str:
         parts.append('<table><tr><th class="num">ε</th><th class="num">robust accuracy</th></tr>' + pts + "</table>")
     else:
         parts.append("<p>No epsilon curve was recorded for this run.</p>")
+    mn = summary.get("min_norm")
+    if mn:
+        full = mn.get("eps_for_full_success")
+        median = f"{mn['median']:.4g}" if mn.get("median") is not None else "—"
+        ending = f"every point breaks at ε = {full:.4g}." if full is not None else "some points were never broken."
+        parts.append(
+            f"<p>Minimum-norm attacks ({_e(', '.join(mn['attacks']))}) found a misclassifying perturbation for "
+            f"{_int(mn['found'])} of {_int(mn['attacked'])} attacked samples; median norm {_e(median)}; {_e(ending)} "
+            "The dotted curve in the plot is accuracy against budget from these distances (one run).</p>"
+        )
     steps = summary.get("steps_curve")
     if steps and steps.get("points"):
         parts.append(_img(plot_steps_curve(summary), "robust accuracy against attack iterations"))
