@@ -148,7 +148,7 @@ def test_curves_and_sanity_checks_on_a_real_model(digits_model, digits_test, tmp
     assert [p["steps"] for p in steps["points"]] == [1, 5, 10, 20]
     verdicts = {c["name"]: c["status"] for c in res.checks}
     assert verdicts == {"eval-mode": "pass", "randomized": "pass", "gradients": "pass", "more-steps": "pass",
-                        "large-eps": "pass", "black-box": "pass", "verification": "pass"}
+                        "large-eps": "pass", "black-box": "pass", "verification": "pass", "binarization": "pass"}
 
 
 class Quantized(nn.Module):

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 import robustlab
 from robustlab.attacks.base import Attack, create_attack
 from robustlab.bench import sanity
+from robustlab.bench.binarization import binarization_test
 from robustlab.bench.store import Example, ResultsStore, SampleRow
 from robustlab.bench.verify import verify_adversarial
 from robustlab.checks import check_logits
@@ -211,10 +212,31 @@ def evaluate(
         raise
     checks = sanity.mode_verdicts(info)
     if options.sanity:
-        checks.append(sanity.gradient_verdict(model, probe_x, data.y[: probe_x.shape[0]].to(device)))
+        probe_y = data.y[: probe_x.shape[0]].to(device)
+        checks.append(sanity.gradient_verdict(model, probe_x, probe_y))
+        checks.append(run_binarization(model, attacks, probe_x, probe_y, options.seed, device))
     summary = summarize(store, run_id, attacks, tasks, checks)
     store.finish_run(run_id, summary, checks)
     return RunResult(run_id, summary, checks, resumed)
+
+
+BINARIZATION_SAMPLES = 10
+
+
+def run_binarization(model, attacks, x, y, seed, device) -> dict[str, str]:
+    """The binarization test on the first correctly classified probe points, with the first attack of
+    the ensemble that can attack a two-class model."""
+    with eval_mode(model), torch.no_grad():
+        keep = (model(x).argmax(dim=1) == y).nonzero(as_tuple=True)[0][:BINARIZATION_SAMPLES]
+    if keep.numel() == 0:
+        return sanity.verdict("binarization", "warn", "not run: no correctly classified probe point")
+    for attack in attacks:
+        try:
+            gen = make_generator(seed, zlib.crc32(b"binarization"), device=device)
+            return binarization_test(model, attack, x[keep], gen)
+        except RobustlabError:
+            continue  # e.g. a DLR loss needs three classes
+    return sanity.verdict("binarization", "warn", "not run: no attack of the ensemble can attack a two-class model")
 
 
 def _run_tasks(model, data, tasks, store, run_id, options, device, progress) -> None:
