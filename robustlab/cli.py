@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eps", required=True, type=_argument_type(_number), help="radius in [0, 1] pixel units (fractions like 8/255 work)")
     e.add_argument("--eps-grid", type=_argument_type(_floats), help="comma-separated epsilons for the robustness curve")
     e.add_argument("--steps-grid", type=_argument_type(_steps_grid), default=None,
-                   help="iteration counts for the steps curve of the first iterative attack (auto, none, or 1,5,10)")
+                   help="strengths (iterations, or queries for black-box attacks) for the attack-strength curve of the first attack that has one (auto, none, or 1,5,10)")
     e.add_argument("--attack", action="append", metavar="NAME[:key=value,...]",
                    help="attack to run (repeat for an ensemble, run in order), a suite (standard, rand), or an "
                    "ensemble file (.txt: one spec per line, .json: a list); default pgd")

@@ -175,7 +175,8 @@ def plot_steps_curve(summary: dict[str, Any]) -> bytes:
     """
     curve = summary.get("steps_curve") or {}
     attack = str(curve.get("attack", "attack"))
-    title = f"Robust accuracy vs. iterations of {attack}"
+    what = "queries" if curve.get("param") == "queries" else "iterations"
+    title = f"Robust accuracy vs. {what} of {attack}"
     points = sorted(
         ((int(p["steps"]), float(p["robust_accuracy"])) for p in (curve.get("points") or [])
          if p.get("robust_accuracy") is not None),
@@ -210,7 +211,7 @@ def plot_steps_curve(summary: dict[str, Any]) -> bytes:
         span = max(xs) - min(xs) or 1
         ax.set_xlim(min(xs) - 0.05 * span, max(xs) + 0.05 * span)
         scale = "linear scale"
-    ax.set_xlabel(f"attack iterations (steps, {scale})", fontsize=11)
+    ax.set_xlabel(f"attack {what} ({curve.get('kind', 'white-box')}, {scale})", fontsize=11)
     _style_accuracy_axis(ax)
     eps = curve.get("eps")
     norm = str((summary.get("threat") or {}).get("norm", "linf"))

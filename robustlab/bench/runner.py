@@ -94,9 +94,21 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
+STRENGTH_PARAMS = ("steps", "queries")
+
+
 def default_steps_grid(steps: int) -> tuple[int, ...]:
-    """Iteration counts for the steps curve around an attack's own ``steps``: up to twice as many."""
+    """Strengths for the attack-strength curve around an attack's own: up to twice as strong."""
     return tuple(sorted({max(1, steps // 10), max(1, steps // 2), steps, 2 * steps}))
+
+
+def strength_attack(attacks: list[Attack]) -> tuple[Attack, str] | tuple[None, None]:
+    """The first attack with a strength parameter (iterations for white-box, queries for black-box)."""
+    for a in attacks:
+        for param in STRENGTH_PARAMS:
+            if param in a.params:
+                return a, param
+    return None, None
 
 
 def plan_tasks(attacks: list[Attack], n: int, image_dim: int, options: EvalOptions) -> list[Task]:
@@ -107,18 +119,18 @@ def plan_tasks(attacks: list[Attack], n: int, image_dim: int, options: EvalOptio
         if eps != threat.eps:
             t = threat.with_eps(eps)
             tasks.append(Task(f"eps={eps:g}", "eps", t, [a.with_threat(t) for a in attacks], n))
-    iterative = next((a for a in attacks if "steps" in a.params), None)
+    iterative, param = strength_attack(attacks)
     grid = options.steps_grid
     if grid is None:
-        grid = default_steps_grid(iterative.params["steps"]) if iterative else ()
+        grid = default_steps_grid(iterative.params[param]) if iterative else ()
     if grid and iterative is None:
-        raise RobustlabError("a steps grid needs an iterative attack (one with a 'steps' parameter)")
+        raise RobustlabError("a steps grid needs an attack with a 'steps' or 'queries' parameter")
     for steps in sorted(set(int(s) for s in grid)):
         if steps < 1:
-            raise RobustlabError(f"steps in the steps grid must be >= 1, got {steps}")
-        if len(attacks) == 1 and steps == iterative.params["steps"]:
+            raise RobustlabError(f"{param} in the steps grid must be >= 1, got {steps}")
+        if len(attacks) == 1 and steps == iterative.params[param]:
             continue  # the main task is this point already
-        tasks.append(Task(f"steps={steps}", "steps", threat, [iterative.with_params(steps=steps)], n, steps))
+        tasks.append(Task(f"{param}={steps}", "steps", threat, [iterative.with_params(**{param: steps})], n, steps))
     if options.sanity:
         big = threat.with_eps(sanity.large_eps(threat, image_dim))
         pgd = create_attack("pgd", big, steps=20)
@@ -379,13 +391,14 @@ def summarize(
     eps_curve = sorted({p["eps"]: p for p in eps_curve}.values(), key=lambda p: p["eps"])
     steps_curve = None
     steps_tasks = [t for t in tasks if t.kind == "steps"]
-    iterative = next((a for a in attacks if "steps" in a.params), None)
+    iterative, param = strength_attack(attacks)
     if steps_tasks:
         points = [{"steps": t.steps, "robust_accuracy": stats[t.name]["robust_accuracy"]} for t in steps_tasks]
         if len(attacks) == 1:
-            points.append({"steps": iterative.params["steps"], "robust_accuracy": robust / n})
+            points.append({"steps": iterative.params[param], "robust_accuracy": robust / n})
         points = sorted({p["steps"]: p for p in points}.values(), key=lambda p: p["steps"])
-        steps_curve = {"attack": iterative.name, "eps": threat.eps, "points": points}
+        steps_curve = {"attack": iterative.name, "param": param, "kind": iterative.kind, "eps": threat.eps,
+                       "points": points}
         checks.append(sanity.steps_verdict(points, n))
     big = next((t for t in tasks if t.kind == "sanity"), None)
     if big is not None:
