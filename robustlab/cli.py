@@ -237,6 +237,43 @@ def _require_db(db: str) -> None:
         raise RobustlabError(f"no results store at {db}; run `robustlab eval ... --db {db}` first")
 
 
+# ---------------------------------------------------------------------- zoo
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from robustlab.models.zoo import add_to_zoo, list_zoo, zoo_card, zoo_root
+
+    if args.zoo_command == "list":
+        entries = list_zoo(args.zoo)
+        if not entries:
+            print(f"the zoo at {zoo_root(args.zoo)} is empty; add a checkpoint with `robustlab zoo add`")
+            return 0
+        print(f"{'name':<28} {'architecture':<18} {'dataset':<22} {'clean':>8}  robust accuracy  sha256")
+        for name, card in entries:
+            robust = ", ".join(f"{k}: {100 * v:.2f}%" for k, v in (card.robust_accuracy or {}).items()) or "—"
+            clean = f"{100 * card.clean_accuracy:.2f}%" if card.clean_accuracy is not None else "—"
+            print(f"{name:<28} {card.architecture:<18} {card.dataset[:22]:<22} {clean:>8}  {robust}  {card.sha256[:12]}")
+        return 0
+    if args.zoo_command == "show":
+        print(json.dumps(zoo_card(args.name, args.zoo).to_dict(), indent=2))
+        return 0
+    robust, clean = None, None
+    if args.run:
+        from robustlab.bench.store import ResultsStore
+
+        _require_db(args.db)
+        with ResultsStore(args.db) as store:
+            run = store.get_run(args.run)
+        if run["status"] != "complete":
+            raise RobustlabError(f"run {run['run_id']} is not complete; finish it with --resume first")
+        attacks = "+".join(a["name"] for a in run["attacks"])
+        robust = {f"{run['norm']}:{run['eps']:g} {attacks} (n={run['n']}, run {run['run_id']})": run["robust_accuracy"]}
+        clean = run["clean_accuracy"]
+    path = add_to_zoo(args.checkpoint, args.name, args.zoo, robust, clean, overwrite=args.overwrite)
+    print(path)
+    return 0
+
+
 # ---------------------------------------------------------------------- demo
 
 
@@ -282,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eps", required=True, type=_argument_type(_number), help="radius in [0, 1] pixel units (fractions like 8/255 work)")
     e.add_argument("--eps-grid", type=_argument_type(_floats), help="comma-separated epsilons for the robustness curve")
     e.add_argument("--steps-grid", type=_argument_type(_steps_grid), default=None,
-                   help="strengths (iterations, or queries for black-box attacks) for the attack-strength curve of the first attack that has one (auto, none, or 1,5,10)")
+                   help="strengths (iterations, or queries for black-box attacks) for the attack-strength curve "
+                   "of the first attack that has one (auto, none, or 1,5,10)")
     e.add_argument("--attack", action="append", metavar="NAME[:key=value,...]",
                    help="attack to run (repeat for an ensemble, run in order), a suite (standard, rand), or an "
                    "ensemble file (.txt: one spec per line, .json: a list); default pgd")
@@ -304,6 +342,21 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--db", default=DEFAULT_DB)
     lb.add_argument("--out", default="leaderboard.html", help="HTML output path")
     lb.set_defaults(func=cmd_leaderboard)
+
+    z = sub.add_parser("zoo", help="the local model zoo: list, show, add (models load as --model zoo:NAME)")
+    zsub = z.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
+    zl = zsub.add_parser("list", help="list the zoo's models with their measured accuracies")
+    zs = zsub.add_parser("show", help="print a model's card")
+    zs.add_argument("name")
+    za = zsub.add_parser("add", help="add a checkpoint (verified by hash) under a name")
+    za.add_argument("checkpoint", help="X.safetensors with its card X.json beside it")
+    za.add_argument("--name", required=True)
+    za.add_argument("--run", help="record the accuracies of this complete run (id, prefix or 'latest')")
+    za.add_argument("--db", default=DEFAULT_DB, help="results store holding --run")
+    za.add_argument("--overwrite", action="store_true")
+    for zp in (zl, zs, za):
+        zp.add_argument("--zoo", help="zoo folder (default $ROBUSTLAB_ZOO or ~/.robustlab/zoo)")
+    z.set_defaults(func=cmd_zoo)
 
     d = sub.add_parser("demo", help="train a small model on the embedded digits and evaluate it end to end")
     d.add_argument("--out", default="robustlab-demo", help="output folder")

@@ -19,6 +19,7 @@ import torch.nn as nn
 from robustlab.errors import RobustlabError
 from robustlab.models.checkpoint import CARD_SUFFIX, TORCH_SUFFIXES, WEIGHTS_SUFFIX, ModelCard, load_checkpoint
 from robustlab.models.registry import MODELS, create_model, list_models
+from robustlab.models.zoo import PREFIX, load_zoo_model
 
 _DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
@@ -27,7 +28,8 @@ _DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 class LoadedModel:
     """A model ready for evaluation (eval mode, on the requested device) and where it came from.
 
-    source is "checkpoint", "entry_point" or "registry"; card is None unless loaded from a checkpoint.
+    source is "checkpoint", "zoo", "entry_point" or "registry"; card is None unless loaded from a
+    checkpoint or the zoo.
     """
 
     model: nn.Module
@@ -41,7 +43,8 @@ def _forms() -> str:
     return (
         "a model spec is one of: (a) a checkpoint path X.safetensors (with its card X.json beside it); "
         "(b) an entry point 'path/to/file.py:function' or 'package.module:function' whose function takes "
-        f"no arguments and returns an nn.Module taking [0, 1] images; (c) a registry name: {names}"
+        f"no arguments and returns an nn.Module taking [0, 1] images; (c) zoo:NAME, a model of the local zoo "
+        f"(robustlab zoo list); (d) a registry name: {names}"
     )
 
 
@@ -128,6 +131,9 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> LoadedModel:
     if not isinstance(spec, str) or not spec.strip():
         raise RobustlabError(f"empty model spec; {_forms()}")
     spec = spec.strip()
+    if spec.startswith(PREFIX):
+        model, card = load_zoo_model(spec[len(PREFIX):], device=device)
+        return LoadedModel(model, card, "zoo", spec)
     suffix = Path(spec).suffix.lower()
 
     if suffix in (WEIGHTS_SUFFIX, CARD_SUFFIX, *TORCH_SUFFIXES):

@@ -1,0 +1,106 @@
+"""The local model zoo: a folder of safetensors checkpoints with their model cards, loaded by name
+(``zoo:NAME``) and verified by hash. The zoo's files never live in the repository.
+
+Folder: ``$ROBUSTLAB_ZOO``, else ``~/.robustlab/zoo``. Each entry is ``NAME.safetensors`` plus
+``NAME.json`` (its card, whose sha256 must match the weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch.nn as nn
+
+from robustlab.errors import RobustlabError
+from robustlab.models.checkpoint import (
+    CARD_SUFFIX,
+    WEIGHTS_SUFFIX,
+    ModelCard,
+    card_path,
+    load_checkpoint,
+    read_card,
+    sha256_file,
+)
+
+PREFIX = "zoo:"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def zoo_root(root: str | os.PathLike[str] | None = None) -> Path:
+    """The zoo folder: ``root``, else ``$ROBUSTLAB_ZOO``, else ``~/.robustlab/zoo``."""
+    if root is not None:
+        return Path(root)
+    env = os.environ.get("ROBUSTLAB_ZOO")
+    return Path(env) if env else Path.home() / ".robustlab" / "zoo"
+
+
+def _check_name(name: str) -> str:
+    if not _NAME.match(name) or name.endswith((WEIGHTS_SUFFIX, CARD_SUFFIX)):
+        raise RobustlabError(f"zoo names use letters, digits, '.', '_' and '-' (no suffix), got {name!r}")
+    return name
+
+
+def list_zoo(root: str | os.PathLike[str] | None = None) -> list[tuple[str, ModelCard]]:
+    """(name, card) of every entry, sorted by name."""
+    folder = zoo_root(root)
+    if not folder.is_dir():
+        return []
+    return [(p.stem, read_card(p)) for p in sorted(folder.glob(f"*{WEIGHTS_SUFFIX}"))]
+
+
+def zoo_card(name: str, root: str | os.PathLike[str] | None = None) -> ModelCard:
+    return read_card(_entry(name, root))
+
+
+def _entry(name: str, root: str | os.PathLike[str] | None) -> Path:
+    path = zoo_root(root) / f"{_check_name(name)}{WEIGHTS_SUFFIX}"
+    if not path.is_file():
+        known = ", ".join(n for n, _ in list_zoo(root)) or "none"
+        raise RobustlabError(f"no model {name!r} in the zoo at {zoo_root(root)}; it has: {known}")
+    return path
+
+
+def load_zoo_model(name: str, root: str | os.PathLike[str] | None = None, device="cpu") -> tuple[nn.Module, ModelCard]:
+    """Load a zoo entry; the weights must match the sha256 in its card."""
+    path = _entry(name, root)
+    if not read_card(path).sha256:
+        raise RobustlabError(f"zoo entry {name!r} has no sha256 in its card; re-add it with `robustlab zoo add`")
+    return load_checkpoint(path, device=device)
+
+
+def add_to_zoo(
+    checkpoint: str | os.PathLike[str],
+    name: str,
+    root: str | os.PathLike[str] | None = None,
+    robust_accuracy: dict[str, float] | None = None,
+    clean_accuracy: float | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Copy a checkpoint and its card into the zoo as ``name`` (verifying its hash first), adding
+    measured accuracies to the card. Returns the zoo's weights path."""
+    source = Path(checkpoint)
+    load_checkpoint(source)  # verifies the hash and that the weights fit the card
+    card = read_card(source)
+    folder = zoo_root(root)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{_check_name(name)}{WEIGHTS_SUFFIX}"
+    if target.exists() and not overwrite:
+        raise RobustlabError(f"the zoo already has {name!r}; choose another name or pass --overwrite")
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+    merged = dict(card.robust_accuracy or {})
+    merged.update(robust_accuracy or {})
+    card = dataclasses.replace(
+        card,
+        sha256=sha256_file(target),
+        robust_accuracy=merged or None,
+        clean_accuracy=clean_accuracy if clean_accuracy is not None else card.clean_accuracy,
+    )
+    card_path(target).write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return target

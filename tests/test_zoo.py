@@ -1,0 +1,62 @@
+"""The local model zoo: add (hash-verified), list, show, load by name, refuse tampered weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from robustlab.cli import main
+from robustlab.errors import RobustlabError
+from robustlab.models import ModelCard, load_model, save_checkpoint
+
+
+@pytest.fixture()
+def checkpoint(tmp_path, digits_model):
+    card = ModelCard.for_architecture("digits_cnn", clean_accuracy=0.97, dataset="digits:train")
+    return save_checkpoint(digits_model, tmp_path / "ckpt" / "m.safetensors", card)
+
+
+def test_add_list_show_and_load_by_name(tmp_path, checkpoint, digits_model, digits_test, capsys, monkeypatch):
+    zoo = tmp_path / "zoo"
+    db = tmp_path / "r.db"
+    assert main(["eval", "--model", str(checkpoint), "--data", "digits", "--n", "40", "--norm", "linf", "--eps", "0.1",
+                 "--attack", "fgsm", "--steps-grid", "none", "--no-sanity", "--db", str(db), "--json"]) == 0
+    run = json.loads(capsys.readouterr().out)
+    assert main(["zoo", "add", str(checkpoint), "--name", "digits-std", "--zoo", str(zoo), "--run", run["run_id"],
+                 "--db", str(db)]) == 0
+    capsys.readouterr()
+    assert main(["zoo", "list", "--zoo", str(zoo)]) == 0
+    listing = capsys.readouterr().out
+    assert "digits-std" in listing and f"{100 * run['robust_accuracy']:.2f}%" in listing
+    assert main(["zoo", "show", "digits-std", "--zoo", str(zoo)]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card["clean_accuracy"] == run["clean_accuracy"] and len(card["sha256"]) == 64
+    monkeypatch.setenv("ROBUSTLAB_ZOO", str(zoo))
+    loaded = load_model("zoo:digits-std")
+    assert loaded.source == "zoo"
+    x = digits_test.x[:8]
+    assert torch.equal(loaded.model(x), digits_model(x))
+
+
+def test_tampered_zoo_weights_are_refused(tmp_path, checkpoint, monkeypatch):
+    zoo = tmp_path / "zoo"
+    assert main(["zoo", "add", str(checkpoint), "--name", "m", "--zoo", str(zoo)]) == 0
+    weights = zoo / "m.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    monkeypatch.setenv("ROBUSTLAB_ZOO", str(zoo))
+    with pytest.raises(RobustlabError, match="does not match its card"):
+        load_model("zoo:m")
+
+
+def test_unknown_zoo_model_and_bad_names(tmp_path, checkpoint, capsys):
+    assert main(["eval", "--model", "zoo:nothing", "--data", "digits", "--norm", "linf", "--eps", "0.1",
+                 "--db", str(tmp_path / "r.db")]) == 2
+    assert "no model 'nothing' in the zoo" in capsys.readouterr().err
+    assert main(["zoo", "add", str(checkpoint), "--name", "../evil", "--zoo", str(tmp_path / "zoo")]) == 2
+    assert main(["zoo", "add", str(checkpoint), "--name", "ok", "--zoo", str(tmp_path / "zoo")]) == 0
+    assert main(["zoo", "add", str(checkpoint), "--name", "ok", "--zoo", str(tmp_path / "zoo")]) == 2
+    assert "already has" in capsys.readouterr().err
