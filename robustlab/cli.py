@@ -67,7 +67,9 @@ def _device(name: str | None):
     import torch
 
     if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -85,39 +87,103 @@ def _say(msg: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from robustlab.attacks.base import parse_attack_spec
     from robustlab.data import load_dataset
     from robustlab.models import ModelCard, create_model, save_checkpoint
-    from robustlab.training import TrainConfig, accuracy, train
+    from robustlab.threat import ThreatModel
+    from robustlab.training import OBJECTIVES, TrainConfig, accuracy, create_objective, split_holdout, train
 
+    name, params = parse_attack_spec(args.recipe)
+    recipe = OBJECTIVES.get(name)
+    threat = ThreatModel(args.norm, args.eps) if args.eps is not None else None
+    if recipe.adversarial and threat is None:
+        raise RobustlabError(f"recipe {name!r} trains against a threat model: give --eps (and --norm, default linf)")
+    objective = create_objective(name, threat, **params)
+    if args.n is not None and args.n < 1:
+        raise RobustlabError(f"--n must be >= 1, got {args.n}")
     device = _device(args.device)
     data = load_dataset(args.data, "train", root=args.data_root)
     test = load_dataset(args.data, "test", root=args.data_root)
     if args.n:
         data = data.subset(args.n)
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                         weight_decay=args.weight_decay, seed=args.seed)
-    _say(f"training {args.model} on {data.name} ({len(data)} images) for {args.epochs} epochs on {device}")
-    import torch
+    # Held-out validation: by default 10% of the training data (at most 256 images) when there is a
+    # threat model to validate against, none otherwise (plain standard training stays as it was).
+    val_n = args.val_n if args.val_n is not None else (min(256, len(data) // 10) if threat is not None else 0)
+    val_data = None
+    if val_n:
+        data, val_data = split_holdout(data, val_n, args.seed)
+    co = {"auto": None, "on": True, "off": False}[args.co_detection]
+    config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+        weight_decay=args.weight_decay, schedule=args.schedule, seed=args.seed, warmup_epochs=args.warmup_epochs,
+        milestones=tuple(args.milestones), gamma=args.gamma, grad_clip=args.grad_clip, ema_decay=args.ema,
+        val_n=val_n, val_steps=args.val_steps, patience=args.patience, restore_best=not args.no_restore_best,
+        co_detection=co, amp=args.amp, channels_last=args.channels_last,
+    )
+    out = Path(args.out)
+    state_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_name(out.stem + ".train")
+    what = f"{name} ({', '.join(f'{k}={v}' for k, v in objective.params.items())})" if objective.params else name
+    _say(f"{'resuming' if args.resume else 'training'} {args.model} on {data.name} ({len(data)} images"
+         f"{f', {val_n} held out for validation' if val_n else ''}) with {what}"
+         f"{f' at {threat}' if threat else ''} for {args.epochs} epochs on {device}; state in {state_dir}")
+
+    def report(r: dict[str, Any]) -> None:
+        val = ""
+        if "val_clean_acc" in r:
+            val = f", val clean {100 * r['val_clean_acc']:.1f}%"
+            if "val_robust_acc" in r:
+                val += f" pgd {100 * r['val_robust_acc']:.1f}%"
+        _say(f"  epoch {r['epoch']}: loss {r['loss']:.4f}{val} ({r['seconds']:.1f}s)")
 
     torch.manual_seed(args.seed)
     model = create_model(args.model, num_classes=data.num_classes, in_channels=data.image_shape[0])
     t0 = time.perf_counter()
-    history = train(model, data, config, device=device,
-                    on_epoch=lambda r: _say(f"  epoch {r['epoch']}: loss {r['loss']:.4f} ({r['seconds']:.1f}s)"))
+    history = train(model, data, config, objective, device=device, on_epoch=report, val_data=val_data,
+                    threat=threat, checkpoint_dir=state_dir, resume=args.resume)
     seconds = time.perf_counter() - t0
-    acc = accuracy(model, test, device=device)
-    card = ModelCard.for_architecture(
-        args.model,
-        num_classes=data.num_classes,
-        in_channels=data.image_shape[0],
-        dataset=f"{data.name}:train[{len(data)}]",
-        training={"recipe": "standard", **config.to_dict(), "seconds": round(seconds, 1), "history": history},
-        clean_accuracy=acc,
-        notes=f"clean accuracy measured on {test.name}:test ({len(test)} images)",
-    )
-    path = save_checkpoint(model.cpu(), args.out, card)
+    summary = history.summary
+    if summary.get("catastrophic_overfitting"):
+        _say(f"robustlab: warning: {summary['catastrophic_overfitting']['message']}")
+    elif summary.get("stop_reason") == "early_stopping":
+        _say(f"stopped early: no better validation accuracy for {args.patience} epochs")
+    if summary.get("restored_best_epoch"):
+        _say(f"restored the weights of epoch {summary['restored_best_epoch']} (best on the validation set)")
+
+    def card_for(net: torch.nn.Module, val: dict[str, float], extra: dict[str, Any]) -> tuple[ModelCard, float]:
+        acc = accuracy(net, test, device=device)
+        validation = None
+        if val_n:
+            validation = {"n": val_n, "held_out_from": f"{data.name}:train (seed {args.seed})",
+                          "attack": {"name": "pgd", "steps": args.val_steps} if threat else None,
+                          "clean_accuracy": val.get("clean_acc"), "robust_accuracy": val.get("robust_acc")}
+        robust = {f"{threat.norm}:{threat.eps:g}": val["robust_acc"]} if threat and "robust_acc" in val else None
+        card = ModelCard.for_architecture(
+            args.model,
+            num_classes=data.num_classes,
+            in_channels=data.image_shape[0],
+            dataset=f"{data.name}:train[{len(data)}]",
+            training={"recipe": name, "recipe_params": objective.config()["params"],
+                      "threat": threat.to_dict() if threat else None, **config.to_dict(),
+                      "seconds": round(seconds, 1), "resumed": bool(args.resume), "history": list(history),
+                      "summary": summary, "validation": validation, **extra},
+            clean_accuracy=acc,
+            robust_accuracy=robust,
+            notes=f"clean accuracy measured on {test.name}:test ({len(test)} images)"
+            + (f"; robust accuracy: PGD-{args.val_steps} on the {val_n} held-out training images" if robust else ""),
+        )
+        return card, acc
+
+    card, acc = card_for(model, summary.get("final_val", {}), {})
+    path = save_checkpoint(model.cpu(), out, card)
     _say(f"clean test accuracy {100 * acc:.2f}% after {seconds:.1f}s")
     print(path)
+    if history.ema is not None:
+        ema_card, ema_acc = card_for(history.ema, summary.get("ema_val", {}), {"weights": "ema"})
+        ema_path = save_checkpoint(history.ema.cpu(), out.with_name(out.stem + "_ema.safetensors"), ema_card)
+        _say(f"weight average (EMA): clean test accuracy {100 * ema_acc:.2f}%")
+        print(ema_path)
     return 0
 
 
@@ -125,6 +191,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from robustlab import distributed
     from robustlab.attacks import build_attacks
     from robustlab.bench.runner import EvalOptions, evaluate
     from robustlab.bench.store import ResultsStore
@@ -155,9 +222,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         sanity=not args.no_sanity,
         extra={"classes": list(data.classes)},
     )
-    with ResultsStore(args.db) as store:
+    # Under torchrun: every rank attacks its share of the batches; rank 0 owns the store and prints.
+    distributed.init_from_env()
+    store = ResultsStore(args.db) if distributed.is_main() else None
+    try:
         result = evaluate(model, data, attacks, store, model_name=args.model, model_info=info, options=options,
                           resume=args.resume, device=device, progress=None if not args.json else False, log=_say)
+    finally:
+        if store is not None:
+            store.close()
+    if not distributed.is_main():
+        return 0
     s = result.summary
     if args.json:
         out = {
@@ -293,19 +368,48 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="robustlab", description="Measure and improve adversarial robustness.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train a model (standard training) and save a checkpoint with its card")
+    t = sub.add_parser("train", help="train a model (standard or adversarial recipes) and save a checkpoint with its card")
     t.add_argument("--model", required=True, help="architecture name (see robustlab.models.list_models)")
     t.add_argument("--data", required=True, help="data set name, e.g. digits, mnist, cifar10")
     t.add_argument("--data-root", help="folder with the data set files (default: $ROBUSTLAB_DATA or ./data)")
     t.add_argument("--n", type=int, help="train on the first N training images")
+    t.add_argument("--recipe", default="standard", metavar="NAME[:key=value,...]",
+                   help="training objective: standard, pgd-at, trades, mart, fgsm-at, fast-at, n-fgsm, alp, clp, vat, "
+                        "gradient-reg, distillation (teacher=PATH); e.g. trades:beta=6,steps=10 (default standard)")
+    t.add_argument("--norm", default="linf", help="threat model norm: linf, l2 or l1 (default linf)")
+    t.add_argument("--eps", type=_argument_type(_number),
+                   help="threat model radius in [0, 1] pixel units (fractions like 8/255 work); needed by adversarial "
+                        "recipes, and turns on robust validation")
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=0.05)
+    t.add_argument("--lr", type=float, default=0.05, help="peak learning rate")
     t.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
     t.add_argument("--weight-decay", type=float, default=5e-4)
+    t.add_argument("--schedule", default="cosine", choices=["cosine", "constant", "multistep", "cyclic"])
+    t.add_argument("--warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up (epochs)")
+    t.add_argument("--milestones", type=_argument_type(_floats), default=[0.5, 0.75],
+                   help="multistep: fractions of the run where the rate is multiplied by --gamma (default 0.5,0.75)")
+    t.add_argument("--gamma", type=float, default=0.1)
+    t.add_argument("--grad-clip", type=float, help="clip the gradient's global L2 norm to this value")
+    t.add_argument("--ema", type=float, nargs="?", const=0.999, metavar="DECAY",
+                   help="keep an exponential moving average of the weights (default decay 0.999), saved beside "
+                        "--out as *_ema.safetensors")
+    t.add_argument("--val-n", type=int,
+                   help="hold out N training images for validation each epoch (clean and PGD accuracy; best epoch "
+                        "restored); default: 10%% up to 256 when --eps is given, else 0")
+    t.add_argument("--val-steps", type=int, default=10, help="PGD steps of the validation attack")
+    t.add_argument("--patience", type=int, default=0, help="stop after N epochs without a better validation score")
+    t.add_argument("--no-restore-best", action="store_true", help="keep the last epoch's weights, not the best")
+    t.add_argument("--co-detection", default="auto", choices=["auto", "on", "off"],
+                   help="stop on catastrophic overfitting (auto: for single-step recipes)")
+    t.add_argument("--amp", action="store_true", help="mixed precision (CUDA only; ignored on CPU)")
+    t.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto")
     t.add_argument("--out", required=True, help="checkpoint path (.safetensors; the card goes beside it as .json)")
+    t.add_argument("--checkpoint-dir", help="where the training state is saved after every epoch (default: OUT "
+                                            "without suffix + .train)")
+    t.add_argument("--resume", action="store_true", help="continue a killed run from its saved training state")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate clean and robust accuracy under an attack ensemble")

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 import robustlab
 from robustlab.attacks.base import Attack, create_attack
+from robustlab import distributed
 from robustlab.bench import sanity
 from robustlab.bench.binarization import binarization_test
 from robustlab.bench.store import Example, ResultsStore, SampleRow
@@ -142,7 +143,7 @@ def evaluate(
     model: nn.Module,
     data: ImageDataset,
     attacks: list[Attack],
-    store: ResultsStore,
+    store: ResultsStore | None,
     *,
     model_name: str = "model",
     model_info: dict[str, Any] | None = None,
@@ -203,33 +204,45 @@ def evaluate(
         "sanity": options.sanity,
         **options.extra,
     }
-    run_id = store.find_resumable(config) if resume else None
-    resumed = run_id is not None
-    if resume and not resumed:
-        log("no unfinished run with this configuration in the store; starting a new run")
-    if run_id is None:
-        run_id = store.create_run(
-            config, environment(device), info, [{**a.config(), "targeted": a.targeted} for a in attacks]
-        )
-    else:
-        log(f"resuming run {run_id}")
-        store.set_status(run_id, "running")
-    for t in tasks:
-        store.add_task(run_id, t.name, t.kind, t.threat.eps, t.steps, t.n)
+    # Under torchrun, rank 0 owns the store: it opens or resumes the run, hands out batches and merges
+    # every rank's per-sample results; the other ranks pass store=None.
+    main = distributed.is_main()
+    if main and store is None:
+        raise RobustlabError("evaluate needs a results store (rank 0)")
+    run_id, resumed = None, False
+    if main:
+        run_id = store.find_resumable(config) if resume else None
+        resumed = run_id is not None
+        if resume and not resumed:
+            log("no unfinished run with this configuration in the store; starting a new run")
+        if run_id is None:
+            run_id = store.create_run(
+                config, environment(device), {**info, "processes": distributed.world_size()},
+                [{**a.config(), "targeted": a.targeted} for a in attacks],
+            )
+        else:
+            log(f"resuming run {run_id}")
+            store.set_status(run_id, "running")
+        for t in tasks:
+            store.add_task(run_id, t.name, t.kind, t.threat.eps, t.steps, t.n)
 
     try:
         _run_tasks(model, data, tasks, store, run_id, options, device, progress)
     except BaseException:
-        store.set_status(run_id, "interrupted")
+        if main:
+            store.set_status(run_id, "interrupted")
         raise
-    checks = sanity.mode_verdicts(info)
-    if options.sanity:
-        probe_y = data.y[: probe_x.shape[0]].to(device)
-        checks.append(sanity.gradient_verdict(model, probe_x, probe_y))
-        checks.append(run_binarization(model, attacks, probe_x, probe_y, options.seed, device))
-    summary = summarize(store, run_id, attacks, tasks, checks)
-    store.finish_run(run_id, summary, checks)
-    return RunResult(run_id, summary, checks, resumed)
+    result = None
+    if main:
+        checks = sanity.mode_verdicts(info)
+        if options.sanity:
+            probe_y = data.y[: probe_x.shape[0]].to(device)
+            checks.append(sanity.gradient_verdict(model, probe_x, probe_y))
+            checks.append(run_binarization(model, attacks, probe_x, probe_y, options.seed, device))
+        summary = summarize(store, run_id, attacks, tasks, checks)
+        store.finish_run(run_id, summary, checks)
+        result = RunResult(run_id, summary, checks, resumed)
+    return distributed.broadcast(result)
 
 
 BINARIZATION_SAMPLES = 10
@@ -252,26 +265,38 @@ def run_binarization(model, attacks, x, y, seed, device) -> dict[str, str]:
 
 
 def _run_tasks(model, data, tasks, store, run_id, options, device, progress) -> None:
+    """Attack every batch not yet done. With several processes, rank r takes the r-th batch of each
+    round of world-size batches and rank 0 writes the round's results in order."""
     bs = options.batch_size
-    todo = []
-    for t in tasks:
-        done = store.done_batches(run_id, t.name)
-        todo += [(t, b) for b in range((t.n + bs - 1) // bs) if b not in done]
-    bar = tqdm(total=len(todo), desc="evaluating", unit="batch", disable=(not progress) if progress is not None else None)
+    todo = None
+    if distributed.is_main():
+        todo = [(i, b) for i, t in enumerate(tasks) for b in range((t.n + bs - 1) // bs)
+                if b not in store.done_batches(run_id, t.name)]
+    todo = distributed.broadcast(todo)
+    world, me = distributed.world_size(), distributed.rank()
+    show = (not progress) if progress is not None else None
+    bar = tqdm(total=len(todo), desc="evaluating", unit="batch", disable=True if me else show)
     with bar:
-        for task, b in todo:
-            bar.set_postfix_str(task.name)
-            start, stop = b * bs, min((b + 1) * bs, task.n)
-            x = data.x[start:stop].to(device)
-            y = data.y[start:stop].to(device)
-            keep = 0
-            if task.name == "main" and options.examples:
-                keep = max(0, options.examples - store.count_examples(run_id, "main"))
-            rows, costs, rejected, examples = attack_batch(
-                model, x, y, start, task, options.seed, b, device, keep_examples=keep
-            )
-            store.write_batch(run_id, task.name, b, rows, costs, rejected, examples)
-            bar.update(1)
+        for first in range(0, len(todo), world):
+            round_ = todo[first : first + world]
+            mine = None
+            if me < len(round_):
+                i, b = round_[me]
+                task = tasks[i]
+                start, stop = b * bs, min((b + 1) * bs, task.n)
+                keep = options.examples if task.name == "main" else 0
+                mine = attack_batch(model, data.x[start:stop].to(device), data.y[start:stop].to(device), start,
+                                    task, options.seed, b, device, keep_examples=keep)
+            results = distributed.gather(mine)
+            if not distributed.is_main():
+                continue
+            for (i, b), (rows, costs, rejected, examples) in zip(round_, results):
+                name = tasks[i].name
+                if examples:
+                    examples = examples[: max(0, options.examples - store.count_examples(run_id, name))]
+                store.write_batch(run_id, name, b, rows, costs, rejected, examples)
+                bar.set_postfix_str(name)
+                bar.update(1)
 
 
 def attack_batch(
