@@ -417,7 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True)
     e.add_argument("--split", default="test")
     e.add_argument("--data-root")
-    e.add_argument("--n", type=int, help="evaluate the first N examples of the split, in order")
+    e.add_argument("--n", "--num-examples", dest="n", type=int,
+                   help="evaluate the first N examples of the split, in order (under torchrun, whose own "
+                   "parser takes --n for its --nnodes, write --num-examples)")
     e.add_argument("--batch-size", type=int, default=128)
     e.add_argument("--norm", required=True, help="linf, l2 or l1")
     e.add_argument("--eps", required=True, type=_argument_type(_number), help="radius in [0, 1] pixel units (fractions like 8/255 work)")

@@ -1,0 +1,41 @@
+"""Evaluation with torchrun: two processes (gloo) merge into the store exactly what one process writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from robustlab.cli import main
+from robustlab.models import ModelCard, save_checkpoint
+
+ROWS = ("SELECT task, sample_index, clean_correct, robust, broken_by, adv_pred, gradients, forwards FROM samples"
+        " ORDER BY task, sample_index")
+
+
+@pytest.mark.slow
+def test_two_process_evaluation_equals_one_process(tmp_path, digits_model, capsys):
+    ckpt = save_checkpoint(digits_model, tmp_path / "m.safetensors", ModelCard.for_architecture("digits_cnn"))
+    args = ["eval", "--model", str(ckpt), "--data", "digits", "--num-examples", "200", "--norm", "linf", "--eps", "0.1",
+            "--attack", "fgsm", "--attack", "pgd:steps=10", "--eps-grid", "0.05", "--batch-size", "32", "--json"]
+    assert main([*args, "--db", str(tmp_path / "one.db")]) == 0
+    one = json.loads(capsys.readouterr().out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ROBUSTLAB_BACKEND": "gloo"}
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         "-m", "robustlab", *args, "--db", str(tmp_path / "two.db")],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    two = json.loads(res.stdout)
+    for key in ("n", "clean_accuracy", "robust_accuracy", "eps_curve", "steps_curve"):
+        assert two[key] == one[key]
+    a = sqlite3.connect(tmp_path / "one.db").execute(ROWS).fetchall()
+    b = sqlite3.connect(tmp_path / "two.db").execute(ROWS).fetchall()
+    assert len(a) > 200 and a == b
+    run = sqlite3.connect(tmp_path / "two.db").execute("SELECT model_info FROM runs").fetchone()[0]
+    assert json.loads(run)["processes"] == 2
