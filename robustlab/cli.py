@@ -375,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--n", type=int, help="train on the first N training images")
     t.add_argument("--recipe", default="standard", metavar="NAME[:key=value,...]",
                    help="training objective: standard, pgd-at, trades, mart, fgsm-at, fast-at, n-fgsm, alp, clp, vat, "
-                        "gradient-reg, distillation (teacher=PATH); e.g. trades:beta=6,steps=10 (default standard)")
+                        "gradient-reg, distillation (teacher=PATH), curriculum-at; e.g. trades:beta=6,steps=10 "
+                        "(default standard)")
     t.add_argument("--norm", default="linf", help="threat model norm: linf, l2 or l1 (default linf)")
     t.add_argument("--eps", type=_argument_type(_number),
                    help="threat model radius in [0, 1] pixel units (fractions like 8/255 work); needed by adversarial "

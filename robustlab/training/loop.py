@@ -1,12 +1,27 @@
-"""The training loop. An objective maps (model, x, y) to a scalar loss; standard training is
-cross-entropy, and adversarial recipes plug in their own objective."""
+"""The training loop. Objectives plug in: standard training is cross-entropy, adversarial recipes
+(``robustlab.training.objectives``) bring their own inner maximization.
+
+One loop for every recipe, with: learning-rate schedules (cosine, multistep, cyclic, constant; linear
+warm-up), gradient clipping, an exponential moving average of the weights, robust validation on a
+held-out set each epoch with best-epoch restore and early stopping (robust overfitting, Rice et al.
+2020), catastrophic-overfitting detection for single-step recipes, mixed precision on CUDA
+(autocast + GradScaler; the CPU path is plain float32), channels-last memory format, and a checkpoint
+after every epoch from which a killed run resumes to bit-identical weights.
+
+Randomness: the data order of epoch e comes from ``make_generator(seed, e)``; the objective of batch
+i of epoch e gets ``make_generator(seed, e, i)`` (random starts, noise); the global torch RNG (dropout)
+is reseeded at the start of each epoch from (seed, e) inside a forked RNG state, so the caller's
+global RNG is untouched. A resumed run therefore draws exactly the numbers an uninterrupted one does,
+and the checkpoint needs no RNG state besides the seed and the epoch.
+"""
 
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Union
 
 import torch
 import torch.nn as nn
@@ -17,18 +32,44 @@ from robustlab.checks import check_logits
 from robustlab.data import ImageDataset
 from robustlab.errors import RobustlabError
 from robustlab.models.mode import eval_mode
-from robustlab.seeding import make_generator
+from robustlab.seeding import derive_seed, make_generator
+from robustlab.threat import ThreatModel
+from robustlab.training import state as train_state
+from robustlab.training.ema import ModelEMA
+from robustlab.training.monitor import detect_catastrophic_overfitting, robust_validation, split_holdout
+from robustlab.training.objectives import Objective
+from robustlab.training.schedules import SCHEDULES, make_lr_lambda
 
-Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+LegacyObjective = Callable[[nn.Module, torch.Tensor, torch.Tensor], Any]
+ObjectiveLike = Union[Objective, LegacyObjective]
+
+DROPOUT_KEY = 0x4452  # seeding key of the per-epoch global RNG ("DR")
 
 
 def standard_objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on the clean batch (the plain-callable form; see also the ``standard`` recipe)."""
     return F.cross_entropy(check_logits(model(x), x.shape[0]), y)
 
 
 @dataclass
 class TrainConfig:
-    """Optimizer and schedule. lr is the peak learning rate; schedule ``cosine`` or ``constant``."""
+    """How to optimize, validate and stop.
+
+    Optimizer: ``lr`` is the peak learning rate; ``optimizer`` sgd (Nesterov momentum 0.9) or adam;
+    ``schedule`` cosine | constant | multistep (``gamma`` at each of ``milestones``, fractions of the
+    run) | cyclic (one-cycle triangle, Wong et al. 2020), after ``warmup_epochs`` of linear warm-up;
+    ``grad_clip`` clips the global gradient L2 norm; ``ema_decay`` keeps a weight average.
+
+    Validation (needs ``val_n`` > 0 here or ``val_data`` given to :func:`train`): clean and PGD
+    accuracy (``val_steps`` steps) each epoch; the best epoch by PGD accuracy (clean accuracy without a
+    threat model) is restored at the end if ``restore_best``; ``patience`` > 0 stops after that many
+    epochs without improvement. ``co_detection`` (None: on for single-step recipes) stops on
+    catastrophic overfitting by the rule in ``robustlab.training.monitor`` (``co_ratio``,
+    ``co_min_best``).
+
+    Hardware: ``amp`` mixed precision (float16 autocast + GradScaler) on CUDA only; ignored on CPU.
+    ``channels_last`` memory format for model and inputs.
+    """
 
     epochs: int = 10
     batch_size: int = 128
@@ -37,6 +78,20 @@ class TrainConfig:
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     seed: int = 0
+    warmup_epochs: float = 0.0
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    gamma: float = 0.1
+    grad_clip: float | None = None
+    ema_decay: float | None = None
+    val_n: int = 0
+    val_steps: int = 10
+    patience: int = 0
+    restore_best: bool = True
+    co_detection: bool | None = None
+    co_ratio: float = 0.3
+    co_min_best: float = 0.1
+    amp: bool = False
+    channels_last: bool = False
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -45,11 +100,39 @@ class TrainConfig:
             raise RobustlabError(f"learning rate must be > 0, got {self.lr}")
         if self.optimizer not in ("sgd", "adam"):
             raise RobustlabError(f"optimizer must be sgd or adam, got {self.optimizer!r}")
-        if self.schedule not in ("cosine", "constant"):
-            raise RobustlabError(f"schedule must be cosine or constant, got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise RobustlabError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise RobustlabError(f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
+        if any(not 0 < m < 1 for m in self.milestones) or not self.gamma > 0:
+            raise RobustlabError("milestones must be fractions of the run in (0, 1) and gamma > 0")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise RobustlabError(f"grad_clip must be > 0, got {self.grad_clip}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise RobustlabError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.val_n < 0 or self.val_steps < 1 or self.patience < 0:
+            raise RobustlabError("val_n and patience must be >= 0 and val_steps >= 1")
+        if not 0 < self.co_ratio < 1:
+            raise RobustlabError(f"co_ratio must be in (0, 1), got {self.co_ratio}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["milestones"] = [float(m) for m in self.milestones]
+        return out
+
+
+class TrainHistory(list):
+    """The per-epoch records (a list of dicts, JSON-ready), plus:
+
+    ``summary``: best epoch, why training stopped, whether the best weights were restored, the
+    catastrophic-overfitting event if any, and the validation numbers of the returned weights;
+    ``ema``: the weight-averaged model (eval mode) when ``ema_decay`` is set, else None.
+    """
+
+    def __init__(self, records: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(records or [])
+        self.summary: dict[str, Any] = {}
+        self.ema: nn.Module | None = None
 
 
 def accuracy(model: nn.Module, data: ImageDataset, batch_size: int = 512, device: torch.device | None = None) -> float:
@@ -62,19 +145,83 @@ def accuracy(model: nn.Module, data: ImageDataset, batch_size: int = 512, device
     return correct / len(data)
 
 
+def objective_config(objective: ObjectiveLike) -> dict[str, Any]:
+    """JSON description of an objective (its config, or the name of a plain callable)."""
+    if isinstance(objective, Objective):
+        return objective.config()
+    return {"name": getattr(objective, "__qualname__", type(objective).__name__), "params": {}, "threat": None}
+
+
+def _call_objective(objective: ObjectiveLike, model, x, y, generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    out = objective(model, x, y, generator) if isinstance(objective, Objective) else objective(model, x, y)
+    if isinstance(out, tuple):
+        return out[0], dict(out[1])
+    return out, {}
+
+
+def _json_normal(obj: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(obj))
+
+
+class _Best:
+    """The best epoch so far by the validation metric, with its weights (on CPU)."""
+
+    def __init__(self) -> None:
+        self.epoch: int | None = None
+        self.metric = -math.inf
+        self.weights: dict[str, torch.Tensor] | None = None
+        self.bad_epochs = 0
+
+    def offer(self, epoch: int, metric: float, model: nn.Module) -> bool:
+        if metric > self.metric:
+            self.epoch, self.metric, self.bad_epochs = epoch, metric, 0
+            self.weights = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+            return True
+        self.bad_epochs += 1
+        return False
+
+
 def train(
     model: nn.Module,
     data: ImageDataset,
     config: TrainConfig,
-    objective: Objective = standard_objective,
+    objective: ObjectiveLike = standard_objective,
     device: torch.device | str = "cpu",
     progress: bool | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
-) -> list[dict[str, Any]]:
-    """Train ``model`` in place on ``data``; returns one dict per epoch (mean loss, seconds)."""
+    *,
+    val_data: ImageDataset | None = None,
+    threat: ThreatModel | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+) -> TrainHistory:
+    """Train ``model`` in place on ``data`` with ``objective``; returns the :class:`TrainHistory`.
+
+    objective: a recipe from ``robustlab.training.objectives`` (``loss, logs = objective(model, x,
+    y, generator)``) or a plain callable ``(model, x, y) -> loss``. val_data: the held-out set for
+    validation; if None and ``config.val_n`` > 0, ``val_n`` training examples are held out (seeded).
+    threat: the threat model of robust validation (default: the objective's). checkpoint_dir: where
+    the training state is written after every epoch (safetensors + JSON); resume: continue the run
+    saved there (same data, config and objective required), to the weights an uninterrupted run
+    would reach. on_epoch is called with each epoch's record after its checkpoint is written.
+    """
     config.validate()
     device = torch.device(device)
-    model.to(device)
+    use_amp = bool(config.amp) and device.type == "cuda"
+    memory_format = torch.channels_last if config.channels_last else torch.preserve_format
+    model.to(device=device, memory_format=memory_format)
+    if threat is None:
+        threat = getattr(objective, "threat", None)
+    if val_data is None and config.val_n > 0:
+        data, val_data = split_holdout(data, config.val_n, config.seed)
+    single_step = bool(getattr(objective, "single_step", False))
+    co_on = (single_step if config.co_detection is None else config.co_detection) and val_data is not None
+    if config.co_detection and (val_data is None or threat is None):
+        raise RobustlabError("catastrophic-overfitting detection needs a validation set (val_n > 0) and a threat model")
+    co_on = co_on and threat is not None
+
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
@@ -82,34 +229,180 @@ def train(
         opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = (len(data) + config.batch_size - 1) // config.batch_size
     total = config.epochs * steps_per_epoch
-    if config.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    else:
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    history = []
-    for epoch in range(config.epochs):
-        model.train()
-        order = torch.randperm(len(data), generator=make_generator(config.seed, epoch))
-        t0, loss_sum, seen = time.perf_counter(), 0.0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
-                   disable=(not progress) if progress is not None else None, leave=False)
-        for i in bar:
-            idx = order[i * config.batch_size : (i + 1) * config.batch_size]
-            x, y = data.x[idx].to(device), data.y[idx].to(device)
-            loss = objective(model, x, y)
-            if not torch.isfinite(loss):
-                raise RobustlabError(f"the training loss became {float(loss)} at epoch {epoch + 1}; lower the learning rate")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += float(loss.detach()) * len(idx)
-            seen += len(idx)
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
-        model.eval()
-        record = {"epoch": epoch + 1, "loss": loss_sum / seen, "seconds": round(time.perf_counter() - t0, 3)}
-        history.append(record)
-        if on_epoch:
-            on_epoch(record)
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, make_lr_lambda(config.schedule, total, warmup, config.milestones, config.gamma)
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    ema = ModelEMA(model, config.ema_decay) if config.ema_decay else None
+    best = _Best()
+    history = TrainHistory()
+    identity = {
+        "config": config.to_dict(),
+        "objective": _json_normal(objective_config(objective)),
+        "data": {"name": data.name, "train_n": len(data), "val_n": len(val_data) if val_data is not None else 0},
+    }
+    summary: dict[str, Any] = {"stop_reason": None, "catastrophic_overfitting": None, "co_monitor": co_on}
+    start_epoch = 0
+
+    if resume:
+        if checkpoint_dir is None:
+            raise RobustlabError("resume needs the checkpoint directory of the run to continue")
+        loaded = train_state.load_state(checkpoint_dir)
+        if loaded is None:
+            raise RobustlabError(f"nothing to resume: no training state in {checkpoint_dir}")
+        meta, tensors = loaded
+        _check_same_run(meta, identity, checkpoint_dir)
+        model.load_state_dict(train_state.take_module(tensors, "model"), strict=True)
+        opt.load_state_dict(train_state.join_tensors(meta["optimizer"], tensors))
+        sched.load_state_dict(meta["scheduler"])
+        if use_amp and meta.get("scaler"):
+            scaler.load_state_dict(meta["scaler"])
+        if ema is not None:
+            ema.load_state_dict(train_state.take_module(tensors, "ema"), meta["ema_updates"])
+        b = meta["best"]
+        best.epoch, best.bad_epochs = b["epoch"], b["bad_epochs"]
+        best.metric = -math.inf if b["metric"] is None else b["metric"]
+        best_weights = train_state.take_module(tensors, "best")
+        best.weights = best_weights or None
+        history.extend(meta["history"])
+        summary.update(meta.get("summary", {}))
+        start_epoch = int(meta["epoch"])
+        if meta.get("finished"):
+            return _finish(history, summary, ema)
+
+    def save(epoch: int, finished: bool) -> None:
+        if checkpoint_dir is None:
+            return
+        tensors = train_state.module_tensors(model.state_dict(), "model")
+        if ema is not None:
+            tensors.update(train_state.module_tensors(ema.state_dict(), "ema"))
+        if best.weights is not None:
+            tensors.update(train_state.module_tensors(best.weights, "best"))
+        sched_state = sched.state_dict()  # lr_lambdas is [None] for a function: JSON-ready
+        meta = {
+            **identity,
+            "optimizer": train_state.split_tensors(opt.state_dict(), "optim", tensors),
+            "scheduler": sched_state,
+            "scaler": scaler.state_dict() if use_amp else None,
+            "ema_updates": ema.updates if ema is not None else 0,
+            "best": {"epoch": best.epoch, "metric": None if best.epoch is None else best.metric,
+                     "bad_epochs": best.bad_epochs},
+            "history": list(history),
+            "summary": summary,
+            "rng": {"seed": config.seed, "scheme": "per-epoch and per-batch generators from (seed, epoch, batch)"},
+            "finished": finished,
+        }
+        train_state.save_state(checkpoint_dir, epoch, tensors, meta)
+
+    rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    stop = None
+    with torch.random.fork_rng(devices=rng_devices):
+        for epoch in range(start_epoch, config.epochs):
+            torch.manual_seed(derive_seed(config.seed, epoch, DROPOUT_KEY))
+            model.train()
+            order = torch.randperm(len(data), generator=make_generator(config.seed, epoch))
+            t0, loss_sum, seen = time.perf_counter(), 0.0, 0
+            log_sums: dict[str, torch.Tensor] = {}
+            lr_used = opt.param_groups[0]["lr"]
+            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
+                       disable=(not progress) if progress is not None else None, leave=False)
+            for i in bar:
+                if isinstance(objective, Objective):
+                    objective.set_progress(epoch, (epoch * steps_per_epoch + i) / total)
+                idx = order[i * config.batch_size : (i + 1) * config.batch_size]
+                x, y = data.x[idx].to(device, non_blocking=True), data.y[idx].to(device, non_blocking=True)
+                if config.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                generator = make_generator(config.seed, epoch, i, device=device)
+                with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+                    loss, logs = _call_objective(objective, model, x, y, generator)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise RobustlabError(f"the training loss became {value} at epoch {epoch + 1}; lower the learning rate")
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if config.grad_clip is not None:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                lr_used = opt.param_groups[0]["lr"]
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                if ema is not None:
+                    ema.update(model)
+                n = len(idx)
+                loss_sum += value * n
+                seen += n
+                for key, v in logs.items():
+                    v = v.detach().float() * n
+                    log_sums[key] = log_sums[key] + v if key in log_sums else v
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+            model.eval()
+            record: dict[str, Any] = {"epoch": epoch + 1, "loss": loss_sum / seen, "lr": lr_used,
+                                      "seconds": round(time.perf_counter() - t0, 3)}
+            record.update({f"train_{k}": float(v) / seen for k, v in log_sums.items()})
+            if val_data is not None:
+                t1 = time.perf_counter()
+                val = robust_validation(model, val_data, threat, config.val_steps, config.seed, device)
+                record.update({f"val_{k}": v for k, v in val.items()})
+                if ema is not None:
+                    ev = robust_validation(ema.module, val_data, threat, config.val_steps, config.seed, device)
+                    record.update({f"ema_val_{k}": v for k, v in ev.items()})
+                record["val_seconds"] = round(time.perf_counter() - t1, 3)
+                metric = val.get("robust_acc", val["clean_acc"])
+                record["best"] = best.offer(epoch + 1, metric, model)
+            history.append(record)
+            if co_on:
+                event = detect_catastrophic_overfitting(history, config.co_ratio, config.co_min_best)
+                if event is not None:
+                    record["catastrophic_overfitting"] = True
+                    summary["catastrophic_overfitting"] = event
+                    stop = "catastrophic_overfitting"
+            if stop is None and config.patience and val_data is not None and best.bad_epochs >= config.patience:
+                stop = "early_stopping"
+            summary["stop_reason"] = stop
+            if stop is None:
+                save(epoch + 1, finished=False)
+            if on_epoch:
+                on_epoch(record)
+            if stop is not None:
+                break
+
     model.eval()
+    last = history[-1]["epoch"] if history else 0
+    if best.weights is not None and (config.restore_best or stop is not None) and best.epoch != last:
+        model.load_state_dict(best.weights)
+        summary["restored_best_epoch"] = best.epoch
+    summary["best_epoch"] = best.epoch
+    summary["epochs_run"] = last
+    save(last, finished=True)
+    return _finish(history, summary, ema)
+
+
+def _finish(history: TrainHistory, summary: dict[str, Any], ema: ModelEMA | None) -> TrainHistory:
+    """Attach the summary (with the validation numbers of the returned weights) and the EMA model."""
+    returned = summary.get("restored_best_epoch") or summary.get("epochs_run")
+    by_epoch = {r["epoch"]: r for r in history}
+    rec = by_epoch.get(returned, {})
+    summary["final_val"] = {k[4:]: v for k, v in rec.items() if k.startswith("val_") and k != "val_seconds"}
+    last = history[-1] if history else {}
+    summary["ema_val"] = {k[8:]: v for k, v in last.items() if k.startswith("ema_val_")}
+    history.summary = summary
+    history.ema = ema.module if ema is not None else None
     return history
+
+
+def _check_same_run(meta: dict[str, Any], identity: dict[str, Any], where: Any) -> None:
+    """A resumed run must be the same run: same config, objective and data sizes."""
+    diffs = []
+    for section in ("config", "objective", "data"):
+        saved, now = meta.get(section), identity[section]
+        if saved != now:
+            if isinstance(saved, dict) and isinstance(now, dict):
+                keys = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+                diffs.append(f"{section}: " + ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in keys))
+            else:
+                diffs.append(section)
+    if diffs:
+        raise RobustlabError(f"cannot resume the run in {where}: it was started differently ({'; '.join(diffs)})")
