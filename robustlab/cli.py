@@ -89,12 +89,16 @@ def _say(msg: str) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
+    from robustlab import distributed
     from robustlab.attacks.base import parse_attack_spec
     from robustlab.data import load_dataset
     from robustlab.models import ModelCard, create_model, save_checkpoint
     from robustlab.threat import ThreatModel
     from robustlab.training import OBJECTIVES, TrainConfig, accuracy, create_objective, split_holdout, train
 
+    # Under torchrun: data-parallel training, every rank holds the same weights; rank 0 writes and prints.
+    distributed.init_from_env()
+    say = _say if distributed.is_main() else (lambda msg: None)
     name, params = parse_attack_spec(args.recipe)
     recipe = OBJECTIVES.get(name)
     threat = ThreatModel(args.norm, args.eps) if args.eps is not None else None
@@ -125,7 +129,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     state_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_name(out.stem + ".train")
     what = f"{name} ({', '.join(f'{k}={v}' for k, v in objective.params.items())})" if objective.params else name
-    _say(f"{'resuming' if args.resume else 'training'} {args.model} on {data.name} ({len(data)} images"
+    say(f"{'resuming' if args.resume else 'training'} {args.model} on {data.name} ({len(data)} images"
          f"{f', {val_n} held out for validation' if val_n else ''}) with {what}"
          f"{f' at {threat}' if threat else ''} for {args.epochs} epochs on {device}; state in {state_dir}")
 
@@ -135,7 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             val = f", val clean {100 * r['val_clean_acc']:.1f}%"
             if "val_robust_acc" in r:
                 val += f" pgd {100 * r['val_robust_acc']:.1f}%"
-        _say(f"  epoch {r['epoch']}: loss {r['loss']:.4f}{val} ({r['seconds']:.1f}s)")
+        say(f"  epoch {r['epoch']}: loss {r['loss']:.4f}{val} ({r['seconds']:.1f}s)")
 
     torch.manual_seed(args.seed)
     model = create_model(args.model, num_classes=data.num_classes, in_channels=data.image_shape[0])
@@ -143,6 +147,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     history = train(model, data, config, objective, device=device, on_epoch=report, val_data=val_data,
                     threat=threat, checkpoint_dir=state_dir, resume=args.resume)
     seconds = time.perf_counter() - t0
+    if not distributed.is_main():
+        return 0
     summary = history.summary
     if summary.get("catastrophic_overfitting"):
         _say(f"robustlab: warning: {summary['catastrophic_overfitting']['message']}")

@@ -59,3 +59,29 @@ def gather(obj: Any) -> list[Any] | None:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+def broadcast_module(module: torch.nn.Module) -> None:
+    """Copy rank 0's parameters and buffers into every rank's module, in place."""
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(t.data, src=0)
+
+
+def average_gradients(params: list[torch.nn.Parameter], share: float) -> None:
+    """Turn each rank's gradient of its shard's mean loss into the gradient of the global batch's
+    mean loss: weight by the rank's share of the batch, then sum over ranks."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad.mul_(share)
+        dist.all_reduce(p.grad)
+
+
+def average_buffers(module: torch.nn.Module) -> None:
+    """Average floating-point buffers (batch-norm running statistics) over ranks."""
+    with torch.no_grad():
+        for b in module.buffers():
+            if b.is_floating_point():
+                dist.all_reduce(b)
+                b.div_(world_size())

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from robustlab.cli import main
 from robustlab.models import ModelCard, save_checkpoint
@@ -39,3 +40,28 @@ def test_two_process_evaluation_equals_one_process(tmp_path, digits_model, capsy
     assert len(a) > 200 and a == b
     run = sqlite3.connect(tmp_path / "two.db").execute("SELECT model_info FROM runs").fetchone()[0]
     assert json.loads(run)["processes"] == 2
+
+
+@pytest.mark.slow
+def test_two_process_training_matches_one_process(tmp_path):
+    """Data-parallel SGD averages the shards' gradients into the global batch's gradient, so two
+    processes follow one process's trajectory up to floating-point summation order."""
+    from robustlab.models import load_checkpoint
+
+    args = ["train", "--model", "digits_cnn", "--data", "digits", "--epochs", "3", "--batch-size", "64"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ROBUSTLAB_BACKEND": "gloo"}
+    one = subprocess.run([sys.executable, "-m", "robustlab", *args, "--out", str(tmp_path / "one.safetensors")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+         "-m", "robustlab", *args, "--out", str(tmp_path / "two.safetensors")],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stderr.count("epoch 3:") == 1  # only rank 0 reports
+    m1, c1 = load_checkpoint(tmp_path / "one.safetensors")
+    m2, c2 = load_checkpoint(tmp_path / "two.safetensors")
+    for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-3, rtol=1e-3), k
+    assert abs(c1.clean_accuracy - c2.clean_accuracy) <= 0.01

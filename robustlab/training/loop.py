@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from robustlab import distributed
 from robustlab.checks import check_logits
 from robustlab.data import ImageDataset
 from robustlab.errors import RobustlabError
@@ -222,6 +223,9 @@ def train(
         raise RobustlabError("catastrophic-overfitting detection needs a validation set (val_n > 0) and a threat model")
     co_on = co_on and threat is not None
 
+    world, rank = distributed.world_size(), distributed.rank()
+    if world > 1:  # under torchrun every rank starts from rank 0's weights
+        distributed.broadcast_module(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
@@ -272,7 +276,7 @@ def train(
             return _finish(history, summary, ema)
 
     def save(epoch: int, finished: bool) -> None:
-        if checkpoint_dir is None:
+        if checkpoint_dir is None or not distributed.is_main():
             return
         tensors = train_state.module_tensors(model.state_dict(), "model")
         if ema is not None:
@@ -311,17 +315,25 @@ def train(
                 if isinstance(objective, Objective):
                     objective.set_progress(epoch, (epoch * steps_per_epoch + i) / total)
                 idx = order[i * config.batch_size : (i + 1) * config.batch_size]
+                batch_n = len(idx)
+                if world > 1:  # data parallel: each rank takes its share of the global batch
+                    idx = idx[rank::world]
                 x, y = data.x[idx].to(device, non_blocking=True), data.y[idx].to(device, non_blocking=True)
                 if config.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 generator = make_generator(config.seed, epoch, i, device=device)
-                with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
-                    loss, logs = _call_objective(objective, model, x, y, generator)
+                if len(idx) == 0:  # a rank whose share of a short last batch is empty still joins the sum
+                    loss, logs = sum((p * 0).sum() for p in params), {}
+                else:
+                    with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+                        loss, logs = _call_objective(objective, model, x, y, generator)
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise RobustlabError(f"the training loss became {value} at epoch {epoch + 1}; lower the learning rate")
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                if world > 1:  # the gradient of the global batch's mean loss, identical on every rank
+                    distributed.average_gradients(params, len(idx) / batch_n)
                 if config.grad_clip is not None:
                     scaler.unscale_(opt)
                     torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -339,6 +351,8 @@ def train(
                     log_sums[key] = log_sums[key] + v if key in log_sums else v
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
             model.eval()
+            if world > 1:  # batch-norm statistics were gathered on each rank's share: average them
+                distributed.average_buffers(model)
             record: dict[str, Any] = {"epoch": epoch + 1, "loss": loss_sum / seen, "lr": lr_used,
                                       "seconds": round(time.perf_counter() - t0, 3)}
             record.update({f"train_{k}": float(v) / seen for k, v in log_sums.items()})
