@@ -173,6 +173,23 @@ def test_restarts_never_hurt(digits, norm):
     assert torch.equal(three.success, _predict(model, three.x_adv) != y)
 
 
+@pytest.mark.parametrize("norm,eps,alpha", [("linf", 0.1, 0.01), ("l2", 1.0, 0.1)])
+def test_pgd_not_weaker_than_torchattacks(digits, norm, eps, alpha):
+    """Same model, examples, eps, step size, steps and random start: robustlab's robust accuracy is
+    not above torchattacks' (averaged over seeds; it keeps the first success, so it is usually lower)."""
+    torchattacks = pytest.importorskip("torchattacks")
+    model, x, y, _ = digits
+    peer_cls = torchattacks.PGD if norm == "linf" else torchattacks.PGDL2
+    ours, theirs = [], []
+    for seed in range(3):
+        result = create_attack("pgd", ThreatModel(norm, eps), steps=10, alpha=alpha).run(model, x, y, _gen(seed))
+        ours.append(_robust_acc(result))
+        torch.manual_seed(seed)
+        x_peer = peer_cls(model, eps=eps, alpha=alpha, steps=10, random_start=True)(x, y)
+        theirs.append(float((_predict(model, x_peer) == y).float().mean()))
+    assert sum(ours) / 3 <= sum(theirs) / 3 + 0.5 / len(y), (ours, theirs)
+
+
 @pytest.mark.parametrize("name", ["pgd", "bim", "mifgsm"])
 def test_targeted_attack_hits_targets(digits, name):
     model, x, y, _ = digits

@@ -165,3 +165,21 @@ def test_killed_run_resumes_to_the_same_numbers(checkpoint, tmp_path):
 def test_report_of_unknown_run_and_missing_store(tmp_path, capsys):
     assert main(["report", "abc", "--db", str(tmp_path / "none.db")]) == 2
     assert "no results store" in capsys.readouterr().err
+
+
+def test_perturb_a_folder_without_labels(checkpoint, tmp_path, capsys):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray((rng.random((8, 8)) * 255).astype(np.uint8)).save(images / f"{i}.png")
+    out = tmp_path / "out"
+    assert main(["perturb", "--model", str(checkpoint), "--norm", "linf", "--eps", "0.1", "--images", str(images),
+                 "--out", str(out), "--attack", "ssp:steps=10"]) == 0
+    assert "4 images written" in capsys.readouterr().err
+    for i in range(4):
+        clean = np.asarray(Image.open(images / f"{i}.png"), dtype=np.float64) / 255
+        adv = np.asarray(Image.open(out / f"{i}.png"), dtype=np.float64) / 255
+        assert adv.shape == clean.shape and np.abs(adv - clean).max() <= 0.1 + 1e-6

@@ -247,12 +247,13 @@ def test_random_init_inside_ball_and_box(norm):
     x[50:100] = 1.0
     for eps in (0.0, 0.05, 0.5, 5.0):
         tm = ThreatModel(norm, eps)
-        z = tm.random_init(x, gen)
-        assert z.shape == x.shape and z.dtype == x.dtype
-        assert bool(tm.contains(z, x).all())
-        assert bool(((z >= 0) & (z <= 1)).all())
-        if eps == 0:
-            assert torch.equal(z, x)
+        for radius in ("volume", "uniform"):
+            z = tm.random_init(x, gen, radius=radius)
+            assert z.shape == x.shape and z.dtype == x.dtype
+            assert bool(tm.contains(z, x).all())
+            assert bool(((z >= 0) & (z <= 1)).all())
+            if eps == 0:
+                assert torch.equal(z, x)
 
 
 def test_random_init_linf_covers_the_cube():
@@ -285,6 +286,31 @@ def test_random_init_is_uniform_in_the_ball(norm, dim):
         quadrant = (d[:, 0] > 0).long() * 2 + (d[:, 1] > 0).long()
         counts = torch.bincount(quadrant, minlength=4).double() / len(quadrant)
         assert bool(((counts - 0.25).abs() < 0.03).all())
+
+
+@pytest.mark.parametrize("norm", ["l2", "l1"])
+def test_random_init_with_uniform_radius(norm):
+    """radius="uniform" (PGD's start): uniform direction, radius uniform in [0, eps], even in image
+    dimensions where a volume-uniform draw sits on the sphere."""
+    gen = torch.Generator().manual_seed(4)
+    eps, dim = 0.25, 784
+    x = torch.full((3000, 1, 28, 28), 0.5)
+    tm = ThreatModel(norm, eps)
+    r = tm.distance(tm.random_init(x, gen, radius="uniform"), x) / eps
+    assert bool((r <= 1 + 1e-6).all())
+    assert stats.kstest(r.double().numpy(), "uniform").pvalue > 1e-3
+    r_volume = tm.distance(tm.random_init(x, gen), x) / eps
+    assert float(r_volume.min()) > 0.98  # the concentration that motivates radius="uniform"
+    # Directions are symmetric: every coordinate's sign is a fair coin, and (L1) the budget is spread.
+    d = sample_ball((2000, dim), norm, eps, generator=gen, radius="uniform")
+    assert abs(float((d > 0).double().mean()) - 0.5) < 0.01
+    assert float(d.mean(dim=0).abs().max()) < 0.01 * eps
+    # Linf is unaffected (uniform in the cube either way), and a bad value is refused.
+    a = ThreatModel("linf", eps).random_init(x[:4], torch.Generator().manual_seed(1), radius="uniform")
+    b = ThreatModel("linf", eps).random_init(x[:4], torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    with pytest.raises(RobustlabError):
+        tm.random_init(x[:4], gen, radius="sphere")
 
 
 def test_random_init_is_reproducible_from_the_generator():

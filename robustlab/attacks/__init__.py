@@ -9,6 +9,17 @@ from robustlab.attacks.base import (
     register_attack,
 )
 from robustlab.attacks import pgd  # noqa: F401  (registers fgsm, bim, pgd, mifgsm)
+from robustlab.attacks import deepfool  # noqa: F401  (registers deepfool)
+from robustlab.attacks import fab  # noqa: F401  (registers fab, fab-t, fab-min, fab-t-min)
+from robustlab.attacks import cw  # noqa: F401  (registers cw)
+from robustlab.attacks import ead  # noqa: F401  (registers ead)
+from robustlab.attacks import apgd  # noqa: F401  (registers apgd-ce, apgd-dlr, apgd-t)
+from robustlab.attacks import square  # noqa: F401  (registers square)
+from robustlab.attacks import spsa  # noqa: F401  (registers spsa)
+from robustlab.attacks import nes  # noqa: F401  (registers nes)
+from robustlab.attacks import hopskipjump  # noqa: F401  (registers hopskipjump)
+from robustlab.attacks import transfer  # noqa: F401  (registers transfer)
+from robustlab.attacks import ssp  # noqa: F401  (registers ssp)
 from robustlab.attacks.suites import SUITES, build_attacks
 
 __all__ = [

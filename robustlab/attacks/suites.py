@@ -40,7 +40,9 @@ def rand(threat: ThreatModel) -> list[Attack]:
 
 
 def is_ensemble_file(spec: str) -> bool:
-    return spec.endswith((".txt", ".json")) or "/" in spec
+    """A spec names an ensemble file when it has no parameters and ends in .txt or .json (or is a
+    file): ``transfer:surrogate=dir/m.safetensors`` is an attack, ``runs/mine.txt`` a file."""
+    return "=" not in spec and (spec.endswith((".txt", ".json")) or Path(spec).is_file())
 
 
 def read_ensemble_file(path: Path) -> list[str | dict]:

@@ -250,12 +250,12 @@ BINARIZATION_SAMPLES = 10
 
 def run_binarization(model, attacks, x, y, seed, device) -> dict[str, str]:
     """The binarization test on the first correctly classified probe points, with the first attack of
-    the ensemble that can attack a two-class model."""
+    the ensemble (white-box ones first) that can attack a two-class model."""
     with eval_mode(model), torch.no_grad():
         keep = (model(x).argmax(dim=1) == y).nonzero(as_tuple=True)[0][:BINARIZATION_SAMPLES]
     if keep.numel() == 0:
         return sanity.verdict("binarization", "warn", "not run: no correctly classified probe point")
-    for attack in attacks:
+    for attack in sorted(attacks, key=lambda a: a.kind != "white-box"):  # white-box attacks first
         try:
             gen = make_generator(seed, zlib.crc32(b"binarization"), device=device)
             return binarization_test(model, attack, x[keep], gen)

@@ -1,0 +1,382 @@
+"""Auto-PGD (Croce & Hein 2020, "Reliable evaluation of adversarial robustness with an ensemble of
+diverse parameter-free attacks"): APGD-CE, APGD-DLR and the targeted-DLR APGD-T of AutoAttack, in
+Linf, L2 and L1.
+
+APGD is PGD with momentum whose step size needs no tuning: it starts at ``2 * eps`` and is halved at
+fixed checkpoints (``checkpoints``) whenever the loss stalled since the previous one, in which case the
+run also jumps back to its best point. In L1 (Croce & Hein 2021, "Mind the box: l1-APGD for sparse
+adversarial attacks on image classifiers") the steps are sparse: they move the coordinates with the
+largest gradient that the box lets move, a fraction that follows the sparsity of the best point found,
+with a step size that shrinks unless the best point got sparser (checked every 4% of the
+iterations, ``l1_checkpoints``); no momentum.
+
+Each sample keeps its best-loss point; as soon as a sample is misclassified its first successful
+iterate is kept and the sample leaves the batch, so no compute is spent on it afterwards (restarts and
+target classes only re-attack the survivors).
+
+Costs per sample, counted exactly: every step evaluates the loss and its input gradient at the new
+iterate (``eot`` forward and backward passes each); the last iterate of a run is only evaluated
+(``eot`` forwards, no gradient). A run of ``steps`` therefore costs ``steps * eot`` gradients and
+``(steps + 1) * eot`` forwards on a sample it does not break. APGD-T also spends ``eot`` forwards on
+the clean image, to rank the target classes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from robustlab.attacks.base import Attack, AttackResult, register_attack
+from robustlab.checks import check_logits
+from robustlab.errors import RobustlabError
+from robustlab.losses import cross_entropy, dlr
+
+MOMENTUM = 0.75  # weight of the new gradient step; 1 - MOMENTUM goes to the previous update
+INITIAL_STEP = 2.0  # the step size starts at INITIAL_STEP * eps (in the threat model's norm)
+
+# APGD-L1 (Croce & Hein 2021, "Mind the box: l1-APGD for sparse adversarial attacks on image
+# classifiers"): sparse steps whose sparsity adapts to that of the best point found.
+L1_INITIAL_STEP = 1.0  # times eps, also the largest step
+L1_MIN_STEP_RATIO = 10.0  # the step never falls below L1_INITIAL_STEP * eps / L1_MIN_STEP_RATIO
+L1_STEP_DECAY = 1.5  # step size and sparsity divisor at a checkpoint
+L1_INITIAL_FRACTION = 0.2  # fraction of the coordinates the first steps move
+L1_SPARSER = 0.95  # the best point counts as sparser if it has fewer than this fraction of changes
+
+Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def l1_checkpoints(steps: int) -> list[int]:
+    """APGD-L1 adapts its step size and sparsity every 4% of the iterations (at least every one)."""
+    every = max(int(0.04 * steps), 1)
+    return list(range(every, steps, every))
+
+
+def checkpoints(steps: int) -> list[int]:
+    """The iterations after which APGD may halve its step size: ``w_j = ceil(p_j * steps)`` for
+    ``p_0 = 0``, ``p_1 = 0.22`` and ``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)``, keeping the
+    distinct values in ``[1, steps]`` (for 100 steps: 22, 41, 57, 70, 80, 87, 93, 99).
+
+    The p_j are multiples of 0.01, so they are computed in whole hundredths: no rounding error can
+    move a checkpoint.
+    """
+    if steps < 1:
+        raise RobustlabError(f"steps must be >= 1, got {steps}")
+    out: list[int] = []
+    prev, cur = 0, 22  # hundredths
+    while cur <= 100:
+        w = -(-cur * steps // 100)  # ceil
+        if w >= 1 and (not out or w > out[-1]):
+            out.append(w)
+        prev, cur = cur, cur + max(cur - prev - 3, 6)
+    return out
+
+
+class _APGD(Attack):
+    """The APGD loop shared by the registered variants (they differ in objective and targets).
+
+    steps: iterations per run; restarts: runs from new random starts, each only on samples not yet
+    broken; eot: forward/backward passes averaged per evaluation (expectation over transformation,
+    for randomized models); rho: condition-1 threshold, the fraction of steps since the last
+    checkpoint in which the loss must have increased to keep the step size.
+    """
+
+    defaults = {"steps": 100, "restarts": 1, "eot": 1, "rho": 0.75}
+    norms = ("linf", "l2", "l1")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.params["eot"] < 1:
+            raise RobustlabError(f"attack {self.name!r}: eot must be >= 1, got {self.params['eot']}")
+        if not 0.0 < self.params["rho"] <= 1.0:
+            raise RobustlabError(f"attack {self.name!r}: rho must be in (0, 1], got {self.params['rho']}")
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _evaluate(
+        self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, objective: Objective, grad: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(logits, per-sample objective, input gradient of the objective or None), each averaged over
+        ``eot`` passes. Parameters get no gradient: autograd is asked for the input's only."""
+        eot = self.params["eot"]
+        logits = value = g = None
+        for _ in range(eot):
+            if grad:
+                x_req = x.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    out = check_logits(model(x_req), x.shape[0])
+                    val = objective(out, labels)
+                    (gi,) = torch.autograd.grad(val.sum(), x_req)
+                g = gi if g is None else g + gi
+            else:
+                with torch.no_grad():
+                    out = check_logits(model(x), x.shape[0])
+                    val = objective(out, labels)
+            out, val = out.detach(), val.detach()
+            logits = out if logits is None else logits + out
+            value = val if value is None else value + val
+        if eot > 1:
+            logits, value = logits / eot, value / eot
+            g = g / eot if g is not None else None
+        return logits, value, g
+
+    def _l1_step(self, g: torch.Tensor, step: torch.Tensor, frac: torch.Tensor, x_cur: torch.Tensor) -> torch.Tensor:
+        """The sparse L1 step: ``step`` (L1 norm, per sample) spread evenly over the coordinates with
+        the largest ``|g|``, a fraction ``frac`` (per sample) of all, moved along ``sign(g)``.
+        Coordinates that sit on the face of the box the gradient pushes towards cannot move and are
+        left out (this is what makes the step effective: "mind the box")."""
+        flat = g.flatten(1)
+        x = x_cur.flatten(1)
+        blocked = ((x <= self.threat.lower) & (flat < 0)) | ((x >= self.threat.upper) & (flat > 0))
+        mag = flat.abs().masked_fill(blocked, 0.0)
+        d = flat.shape[1]
+        k = (frac * d).round().clamp(1, d).long()
+        kth = mag.sort(dim=1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
+        chosen = (mag >= kth) & (mag > 0)
+        count = chosen.sum(dim=1, keepdim=True).clamp_min(1)
+        direction = flat.sign() * chosen / count
+        return (step.unsqueeze(1) * direction).view_as(g)
+
+    # ------------------------------------------------------------------ one run
+
+    def _run(
+        self,
+        model: nn.Module,
+        x0: torch.Tensor,
+        y0: torch.Tensor,
+        labels: torch.Tensor,
+        objective: Objective,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One APGD run of ``steps`` iterations from a random start on the batch ``x0``.
+
+        ``y0`` are the labels success is judged on (true labels, or targets if ``self.targeted``),
+        ``labels`` the ones ``objective`` takes. Returns per sample: the point (the first successful
+        iterate, else the best-loss one), success, gradients and forwards spent, the best objective.
+        """
+        p, threat = self.params, self.threat
+        steps, eot, rho = p["steps"], p["eot"], p["rho"]
+        m = x0.shape[0]
+        dev = x0.device
+        out_x = x0.clone()
+        out_success = torch.zeros(m, dtype=torch.bool, device=dev)
+        out_grads = torch.zeros(m, dtype=torch.long, device=dev)
+        out_forwards = torch.zeros(m, dtype=torch.long, device=dev)
+        out_value = torch.full((m,), -math.inf, device=dev)
+        l1 = threat.norm == "l1"
+        ckpts = set(l1_checkpoints(steps) if l1 else checkpoints(steps))
+        eps = threat.eps
+
+        x_cur = threat.random_init(x0, generator)
+        logits, f, g = self._evaluate(model, x_cur, labels, objective, grad=True)
+        n_grads = n_forwards = eot
+        # Per-sample state; rows leave together when their sample is broken.
+        s = {
+            "pos": torch.arange(m, device=dev), "x0": x0, "y0": y0, "labels": labels,
+            "x_cur": x_cur, "x_prev": x_cur, "g": g,
+            "x_best": x_cur, "g_best": g, "f_best": f, "f_prev": f,
+            "step": torch.full((m,), (L1_INITIAL_STEP if l1 else INITIAL_STEP) * eps, dtype=x0.dtype, device=dev),
+            "n_up": torch.zeros(m, dtype=torch.long, device=dev),  # loss increases since the last checkpoint
+            "f_ckpt": f, "reduced": torch.zeros(m, dtype=torch.bool, device=dev),
+        }
+        if l1:
+            # The fraction of coordinates a step moves, and the sparsity of the best point at the last
+            # checkpoint (Croce & Hein 2021).
+            d = x0[0].numel()
+            s["frac"] = torch.full((m,), L1_INITIAL_FRACTION, dtype=x0.dtype, device=dev)
+            s["sp_old"] = torch.full((m,), float(d), dtype=x0.dtype, device=dev)
+        last_ckpt = 0
+        for k in range(steps + 1):
+            if k > 0:
+                x_cur, x_prev = s["x_cur"], s["x_prev"]
+                if l1:  # a sparse step, no momentum
+                    z = threat.project(x_cur + self._l1_step(s["g"], s["step"], s["frac"], x_cur), s["x0"])
+                else:
+                    z = threat.project(x_cur + threat.steepest_step(s["g"], s["step"]), s["x0"])
+                    if k > 1:  # momentum on the previous update
+                        z = threat.project(x_cur + MOMENTUM * (z - x_cur) + (1 - MOMENTUM) * (x_cur - x_prev), s["x0"])
+                s["x_prev"], s["x_cur"] = x_cur, z
+                last = k == steps
+                logits, f, g = self._evaluate(model, z, s["labels"], objective, grad=not last)
+                n_forwards += eot
+                n_grads += 0 if last else eot
+                s["g"] = g
+            done = self.is_success(logits, s["y0"])
+            if bool(done.any()):
+                hit = s["pos"][done]
+                out_x[hit] = s["x_cur"][done]
+                out_success[hit] = True
+                out_grads[hit] = n_grads
+                out_forwards[hit] = n_forwards
+                out_value[hit] = f[done]
+                keep = ~done
+                if not bool(keep.any()):
+                    return out_x, out_success, out_grads, out_forwards, out_value
+                s = {key: (v[keep] if v is not None else None) for key, v in s.items()}
+                f = f[keep]
+            if k == 0:
+                continue
+            s["n_up"] += f > s["f_prev"]
+            s["f_prev"] = f
+            better = f > s["f_best"]
+            s["f_best"] = torch.where(better, f, s["f_best"])
+            b4 = better.view(-1, *[1] * (x0.dim() - 1))
+            s["x_best"] = torch.where(b4, s["x_cur"], s["x_best"])
+            if s["g"] is not None:
+                s["g_best"] = torch.where(b4, s["g"], s["g_best"])
+            if k in ckpts and l1:
+                # L1: if the best point got sparser (by 5%) since the last checkpoint, continue from it
+                # with the full step size; otherwise shrink the step. Future steps move 1/1.5 of as
+                # many coordinates as the best point has changed.
+                sp = (s["x_best"] != s["x0"]).flatten(1).sum(dim=1).to(s["step"].dtype)
+                restart = sp < L1_SPARSER * s["sp_old"]
+                s["frac"] = sp / d / L1_STEP_DECAY
+                s["step"] = torch.where(restart, L1_INITIAL_STEP * eps, s["step"] / L1_STEP_DECAY).clamp(
+                    L1_INITIAL_STEP * eps / L1_MIN_STEP_RATIO, L1_INITIAL_STEP * eps)
+                s["sp_old"] = sp
+                r4 = restart.view(-1, *[1] * (x0.dim() - 1))
+                s["x_cur"] = torch.where(r4, s["x_best"], s["x_cur"])
+                s["g"] = torch.where(r4, s["g_best"], s["g"])
+                s["f_prev"] = torch.where(restart, s["f_best"], s["f_prev"])
+            elif k in ckpts and k < steps:
+                # Condition 1: the loss rose in fewer than rho of the steps since the last checkpoint.
+                # Condition 2: the step size was kept at the last checkpoint and the best loss has not
+                # improved since. Either: halve the step and continue from the best point.
+                cond1 = s["n_up"].to(f.dtype) < rho * (k - last_ckpt)
+                cond2 = ~s["reduced"] & (s["f_best"] <= s["f_ckpt"])
+                reduce = cond1 | cond2
+                r4 = reduce.view(-1, *[1] * (x0.dim() - 1))
+                s["step"] = torch.where(reduce, s["step"] / 2, s["step"])
+                s["x_cur"] = torch.where(r4, s["x_best"], s["x_cur"])
+                s["g"] = torch.where(r4, s["g_best"], s["g"])
+                s["f_prev"] = torch.where(reduce, s["f_best"], s["f_prev"])
+                s["reduced"], s["f_ckpt"] = reduce, s["f_best"]
+                s["n_up"] = torch.zeros_like(s["n_up"])
+                last_ckpt = k
+        pos = s["pos"]
+        out_x[pos] = s["x_best"]
+        out_grads[pos] = n_grads
+        out_forwards[pos] = n_forwards
+        out_value[pos] = s["f_best"]
+        return out_x, out_success, out_grads, out_forwards, out_value
+
+    # ------------------------------------------------------------------ the attack
+
+    def _objective(self) -> Objective:
+        raise NotImplementedError
+
+    def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator) -> AttackResult:
+        state = _Outcome.start(x)
+        if self.threat.eps == 0:
+            # Nothing to search: one evaluation of the clean images.
+            logits, _, _ = self._evaluate(model, x, y, self._objective(), grad=False)
+            state.forwards += self.params["eot"]
+            state.success = self.is_success(logits, y)
+            return state.result()
+        objective = self._objective()
+        for _ in range(self.params["restarts"]):
+            idx = (~state.success).nonzero(as_tuple=True)[0]
+            if idx.numel() == 0:
+                break
+            y0 = y[idx]
+            state.merge(idx, *self._run(model, x[idx], y0, y0, objective, generator))
+        return state.result()
+
+
+class _Outcome:
+    """Per-sample bookkeeping over several runs: success and its point, or the best-loss point."""
+
+    def __init__(self, x_adv, success, gradients, forwards, value) -> None:
+        self.x_adv, self.success, self.gradients, self.forwards, self.value = x_adv, success, gradients, forwards, value
+
+    @classmethod
+    def start(cls, x: torch.Tensor) -> "_Outcome":
+        n, dev = x.shape[0], x.device
+        zeros = torch.zeros(n, dtype=torch.long, device=dev)
+        return cls(x.clone(), torch.zeros(n, dtype=torch.bool, device=dev), zeros, zeros.clone(),
+                   torch.full((n,), -math.inf, device=dev))
+
+    def merge(self, idx, x_run, success_run, grads_run, forwards_run, value_run) -> None:
+        self.gradients[idx] += grads_run
+        self.forwards[idx] += forwards_run
+        take = success_run | (value_run > self.value[idx])
+        sel = idx[take]
+        self.x_adv[sel] = x_run[take]
+        self.value[sel] = value_run[take]
+        self.success[idx[success_run]] = True
+
+    def result(self) -> AttackResult:
+        return AttackResult(self.x_adv, self.success, self.gradients, self.forwards)
+
+
+@register_attack
+class APGDCE(_APGD):
+    """APGD on the cross-entropy loss (AutoAttack's first attack). Targeted runs (``targeted=True``,
+    labels are targets) minimize the targets' cross-entropy."""
+
+    name = "apgd-ce"
+
+    def _objective(self) -> Objective:
+        targeted = self.targeted
+        return lambda logits, labels: cross_entropy(logits, labels, targeted)
+
+
+@register_attack
+class APGDDLR(_APGD):
+    """APGD on the difference-of-logits-ratio loss, invariant to rescaling of the logits (needs 3
+    classes; targeted: 4)."""
+
+    name = "apgd-dlr"
+
+    def _objective(self) -> Objective:
+        targeted = self.targeted
+        return lambda logits, labels: dlr(logits, labels, targeted)
+
+
+@register_attack
+class APGDT(_APGD):
+    """APGD-T: targeted DLR against each of the ``n_target_classes`` classes with the highest clean
+    logits after the top one, one run (``restarts`` runs) per target class, each only on the samples
+    still robust. It takes the true labels and succeeds on any misclassification, like an untargeted
+    attack (so ``targeted`` must be False). Needs 4 classes."""
+
+    name = "apgd-t"
+    defaults = {**_APGD.defaults, "n_target_classes": 9}
+
+    def validate(self) -> None:
+        super().validate()
+        if self.targeted:
+            raise RobustlabError(
+                "attack 'apgd-t' picks its own target classes and takes the true labels: use targeted=False "
+                "(for given targets use apgd-ce or apgd-dlr with targeted=True)"
+            )
+        if self.params["n_target_classes"] < 1:
+            got = self.params["n_target_classes"]
+            raise RobustlabError(f"attack 'apgd-t': n_target_classes must be >= 1, got {got}")
+
+    def _objective(self) -> Objective:
+        return lambda logits, targets: dlr(logits, targets, True)
+
+    def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator) -> AttackResult:
+        state = _Outcome.start(x)
+        eot = self.params["eot"]
+        # Rank the classes by the clean logits (this also finds the already misclassified samples).
+        logits, _, _ = self._evaluate(model, x, y, lambda out, labels: out[:, 0], grad=False)
+        state.forwards += eot
+        state.success = self.is_success(logits, y)
+        if logits.shape[1] < 4:
+            dlr(logits, y, True)  # raises the clear error about the number of classes
+        if self.threat.eps == 0:
+            return state.result()
+        ranked = logits.argsort(dim=1, descending=True)
+        objective = self._objective()
+        for rank in range(1, min(self.params["n_target_classes"], logits.shape[1] - 1) + 1):
+            for _ in range(self.params["restarts"]):
+                idx = (~state.success).nonzero(as_tuple=True)[0]
+                if idx.numel() == 0:
+                    return state.result()
+                targets = ranked[idx, rank]
+                state.merge(idx, *self._run(model, x[idx], y[idx], targets, objective, generator))
+        return state.result()
