@@ -152,6 +152,7 @@ def run_row(row: Row, index: int, seed: int) -> dict:
         cpu, wall = time.process_time() - c0, time.perf_counter() - w0
         correct = predict(model, x_adv) == y
         out[tool] = {
+            "robust": correct,
             "robust_acc": float(correct.float().mean()),
             "valid": float(threat.contains(x_adv, x, tol=1e-5).float().mean()),
             "cpu": cpu,
@@ -175,8 +176,9 @@ def format_report(results: list[dict], args: argparse.Namespace, wall: float) ->
     out(f"command: python benchmarks/apgd_square_vs_peers.py {' '.join(sys.argv[1:])}".rstrip())
     out(f"seed {args.seed}; one run per tool and row on the same first-N test examples; time = CPU seconds of this "
         "process (one thread; wall seconds in brackets: the machine may be shared)")
-    out("robust acc: fresh forward pass on the returned points; fwd/grad: images the model was given per example "
-        "(all / with an input gradient)")
+    out("robust acc: fresh forward pass on the returned points; only: examples left robust by robustlab only / by "
+        "torchattacks only")
+    out("fwd/grad: images the model was given per example (all / with an input gradient)")
     out("")
     out("models (trained by benchmarks/common.py, cached in benchmarks/.cache/):")
     seen = set()
@@ -200,8 +202,9 @@ def format_report(results: list[dict], args: argparse.Namespace, wall: float) ->
             out("")
             out("-" * 100)
             out(title)
-            out(f"  {'attack':9s} {'budget':22s} {'N':>4s} {'clean':>6s} {'robustlab':>9s} {'torchatt.':>9s} "
-                f"{'rl - ta':>7s} {'rl s':>14s} {'ta s':>14s} {'rl/ta':>5s} {'rl fwd/grad':>12s} {'ta fwd/grad':>12s}")
+            out(f"  {'attack':9s} {'budget':21s} {'N':>4s} {'clean':>6s} {'robustlab':>9s} {'torchatt.':>9s} "
+                f"{'rl - ta':>7s} {'only':>5s} {'rl s':>14s} {'ta s':>14s} {'rl/ta':>5s} {'rl fwd/grad':>11s} "
+                f"{'ta fwd/grad':>11s}")
         rl, ta = t["robustlab"], t["torchattacks"]
         gap = 100 * (rl["robust_acc"] - ta["robust_acc"])
         ratio = rl["cpu"] / max(ta["cpu"], 1e-9)
@@ -210,9 +213,10 @@ def format_report(results: list[dict], args: argparse.Namespace, wall: float) ->
         def work(d: dict) -> str:
             return f"{d['images'] / n:.0f}/{d['grad_images'] / n:.0f}"
 
-        out(f"  {row.attack:9s} {row.budget:22s} {n:4d} {100 * r['clean']:5.1f}% {100 * rl['robust_acc']:8.1f}% "
-            f"{100 * ta['robust_acc']:8.1f}% {gap:+7.1f} {rl['cpu']:6.1f} ({rl['wall']:5.0f}) {ta['cpu']:6.1f} "
-            f"({ta['wall']:5.0f}) {ratio:5.2f} {work(rl):>12s} {work(ta):>12s}")
+        only = f"{int((rl['robust'] & ~ta['robust']).sum())}/{int((ta['robust'] & ~rl['robust']).sum())}"
+        out(f"  {row.attack:9s} {row.budget:21s} {n:4d} {100 * r['clean']:5.1f}% {100 * rl['robust_acc']:8.1f}% "
+            f"{100 * ta['robust_acc']:8.1f}% {gap:+7.1f} {only:>5s} {rl['cpu']:6.1f} ({rl['wall']:5.0f}) "
+            f"{ta['cpu']:6.1f} ({ta['wall']:5.0f}) {ratio:5.2f} {work(rl):>11s} {work(ta):>11s}")
         bad = [tool for tool in TOOLS if t[tool]["valid"] < 1.0]
         if bad:
             out("    outside the threat model (tol 1e-5): " + ", ".join(
@@ -239,17 +243,17 @@ def rows(args: argparse.Namespace) -> list[Row]:
     apgd_t = {"steps": steps, "n_target_classes": 9}
     out = [
         Row("mnist_pgd", "linf", 0.3, "0.3", "apgd-ce", args.n_mnist, apgd),
-        Row("mnist_pgd", "linf", 0.3, "0.3", "apgd-dlr", args.n_mnist_small, apgd),
+        Row("mnist_pgd", "linf", 0.3, "0.3", "apgd-dlr", args.n_mnist_dlr, apgd),
         Row("mnist_pgd", "linf", 0.3, "0.3", "apgd-t", args.n_mnist_targeted, apgd_t),
         Row("mnist_pgd", "linf", 0.3, "0.3", "square", args.n_mnist_square, {"queries": queries}),
         Row("cifar_std", "linf", 8 / 255, "8/255", "apgd-ce", args.n_cifar, apgd),
-        Row("cifar_std", "linf", 8 / 255, "8/255", "apgd-t", args.n_cifar_small, apgd_t),
-        Row("cifar_std", "linf", 8 / 255, "8/255", "square", args.n_cifar_small, {"queries": queries}),
+        Row("cifar_std", "linf", 8 / 255, "8/255", "apgd-t", args.n_cifar, apgd_t),
+        Row("cifar_std", "linf", 8 / 255, "8/255", "square", args.n_cifar_square, {"queries": queries}),
     ]
     if not args.no_l2:
         out += [
-            Row("mnist_pgd", "l2", 2.0, "2.0", "apgd-ce", args.n_mnist_small, apgd),
-            Row("mnist_pgd", "l2", 2.0, "2.0", "square", args.n_mnist_square // 2, {"queries": args.l2_queries}),
+            Row("mnist_pgd", "l2", 2.0, "2.0", "apgd-ce", args.n_mnist_l2, apgd),
+            Row("mnist_pgd", "l2", 2.0, "2.0", "square", max(1, args.n_mnist_l2 // 4), {"queries": args.l2_queries}),
         ]
     if args.only:
         wanted = {a.strip() for a in args.only.split(",")}
@@ -260,11 +264,12 @@ def rows(args: argparse.Namespace) -> list[Row]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n-mnist", type=int, default=500, help="MNIST examples for apgd-ce")
-    parser.add_argument("--n-mnist-small", type=int, default=200, help="MNIST examples for apgd-dlr and apgd-ce L2")
+    parser.add_argument("--n-mnist-dlr", type=int, default=300, help="MNIST examples for apgd-dlr")
     parser.add_argument("--n-mnist-targeted", type=int, default=100, help="MNIST examples for apgd-t")
-    parser.add_argument("--n-mnist-square", type=int, default=100, help="MNIST examples for square")
-    parser.add_argument("--n-cifar", type=int, default=200, help="CIFAR-10 examples for apgd-ce")
-    parser.add_argument("--n-cifar-small", type=int, default=100, help="CIFAR-10 examples for apgd-t and square")
+    parser.add_argument("--n-mnist-square", type=int, default=60, help="MNIST examples for square (Linf)")
+    parser.add_argument("--n-mnist-l2", type=int, default=200, help="MNIST examples for apgd-ce L2 (square L2: 1/4)")
+    parser.add_argument("--n-cifar", type=int, default=100, help="CIFAR-10 examples for apgd-ce and apgd-t")
+    parser.add_argument("--n-cifar-square", type=int, default=60, help="CIFAR-10 examples for square")
     parser.add_argument("--steps", type=int, default=100, help="APGD steps")
     parser.add_argument("--queries", type=int, default=5000, help="Square queries (Linf rows)")
     parser.add_argument("--l2-queries", type=int, default=1000, help="Square queries (L2 row)")
@@ -276,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "apgd_square_vs_peers.txt")
     args = parser.parse_args(argv)
     if args.quick:
-        args.n_mnist = args.n_mnist_small = 100
-        args.n_mnist_targeted, args.n_mnist_square, args.n_cifar, args.n_cifar_small = 50, 30, 30, 30
+        args.n_mnist = args.n_mnist_dlr = 100
+        args.n_mnist_targeted, args.n_mnist_square, args.n_mnist_l2, args.n_cifar, args.n_cifar_square = 50, 30, 80, 30, 30
         args.steps, args.queries, args.l2_queries = 20, 300, 300
     set_threads(args.threads)
     warnings.filterwarnings("ignore")

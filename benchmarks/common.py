@@ -253,9 +253,9 @@ def input_gradient_floor(model: nn.Module, points: list[torch.Tensor], y: torch.
     """The physical floor of a k-step gradient attack: one forward + backward to the input only at
     each of the k points (batches) given -- the iterates the attack visits (see ``pgd_iterates``).
 
-    The points matter: CPU kernels (max-pooling, convolutions) run measurably faster on clean MNIST
-    digits, which are 80% exact zeros, than on perturbed images, so k passes over the clean batch are
-    out of every attack's reach.
+    The points matter: CPU kernels (max-pooling, convolutions) can run faster on clean MNIST digits,
+    which are 80% exact zeros, than on perturbed images, and no attack evaluates the clean batch k
+    times.
     """
     for x in points:
         x_req = x.detach().requires_grad_(True)

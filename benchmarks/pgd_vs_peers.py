@@ -10,8 +10,10 @@ The claim under test (from the issue):
 
 The floor is one forward + backward (to the input only) at each of the k points PGD visits (a
 reference trajectory from the same kind of random start, computed untimed), not k passes over the
-clean images: CPU kernels run measurably faster on clean MNIST digits (80% exact zeros) than on
-perturbed images, so that would be out of every attack's reach (the report shows it for reference).
+clean images: CPU kernels can run faster on clean MNIST digits (80% exact zeros) than on perturbed
+images (on the development machine, max-pooling of SmallCNN up to 4x and the whole pass ~35% at batch
+200; about the same at batch 100), and no attack ever evaluates the clean images k times. The report
+shows the clean-image passes for reference.
 Times are process CPU time by default (``--clock``): other processes on a shared machine stretch wall
 time, not this process's CPU time.
 
@@ -188,13 +190,13 @@ def run_scenario(sc: Scenario, repeats: int, seed: int, clock: str) -> dict:
     survived = torch.stack(list(correct.values())).all(dim=0)
 
     # Speed: interleaved repeats; the floor over the points a PGD trajectory visits.
-    def timing(xb: torch.Tensor, yb: torch.Tensor) -> dict[str, dict]:
+    def timing(xb: torch.Tensor, yb: torch.Tensor, tools: tuple[str, ...] = TOOLS) -> dict[str, dict]:
         iterates = pgd_iterates(model, xb, yb, threat, sc.alpha, sc.steps, make_generator(seed, 1))
         contenders = {
             "floor": lambda: input_gradient_floor(model, iterates, yb),
             "forward": lambda: forward_pass(model, iterates[-1]),
         }
-        for tool in TOOLS:
+        for tool in tools:
             contenders[tool] = (lambda t: (lambda: attacks[t](xb, yb)))(tool)
         log(f"  timing {len(yb)} examples x {repeats} interleaved repeats ...")
         raw = time_interleaved(contenders, repeats)
@@ -202,7 +204,7 @@ def run_scenario(sc: Scenario, repeats: int, seed: int, clock: str) -> dict:
         # For reference, once: the same number of passes over the clean batch.
         clean = time_interleaved({"clean": lambda: input_gradient_floor(model, [xb] * sc.steps, yb)}, 1)
         out["floor@clean"] = clean["clean"][clock]
-        for tool in TOOLS:
+        for tool in tools:
             out[tool + "+verdict"] = out[tool] + (out["forward"] if tool in NEEDS_VERDICT else 0.0)
         return out
 
@@ -214,7 +216,9 @@ def run_scenario(sc: Scenario, repeats: int, seed: int, clock: str) -> dict:
         idx = survived.nonzero(as_tuple=True)[0][: sc.no_early_stop_batch]
         if len(idx) >= 10:
             xh, yh = x[idx].contiguous(), y[idx].contiguous()
-            hard = {"n": len(idx), "times": timing(xh, yh)}
+            # Against the peer that was fastest on the first batch (the others are far behind).
+            fastest = min(PEERS, key=lambda p: timed[p])
+            hard = {"n": len(idx), "times": timing(xh, yh, ("robustlab", fastest))}
             # How many of these points robustlab still breaks (each one cuts its work short).
             hard["broken_by_robustlab"] = int((predict(model, attacks["robustlab"](xh, yh)) != yh).sum())
     return {"scenario": sc, "clean": clean, "card": card, "fidelity": fidelity, "timing": timed, "time_batch": b,
@@ -236,8 +240,10 @@ def sign_test(only_peer: int, only_ours: int) -> float:
 def _speed_lines(t: dict, indent: str) -> tuple[list[str], dict[str, float]]:
     """Per-tool times and the ratios the budgets are about."""
     floor = t["floor"]
-    fastest = min(PEERS, key=lambda p: t[p])
-    fastest_v = min(PEERS, key=lambda p: t[p + "+verdict"])
+    tools = [tool for tool in TOOLS if tool in t]
+    peers = [tool for tool in PEERS if tool in t]
+    fastest = min(peers, key=lambda p: t[p])
+    fastest_v = min(peers, key=lambda p: t[p + "+verdict"])
     ratios = {
         "floor": t["robustlab"] / floor,
         "peer": t["robustlab"] / t[fastest],
@@ -247,9 +253,9 @@ def _speed_lines(t: dict, indent: str) -> tuple[list[str], dict[str, float]]:
         f"{indent}{'':13s} {'time (s)':>9s} {'x floor':>8s} {'rl / tool':>9s} {'+verdict':>9s} {'rl / tool':>9s}",
         f"{indent}{'floor':13s} {floor:9.3f} {1.0:8.2f}",
         f"{indent}{'floor@clean':13s} {t['floor@clean']:9.3f} {t['floor@clean'] / floor:8.2f}"
-        f"   (the same passes over the clean batch, one run: out of reach, see above)",
+        f"   (the same number of passes over the clean batch; one run, for reference)",
     ]
-    for tool in TOOLS:
+    for tool in tools:
         rt = "" if tool == "robustlab" else f"{t['robustlab'] / t[tool]:9.2f}"
         rv = "" if tool == "robustlab" else f"{t['robustlab+verdict'] / t[tool + '+verdict']:9.2f}"
         lines.append(f"{indent}{tool:13s} {t[tool]:9.3f} {t[tool] / floor:8.2f} {rt:>9s} "
@@ -330,7 +336,8 @@ def format_report(results: list[dict], args: argparse.Namespace, wall: float) ->
         hard = r["hard"]
         if hard:
             out(f"  no early stop: {hard['n']} examples that survive every tool's attack above "
-                f"(robustlab still breaks {hard['broken_by_robustlab']} of them with this seed):")
+                f"(robustlab still breaks {hard['broken_by_robustlab']} of them with this seed); "
+                "against the fastest peer above:")
             speed, ratios = _speed_lines(hard["times"], "    ")
             lines.extend(speed)
             tag = f"no early stop, {sc.title}"
@@ -360,7 +367,7 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
     out = [
         Scenario("mnist_std", "linf", 0.3, 0.01, 10, nm, bm, "0.3"),
         Scenario("mnist_pgd", "linf", 0.3, 0.01, 10, nm, bm, "0.3", no_early_stop_batch=bm),
-        Scenario("mnist_pgd", "linf", 0.3, 0.01, 40, max(1, nm // 2), max(1, bm // 2), "0.3",
+        Scenario("mnist_pgd", "linf", 0.3, 0.01, 40, max(1, 2 * nm // 5), max(1, bm // 2), "0.3",
                  no_early_stop_batch=max(1, bm // 2)),
         Scenario("cifar_std", "linf", 8 / 255, 2 / 255, 10, nc, bc, "8/255"),
     ]

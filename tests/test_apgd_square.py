@@ -1,4 +1,5 @@
-"""APGD (CE, DLR, targeted DLR) and the Square attack on a small CNN trained here on sklearn digits.
+"""APGD (CE, DLR, targeted DLR; Linf, L2, L1) and the Square attack (Linf, L2) on a small CNN
+trained here on sklearn digits.
 
 What is checked: the step-size checkpoints and the square-size schedule are the published ones;
 adversarial examples stay in the threat model and the success flags are what the model predicts;

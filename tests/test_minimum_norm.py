@@ -76,7 +76,7 @@ def test_projection_onto_hyperplane_in_box_is_exact(norm):
     np = pytest.importorskip("numpy")
     so = pytest.importorskip("scipy.optimize")
     gen = _gen(3)
-    n, dim = 40, 6
+    n, dim = 30, 6
     w = torch.randn(n, dim, generator=gen, dtype=torch.float64)
     w[::7, 2] = 0.0
     x = torch.rand(n, dim, generator=gen, dtype=torch.float64)
@@ -127,7 +127,7 @@ def linear():
         weight[:, :3] *= 8  # a few strong pixels, so the L1 optimum (one pixel) fits in the box too
         model[1].weight.copy_(weight)
         model[1].bias.zero_()
-    x = (0.5 + 0.03 * torch.randn(80, 1, 8, 8, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    x = (0.5 + 0.03 * torch.randn(50, 1, 8, 8, generator=gen, dtype=torch.float64)).clamp(0, 1)
     y = _predict(model, x)
     with torch.no_grad():
         z = model(x)
@@ -149,7 +149,7 @@ def linear():
             delta[rows, k] = best * w[rows, k].sign()
         point = x.flatten(1) + delta
         free = ((point >= 0) & (point <= 1)).all(dim=1)
-        assert int(free.sum()) >= 70
+        assert int(free.sum()) >= 45
         assert bool((_predict(model, (x.flatten(1) + 1.001 * delta).view_as(x)) != y).all())
         optimum[norm] = (best, free)
     return model, x, y, optimum
@@ -218,7 +218,7 @@ def test_fab_min_distances_match_pgd(cnn, norm):
     dist = ThreatModel(norm, 1.0).distance(fab.x_adv, x).masked_fill(~fab.success, float("inf"))
     for frac in (0.3, 0.6, 1.0):
         eps = frac * EPS[norm]
-        pgd = create_attack("pgd", ThreatModel(norm, eps), steps=50, restarts=2).run(model, x, y, _gen(1))
+        pgd = create_attack("pgd", ThreatModel(norm, eps), steps=40).run(model, x, y, _gen(1))
         fab_broken = correct & (dist <= eps)
         assert int(fab_broken.sum()) >= int((correct & pgd.success).sum()) - 1, (eps, int(fab_broken.sum()))
         clearly = correct & (dist <= eps / 1.1)
@@ -250,7 +250,7 @@ def test_fab_t_at_least_as_strong_as_fab(cnn, norm):
     model, x, y = cnn
     threat = ThreatModel(norm, 0.5 * EPS[norm])
     fab = create_attack("fab", threat, **FAST["fab"]).run(model, x, y, _gen())
-    fab_t = create_attack("fab-t", threat, steps=30, n_target_classes=9).run(model, x, y, _gen())
+    fab_t = create_attack("fab-t", threat, steps=15, n_target_classes=9).run(model, x, y, _gen())
     assert bool(threat.contains(fab_t.x_adv, x, tol=0).all())
     assert torch.equal(fab_t.success, _predict(model, fab_t.x_adv) != y)
     assert int(fab_t.success.sum()) >= int(fab.success.sum())
@@ -482,6 +482,7 @@ def test_targeted_cw_and_ead_hit_their_targets(cnn):
     model, x, y = cnn
     targets = (y + 1 + torch.randint(0, 9, y.shape, generator=_gen(2))) % 10
     for name, norm in (("cw", "l2"), ("ead", "l1")):
-        res = create_attack(name, ThreatModel(norm, 1.0), targeted=True, **FAST[name]).run(model, x, targets)
+        params = {**FAST[name], "binary_steps": 5, "steps": 30, "lr": 0.1}
+        res = create_attack(name, ThreatModel(norm, 1.0), targeted=True, **params).run(model, x, targets)
         assert torch.equal(res.success, _predict(model, res.x_adv) == targets)
         assert res.success.float().mean() >= 0.75, name  # chance: 0.1
