@@ -386,9 +386,10 @@ def test_cw_and_ead_counts(cnn, name, fista):
     line = create_attack(name, ThreatModel(norm, 1.0), **{**params, "line_search": 5}).run(model, x, y)
     assert torch.equal(line.gradients, res.gradients)
     assert torch.equal(line.forwards, res.forwards + 5 * (res.success & full).long())
-    assert bool((ThreatModel(norm, 1.0).distance(line.x_adv, x) <= ThreatModel(norm, 1.0).distance(res.x_adv, x)).all())
+    unit = ThreatModel(norm, 1.0)
+    assert bool((unit.distance(line.x_adv, x) <= unit.distance(res.x_adv, x)).all())
     # With abort_early, samples leave the inner loop early: fewer gradients, never more.
-    early = create_attack(name, ThreatModel(norm, 1.0), **{**params, "abort_early": True, "steps": 30}).run(model, x, y)
+    early = create_attack(name, unit, **{**params, "abort_early": True, "steps": 30}).run(model, x, y)
     assert bool((early.gradients <= rounds * 30).all()) and int(early.gradients.sum()) < rounds * 30 * len(y)
 
 

@@ -9,7 +9,6 @@ parameter gradient is computed or accumulated).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -20,6 +19,7 @@ from robustlab.checks import check_images, check_labels, check_logits
 from robustlab.errors import RobustlabError
 from robustlab.losses import get_loss
 from robustlab.models.mode import eval_mode
+from robustlab.params import coerce_param
 from robustlab.registry import Registry
 from robustlab.threat import NORMS, ThreatModel
 
@@ -70,7 +70,10 @@ class Attack:
             raise RobustlabError(f"attack {self.name!r} has no parameter {', '.join(unknown)}; its parameters: {known}")
         self.threat = threat
         self.targeted = bool(targeted)
-        self.params = {k: _coerce(self.name, k, params.get(k, d), d) for k, d in self.defaults.items()}
+        self.params = {
+            k: coerce_param(f"attack {self.name!r}", k, params.get(k, d), d, lower=k in self.choices)
+            for k, d in self.defaults.items()
+        }
         for key, allowed in self.choices.items():
             if self.params[key] not in allowed:
                 raise RobustlabError(
@@ -155,36 +158,6 @@ class Attack:
     def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return check_logits(model(x), x.shape[0])
-
-
-def _coerce(attack: str, key: str, value: Any, default: Any) -> Any:
-    """Give a parameter the type of its default (ints stay ints, "true" becomes True, ...)."""
-    bad = RobustlabError(f"attack {attack!r}: {key}={value!r} should be like {default!r}")
-    if value is None:
-        return None
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        if isinstance(value, (int, float)) and value in (0, 1):
-            return bool(value)
-        raise bad
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
-            raise bad
-        return int(value)
-    if isinstance(default, float) or default is None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            if default is None and isinstance(value, str):
-                return value
-            raise bad
-        return float(value)
-    if isinstance(default, str):
-        if not isinstance(value, str):
-            raise bad
-        return value.lower()
-    return value
 
 
 ATTACKS: Registry[type[Attack]] = Registry("attack")

@@ -153,7 +153,8 @@ class CarliniWagnerL2(Attack):
                         keep &= window <= 0.9999 * prev
                         prev, window = torch.minimum(prev, window), torch.full_like(window, math.inf)
                 if not bool(keep.all()):
-                    idx, w_base, target, ref, yy, c = idx[keep], w_base[keep], target[keep], ref[keep], yy[keep], c[keep]
+                    idx, w_base, target, ref = idx[keep], w_base[keep], target[keep], ref[keep]
+                    yy, c = yy[keep], c[keep]
                     delta, m1, m2, g = delta[keep], m1[keep], m2[keep], g[keep]
                     prev, window = prev[keep], window[keep]
                     if idx.numel() == 0:
@@ -171,4 +172,5 @@ class CarliniWagnerL2(Attack):
 
     def _is_adversarial(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Misclassified (or the target hit) with a margin of at least ``confidence``."""
-        return self.is_success(logits, labels) & (cw_margin(logits, labels, self.targeted) >= self.params["confidence"])
+        margin = cw_margin(logits, labels, self.targeted)
+        return self.is_success(logits, labels) & (margin >= self.params["confidence"])

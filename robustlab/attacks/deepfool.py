@@ -24,7 +24,9 @@ from robustlab.errors import RobustlabError
 from robustlab.threat import norms
 
 
-def forward_for_gradients(model: nn.Module, x: torch.Tensor, with_graph: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_for_gradients(
+    model: nn.Module, x: torch.Tensor, with_graph: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x_leaf, logits)``: a forward pass on a fresh leaf copy of ``x``; with ``with_graph`` the
     logits keep the graph back to ``x_leaf`` (and nothing else: the model's parameters are not
     differentiated), so input gradients can follow."""

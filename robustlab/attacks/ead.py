@@ -63,8 +63,8 @@ class EAD(Attack):
     step size; beta: the L1 weight (also the shrinkage threshold); confidence: the margin kappa an
     adversarial must clear; initial_const: the first ``c``; decision_rule: ``l1`` or ``en``;
     fista: Nesterov momentum (else plain ISTA); abort_early: a sample without an adversarial in
-    the current round leaves it once its objective stalls; line_search: final bisection steps towards the clean image (one forward pass
-    each).
+    the current round leaves it once its objective stalls; line_search: final bisection steps
+    towards the clean image (one forward pass each).
 
     Returns the best adversarial per sample under the decision rule (``success`` = found, wherever
     it lies); samples without one come back unchanged.
@@ -145,7 +145,8 @@ class EAD(Attack):
 
     def _is_adversarial(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Misclassified (or the target hit) with a margin of at least ``confidence``."""
-        return self.is_success(logits, labels) & (cw_margin(logits, labels, self.targeted) >= self.params["confidence"])
+        margin = cw_margin(logits, labels, self.targeted)
+        return self.is_success(logits, labels) & (margin >= self.params["confidence"])
 
     def _record(self, rec: "_Record", s: dict, point: torch.Tensor, out: torch.Tensor, stall_test: bool) -> dict:
         """Keep the misclassified ``point`` rows that beat the best under the decision rule; with

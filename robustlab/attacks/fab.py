@@ -271,7 +271,8 @@ class FAB(Attack):
                 if stop_at is not None:
                     keep = st.best_norm[idx] > stop_at
                     if not bool(keep.all()):
-                        idx, x0, y0, classes, x_cur, adv = idx[keep], x0[keep], y0[keep], classes[keep], x_cur[keep], adv[keep]
+                        idx, x0, y0, classes = idx[keep], x0[keep], y0[keep], classes[keep]
+                        x_cur, adv = x_cur[keep], adv[keep]
                         if idx.numel() == 0:
                             return
                 # The backward step: continue from closer to the clean point.

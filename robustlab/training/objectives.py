@@ -19,7 +19,6 @@ fraction of the run over which epsilon, and the step size with it, grow linearly
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import torch
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 
 from robustlab.attacks import create_attack
 from robustlab.errors import RobustlabError
+from robustlab.params import coerce_param
 from robustlab.models.mode import eval_mode
 from robustlab.registry import Registry
 from robustlab.threat import ThreatModel
@@ -65,7 +65,10 @@ class Objective:
             known = ", ".join(sorted(self.defaults)) or "none"
             raise RobustlabError(f"recipe {self.name!r} has no parameter {', '.join(unknown)}; its parameters: {known}")
         self.threat = threat
-        self.params = {k: self._coerce(k, params.get(k, d), d) for k, d in self.defaults.items()}
+        self.params = {
+            k: coerce_param(f"recipe {self.name!r}", k, params.get(k, d), d, lower=k in self.choices)
+            for k, d in self.defaults.items()
+        }
         for key, allowed in self.choices.items():
             if self.params[key] not in allowed:
                 raise RobustlabError(
@@ -138,31 +141,6 @@ class Objective:
         if alpha is None:
             return default_factor * self.current_threat().eps
         return float(alpha) * self.ramp()
-
-    def _coerce(self, key: str, value: Any, default: Any) -> Any:
-        """Give a parameter the type of its default (ints stay ints, "true" becomes True, ...)."""
-        bad = RobustlabError(f"recipe {self.name!r}: {key}={value!r} should be like {default!r}")
-        if value is None:
-            return None
-        if isinstance(default, bool):
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-                return value.lower() in ("true", "1", "yes")
-            raise bad
-        if isinstance(default, int):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
-                raise bad
-            return int(value)
-        if isinstance(default, float) or default is None:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise bad
-            return float(value)
-        if isinstance(default, str):
-            if not isinstance(value, str):
-                raise bad
-            return value.lower() if key in self.choices else value
-        return value
 
 
 OBJECTIVES: Registry[type[Objective]] = Registry("training recipe")
