@@ -187,7 +187,7 @@ def format_report(results: list[dict], args: argparse.Namespace, wall: float) ->
     out(f"seed {args.seed}; each tool runs once per scenario on the same examples (the correctly classified "
         "ones among the first n); time = that run")
     out("distances count only for points misclassified by a fresh forward pass and inside [0, 1]; "
-        "median over all attacked examples (failure = inf), mean over the examples every tool breaks")
+        "median over all attacked examples (failure = inf), mean* over the examples both tools break")
     checks: list[tuple[str, bool, str]] = []
     for r in results:
         sc: Scenario = r["scenario"]
