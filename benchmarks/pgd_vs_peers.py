@@ -29,8 +29,8 @@ returned batch; the returned points are also checked to lie in the threat model.
 
 robustlab's PGD stops attacking a sample once it is misclassified and keeps that first success, so it
 spends less time than the floor on models that break easily. To keep the floor ratio honest the run
-also times every tool on a batch of points that survive the attack on the PGD-trained model, where
-(almost) nothing stops early.
+also times robustlab, the floor and the fastest peer on a batch of points that survive every tool's
+attack on the PGD-trained model, where (almost) nothing stops early.
 
 Usage: python benchmarks/pgd_vs_peers.py [--n-mnist 1000] [--n-cifar 500] [--threads 1] [--quick]
 The report is printed and written to benchmarks/results/pgd_vs_peers.txt.
@@ -55,8 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
     RESULTS,
     environment,
-    get_model,
     forward_pass,
+    get_model,
     input_gradient_floor,
     load_split,
     log,

@@ -218,10 +218,7 @@ class _APGD(Attack):
                 f = f[keep]
             if k == 0:
                 continue
-            if k == 1 and __import__("os").environ.get("APGD_QUIRK") == "1":
-                s["n_up"] += f > 0
-            else:
-                s["n_up"] += f > s["f_prev"]
+            s["n_up"] += f > s["f_prev"]
             s["f_prev"] = f
             better = f > s["f_best"]
             s["f_best"] = torch.where(better, f, s["f_best"])

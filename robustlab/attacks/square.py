@@ -201,7 +201,7 @@ class Square(Attack):
                     dn = buf_d[:m]
                     norm_new = self._l2_step(x0f, xbf, dbf, norm_best, tables.get(s), s, u, xn, dn, h, w)
                 else:
-                    self._linf_step(x0f, xbf, x_plus, x_minus, tables.get(s), s, u, xn, h, w)
+                    self._linf_step(xbf, x_plus, x_minus, tables.get(s), s, u, xn, h, w)
                 logits = model(xn.view(m, c, h, w))
                 margin = cw_margin(logits, y0, targeted)
                 better = margin > margin_best
@@ -242,7 +242,7 @@ class Square(Attack):
         vw = (u[:, col + 1] * (w - s + 1)).long()
         return vh, vw, (vh * w + vw).unsqueeze(1) + offsets
 
-    def _linf_step(self, x0f, xbf, x_plus, x_minus, table, s, u, xn, h, w) -> None:
+    def _linf_step(self, xbf, x_plus, x_minus, table, s, u, xn, h, w) -> None:
         """A square of side s at a random position: each channel of it moves to +eps or -eps (per
         sample and channel). Writes the query into ``xn``."""
         offsets, chan = table[0], table[1]
