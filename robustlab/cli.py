@@ -92,9 +92,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from robustlab import distributed
     from robustlab.attacks.base import parse_attack_spec
     from robustlab.data import load_dataset
-    from robustlab.models import ModelCard, create_model, save_checkpoint
+    from robustlab.models import ModelCard, convert_to_dual_bn, create_model, save_checkpoint, set_bn_branch
     from robustlab.threat import ThreatModel
-    from robustlab.training import OBJECTIVES, TrainConfig, accuracy, create_objective, split_holdout, train
+    from robustlab.training import (
+        OBJECTIVES, TrainConfig, accuracy, create_objective, load_unlabeled, split_holdout, train,
+    )
 
     # Under torchrun: data-parallel training, every rank holds the same weights; rank 0 writes and prints.
     distributed.init_from_env()
@@ -104,6 +106,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     threat = ThreatModel(args.norm, args.eps) if args.eps is not None else None
     if recipe.adversarial and threat is None:
         raise RobustlabError(f"recipe {name!r} trains against a threat model: give --eps (and --norm, default linf)")
+    _check_train_flags(args, name, recipe)
     objective = create_objective(name, threat, **params)
     if args.n is not None and args.n < 1:
         raise RobustlabError(f"--n must be >= 1, got {args.n}")
@@ -112,6 +115,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     test = load_dataset(args.data, "test", root=args.data_root)
     if args.n:
         data = data.subset(args.n)
+    unlabeled = None
+    if args.unlabeled:
+        fraction = 0.5 if args.unlabeled_fraction is None else args.unlabeled_fraction
+        unlabeled = load_unlabeled(args.unlabeled, data, fraction, root=args.data_root)
     # Held-out validation: by default 10% of the training data (at most 256 images) when there is a
     # threat model to validate against, none otherwise (plain standard training stays as it was).
     val_n = args.val_n if args.val_n is not None else (min(256, len(data) // 10) if threat is not None else 0)
@@ -130,7 +137,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     state_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_name(out.stem + ".train")
     what = f"{name} ({', '.join(f'{k}={v}' for k, v in objective.params.items())})" if objective.params else name
     say(f"{'resuming' if args.resume else 'training'} {args.model} on {data.name} ({len(data)} images"
-         f"{f', {val_n} held out for validation' if val_n else ''}) with {what}"
+         f"{f', {val_n} held out for validation' if val_n else ''}"
+         f"{f'; {len(unlabeled)} unlabeled from {unlabeled.name}' if unlabeled is not None else ''}) with {what}"
          f"{f' at {threat}' if threat else ''} for {args.epochs} epochs on {device}; state in {state_dir}")
 
     def report(r: dict[str, Any]) -> None:
@@ -143,9 +151,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     model = create_model(args.model, num_classes=data.num_classes, in_channels=data.image_shape[0])
+    dual_bn = None
+    if recipe.needs_dual_bn:  # clean and adversarial BatchNorm branches; validation and test use --bn's
+        dual_bn = {"test_branch": args.bn or "clean"}
+        set_bn_branch(convert_to_dual_bn(model), dual_bn["test_branch"])
     t0 = time.perf_counter()
     history = train(model, data, config, objective, device=device, on_epoch=report, val_data=val_data,
-                    threat=threat, checkpoint_dir=state_dir, resume=args.resume)
+                    threat=threat, checkpoint_dir=state_dir, resume=args.resume, unlabeled=unlabeled)
     seconds = time.perf_counter() - t0
     if not distributed.is_main():
         return 0
@@ -173,8 +185,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             training={"recipe": name, "recipe_params": objective.config()["params"],
                       "threat": threat.to_dict() if threat else None, **config.to_dict(),
                       "seconds": round(seconds, 1), "resumed": bool(args.resume), "history": list(history),
-                      "summary": summary, "validation": validation, **extra},
+                      "summary": summary, "validation": validation,
+                      **({"unlabeled": {"spec": args.unlabeled, **unlabeled.describe()}} if unlabeled else {}),
+                      **extra},
             clean_accuracy=acc,
+            dual_bn=dual_bn,
             robust_accuracy=robust,
             notes=f"clean accuracy measured on {test.name}:test ({len(test)} images)"
             + (f"; robust accuracy: PGD-{args.val_steps} on the {val_n} held-out training images" if robust else ""),
@@ -193,6 +208,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_train_flags(args: argparse.Namespace, name: str, recipe: Any) -> None:
+    """Flags that only some recipes take: refuse them elsewhere, and require what a recipe needs."""
+    if args.unlabeled and not recipe.uses_unlabeled:
+        raise RobustlabError(f"--unlabeled: recipe {name!r} does not train on unlabeled data (use rst or uat)")
+    if recipe.uses_unlabeled and not args.unlabeled:
+        raise RobustlabError(f"recipe {name!r} trains on extra unlabeled images: give --unlabeled NAME[:SPLIT] or a folder")
+    if args.unlabeled_fraction is not None and not args.unlabeled:
+        raise RobustlabError("--unlabeled-fraction needs --unlabeled")
+    if args.bn is not None and not recipe.needs_dual_bn:
+        raise RobustlabError(f"--bn chooses a branch of dual batch norm, which recipe {name!r} does not train (use dual-bn)")
+
+
 # ---------------------------------------------------------------------- eval
 
 
@@ -203,6 +230,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from robustlab.bench.store import ResultsStore
     from robustlab.data import load_dataset
     from robustlab.models import load_model
+    from robustlab.models.dual_bn import current_bn_branch
     from robustlab.threat import ThreatModel
 
     threat = ThreatModel(args.norm, args.eps)
@@ -215,18 +243,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = _device(args.device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        loaded = load_model(args.model, device=device)
+        loaded = load_model(args.model, device=device, bn_branch=args.bn)
     for w in caught:
         _say(f"robustlab: warning: {w.message}")
     model = loaded.model.to(device)
     info = {"source": loaded.source, "spec": args.model, "card": loaded.card.to_dict() if loaded.card else None}
+    extra: dict[str, Any] = {"classes": list(data.classes)}
+    branch = current_bn_branch(model)
+    if branch is not None:  # a dual-BN model: which branch was evaluated is part of the run
+        info["bn_branch"] = extra["bn_branch"] = branch
     options = EvalOptions(
         eps_grid=tuple(args.eps_grid or ()),
         steps_grid=args.steps_grid,
         seed=args.seed,
         batch_size=args.batch_size,
         sanity=not args.no_sanity,
-        extra={"classes": list(data.classes)},
+        extra=extra,
     )
     # Under torchrun: every rank attacks its share of the batches; rank 0 owns the store and prints.
     distributed.init_from_env()
@@ -402,7 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--n", type=int, help="train on the first N training images")
     t.add_argument("--recipe", default="standard", metavar="NAME[:key=value,...]",
                    help="training objective: standard, pgd-at, trades, mart, fgsm-at, fast-at, n-fgsm, alp, clp, vat, "
-                        "gradient-reg, distillation (teacher=PATH), curriculum-at; e.g. trades:beta=6,steps=10 "
+                        "gradient-reg, distillation (teacher=PATH), curriculum-at, dual-bn (clean and adversarial "
+                        "BatchNorm), rst (teacher=PATH), uat (with --unlabeled), mma (max-margin) and dynamic-at (FOSC-stopped "
+                        "PGD); e.g. trades:beta=6,steps=10 "
                         "(default standard)")
     t.add_argument("--norm", default="linf", help="threat model norm: linf, l2 or l1 (default linf)")
     t.add_argument("--eps", type=_argument_type(_number),
@@ -438,6 +472,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-dir", help="where the training state is saved after every epoch (default: OUT "
                                             "without suffix + .train)")
     t.add_argument("--resume", action="store_true", help="continue a killed run from its saved training state")
+    t.add_argument("--unlabeled", metavar="SPEC",
+                   help="extra unlabeled images for rst/uat: a data set NAME[:SPLIT] (labels ignored; default split "
+                        "train; read from --data-root) or a folder of images")
+    t.add_argument("--unlabeled-fraction", type=_argument_type(_number), metavar="F",
+                   help="share of each batch drawn from --unlabeled, in (0, 1) (default 0.5)")
+    t.add_argument("--bn", choices=["clean", "adv"],
+                   help="dual-bn recipe: the BatchNorm branch used for validation and at test time, recorded in the "
+                        "card (default clean)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate clean and robust accuracy under an attack ensemble")
@@ -463,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--db", default=DEFAULT_DB, help=f"results store (SQLite), default {DEFAULT_DB}")
     e.add_argument("--resume", action="store_true", help="continue an unfinished run with the same configuration")
     e.add_argument("--no-sanity", action="store_true", help="skip the gradient-masking sanity checks")
+    e.add_argument("--bn", choices=["clean", "adv"],
+                   help="for a model with dual batch norm: evaluate this branch (default: the card's test_branch)")
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     e.set_defaults(func=cmd_eval)
 

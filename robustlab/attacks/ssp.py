@@ -170,13 +170,9 @@ class FolderResult:
 
 
 def _list_images(folder: Path) -> list[Path]:
-    from robustlab.data.image_folder import IMAGE_EXTENSIONS
+    from robustlab.data.image_folder import list_images
 
-    return sorted(
-        p for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    return list_images(folder)
 
 
 def _to_uint8(x_adv: torch.Tensor, x: torch.Tensor) -> np.ndarray:

@@ -65,6 +65,31 @@ def load_image_folder(split: str, root: Path | None = None, image_size: int | No
     return ImageDataset("imagefolder", split, x, torch.from_numpy(y), [d.name for d in class_dirs])
 
 
+def list_images(folder: Path) -> list[Path]:
+    """Every image file below ``folder`` (sub-folders included, hidden ones skipped), sorted."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def load_unlabeled_images(folder: str | Path, image_size: int | None = None) -> torch.Tensor:
+    """Every image below ``folder`` (any layout; class folders, if any, are ignored), as float32
+    (N, C, H, W) in [0, 1], in sorted path order. ``image_size`` resizes to (image_size,
+    image_size) pixels; without it all images must share one size. Grayscale is kept when every
+    image is grayscale, else all become RGB."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise RobustlabError(f"image folder {folder} does not exist or is not a folder")
+    files = list_images(folder)
+    if not files:
+        raise RobustlabError(f"no images in {folder} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return uint8_images_to_tensor(_stack([_read_image(p, image_size) for p in files], files), str(folder))
+
+
 def _split_folder(root: Path, split: str) -> Path:
     if (root / split).is_dir():
         return root / split

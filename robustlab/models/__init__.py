@@ -5,6 +5,7 @@ Every model maps float NCHW images in [0, 1] to logits; normalization is its fir
 
 from robustlab.models import resnet, small, wideresnet  # noqa: F401  (register the architectures)
 from robustlab.models.checkpoint import ModelCard, load_checkpoint, save_checkpoint
+from robustlab.models.dual_bn import DualBatchNorm, bn_branch, convert_to_dual_bn, set_bn_branch
 from robustlab.models.loading import LoadedModel, load_model
 from robustlab.models.mode import eval_mode, training_modules
 from robustlab.models.normalize import Normalize
@@ -12,9 +13,12 @@ from robustlab.models.registry import MODELS, create_model, list_models, model_c
 
 __all__ = [
     "MODELS",
+    "DualBatchNorm",
     "LoadedModel",
     "ModelCard",
     "Normalize",
+    "bn_branch",
+    "convert_to_dual_bn",
     "create_model",
     "eval_mode",
     "list_models",
@@ -23,5 +27,6 @@ __all__ = [
     "model_config",
     "register_model",
     "save_checkpoint",
+    "set_bn_branch",
     "training_modules",
 ]

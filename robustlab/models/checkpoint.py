@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from robustlab.errors import RobustlabError
+from robustlab.models.dual_bn import BRANCHES, convert_to_dual_bn, has_dual_bn, set_bn_branch
 from robustlab.models.registry import create_model, resolve_config
 
 WEIGHTS_SUFFIX = ".safetensors"
@@ -49,6 +50,9 @@ class ModelCard:
     input_size is (H, W) in pixels; mean/std are per channel in [0, 1] pixel units; clean_accuracy is
     a fraction in [0, 1]; robust_accuracy maps a threat description (e.g. "linf:8/255") to a
     fraction; sha256 is the hex digest of the weights file (filled in by ``save_checkpoint``).
+    dual_bn is None for a plain model, or ``{"test_branch": "clean" | "adv"}`` for one whose
+    BatchNorm layers are split into clean and adversarial branches (``robustlab.models.dual_bn``;
+    the weights hold both, the model is rebuilt with both and uses ``test_branch``).
     """
 
     architecture: str
@@ -66,6 +70,7 @@ class ModelCard:
     created: str = field(default_factory=_now)
     sha256: str = ""
     notes: str = ""
+    dual_bn: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -83,6 +88,13 @@ class ModelCard:
             self.arch_kwargs = json.loads(json.dumps(self.arch_kwargs))
         except (TypeError, ValueError) as exc:
             raise RobustlabError(f"model card: arch_kwargs must be JSON-serializable: {exc}") from None
+        if self.dual_bn is not None:
+            if not isinstance(self.dual_bn, dict) or self.dual_bn.get("test_branch") not in BRANCHES:
+                raise RobustlabError(
+                    f"model card: dual_bn must be null or {{\"test_branch\": one of {', '.join(BRANCHES)}}}, "
+                    f"got {self.dual_bn!r}"
+                )
+            self.dual_bn = json.loads(json.dumps(self.dual_bn))
         if self.num_classes < 1 or self.in_channels < 1:
             raise RobustlabError("model card: num_classes and in_channels must be >= 1")
         if not len(self.mean) == len(self.std) == self.in_channels:
@@ -172,7 +184,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _build(card: ModelCard) -> nn.Module:
-    return create_model(
+    model = create_model(
         card.architecture,
         num_classes=card.num_classes,
         in_channels=card.in_channels,
@@ -180,6 +192,9 @@ def _build(card: ModelCard) -> nn.Module:
         std=card.std,
         **card.arch_kwargs,
     )
+    if card.dual_bn is not None:  # both branches, the test-time one selected
+        set_bn_branch(convert_to_dual_bn(model), card.dual_bn["test_branch"])
+    return model
 
 
 def _compare_keys(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], what: str) -> None:
@@ -220,6 +235,12 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike[str], card: ModelC
     """
     weights = _weights_path(path)
     model = _unwrap(model)
+    if has_dual_bn(model) != (card.dual_bn is not None):
+        raise RobustlabError(
+            "the model has dual batch norm but its card has no dual_bn field (set dual_bn={'test_branch': "
+            "'clean'} or 'adv')" if card.dual_bn is None else
+            "the card says dual_bn but the model has no dual batch norm (convert it with convert_to_dual_bn)"
+        )
     state = model.state_dict()
     expected = _build(card).state_dict()  # (meta-device building would cost seconds of one-time setup)
     _compare_keys(
@@ -313,7 +334,9 @@ def _align_keys(state: dict[str, torch.Tensor], expected: Mapping[str, torch.Ten
 def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
     """Load a checkpoint: weights (``X.safetensors``, or a raw state dict in ``X.pt``/``X.pth``)
     plus the card ``X.json`` beside them. The weights' sha256 is checked against the card; the model
-    is rebuilt from the card, loaded strictly, moved to ``device`` and returned in eval mode."""
+    is rebuilt from the card, loaded strictly, moved to ``device`` and returned in eval mode. A
+    dual-BN checkpoint (card field ``dual_bn``) comes back with both branches, routed through the
+    card's ``test_branch`` (change it with ``robustlab.models.dual_bn.set_bn_branch``)."""
     p = Path(path)
     if p.suffix == CARD_SUFFIX:
         p = p.with_suffix(WEIGHTS_SUFFIX)

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from robustlab.errors import RobustlabError
 from robustlab.models.checkpoint import CARD_SUFFIX, TORCH_SUFFIXES, WEIGHTS_SUFFIX, ModelCard, load_checkpoint
+from robustlab.models.dual_bn import set_bn_branch
 from robustlab.models.registry import MODELS, create_model, list_models
 from robustlab.models.zoo import PREFIX, load_zoo_model
 
@@ -123,11 +124,22 @@ def split_entry_point(spec: str) -> tuple[str, str] | None:
     return None
 
 
-def load_model(spec: str, device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(spec: str, device: str | torch.device = "cpu", bn_branch: str | None = None) -> LoadedModel:
     """Load a model from ``spec``: a checkpoint path (``.safetensors``/``.pt``/``.pth`` with its
     ``.json`` card), an entry point (``file.py:fn`` or ``package.module:fn``, called with no
     arguments) or a registry name (random weights; warns). The model is moved to ``device`` and put
-    in eval mode. Raises RobustlabError for anything else, listing the accepted forms."""
+    in eval mode. Raises RobustlabError for anything else, listing the accepted forms.
+
+    bn_branch: for a model with dual batch norm, the branch to use (``clean`` or ``adv``); None keeps
+    the card's ``test_branch`` (clean unless the trainer chose otherwise). Giving it for a model
+    without dual batch norm is a RobustlabError."""
+    loaded = _load(spec, device)
+    if bn_branch is not None:
+        set_bn_branch(loaded.model, bn_branch)
+    return loaded
+
+
+def _load(spec: str, device: str | torch.device) -> LoadedModel:
     if not isinstance(spec, str) or not spec.strip():
         raise RobustlabError(f"empty model spec; {_forms()}")
     spec = spec.strip()

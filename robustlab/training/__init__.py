@@ -5,6 +5,12 @@ from robustlab.training.ema import ModelEMA
 from robustlab.training.loop import TrainConfig, TrainHistory, accuracy, standard_objective, train
 from robustlab.training.monitor import detect_catastrophic_overfitting, robust_validation, split_holdout
 from robustlab.training.objectives import OBJECTIVES, Objective, create_objective, register_objective
+from robustlab.training.unlabeled import UnlabeledData, load_unlabeled
+
+# Importing these modules registers their recipes in OBJECTIVES.
+from robustlab.training import advprop as _advprop  # noqa: E402,F401  (dual-bn)
+from robustlab.training import semisupervised as _semisupervised  # noqa: E402,F401  (rst, uat)
+from robustlab.training.adaptive import fosc  # also registers the mma and dynamic-at recipes
 
 __all__ = [
     "OBJECTIVES",
@@ -12,9 +18,12 @@ __all__ = [
     "Objective",
     "TrainConfig",
     "TrainHistory",
+    "UnlabeledData",
     "accuracy",
     "create_objective",
     "detect_catastrophic_overfitting",
+    "fosc",
+    "load_unlabeled",
     "register_objective",
     "robust_validation",
     "split_holdout",

@@ -40,6 +40,7 @@ from robustlab.training.ema import ModelEMA
 from robustlab.training.monitor import detect_catastrophic_overfitting, robust_validation, split_holdout
 from robustlab.training.objectives import Objective
 from robustlab.training.schedules import SCHEDULES, make_lr_lambda
+from robustlab.training.unlabeled import UnlabeledData, UnlabeledSampler
 
 LegacyObjective = Callable[[nn.Module, torch.Tensor, torch.Tensor], Any]
 ObjectiveLike = Union[Objective, LegacyObjective]
@@ -197,6 +198,7 @@ def train(
     threat: ThreatModel | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
+    unlabeled: UnlabeledData | None = None,
 ) -> TrainHistory:
     """Train ``model`` in place on ``data`` with ``objective``; returns the :class:`TrainHistory`.
 
@@ -207,6 +209,12 @@ def train(
     the training state is written after every epoch (safetensors + JSON); resume: continue the run
     saved there (same data, config and objective required), to the weights an uninterrupted run
     would reach. on_epoch is called with each epoch's record after its checkpoint is written.
+
+    unlabeled: extra images for recipes that use them (``uses_unlabeled``: ``rst``, ``uat``). Each
+    batch of ``config.batch_size`` then holds ``unlabeled.per_batch(batch_size)`` of them (drawn by
+    an :class:`~robustlab.training.unlabeled.UnlabeledSampler` whose cursor is part of the saved
+    state) and the rest labeled images; an epoch is one pass over the labeled data. The unlabeled
+    images carry the labels ``objective.label_unlabeled`` gives them once before training.
     """
     config.validate()
     device = torch.device(device)
@@ -222,6 +230,14 @@ def train(
     if config.co_detection and (val_data is None or threat is None):
         raise RobustlabError("catastrophic-overfitting detection needs a validation set (val_n > 0) and a threat model")
     co_on = co_on and threat is not None
+    uses_unlabeled = bool(getattr(objective, "uses_unlabeled", False))
+    recipe = getattr(objective, "name", "the objective")
+    if unlabeled is not None and not uses_unlabeled:
+        raise RobustlabError(f"recipe {recipe!r} does not train on unlabeled data; use rst or uat with unlabeled images")
+    if unlabeled is None and uses_unlabeled:
+        raise RobustlabError(f"recipe {recipe!r} trains on extra unlabeled images: give them (--unlabeled SPEC)")
+    unl_per_batch = unlabeled.per_batch(config.batch_size) if unlabeled is not None else 0
+    labeled_per_batch = config.batch_size - unl_per_batch
 
     world, rank = distributed.world_size(), distributed.rank()
     if world > 1:  # under torchrun every rank starts from rank 0's weights
@@ -231,7 +247,7 @@ def train(
         opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
     else:
         opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = (len(data) + config.batch_size - 1) // config.batch_size
+    steps_per_epoch = (len(data) + labeled_per_batch - 1) // labeled_per_batch
     total = config.epochs * steps_per_epoch
     warmup = int(round(config.warmup_epochs * steps_per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -246,6 +262,10 @@ def train(
         "objective": _json_normal(objective_config(objective)),
         "data": {"name": data.name, "train_n": len(data), "val_n": len(val_data) if val_data is not None else 0},
     }
+    sampler = None
+    if unlabeled is not None:
+        identity["data"]["unlabeled"] = unlabeled.describe()
+        sampler = UnlabeledSampler(len(unlabeled), config.seed)
     summary: dict[str, Any] = {"stop_reason": None, "catastrophic_overfitting": None, "co_monitor": co_on}
     start_epoch = 0
 
@@ -272,6 +292,8 @@ def train(
         history.extend(meta["history"])
         summary.update(meta.get("summary", {}))
         start_epoch = int(meta["epoch"])
+        if sampler is not None:
+            sampler.load_state_dict(meta["unlabeled_sampler"])
         if meta.get("finished"):
             return _finish(history, summary, ema)
 
@@ -297,8 +319,12 @@ def train(
             "rng": {"seed": config.seed, "scheme": "per-epoch and per-batch generators from (seed, epoch, batch)"},
             "finished": finished,
         }
+        if sampler is not None:
+            meta["unlabeled_sampler"] = sampler.state_dict()
         train_state.save_state(checkpoint_dir, epoch, tensors, meta)
 
+    if unlabeled is not None:  # labels (pseudo-labels, or -1 for none) computed once, before training
+        unl_labels = objective.label_unlabeled(unlabeled.x, device).to("cpu", torch.long)
     rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     stop = None
     with torch.random.fork_rng(devices=rng_devices):
@@ -314,15 +340,19 @@ def train(
             for i in bar:
                 if isinstance(objective, Objective):
                     objective.set_progress(epoch, (epoch * steps_per_epoch + i) / total)
-                idx = order[i * config.batch_size : (i + 1) * config.batch_size]
-                batch_n = len(idx)
+                idx = order[i * labeled_per_batch : (i + 1) * labeled_per_batch]
+                uidx = sampler.draw(unl_per_batch) if sampler is not None else idx[:0]
+                batch_n = len(idx) + len(uidx)
                 if world > 1:  # data parallel: each rank takes its share of the global batch
-                    idx = idx[rank::world]
-                x, y = data.x[idx].to(device, non_blocking=True), data.y[idx].to(device, non_blocking=True)
+                    idx, uidx = idx[rank::world], uidx[rank::world]
+                x, y = data.x[idx], data.y[idx]
+                if sampler is not None:  # labeled images first, then this batch's unlabeled ones
+                    x, y = torch.cat([x, unlabeled.x[uidx]]), torch.cat([y, unl_labels[uidx]])
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if config.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 generator = make_generator(config.seed, epoch, i, device=device)
-                if len(idx) == 0:  # a rank whose share of a short last batch is empty still joins the sum
+                if x.shape[0] == 0:  # a rank whose share of a short last batch is empty still joins the sum
                     loss, logs = sum((p * 0).sum() for p in params), {}
                 else:
                     with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
@@ -333,7 +363,7 @@ def train(
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if world > 1:  # the gradient of the global batch's mean loss, identical on every rank
-                    distributed.average_gradients(params, len(idx) / batch_n)
+                    distributed.average_gradients(params, x.shape[0] / batch_n)
                 if config.grad_clip is not None:
                     scaler.unscale_(opt)
                     torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -343,7 +373,7 @@ def train(
                 sched.step()
                 if ema is not None:
                     ema.update(model)
-                n = len(idx)
+                n = x.shape[0]
                 loss_sum += value * n
                 seen += n
                 for key, v in logs.items():

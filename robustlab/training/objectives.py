@@ -40,13 +40,42 @@ def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (logits.detach().argmax(dim=1) == y).float().mean()
 
 
+def kl_term(logits_adv: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """``KL(target || softmax(logits_adv))`` summed over classes and averaged over the batch: the
+    TRADES robustness term (target: the clean prediction) and the UAT consistency term (target: the
+    clean prediction held fixed). Float32."""
+    return F.kl_div(F.log_softmax(logits_adv.float(), dim=1), target_probs, reduction="sum") / logits_adv.shape[0]
+
+
+def load_teacher(recipe: str, teacher: Any) -> tuple[nn.Module, str]:
+    """A frozen teacher model (eval mode, no parameter gradients) and its description for the
+    recipe's parameters: ``teacher`` is an ``nn.Module`` or a checkpoint path (``X.safetensors``
+    with its card)."""
+    if isinstance(teacher, nn.Module):
+        model, described = teacher, f"<{type(teacher).__name__} given in Python>"
+    elif isinstance(teacher, str) and teacher:
+        from robustlab.models import load_checkpoint
+
+        model, _ = load_checkpoint(teacher)
+        described = teacher
+    else:
+        raise RobustlabError(f"recipe {recipe!r} needs a teacher: an nn.Module, or teacher=PATH to a checkpoint")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, described
+
+
 class Objective:
     """Base class. Subclasses set ``name``, ``defaults`` (every parameter with its default, JSON
     values only; ``None`` means derived from the threat model) and implement ``loss``.
 
     Class flags: ``adversarial`` (needs a threat model and has an inner maximization),
     ``single_step`` (a one-step inner maximization, so the loop watches it for catastrophic
-    overfitting), ``non_json`` (parameters that may be given as Python objects, e.g. a teacher model).
+    overfitting), ``non_json`` (parameters that may be given as Python objects, e.g. a teacher model),
+    ``uses_unlabeled`` (trains on extra unlabeled images: the loop mixes them into every batch with
+    the labels :meth:`label_unlabeled` gives them, -1 meaning none), ``needs_dual_bn`` (the model
+    must have dual batch norm, ``robustlab.models.dual_bn``).
     """
 
     name: ClassVar[str] = ""
@@ -54,6 +83,8 @@ class Objective:
     choices: ClassVar[dict[str, tuple]] = {}
     adversarial: ClassVar[bool] = True
     single_step: ClassVar[bool] = False
+    uses_unlabeled: ClassVar[bool] = False
+    needs_dual_bn: ClassVar[bool] = False
 
     def __init__(self, threat: ThreatModel | None = None, **params: Any) -> None:
         if threat is not None and not isinstance(threat, ThreatModel):
@@ -95,6 +126,11 @@ class Objective:
         """The adversarial batch the loss trains on (None if the objective has none)."""
         return None
 
+    def label_unlabeled(self, x: torch.Tensor, device: torch.device | str = "cpu", batch_size: int = 512) -> torch.Tensor:
+        """Labels (int64, on CPU) the loop gives the unlabeled images ``x``, computed once before
+        training: -1 (none) here; pseudo-labels in recipes that make them."""
+        return torch.full((x.shape[0],), -1, dtype=torch.long)
+
     def set_progress(self, epoch: int, progress: float) -> None:
         """Called by the loop before each step: 0-based ``epoch`` and the fraction of training done."""
         self.epoch, self.progress = int(epoch), float(progress)
@@ -108,7 +144,7 @@ class Objective:
         p = self.params
         if "steps" in p and p["steps"] < 1:
             raise RobustlabError(f"recipe {self.name!r}: steps must be >= 1, got {p['steps']}")
-        if p.get("alpha") is not None and not p["alpha"] > 0:
+        if p.get("alpha") is not None and not (isinstance(p["alpha"], (int, float)) and p["alpha"] > 0):
             raise RobustlabError(f"recipe {self.name!r}: alpha must be > 0, got {p['alpha']}")
         if "eps_warmup" in p and not 0.0 <= p["eps_warmup"] < 1.0:
             raise RobustlabError(f"recipe {self.name!r}: eps_warmup must be a fraction of the run in [0, 1)")
@@ -252,8 +288,7 @@ class TRADES(Objective):
         logits = model(x)
         logits_adv = model(x_adv)
         ce = F.cross_entropy(logits, y)
-        kl = F.kl_div(F.log_softmax(logits_adv.float(), dim=1), F.softmax(logits.float(), dim=1),
-                      reduction="sum") / x.shape[0]
+        kl = kl_term(logits_adv, F.softmax(logits.float(), dim=1))
         logs = {"clean_acc": _accuracy(logits, y), "adv_acc": _accuracy(logits_adv, y), "ce": ce.detach(), "kl": kl.detach()}
         return ce + self.params["beta"] * kl, logs
 
@@ -510,19 +545,7 @@ class Distillation(Objective):
     adversarial = False
 
     def __init__(self, threat: ThreatModel | None = None, teacher: Any = None, **params: Any) -> None:
-        if isinstance(teacher, nn.Module):
-            self.teacher = teacher
-            described = f"<{type(teacher).__name__} given in Python>"
-        elif isinstance(teacher, str) and teacher:
-            from robustlab.models import load_checkpoint
-
-            self.teacher, _ = load_checkpoint(teacher)
-            described = teacher
-        else:
-            raise RobustlabError("recipe 'distillation' needs a teacher: an nn.Module, or teacher=PATH to a checkpoint")
-        self.teacher.eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        self.teacher, described = load_teacher(self.name, teacher)
         super().__init__(threat, teacher=described, **params)
 
     def validate(self) -> None:
