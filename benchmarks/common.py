@@ -7,7 +7,9 @@ Models (``get_model(key)``), each a robustlab checkpoint (safetensors + model ca
 - ``mnist_std``: SmallCNN, standard training on MNIST train;
 - ``mnist_pgd``: the same SmallCNN fine-tuned with PGD adversarial training at Linf eps 0.3, so that
   robust accuracy is far from 0 and a weaker attack shows up as a higher number;
-- ``cifar_std``: cifar_cnn, standard training on the 8,068-image CIFAR-10 train subset.
+- ``cifar_std``: cifar_cnn, standard training on the 8,068-image CIFAR-10 train set of the shared
+  data (flips and crops);
+- ``cifar_at``: the same cifar_cnn fine-tuned with PGD adversarial training at Linf eps 8/255.
 
 A cached model is reused only if its card records the same training recipe; change a recipe and the
 model is retrained on the next run.
@@ -167,6 +169,10 @@ RECIPES = {
             adversarial={"eps": 0.3, "steps": 5, "alpha": 0.1, "ramp_fraction": 0.3},
         ),
         Recipe("cifar_std", "cifar_cnn", "cifar10", train_subset=0, epochs=5, batch_size=128, lr=0.05, augment=True),
+        Recipe(
+            "cifar_at", "cifar_cnn", "cifar10", train_subset=0, epochs=2, batch_size=128, lr=0.02,
+            init="cifar_std", adversarial={"eps": 8 / 255, "steps": 3, "alpha": 3 / 255, "ramp_fraction": 0.2},
+        ),
     )
 }
 
@@ -286,7 +292,9 @@ def forward_pass(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def time_interleaved(contenders: dict[str, Callable[[], Any]], repeats: int, warmup: bool = False) -> dict[str, dict]:
     """Run every contender ``repeats`` times, interleaved (round r runs them in a rotated order, so
     slow drifts of the machine hit all alike). Returns {name: {"cpu": median process CPU seconds,
-    "wall": median wall seconds, "cpu_all": [...], "wall_all": [...]}}.
+    "wall": median wall seconds, "cpu_min": fastest repeat, "wall_min": ..., "cpu_all": [...],
+    "wall_all": [...]}}. Interference from other processes only ever adds time, so the fastest of
+    several repeats is the steadiest estimate of what the code itself costs.
 
     CPU time is the steadier measure on a shared machine (other processes stretch wall time, not
     this process's CPU time); with one thread the two agree on an idle machine.
@@ -306,9 +314,28 @@ def time_interleaved(contenders: dict[str, Callable[[], Any]], repeats: int, war
             wall[name].append(time.perf_counter() - w0)
     return {
         name: {"cpu": statistics.median(cpu[name]), "wall": statistics.median(wall[name]),
-               "cpu_all": cpu[name], "wall_all": wall[name]}
+               "cpu_min": min(cpu[name]), "wall_min": min(wall[name]), "cpu_all": cpu[name], "wall_all": wall[name]}
         for name in names
     }
+
+
+def sign_test(only_peer: int, only_ours: int) -> float:
+    """One-sided exact sign test: the chance of the peer winning at least ``only_peer`` of the
+    ``only_peer + only_ours`` examples where the two disagree, if both were equally strong."""
+    from scipy.stats import binomtest
+
+    n = only_peer + only_ours
+    return 1.0 if n == 0 else float(binomtest(only_peer, n, 0.5, alternative="greater").pvalue)
+
+
+def fidelity_status(gap: float, slack: float, only_peer: int, only_ours: int) -> tuple[str, float]:
+    """PASS if robustlab's robust accuracy is at most ``slack`` points above the peer's; above it,
+    NOISE when the examples only the peer breaks do not significantly outnumber those only robustlab
+    breaks (one-sided sign test p >= 0.05: a different random draw, not a weaker attack), else FAIL."""
+    p_value = sign_test(only_peer, only_ours)
+    if gap <= slack:
+        return "PASS", p_value
+    return ("NOISE" if p_value >= 0.05 else "FAIL"), p_value
 
 
 def predict(model: nn.Module, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
