@@ -222,7 +222,7 @@ def format_report(results: list[dict], args: argparse.Namespace, wall: float) ->
                 f"({d['wall']:5.0f}) {work:>9s} {mx:>4s}{mark}")
             if d["valid"] < 1.0:
                 out(f"    outside the threat model (tol 1e-5): {100 * (1 - d['valid']):.1f}% of the points")
-        out(f"  (* the strongest peer at this budget)")
+        out("  (* the strongest peer at this budget)")
         for label in OURS:
             d = res[label]
             gap = 100 * (d["robust_acc"] - res[best_peer]["robust_acc"])

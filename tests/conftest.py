@@ -41,3 +41,13 @@ def digits_model(digits_train):
     model = create_model("digits_cnn", num_classes=10)
     train(model, digits_train, TrainConfig(epochs=8, batch_size=64, lr=0.05, seed=0), progress=False)
     return model.eval()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tests run small models on small batches: one thread is fastest, and stays fast when other
+    processes share the CPU."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

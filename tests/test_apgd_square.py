@@ -25,36 +25,16 @@ from robustlab.attacks.apgd import checkpoints, l1_checkpoints
 from robustlab.attacks.square import SCHEDULE, square_fraction, square_pattern, square_sizes
 from robustlab.errors import RobustlabError
 from robustlab.threat import ThreatModel
+from helpers import gen, predict, robust_fraction
 
 APGD = ("apgd-ce", "apgd-dlr", "apgd-t")
 EPS = {"linf": 0.1, "l2": 0.7, "l1": 1.5}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")
 def digits(digits_model, digits_test):
     """(model, the first 150 test images, their labels)."""
     return digits_model, digits_test.x[:150].contiguous(), digits_test.y[:150].contiguous()
-
-
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _robust(result) -> float:
-    return float((~result.success).float().mean())
-
-
-def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(x).argmax(1)
 
 
 def _fast(name: str, **params):
@@ -174,13 +154,13 @@ def test_results_inside_threat_model_and_flags_are_true(digits, name, norm):
     model, x, y = digits
     x_before = x.clone()
     threat = ThreatModel(norm, EPS[norm])
-    result = create_attack(name, threat, **_fast(name)).run(model, x, y, _gen())
+    result = create_attack(name, threat, **_fast(name)).run(model, x, y, gen())
     assert result.x_adv.shape == x.shape and result.x_adv.dtype == x.dtype and not result.x_adv.requires_grad
     # Inside with no tolerance at all, and exactly the points the attack evaluated: the contract's
     # final projection leaves them bit for bit.
     assert bool(threat.contains(result.x_adv, x, tol=0.0).all())
     assert torch.equal(threat.project(result.x_adv, x), result.x_adv)
-    assert torch.equal(result.success, _predict(model, result.x_adv) != y)
+    assert torch.equal(result.success, predict(model, result.x_adv) != y)
     for counts in (result.gradients, result.forwards):
         assert counts.dtype == torch.long and counts.shape == (len(y),)
     assert bool((result.forwards >= result.gradients).all()) and bool((result.forwards >= 1).all())
@@ -194,9 +174,9 @@ def test_results_inside_threat_model_and_flags_are_true(digits, name, norm):
 def test_eps_zero_gives_the_clean_points(digits, name):
     model, x, y = digits
     for norm in ("linf", "l2", "l1") if name != "square" else ("linf", "l2"):
-        result = create_attack(name, ThreatModel(norm, 0.0), **_fast(name)).run(model, x, y, _gen())
+        result = create_attack(name, ThreatModel(norm, 0.0), **_fast(name)).run(model, x, y, gen())
         assert torch.equal(result.x_adv, x)
-        assert torch.equal(result.success, _predict(model, x) != y)
+        assert torch.equal(result.success, predict(model, x) != y)
 
 
 def test_square_linf_moves_every_pixel_to_a_vertex(digits):
@@ -204,7 +184,7 @@ def test_square_linf_moves_every_pixel_to_a_vertex(digits):
     points is x + eps or x - eps, unless the box cut it off."""
     model, x, y = digits
     threat = ThreatModel("linf", 0.1)
-    result = create_attack("square", threat, queries=100).run(model, x, y, _gen())
+    result = create_attack("square", threat, queries=100).run(model, x, y, gen())
     delta = result.x_adv - x
     vertex = torch.isclose(delta.abs(), torch.tensor(0.1), atol=1e-6)
     clipped = (result.x_adv == 0) | (result.x_adv == 1)
@@ -228,7 +208,7 @@ def test_apgd_counts_are_exact(digits_model, digits_test, name, norm):
     if name == "apgd-t":
         params["n_target_classes"] = targets
     rec = Recorder(digits_model, x, y, threat)
-    result = create_attack(name, threat, **params).run(rec, x, y, _gen())
+    result = create_attack(name, threat, **params).run(rec, x, y, gen())
     assert torch.equal(result.forwards, rec.forwards)
     assert torch.equal(result.gradients, rec.gradients)
     runs = restarts * (targets if name == "apgd-t" else 1)
@@ -243,7 +223,7 @@ def test_apgd_counts_are_exact(digits_model, digits_test, name, norm):
     for i in broken.tolist():
         assert torch.equal(result.x_adv[i], rec.queried[(i, int(rec.first_wrong[i]))])
     if name == "apgd-t":  # already misclassified clean points cost one forward and stay as they are
-        wrong = _predict(digits_model, x) != y
+        wrong = predict(digits_model, x) != y
         assert int(wrong.sum()) > 0
         assert bool((result.forwards[wrong] == 1).all()) and bool((result.gradients[wrong] == 0).all())
         assert torch.equal(result.x_adv[wrong], x[wrong])
@@ -258,7 +238,7 @@ def test_square_query_counts_are_exact(digits_model, digits_test, norm):
     x, y = digits_test.x[keep], digits_test.y[keep]
     queries = 150
     rec = Recorder(digits_model, x, y, threat)
-    result = create_attack("square", threat, queries=queries).run(rec, x, y, _gen())
+    result = create_attack("square", threat, queries=queries).run(rec, x, y, gen())
     assert torch.equal(result.forwards, rec.forwards)
     assert bool((rec.gradients == 0).all()) and bool((result.gradients == 0).all())
     robust = ~result.success
@@ -286,7 +266,7 @@ def test_apgd_eot_counts_every_pass(digits):
             return self.inner((z + 0.02 * torch.randn_like(z)).clamp(0, 1))
 
     torch.manual_seed(0)
-    result = create_attack("apgd-ce", ThreatModel("linf", 0.05), steps=4, eot=3).run(Noisy(model), x, y, _gen())
+    result = create_attack("apgd-ce", ThreatModel("linf", 0.05), steps=4, eot=3).run(Noisy(model), x, y, gen())
     robust = ~result.success
     assert int(robust.sum()) > 0
     assert bool((result.gradients[robust] == 12).all()) and bool((result.forwards[robust] == 15).all())
@@ -302,8 +282,8 @@ def test_apgd_ce_at_least_as_strong_as_pgd(digits_model, digits_test, norm):
     threat = ThreatModel(norm, {"linf": 0.1, "l2": 0.5, "l1": 1.5}[norm])
     slack = 2 / len(y)
     for seed in (0, 1):
-        pgd = _robust(create_attack("pgd", threat, steps=20).run(digits_model, x, y, _gen(seed)))
-        apgd = _robust(create_attack("apgd-ce", threat, steps=20).run(digits_model, x, y, _gen(seed)))
+        pgd = robust_fraction(create_attack("pgd", threat, steps=20).run(digits_model, x, y, gen(seed)))
+        apgd = robust_fraction(create_attack("apgd-ce", threat, steps=20).run(digits_model, x, y, gen(seed)))
         assert apgd <= pgd + slack, (seed, apgd, pgd)
 
 
@@ -312,16 +292,16 @@ def test_apgd_t_at_least_as_strong_as_apgd_dlr(digits):
     x, y = x[:100], y[:100]
     for norm in ("linf", "l2"):
         threat = ThreatModel(norm, EPS[norm])
-        dlr = create_attack("apgd-dlr", threat, steps=20).run(model, x, y, _gen())
-        targeted = create_attack("apgd-t", threat, steps=20, n_target_classes=9).run(model, x, y, _gen())
-        assert _robust(targeted) <= _robust(dlr) + 1 / len(y), norm
+        dlr = create_attack("apgd-dlr", threat, steps=20).run(model, x, y, gen())
+        targeted = create_attack("apgd-t", threat, steps=20, n_target_classes=9).run(model, x, y, gen())
+        assert robust_fraction(targeted) <= robust_fraction(dlr) + 1 / len(y), norm
 
 
 def test_restarts_only_add_successes(digits):
     model, x, y = digits
     threat = ThreatModel("linf", 0.07)
-    one = create_attack("apgd-ce", threat, steps=5).run(model, x, y, _gen(3))
-    three = create_attack("apgd-ce", threat, steps=5, restarts=3).run(model, x, y, _gen(3))
+    one = create_attack("apgd-ce", threat, steps=5).run(model, x, y, gen(3))
+    three = create_attack("apgd-ce", threat, steps=5, restarts=3).run(model, x, y, gen(3))
     assert bool((three.success | ~one.success).all())
     assert torch.equal(three.x_adv[one.success], one.x_adv[one.success])
     assert int(three.success.sum()) >= int(one.success.sum())
@@ -332,7 +312,7 @@ def test_square_gets_stronger_with_more_queries(digits):
     x, y = x[:80], y[:80]
     for norm in ("linf", "l2"):
         threat = ThreatModel(norm, EPS[norm])
-        accs = [_robust(create_attack("square", threat, queries=q).run(model, x, y, _gen())) for q in (4, 40, 400)]
+        accs = [robust_fraction(create_attack("square", threat, queries=q).run(model, x, y, gen())) for q in (4, 40, 400)]
         assert accs[0] >= accs[1] >= accs[2] and accs[2] < accs[0] - 0.1, (norm, accs)
 
 
@@ -350,22 +330,22 @@ def test_square_breaks_a_gradient_masking_model(digits):
             return self.inner(torch.round(z * 3) / 3)
 
     masked = Quantized(model)
-    clean = float((_predict(masked, x) == y).float().mean())
+    clean = float((predict(masked, x) == y).float().mean())
     assert clean > 0.8
     threat = ThreatModel("linf", 0.2)
-    apgd = _robust(create_attack("apgd-ce", threat, steps=20).run(masked, x, y, _gen()))
-    square = _robust(create_attack("square", threat, queries=300).run(masked, x, y, _gen()))
+    apgd = robust_fraction(create_attack("apgd-ce", threat, steps=20).run(masked, x, y, gen()))
+    square = robust_fraction(create_attack("square", threat, queries=300).run(masked, x, y, gen()))
     assert apgd > clean - 0.25, (apgd, clean)
     assert square < apgd - 0.3, (square, apgd)
 
 
 def test_targeted_apgd_and_square_hit_their_targets(digits):
     model, x, y = digits
-    targets = (y + torch.randint(1, 10, y.shape, generator=_gen(1))) % 10
+    targets = (y + torch.randint(1, 10, y.shape, generator=gen(1))) % 10
     threat = ThreatModel("linf", 0.3)
     for name, params in (("apgd-ce", {"steps": 20}), ("apgd-dlr", {"steps": 20}), ("square", {"queries": 300})):
-        result = create_attack(name, threat, targeted=True, **params).run(model, x, targets, _gen())
-        assert torch.equal(result.success, _predict(model, result.x_adv) == targets)
+        result = create_attack(name, threat, targeted=True, **params).run(model, x, targets, gen())
+        assert torch.equal(result.success, predict(model, result.x_adv) == targets)
         assert result.success.float().mean() > 0.6, name
 
 
@@ -377,7 +357,7 @@ def test_model_untouched(digits, name):
     model, x, y = digits
     model = copy.deepcopy(model).train()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    create_attack(name, ThreatModel("linf", 0.1), **_fast(name)).run(model, x, y, _gen())
+    create_attack(name, ThreatModel("linf", 0.1), **_fast(name)).run(model, x, y, gen())
     assert all(m.training for m in model.modules())
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
@@ -391,13 +371,13 @@ def test_reproducible_from_the_generator(digits, name, norm):
     model, x, y = digits
     x, y = x[:60], y[:60]
     attack = create_attack(name, ThreatModel(norm, EPS[norm]), **_fast(name))
-    a, b, c = (attack.run(model, x, y, _gen(s)) for s in (5, 5, 6))
+    a, b, c = (attack.run(model, x, y, gen(s)) for s in (5, 5, 6))
     for field in ("x_adv", "success", "gradients", "forwards"):
         assert torch.equal(getattr(a, field), getattr(b, field)), field
     assert not torch.equal(a.x_adv, c.x_adv)
     cfg = attack.config()
     rebuilt = create_attack(cfg["name"], ThreatModel(**cfg["threat"]), cfg["targeted"], **cfg["params"])
-    assert torch.equal(rebuilt.run(model, x, y, _gen(5)).x_adv, a.x_adv)
+    assert torch.equal(rebuilt.run(model, x, y, gen(5)).x_adv, a.x_adv)
 
 
 # ---------------------------------------------------------------------- registry and bad input

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from robustlab.attacks import ATTACKS, create_attack, parse_attack_spec
 from robustlab.errors import RobustlabError
 from robustlab.threat import NORMS, ThreatModel
+from helpers import gen, predict, robust_fraction
 
 ITERATIVE = ("bim", "pgd", "mifgsm")
 ALL = ("fgsm",) + ITERATIVE
@@ -39,15 +40,6 @@ def _digits_mlp() -> nn.Module:
         nn.ReLU(),
         nn.Linear(64, 10),
     )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: one thread is fastest, and it stays fast when other processes share the CPU.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")
@@ -83,19 +75,6 @@ def digits(one_thread):
     return model, xt, yt, clean
 
 
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _robust_acc(result) -> float:
-    return float((~result.success).float().mean())
-
-
-def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(x).argmax(1)
-
-
 # ---------------------------------------------------------------------- validity of the results
 
 
@@ -105,13 +84,13 @@ def test_adversarials_inside_threat_model_and_flags_are_true(digits, name, norm)
     model, x, y, _ = digits
     x_before, y_before = x.clone(), y.clone()
     threat = ThreatModel(norm, MID_EPS[norm])
-    result = create_attack(name, threat).run(model, x, y, _gen())
+    result = create_attack(name, threat).run(model, x, y, gen())
     assert result.x_adv.shape == x.shape and result.x_adv.dtype == x.dtype
     assert not result.x_adv.requires_grad
     assert bool(threat.contains(result.x_adv, x).all())
     assert bool(((result.x_adv >= 0) & (result.x_adv <= 1)).all())
     # The flags are what the model really predicts on x_adv (a fresh forward, full batch).
-    assert torch.equal(result.success, _predict(model, result.x_adv) != y)
+    assert torch.equal(result.success, predict(model, result.x_adv) != y)
     assert result.success.dtype == torch.bool and result.success.shape == (len(y),)
     for counts in (result.gradients, result.forwards):
         assert counts.dtype == torch.long and counts.shape == (len(y),)
@@ -126,9 +105,9 @@ def test_adversarials_inside_threat_model_and_flags_are_true(digits, name, norm)
 def test_eps_zero_gives_clean_accuracy(digits, name):
     model, x, y, clean = digits
     for norm in NORMS:
-        result = create_attack(name, ThreatModel(norm, 0.0)).run(model, x, y, _gen())
+        result = create_attack(name, ThreatModel(norm, 0.0)).run(model, x, y, gen())
         assert torch.equal(result.x_adv, x)
-        assert _robust_acc(result) == pytest.approx(clean, abs=1e-9)
+        assert robust_fraction(result) == pytest.approx(clean, abs=1e-9)
 
 
 # ---------------------------------------------------------------------- strength
@@ -139,7 +118,7 @@ def test_robust_accuracy_falls_with_eps(digits, norm):
     model, x, y, clean = digits
     huge = HUGE_EPS[norm]
     grid = [0.0] + [huge * f for f in (0.02, 0.05, 0.1, 0.2, 0.4)] + [huge]
-    accs = [_robust_acc(create_attack("pgd", ThreatModel(norm, e), steps=20).run(model, x, y, _gen())) for e in grid]
+    accs = [robust_fraction(create_attack("pgd", ThreatModel(norm, e), steps=20).run(model, x, y, gen())) for e in grid]
     assert accs[0] == pytest.approx(clean, abs=1e-9)
     slack = 2 / len(y)  # a sample or two may flip back: PGD is a heuristic, not an oracle
     for lo, hi in zip(accs, accs[1:]):
@@ -153,8 +132,8 @@ def test_pgd_at_least_as_strong_as_fgsm(digits, norm):
     model, x, y, _ = digits
     for eps in (0.5 * MID_EPS[norm], MID_EPS[norm]):
         threat = ThreatModel(norm, eps)
-        fgsm = _robust_acc(create_attack("fgsm", threat).run(model, x, y))
-        pgd = _robust_acc(create_attack("pgd", threat, steps=20).run(model, x, y, _gen()))
+        fgsm = robust_fraction(create_attack("fgsm", threat).run(model, x, y))
+        pgd = robust_fraction(create_attack("pgd", threat, steps=20).run(model, x, y, gen()))
         assert pgd <= fgsm, (eps, pgd, fgsm)
 
 
@@ -164,13 +143,13 @@ def test_restarts_never_hurt(digits, norm):
     broken, and later restarts only add successes."""
     model, x, y, _ = digits
     threat = ThreatModel(norm, 0.6 * MID_EPS[norm])
-    one = create_attack("pgd", threat, steps=5).run(model, x, y, _gen(3))
-    three = create_attack("pgd", threat, steps=5, restarts=3).run(model, x, y, _gen(3))
+    one = create_attack("pgd", threat, steps=5).run(model, x, y, gen(3))
+    three = create_attack("pgd", threat, steps=5, restarts=3).run(model, x, y, gen(3))
     assert bool((three.success | ~one.success).all())
     assert torch.equal(three.x_adv[one.success], one.x_adv[one.success])
     assert int(three.success.sum()) >= int(one.success.sum())
     assert bool(threat.contains(three.x_adv, x).all())
-    assert torch.equal(three.success, _predict(model, three.x_adv) != y)
+    assert torch.equal(three.success, predict(model, three.x_adv) != y)
 
 
 @pytest.mark.parametrize("norm,eps,alpha", [("linf", 0.1, 0.01), ("l2", 1.0, 0.1)])
@@ -182,22 +161,22 @@ def test_pgd_not_weaker_than_torchattacks(digits, norm, eps, alpha):
     peer_cls = torchattacks.PGD if norm == "linf" else torchattacks.PGDL2
     ours, theirs = [], []
     for seed in range(3):
-        result = create_attack("pgd", ThreatModel(norm, eps), steps=10, alpha=alpha).run(model, x, y, _gen(seed))
-        ours.append(_robust_acc(result))
+        result = create_attack("pgd", ThreatModel(norm, eps), steps=10, alpha=alpha).run(model, x, y, gen(seed))
+        ours.append(robust_fraction(result))
         torch.manual_seed(seed)
         x_peer = peer_cls(model, eps=eps, alpha=alpha, steps=10, random_start=True)(x, y)
-        theirs.append(float((_predict(model, x_peer) == y).float().mean()))
+        theirs.append(float((predict(model, x_peer) == y).float().mean()))
     assert sum(ours) / 3 <= sum(theirs) / 3 + 0.5 / len(y), (ours, theirs)
 
 
 @pytest.mark.parametrize("name", ["pgd", "bim", "mifgsm"])
 def test_targeted_attack_hits_targets(digits, name):
     model, x, y, _ = digits
-    targets = (y + torch.randint(1, 10, y.shape, generator=_gen(1))) % 10
+    targets = (y + torch.randint(1, 10, y.shape, generator=gen(1))) % 10
     threat = ThreatModel("linf", 0.3)
     for loss in ("ce", "cw"):
-        result = create_attack(name, threat, targeted=True, steps=20, loss=loss).run(model, x, targets, _gen())
-        assert torch.equal(result.success, _predict(model, result.x_adv) == targets)
+        result = create_attack(name, threat, targeted=True, steps=20, loss=loss).run(model, x, targets, gen())
+        assert torch.equal(result.success, predict(model, result.x_adv) == targets)
         assert result.success.float().mean() > 0.8  # chance is 0.1
         assert bool(threat.contains(result.x_adv, x).all())
 
@@ -205,9 +184,9 @@ def test_targeted_attack_hits_targets(digits, name):
 @pytest.mark.parametrize("loss", ["ce", "cw", "dlr"])
 def test_every_loss_breaks_the_model(digits, loss):
     model, x, y, clean = digits
-    result = create_attack("pgd", ThreatModel("linf", 0.15), steps=20, loss=loss).run(model, x, y, _gen())
-    assert _robust_acc(result) < clean - 0.5
-    assert torch.equal(result.success, _predict(model, result.x_adv) != y)
+    result = create_attack("pgd", ThreatModel("linf", 0.15), steps=20, loss=loss).run(model, x, y, gen())
+    assert robust_fraction(result) < clean - 0.5
+    assert torch.equal(result.success, predict(model, result.x_adv) != y)
 
 
 # ---------------------------------------------------------------------- the model is never changed
@@ -221,14 +200,14 @@ def test_model_modes_parameters_and_buffers_untouched(digits, name):
     model[4].eval()  # a caller's mixed modes (this dropout in eval) must be restored as they were
     modes = [m.training for m in model.modules()]
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    result = create_attack(name, ThreatModel("linf", 0.1)).run(model, x, y, _gen())
+    result = create_attack(name, ThreatModel("linf", 0.1)).run(model, x, y, gen())
     assert [m.training for m in model.modules()] == modes
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key  # weights and BN running stats / counters
     assert all(p.grad is None for p in model.parameters())
     # The attack ran the model in eval mode: its flags match an eval-mode forward, deterministically.
     model.eval()
-    assert torch.equal(result.success, _predict(model, result.x_adv) != y)
+    assert torch.equal(result.success, predict(model, result.x_adv) != y)
 
 
 def test_frozen_parameters_and_no_grad_context(digits):
@@ -237,7 +216,7 @@ def test_frozen_parameters_and_no_grad_context(digits):
     for p in model.parameters():
         p.requires_grad_(False)
     with torch.no_grad():  # gradients with respect to the input are still taken
-        result = create_attack("pgd", ThreatModel("linf", 0.1)).run(model, x, y, _gen())
+        result = create_attack("pgd", ThreatModel("linf", 0.1)).run(model, x, y, gen())
     assert result.success.float().mean() > 0.3
     assert all(p.grad is None for p in model.parameters())
 
@@ -296,14 +275,14 @@ def test_counts_with_restarts_and_fgsm(digits):
     model, x, y, _ = digits
     steps, restarts = 4, 3
     threat = ThreatModel("linf", 0.05)
-    result = create_attack("pgd", threat, steps=steps, restarts=restarts).run(model, x, y, _gen())
+    result = create_attack("pgd", threat, steps=steps, restarts=restarts).run(model, x, y, gen())
     robust = ~result.success
     assert int(robust.sum()) > 0 and int(result.success.sum()) > 0
     assert bool((result.gradients[robust] == steps * restarts).all())
     assert bool((result.forwards[robust] == (steps + 1) * restarts).all())
     assert bool((result.gradients[result.success] <= steps * restarts).all())
     # Without a random start, misclassified clean points are found at the very first forward pass.
-    wrong = _predict(model, x) != y
+    wrong = predict(model, x) != y
     assert int(wrong.sum()) > 0
     plain = create_attack("pgd", threat, steps=steps, restarts=restarts, random_start=False).run(model, x, y)
     assert bool((plain.gradients[wrong] == 1).all()) and bool((plain.forwards[wrong] == 1).all())
@@ -318,16 +297,16 @@ def test_counts_with_restarts_and_fgsm(digits):
 def test_reproducible_from_the_generator(digits, norm):
     model, x, y, _ = digits
     attack = create_attack("pgd", ThreatModel(norm, 0.5 * MID_EPS[norm]), steps=5, restarts=2)
-    a = attack.run(model, x, y, _gen(11))
-    b = attack.run(model, x, y, _gen(11))
-    c = attack.run(model, x, y, _gen(12))
+    a = attack.run(model, x, y, gen(11))
+    b = attack.run(model, x, y, gen(11))
+    c = attack.run(model, x, y, gen(12))
     for field in ("x_adv", "success", "gradients", "forwards"):
         assert torch.equal(getattr(a, field), getattr(b, field)), field
     assert not torch.equal(a.x_adv, c.x_adv)
     # Rebuilt from its JSON config, the attack gives the same result.
     cfg = attack.config()
     rebuilt = create_attack(cfg["name"], ThreatModel(**cfg["threat"]), cfg["targeted"], **cfg["params"])
-    assert torch.equal(rebuilt.run(model, x, y, _gen(11)).x_adv, a.x_adv)
+    assert torch.equal(rebuilt.run(model, x, y, gen(11)).x_adv, a.x_adv)
 
 
 # ---------------------------------------------------------------------- registry and parsing

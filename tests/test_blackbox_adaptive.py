@@ -24,14 +24,7 @@ from robustlab.attacks.pgd import PGD
 from robustlab.attacks.ssp import perturb_folder
 from robustlab.errors import RobustlabError
 from robustlab.threat import ThreatModel
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+from helpers import gen, predict
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +35,6 @@ def batch(digits_model, digits_test):
         correct = digits_model(x).argmax(1) == y
     assert correct.float().mean() > 0.9
     return x, y, correct
-
-
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(x).argmax(1)
 
 
 class CountingModel(nn.Module):
@@ -85,9 +69,9 @@ def test_score_based_lowers_accuracy_inside_the_ball_with_exact_counts(digits_mo
     attack = create_attack(name, threat, steps=steps, samples=samples, **SCORE_BASED[name])
     assert attack.kind == "score-based"
     counting = CountingModel(digits_model)
-    result = attack.run(counting, x, y, _gen())
+    result = attack.run(counting, x, y, gen())
     assert bool(threat.contains(result.x_adv, x).all())
-    assert torch.equal(result.success, _predict(digits_model, result.x_adv) != y)
+    assert torch.equal(result.success, predict(digits_model, result.x_adv) != y)
     robust = 1 - result.success.float().mean().item()
     assert robust < correct.float().mean().item() - 0.4, robust
     # Counts: no gradient, and every image sent to the model is one query of exactly one sample.
@@ -110,7 +94,7 @@ def test_score_based_per_sample_counts_match_a_model_queried_alone(digits_model,
     attack = create_attack(name, ThreatModel("l2", 1.0), steps=4, samples=8, **SCORE_BASED[name])
     for i in range(4):
         counting = CountingModel(digits_model)
-        result = attack.run(counting, x[i : i + 1], y[i : i + 1], _gen(i))
+        result = attack.run(counting, x[i : i + 1], y[i : i + 1], gen(i))
         assert int(result.forwards[0]) == counting.images
         assert bool(ThreatModel("l2", 1.0).contains(result.x_adv, x[i : i + 1]).all())
 
@@ -118,7 +102,7 @@ def test_score_based_per_sample_counts_match_a_model_queried_alone(digits_model,
 def test_score_based_reproducible_and_validated(digits_model, batch):
     x, y, _ = batch
     attack = create_attack("spsa", ThreatModel("linf", 0.1), steps=3, samples=8)
-    a, b = attack.run(digits_model, x[:20], y[:20], _gen(5)), attack.run(digits_model, x[:20], y[:20], _gen(5))
+    a, b = attack.run(digits_model, x[:20], y[:20], gen(5)), attack.run(digits_model, x[:20], y[:20], gen(5))
     assert torch.equal(a.x_adv, b.x_adv) and torch.equal(a.forwards, b.forwards)
     for name, params in [("spsa", {"samples": 0}), ("spsa", {"lr": 0.0}), ("spsa", {"beta1": 1.0}),
                          ("nes", {"sigma": -1.0}), ("nes", {"momentum": 1.0}), ("nes", {"alpha": 0.0})]:
@@ -141,7 +125,7 @@ def test_hopskipjump_shrinks_with_queries_and_counts_exactly(digits_model, batch
         attack = create_attack("hopskipjump", ThreatModel(norm, eps), queries=budget)
         assert attack.kind == "decision-based" and attack.minimum_norm
         counting = CountingModel(digits_model)
-        result = attack.run(counting, x, y, _gen())
+        result = attack.run(counting, x, y, gen())
         # Label queries only, never above the budget, exactly what the model saw.
         assert counting.differentiable_calls == 0 and bool((result.gradients == 0).all())
         assert int(result.forwards.sum()) == counting.images
@@ -149,7 +133,7 @@ def test_hopskipjump_shrinks_with_queries_and_counts_exactly(digits_model, batch
         # Minimum-norm: in the box, and every claimed point is really misclassified.
         assert bool(((result.x_adv >= 0) & (result.x_adv <= 1)).all())
         assert bool(result.success.all())
-        assert torch.equal(result.success, _predict(digits_model, result.x_adv) != y)
+        assert torch.equal(result.success, predict(digits_model, result.x_adv) != y)
         medians.append(float(attack.threat.distance(result.x_adv, x).median()))
     assert medians[1] < 0.85 * medians[0], medians
 
@@ -159,11 +143,11 @@ def test_hopskipjump_per_sample_counts_and_edge_cases(digits_model, batch):
     attack = create_attack("hopskipjump", ThreatModel("l2", 1.0), queries=120)
     for i in range(3):
         counting = CountingModel(digits_model)
-        result = attack.run(counting, x[i : i + 1], y[i : i + 1], _gen(i))
+        result = attack.run(counting, x[i : i + 1], y[i : i + 1], gen(i))
         assert int(result.forwards[0]) == counting.images <= 120
     # A misclassified clean point costs one query and is returned as is.
     wrong = (~correct).nonzero(as_tuple=True)[0][:1]
-    result = attack.run(digits_model, x[wrong], y[wrong], _gen())
+    result = attack.run(digits_model, x[wrong], y[wrong], gen())
     assert torch.equal(result.x_adv, x[wrong]) and bool(result.success.all()) and int(result.forwards[0]) == 1
     # No misclassified starting point within the trials (a constant model): unbroken, nothing moved.
     constant = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
@@ -172,7 +156,7 @@ def test_hopskipjump_per_sample_counts_and_edge_cases(digits_model, batch):
         constant[1].bias.copy_(torch.arange(10.0))
     labels = torch.full((4,), 9, dtype=torch.long)
     result = create_attack("hopskipjump", ThreatModel("linf", 0.1), queries=50, init_trials=5).run(
-        constant, x[:4], labels, _gen())
+        constant, x[:4], labels, gen())
     assert not bool(result.success.any()) and torch.equal(result.x_adv, x[:4])
     assert bool((result.forwards == 6).all())
     with pytest.raises(RobustlabError):
@@ -204,9 +188,9 @@ def test_transfer_breaks_the_target_without_its_gradients(digits_model, batch, s
     attack = create_attack("transfer", threat, surrogate=surrogate_checkpoint, steps=10)
     assert attack.kind == "transfer" and attack.params["base"] == "mifgsm"
     target = CountingModel(digits_model)
-    result = attack.run(target, x, y, _gen())
+    result = attack.run(target, x, y, gen())
     assert bool(threat.contains(result.x_adv, x).all())
-    assert torch.equal(result.success, _predict(digits_model, result.x_adv) != y)
+    assert torch.equal(result.success, predict(digits_model, result.x_adv) != y)
     assert result.success[correct].float().mean() > 0.4
     # The target: one forward per sample, never differentiated; the gradients are the surrogate's.
     assert target.differentiable_calls == 0 and target.images == len(y) and target.calls == 1
@@ -215,7 +199,7 @@ def test_transfer_breaks_the_target_without_its_gradients(digits_model, batch, s
     assert attack.surrogate() is attack.surrogate()
     pgd_based = create_attack("transfer", threat, surrogate=surrogate_checkpoint, base="pgd", steps=5,
                               diverse_input=1.0, resize_rate=0.75)
-    result = pgd_based.run(digits_model, x, y, _gen())
+    result = pgd_based.run(digits_model, x, y, gen())
     assert bool(threat.contains(result.x_adv, x).all()) and result.success[correct].float().mean() > 0.1
 
 
@@ -223,7 +207,7 @@ def test_diverse_input_resizes_and_pads_to_the_same_size():
     from robustlab.attacks.transfer import DiverseInput
 
     x = torch.rand(2, 3, 10, 10)
-    always = DiverseInput(nn.Identity(), p=1.0, resize_rate=0.6, generator=_gen())
+    always = DiverseInput(nn.Identity(), p=1.0, resize_rate=0.6, generator=gen())
     sides = set()
     for _ in range(30):
         out = always(x)
@@ -234,7 +218,7 @@ def test_diverse_input_resizes_and_pads_to_the_same_size():
     assert len(sides) > 2
     assert torch.equal(DiverseInput(nn.Identity(), p=0.0)(x), x)
     # Reproducible from the generator.
-    a, b = DiverseInput(nn.Identity(), 0.5, 0.6, _gen(7)), DiverseInput(nn.Identity(), 0.5, 0.6, _gen(7))
+    a, b = DiverseInput(nn.Identity(), 0.5, 0.6, gen(7)), DiverseInput(nn.Identity(), 0.5, 0.6, gen(7))
     assert all(torch.equal(a(x), b(x)) for _ in range(5))
 
 
@@ -254,15 +238,15 @@ def test_ssp_changes_predictions_without_labels(digits_model, batch):
     x, y, _ = batch
     threat = ThreatModel("linf", 0.2)
     attack = create_attack("ssp", threat, layer="net.relu3", steps=10)
-    garbage = torch.randint(0, 10, y.shape, generator=_gen(3))
-    a = attack.run(digits_model, x, y, _gen())
-    b = attack.run(digits_model, x, garbage, _gen())
+    garbage = torch.randint(0, 10, y.shape, generator=gen(3))
+    a = attack.run(digits_model, x, y, gen())
+    b = attack.run(digits_model, x, garbage, gen())
     assert torch.equal(a.x_adv, b.x_adv) and torch.equal(a.success, b.success)  # labels are ignored
     assert bool(threat.contains(a.x_adv, x).all())
-    assert torch.equal(a.success, _predict(digits_model, a.x_adv) != _predict(digits_model, x))
+    assert torch.equal(a.success, predict(digits_model, a.x_adv) != predict(digits_model, x))
     assert a.success.float().mean() > 0.4
     assert bool((a.gradients == 10).all()) and bool((a.forwards == 13).all())
-    l2 = create_attack("ssp", ThreatModel("l2", 1.5), steps=10).run(digits_model, x, y, _gen())
+    l2 = create_attack("ssp", ThreatModel("l2", 1.5), steps=10).run(digits_model, x, y, gen())
     assert bool(ThreatModel("l2", 1.5).contains(l2.x_adv, x).all()) and l2.success.float().mean() > 0.3
     with pytest.raises(RobustlabError):
         create_attack("ssp", threat, layer="no.such.layer").run(digits_model, x[:2], y[:2])
@@ -276,7 +260,7 @@ def test_ssp_with_a_separate_feature_network(digits_model, batch, surrogate_chec
     attack = create_attack("ssp", threat, feature_model=surrogate_checkpoint, layer="net.relu3", steps=10)
     assert attack.kind == "transfer"
     target = CountingModel(digits_model)
-    result = attack.run(target, x, y, _gen())
+    result = attack.run(target, x, y, gen())
     assert bool(threat.contains(result.x_adv, x).all())
     # The target is only asked for its predictions on x and x_adv (one call); gradients are the
     # feature network's.
@@ -338,15 +322,15 @@ def test_bpda_forward_and_backward():
 def test_bpda_restores_pgd_against_a_masking_defense(digits_model, batch):
     x, y, _ = batch
     defended = Pipeline(_quantize, digits_model)
-    right = _predict(defended, x) == y
+    right = predict(defended, x) == y
     x, y = x[right], y[right]
     threat = ThreatModel("linf", 0.2)
-    masked = create_attack("pgd", threat, steps=10).run(defended, x, y, _gen())
+    masked = create_attack("pgd", threat, steps=10).run(defended, x, y, gen())
     assert masked.success.float().mean() < 0.1  # gradients are zero: PGD is fooled
-    adaptive = create_attack("pgd", threat, steps=10).run(Pipeline(bpda(_quantize), digits_model), x, y, _gen())
+    adaptive = create_attack("pgd", threat, steps=10).run(Pipeline(bpda(_quantize), digits_model), x, y, gen())
     assert bool(threat.contains(adaptive.x_adv, x).all())
     # Judged on the real (non-differentiable) defense: BPDA breaks it.
-    broken = _predict(defended, adaptive.x_adv) != y
+    broken = predict(defended, adaptive.x_adv) != y
     assert torch.equal(broken, adaptive.success)
     assert broken.float().mean() > 0.8
 
@@ -384,7 +368,7 @@ def test_eot_beats_a_single_draw_on_a_randomized_defense(digits_model, batch):
     for draws in (1, 10):
         attack = _EOTPGD(ThreatModel("linf", 0.15), steps=10, random_start=False)
         attack.draws = draws
-        rates[draws] = expected_error(attack.run(defended, x, y, _gen()).x_adv)
+        rates[draws] = expected_error(attack.run(defended, x, y, gen()).x_adv)
     assert rates[10] > rates[1] + 0.1, rates
 
 

@@ -26,36 +26,16 @@ from robustlab.attacks.md import cosine_step, margin, other_term, true_term
 from robustlab.attacks.mm import target_margin
 from robustlab.errors import RobustlabError
 from robustlab.threat import ThreatModel
+from helpers import gen, predict, robust_fraction
 
 NAMES = ("mm", "md", "md-mt")
 EPS = {"linf": 0.1, "l2": 0.7, "l1": 1.5}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")
 def digits(digits_model, digits_test):
     """(model, the first 150 test images, their labels)."""
     return digits_model, digits_test.x[:150].contiguous(), digits_test.y[:150].contiguous()
-
-
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _robust(result) -> float:
-    return float((~result.success).float().mean())
-
-
-def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(x).argmax(1)
 
 
 def _fast(name: str) -> dict:
@@ -115,13 +95,13 @@ def test_results_inside_threat_model_and_flags_are_true(digits, name, norm):
     model, x, y = digits
     x_before = x.clone()
     threat = ThreatModel(norm, EPS[norm])
-    result = create_attack(name, threat, **_fast(name)).run(model, x, y, _gen())
+    result = create_attack(name, threat, **_fast(name)).run(model, x, y, gen())
     assert result.x_adv.shape == x.shape and result.x_adv.dtype == x.dtype and not result.x_adv.requires_grad
     # Inside with no tolerance at all (box included), and exactly the points the attack evaluated.
     assert bool(threat.contains(result.x_adv, x, tol=0.0).all())
     assert float(result.x_adv.min()) >= 0.0 and float(result.x_adv.max()) <= 1.0
     assert torch.equal(threat.project(result.x_adv, x), result.x_adv)
-    assert torch.equal(result.success, _predict(model, result.x_adv) != y)
+    assert torch.equal(result.success, predict(model, result.x_adv) != y)
     for counts in (result.gradients, result.forwards):
         assert counts.dtype == torch.long and counts.shape == (len(y),)
     assert bool((result.forwards >= result.gradients).all()) and bool((result.forwards >= 1).all())
@@ -133,18 +113,18 @@ def test_mm_runs_in_l1(digits):
     """MM is APGD underneath, so it has APGD's sparse L1 steps too."""
     model, x, y = digits
     threat = ThreatModel("l1", EPS["l1"])
-    result = create_attack("mm", threat, steps=10, targets=2).run(model, x, y, _gen())
+    result = create_attack("mm", threat, steps=10, targets=2).run(model, x, y, gen())
     assert bool(threat.contains(result.x_adv, x, tol=0.0).all())
-    assert torch.equal(result.success, _predict(model, result.x_adv) != y)
+    assert torch.equal(result.success, predict(model, result.x_adv) != y)
     assert result.success.float().mean() > 0.2
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_eps_zero_gives_the_clean_points(digits, name):
     model, x, y = digits
-    result = create_attack(name, ThreatModel("linf", 0.0), **_fast(name)).run(model, x, y, _gen())
+    result = create_attack(name, ThreatModel("linf", 0.0), **_fast(name)).run(model, x, y, gen())
     assert torch.equal(result.x_adv, x)
-    assert torch.equal(result.success, _predict(model, x) != y)
+    assert torch.equal(result.success, predict(model, x) != y)
     assert bool((result.gradients == 0).all()) and bool((result.forwards == 1).all())
 
 
@@ -167,7 +147,7 @@ def test_counts_are_exact(digits_model, digits_test, name, norm):
     if name == "md-mt":
         params["n_target_classes"] = targets
     rec = Recorder(digits_model, x, y)
-    result = create_attack(name, threat, **params).run(rec, x, y, _gen())
+    result = create_attack(name, threat, **params).run(rec, x, y, gen())
     assert torch.equal(result.forwards, rec.forwards)
     assert torch.equal(result.gradients, rec.gradients)
     runs = restarts * (targets if name in ("mm", "md-mt") else 1)
@@ -183,7 +163,7 @@ def test_counts_are_exact(digits_model, digits_test, name, norm):
     for i in broken.tolist():
         assert torch.equal(result.x_adv[i], rec.queried[(i, int(rec.first_wrong[i]))])
     if clean:  # already misclassified clean points cost one forward and stay as they are
-        wrong = _predict(digits_model, x) != y
+        wrong = predict(digits_model, x) != y
         assert int(wrong.sum()) > 0
         assert bool((result.forwards[wrong] == 1).all()) and bool((result.gradients[wrong] == 0).all())
         assert torch.equal(result.x_adv[wrong], x[wrong])
@@ -199,16 +179,16 @@ def test_at_least_as_strong_as_pgd_at_equal_budget(digits_model, digits_test, no
     x, y = digits_test.x[:300], digits_test.y[:300]
     threat = ThreatModel(norm, {"linf": 0.1, "l2": 0.5}[norm])
     budget = 60
-    pgd = create_attack("pgd", threat, steps=budget).run(digits_model, x, y, _gen())
+    pgd = create_attack("pgd", threat, steps=budget).run(digits_model, x, y, gen())
     slack = 2 / len(y)
     for name, params in (
         ("mm", {"steps": 20, "targets": 3}),
         ("md", {"steps": 30, "restarts": 2}),
         ("md-mt", {"steps": 10, "restarts": 2, "n_target_classes": 3}),
     ):
-        result = create_attack(name, threat, **params).run(digits_model, x, y, _gen())
+        result = create_attack(name, threat, **params).run(digits_model, x, y, gen())
         assert int(result.gradients.max()) == budget, name
-        assert _robust(result) <= _robust(pgd) + slack, (name, _robust(result), _robust(pgd))
+        assert robust_fraction(result) <= robust_fraction(pgd) + slack, (name, robust_fraction(result), robust_fraction(pgd))
 
 
 def test_mm_k_targets_at_least_as_strong_as_one(digits_model, digits_test):
@@ -217,8 +197,8 @@ def test_mm_k_targets_at_least_as_strong_as_one(digits_model, digits_test):
     x, y = digits_test.x[:300], digits_test.y[:300]
     for norm in ("linf", "l2"):
         threat = ThreatModel(norm, {"linf": 0.1, "l2": 0.5}[norm])
-        one = create_attack("mm", threat, steps=20, targets=1).run(digits_model, x, y, _gen(2))
-        three = create_attack("mm", threat, steps=20, targets=3).run(digits_model, x, y, _gen(2))
+        one = create_attack("mm", threat, steps=20, targets=1).run(digits_model, x, y, gen(2))
+        three = create_attack("mm", threat, steps=20, targets=3).run(digits_model, x, y, gen(2))
         assert bool((three.success | ~one.success).all()), norm
         assert torch.equal(three.x_adv[one.success], one.x_adv[one.success])
         assert int(three.success.sum()) > int(one.success.sum()), norm
@@ -227,8 +207,8 @@ def test_mm_k_targets_at_least_as_strong_as_one(digits_model, digits_test):
 def test_restarts_only_add_successes(digits):
     model, x, y = digits
     threat = ThreatModel("linf", 0.07)
-    one = create_attack("md", threat, steps=8, restarts=1).run(model, x, y, _gen(3))
-    four = create_attack("md", threat, steps=8, restarts=4).run(model, x, y, _gen(3))
+    one = create_attack("md", threat, steps=8, restarts=1).run(model, x, y, gen(3))
+    four = create_attack("md", threat, steps=8, restarts=4).run(model, x, y, gen(3))
     assert bool((four.success | ~one.success).all())
     assert torch.equal(four.x_adv[one.success], one.x_adv[one.success])
 
@@ -263,7 +243,7 @@ def test_model_untouched(digits, name):
     model, x, y = digits
     model = copy.deepcopy(model).train()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    create_attack(name, ThreatModel("linf", 0.1), **_fast(name)).run(model, x, y, _gen())
+    create_attack(name, ThreatModel("linf", 0.1), **_fast(name)).run(model, x, y, gen())
     assert all(m.training for m in model.modules())
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
@@ -275,13 +255,13 @@ def test_reproducible_from_the_generator(digits, name, norm):
     model, x, y = digits
     x, y = x[:60], y[:60]
     attack = create_attack(name, ThreatModel(norm, EPS[norm]), **_fast(name))
-    a, b, c = (attack.run(model, x, y, _gen(s)) for s in (5, 5, 6))
+    a, b, c = (attack.run(model, x, y, gen(s)) for s in (5, 5, 6))
     for field in ("x_adv", "success", "gradients", "forwards"):
         assert torch.equal(getattr(a, field), getattr(b, field)), field
     assert not torch.equal(a.x_adv, c.x_adv)
     cfg = json.loads(json.dumps(attack.config()))  # JSON all the way
     rebuilt = create_attack(cfg["name"], ThreatModel(**cfg["threat"]), cfg["targeted"], **cfg["params"])
-    assert torch.equal(rebuilt.run(model, x, y, _gen(5)).x_adv, a.x_adv)
+    assert torch.equal(rebuilt.run(model, x, y, gen(5)).x_adv, a.x_adv)
 
 
 # ---------------------------------------------------------------------- registry, CLI, bad input

@@ -21,6 +21,7 @@ from robustlab.attacks import ATTACKS, create_attack
 from robustlab.attacks.fab import min_norm_to_hyperplane
 from robustlab.errors import RobustlabError
 from robustlab.threat import ThreatModel
+from helpers import gen, predict
 
 MIN_NORM = ("fab-min", "fab-t-min", "deepfool", "cw", "ead")
 # Small budgets keep the file fast; the algorithms are the published ones.
@@ -36,23 +37,6 @@ FAST = {
 EPS = {"linf": 0.1, "l2": 0.8, "l1": 3.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(x).argmax(dim=1)
-
-
 @pytest.fixture(scope="module")
 def cnn(digits_model, digits_test):
     """(float64 copy of the digits CNN, 60 test images and labels: the first 55 it classifies
@@ -60,7 +44,7 @@ def cnn(digits_model, digits_test):
     other samples share its batch."""
     model = copy.deepcopy(digits_model).double().eval()
     x, y = digits_test.x.double(), digits_test.y
-    correct = _predict(model, x) == y
+    correct = predict(model, x) == y
     pick = torch.cat([correct.nonzero()[:55, 0], (~correct).nonzero()[:5, 0]]).sort().values
     assert len(pick) == 60
     return model, x[pick], y[pick]
@@ -75,13 +59,13 @@ def test_projection_onto_hyperplane_in_box_is_exact(norm):
     rows get the box corner that comes closest to the hyperplane."""
     np = pytest.importorskip("numpy")
     so = pytest.importorskip("scipy.optimize")
-    gen = _gen(3)
+    g = gen(3)
     n, dim = 30, 6
-    w = torch.randn(n, dim, generator=gen, dtype=torch.float64)
+    w = torch.randn(n, dim, generator=g, dtype=torch.float64)
     w[::7, 2] = 0.0
-    x = torch.rand(n, dim, generator=gen, dtype=torch.float64)
+    x = torch.rand(n, dim, generator=g, dtype=torch.float64)
     x[::4, 1], x[::5, 3] = 0.0, 1.0
-    r = torch.randn(n, generator=gen, dtype=torch.float64)
+    r = torch.randn(n, generator=g, dtype=torch.float64)
     lo, hi = -x, 1 - x
     d = min_norm_to_hyperplane(w, r, lo, hi, norm)
     assert bool(((d >= lo - 1e-12) & (d <= hi + 1e-12)).all())
@@ -120,15 +104,15 @@ def linear():
     """A linear classifier on 8x8 inputs near 0.5, labels = its predictions, and per norm the
     smallest misclassifying distance min_j (z_y - z_j) / ||w_y - w_j||_dual, for samples whose
     optimal perturbation stays inside the box (so the box constraint is not active)."""
-    gen = _gen(0)
+    g = gen(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).double()
     with torch.no_grad():
-        weight = torch.randn(10, 64, generator=gen, dtype=torch.float64)
+        weight = torch.randn(10, 64, generator=g, dtype=torch.float64)
         weight[:, :3] *= 8  # a few strong pixels, so the L1 optimum (one pixel) fits in the box too
         model[1].weight.copy_(weight)
         model[1].bias.zero_()
-    x = (0.5 + 0.03 * torch.randn(50, 1, 8, 8, generator=gen, dtype=torch.float64)).clamp(0, 1)
-    y = _predict(model, x)
+    x = (0.5 + 0.03 * torch.randn(50, 1, 8, 8, generator=g, dtype=torch.float64)).clamp(0, 1)
+    y = predict(model, x)
     with torch.no_grad():
         z = model(x)
     rows = torch.arange(len(y))
@@ -150,7 +134,7 @@ def linear():
         point = x.flatten(1) + delta
         free = ((point >= 0) & (point <= 1)).all(dim=1)
         assert int(free.sum()) >= 45
-        assert bool((_predict(model, (x.flatten(1) + 1.001 * delta).view_as(x)) != y).all())
+        assert bool((predict(model, (x.flatten(1) + 1.001 * delta).view_as(x)) != y).all())
         optimum[norm] = (best, free)
     return model, x, y, optimum
 
@@ -172,9 +156,9 @@ def test_linear_model_smallest_perturbation(linear, name, norm, params, worst, t
     model, x, y, optimum = linear
     best, free = optimum[norm]
     threat = ThreatModel(norm, 1.0)
-    result = create_attack(name, threat, **params).run(model, x, y, _gen())
+    result = create_attack(name, threat, **params).run(model, x, y, gen())
     assert bool(result.success.all())
-    assert torch.equal(_predict(model, result.x_adv) != y, result.success)
+    assert torch.equal(predict(model, result.x_adv) != y, result.success)
     ratio = (threat.distance(result.x_adv, x) / best)[free]
     assert float(ratio.min()) >= 1 - 1e-6  # nothing beats the optimum
     assert float(ratio.max()) <= worst, float(ratio.max())
@@ -194,11 +178,11 @@ def test_minimum_norm_results_are_valid(cnn, name, norm):
     x_before = x.clone()
     attack = create_attack(name, ThreatModel(norm, EPS[norm]), **FAST[name])
     assert attack.minimum_norm
-    result = attack.run(model, x, y, _gen())
+    result = attack.run(model, x, y, gen())
     assert result.x_adv.shape == x.shape and result.x_adv.dtype == x.dtype
     assert bool(((result.x_adv >= 0) & (result.x_adv <= 1)).all())
     # success means misclassified (wherever the point lies), checked by a fresh full-batch forward.
-    assert torch.equal(result.success, _predict(model, result.x_adv) != y)
+    assert torch.equal(result.success, predict(model, result.x_adv) != y)
     assert result.success.float().mean() >= 0.9
     # Samples without an adversarial come back unchanged.
     assert torch.equal(result.x_adv[~result.success], x[~result.success])
@@ -213,12 +197,12 @@ def test_fab_min_distances_match_pgd(cnn, norm):
     as what PGD needs), and the distances are real: of the points FAB-min breaks at d <= eps / 1.1,
     PGD at eps breaks most."""
     model, x, y = cnn
-    correct = _predict(model, x) == y
-    fab = create_attack("fab-min", ThreatModel(norm, EPS[norm]), **FAST["fab-min"]).run(model, x, y, _gen())
+    correct = predict(model, x) == y
+    fab = create_attack("fab-min", ThreatModel(norm, EPS[norm]), **FAST["fab-min"]).run(model, x, y, gen())
     dist = ThreatModel(norm, 1.0).distance(fab.x_adv, x).masked_fill(~fab.success, float("inf"))
     for frac in (0.3, 0.6, 1.0):
         eps = frac * EPS[norm]
-        pgd = create_attack("pgd", ThreatModel(norm, eps), steps=40).run(model, x, y, _gen(1))
+        pgd = create_attack("pgd", ThreatModel(norm, eps), steps=40).run(model, x, y, gen(1))
         fab_broken = correct & (dist <= eps)
         assert int(fab_broken.sum()) >= int((correct & pgd.success).sum()) - 1, (eps, int(fab_broken.sum()))
         clearly = correct & (dist <= eps / 1.1)
@@ -233,10 +217,10 @@ def test_fixed_budget_fab_inside_the_ball_and_agrees_with_fab_min(cnn, norm):
     eps (and possibly more, from the final projection of points found outside)."""
     model, x, y = cnn
     threat = ThreatModel(norm, 0.6 * EPS[norm])
-    fab = create_attack("fab", threat, **FAST["fab"]).run(model, x, y, _gen())
+    fab = create_attack("fab", threat, **FAST["fab"]).run(model, x, y, gen())
     assert bool(threat.contains(fab.x_adv, x, tol=0).all())
-    assert torch.equal(fab.success, _predict(model, fab.x_adv) != y)
-    fmin = create_attack("fab-min", threat, line_search=0, **FAST["fab"]).run(model, x, y, _gen())
+    assert torch.equal(fab.success, predict(model, fab.x_adv) != y)
+    fmin = create_attack("fab-min", threat, line_search=0, **FAST["fab"]).run(model, x, y, gen())
     within = fmin.success & (threat.distance(fmin.x_adv, x) <= threat.eps)
     assert 0 < int(within.sum()) < len(y)
     assert bool((fab.success | ~within).all())
@@ -249,18 +233,18 @@ def test_fixed_budget_fab_inside_the_ball_and_agrees_with_fab_min(cnn, norm):
 def test_fab_t_at_least_as_strong_as_fab(cnn, norm):
     model, x, y = cnn
     threat = ThreatModel(norm, 0.5 * EPS[norm])
-    fab = create_attack("fab", threat, **FAST["fab"]).run(model, x, y, _gen())
-    fab_t = create_attack("fab-t", threat, steps=15, n_target_classes=9).run(model, x, y, _gen())
+    fab = create_attack("fab", threat, **FAST["fab"]).run(model, x, y, gen())
+    fab_t = create_attack("fab-t", threat, steps=15, n_target_classes=9).run(model, x, y, gen())
     assert bool(threat.contains(fab_t.x_adv, x, tol=0).all())
-    assert torch.equal(fab_t.success, _predict(model, fab_t.x_adv) != y)
+    assert torch.equal(fab_t.success, predict(model, fab_t.x_adv) != y)
     assert int(fab_t.success.sum()) >= int(fab.success.sum())
     assert 0 < int(fab.success.sum()) < len(y)
 
 
 def test_fixed_budget_fab_at_eps_zero(cnn):
     model, x, y = cnn
-    wrong = _predict(model, x) != y
-    result = create_attack("fab", ThreatModel("linf", 0.0), steps=5).run(model, x, y, _gen())
+    wrong = predict(model, x) != y
+    result = create_attack("fab", ThreatModel("linf", 0.0), steps=5).run(model, x, y, gen())
     assert torch.equal(result.x_adv, x)
     assert torch.equal(result.success, wrong)
     assert int(result.gradients.sum()) == 0
@@ -307,7 +291,7 @@ def test_counts_add_up_to_the_work_done(cnn, name, norm, params):
     forward passes and in input gradients."""
     model, x, y = cnn
     counting = _Counting(model)
-    res = create_attack(name, ThreatModel(norm, 0.5 * EPS[norm]), **params).run(counting, x, y, _gen())
+    res = create_attack(name, ThreatModel(norm, 0.5 * EPS[norm]), **params).run(counting, x, y, gen())
     assert int(res.forwards.sum()) == counting.rows
     assert int(res.gradients.sum()) == counting.grad_rows
     assert bool((res.forwards >= 1).all())
@@ -316,10 +300,10 @@ def test_counts_add_up_to_the_work_done(cnn, name, norm, params):
 def test_fab_counts(cnn):
     model, x, y = cnn
     k = 9  # other classes of the 10-class model
-    wrong = _predict(model, x) != y
+    wrong = predict(model, x) != y
     steps, restarts, line = 6, 2, 4
     res = create_attack("fab-min", ThreatModel("l2", 1.0), steps=steps, restarts=restarts, line_search=line).run(
-        model, x, y, _gen())
+        model, x, y, gen())
     # Misclassified points cost the clean forward pass only.
     assert bool((res.gradients[wrong] == 0).all()) and bool((res.forwards[wrong] == 1).all())
     assert bool((res.gradients[~wrong] == restarts * steps * k).all())
@@ -330,14 +314,14 @@ def test_fab_counts(cnn):
     assert bool((res.forwards[~wrong] <= (low + restarts * steps)[~wrong]).all())
 
     threat = ThreatModel("linf", 0.04)
-    fixed = create_attack("fab", threat, steps=steps, restarts=restarts).run(model, x, y, _gen())
+    fixed = create_attack("fab", threat, steps=steps, restarts=restarts).run(model, x, y, gen())
     robust = ~fixed.success
     assert int(robust.sum()) > 0 and int((fixed.success & ~wrong).sum()) > 0
     assert bool((fixed.gradients[robust] == restarts * steps * k).all())
     assert bool((fixed.gradients % k == 0).all()) and bool((fixed.gradients <= restarts * steps * k).all())
     assert bool((fixed.gradients[wrong] == 0).all())
 
-    targeted = create_attack("fab-t", threat, steps=steps, n_target_classes=3).run(model, x, y, _gen())
+    targeted = create_attack("fab-t", threat, steps=steps, n_target_classes=3).run(model, x, y, gen())
     robust = ~targeted.success
     assert int(robust.sum()) > 0
     assert bool((targeted.gradients[robust] == 3 * steps).all())
@@ -370,7 +354,7 @@ def test_cw_and_ead_counts(cnn, name, fista):
     if fista is not None:
         params["fista"] = fista
     res = create_attack(name, ThreatModel(norm, 1.0), **params).run(model, x, y)
-    wrong = _predict(model, x) != y
+    wrong = predict(model, x) != y
     full = ~wrong
     assert bool((res.gradients[full] == rounds * steps).all())
     if name == "cw":
@@ -405,27 +389,27 @@ def test_model_untouched(name):
     model[4].eval()
     modes = [m.training for m in model.modules()]
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    x = torch.rand(12, 1, 8, 8, generator=_gen(5))
-    y = torch.randint(0, 10, (12,), generator=_gen(6))
+    x = torch.rand(12, 1, 8, 8, generator=gen(5))
+    y = torch.randint(0, 10, (12,), generator=gen(6))
     norm = {"cw": "l2", "ead": "l1"}.get(name, "l2")
     params = {**FAST[name], "steps": 3}
     if name in ("cw", "ead"):
         params["binary_steps"] = 2
     with torch.no_grad():  # input gradients are still taken
-        result = create_attack(name, ThreatModel(norm, 0.5), **params).run(model, x, y, _gen())
+        result = create_attack(name, ThreatModel(norm, 0.5), **params).run(model, x, y, gen())
     assert [m.training for m in model.modules()] == modes
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key
     assert all(p.grad is None for p in model.parameters())
     model.eval()
-    assert torch.equal(result.success, _predict(model, result.x_adv) != y)
+    assert torch.equal(result.success, predict(model, result.x_adv) != y)
 
 
 def test_reproducible_from_the_generator(cnn):
     model, x, y = cnn
     attack = create_attack("fab-min", ThreatModel("linf", 0.1), steps=5, restarts=2)
-    a, b = attack.run(model, x, y, _gen(4)), attack.run(model, x, y, _gen(4))
-    c = attack.run(model, x, y, _gen(5))
+    a, b = attack.run(model, x, y, gen(4)), attack.run(model, x, y, gen(4))
+    c = attack.run(model, x, y, gen(5))
     for field in ("x_adv", "success", "gradients", "forwards"):
         assert torch.equal(getattr(a, field), getattr(b, field)), field
     assert not torch.equal(a.x_adv, c.x_adv)
@@ -481,9 +465,9 @@ def test_bad_params_raise(name, norm, params, targeted):
 
 def test_targeted_cw_and_ead_hit_their_targets(cnn):
     model, x, y = cnn
-    targets = (y + 1 + torch.randint(0, 9, y.shape, generator=_gen(2))) % 10
+    targets = (y + 1 + torch.randint(0, 9, y.shape, generator=gen(2))) % 10
     for name, norm in (("cw", "l2"), ("ead", "l1")):
         params = {**FAST[name], "binary_steps": 5, "steps": 30, "lr": 0.1}
         res = create_attack(name, ThreatModel(norm, 1.0), targeted=True, **params).run(model, x, targets)
-        assert torch.equal(res.success, _predict(model, res.x_adv) == targets)
+        assert torch.equal(res.success, predict(model, res.x_adv) == targets)
         assert res.success.float().mean() >= 0.75, name  # chance: 0.1

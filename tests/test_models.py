@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import textwrap
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -47,15 +45,6 @@ PARAMS = {  # parameter counts of the published architectures (10 classes)
     "wrn_34_10": 46_160_474,
     "wideresnet": 175_066,  # WRN-16-1
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small CPU workloads run faster (and steadier on a busy machine) on one thread."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def _images(name: str, n: int, seed: int = 0) -> torch.Tensor:

@@ -24,15 +24,6 @@ from robustlab.threat import NORMS, ThreatModel, norms, sample_ball
 FAST = settings(deadline=None, max_examples=60)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Small tensors: one thread is fastest, and it stays fast when other processes share the CPU.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 # ---------------------------------------------------------------------- reference projection
 
 
