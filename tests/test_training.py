@@ -235,6 +235,12 @@ def test_catastrophic_overfitting_rule():
     assert detect_catastrophic_overfitting(hist((0.42, 0.45), (0.05, 0.20))) is None  # training accuracy fell too
     assert detect_catastrophic_overfitting(hist((0.08, 0.45), (0.00, 0.90))) is None  # never robust
     assert detect_catastrophic_overfitting(hist((0.42, 0.45))) is None
+    # A steady slide (FGSM on MNIST at eps 0.3): three falls in a row to below half the best.
+    slide = hist((0.172, 0.30), (0.150, 0.50), (0.096, 0.60), (0.060, 0.70))
+    event = detect_catastrophic_overfitting(slide)
+    assert event is not None and event["best_epoch"] == 1 and "each of the last 3 epochs" in event["message"]
+    assert detect_catastrophic_overfitting(slide[:3]) is None  # two falls only
+    assert detect_catastrophic_overfitting(hist((0.5, 0.3), (0.48, 0.5), (0.46, 0.6), (0.44, 0.7))) is None  # slow decay
     clean = [{"epoch": 1, "val_robust_acc": 0.4, "train_clean_acc": 0.5},
              {"epoch": 2, "val_robust_acc": 0.1, "train_clean_acc": 0.6}]
     assert detect_catastrophic_overfitting(clean) is not None
