@@ -375,6 +375,7 @@ def cmd_perturb(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
+    from robustlab.models.checkpoint import read_card
     from robustlab.models.zoo import add_to_zoo, list_zoo, zoo_card, zoo_root
 
     if args.zoo_command == "list":
@@ -401,8 +402,12 @@ def cmd_zoo(args: argparse.Namespace) -> int:
         if run["status"] != "complete":
             raise RobustlabError(f"run {run['run_id']} is not complete; finish it with --resume first")
         attacks = "+".join(a["name"] for a in run["attacks"])
-        robust = {f"{run['norm']}:{run['eps']:g} {attacks} (n={run['n']}, run {run['run_id']})": run["robust_accuracy"]}
-        clean = run["clean_accuracy"]
+        # The run's clean accuracy is on its n examples: it goes with the robust number, and becomes
+        # the card's clean accuracy only if the card has none (the trainer measures it on the whole
+        # test split).
+        robust = {f"{run['norm']}:{run['eps']:g} {attacks} (n={run['n']}, clean {100 * run['clean_accuracy']:.2f}%, "
+                  f"run {run['run_id']})": run["robust_accuracy"]}
+        clean = run["clean_accuracy"] if read_card(args.checkpoint).clean_accuracy is None else None
     path = add_to_zoo(args.checkpoint, args.name, args.zoo, robust, clean, overwrite=args.overwrite)
     print(path)
     return 0
