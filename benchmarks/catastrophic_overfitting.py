@@ -3,8 +3,8 @@
 The claim under test (issue #4): FGSM training at eps 0.3 is known to collapse ("catastrophic
 overfitting": training accuracy on FGSM points rises while PGD accuracy falls to about 0). robustlab
 must not fail silently: it monitors PGD accuracy on a held-out batch every epoch, stops and restores
-the best epoch when the collapse happens, and offers a published remedy (N-FGSM: noise of 2 eps
-and a step of eps without clipping the perturbation back into the ball, de Jorge et al. 2022).
+the best epoch when the collapse happens, and offers a published remedy (N-FGSM: uniform noise and a
+step of eps without clipping the perturbation back into the ball, de Jorge et al. 2022).
 
 Runs, all through the command line (``robustlab train``), same model, data, seed and schedule:
 
@@ -12,13 +12,15 @@ Runs, all through the command line (``robustlab train``), same model, data, seed
    --no-restore-best``): what a silent failure looks like;
 2. ``fgsm-at`` with the monitor on (the default for single-step recipes): it stops at the collapse and
    restores the best epoch;
-3. ``n-fgsm``, the remedy, monitor on.
+3. the remedy, monitor on: ``n-fgsm:noise=1`` by default (N-FGSM with noise of eps; with the
+   paper's CIFAR-10 default of 2 eps, i.e. noise up to 0.6 here, the SmallCNN did not learn at all in
+   5 epochs: 26% clean, 17% PGD-20 accuracy).
 
 Each saved model is then attacked with PGD-20 (Linf 0.3, step 0.025, random start) on the first N
 MNIST test images. The per-epoch history (training accuracy on the attack's points, held-out clean and
 PGD accuracy) shows the collapse.
 
-Usage: python benchmarks/catastrophic_overfitting.py [--n-train 10000] [--epochs 6] [--n-test 1000]
+Usage: python benchmarks/catastrophic_overfitting.py [--n-train 8000] [--epochs 5] [--n-test 1000] [--remedy n-fgsm:noise=1]
 The report is printed and written to benchmarks/results/catastrophic_overfitting.txt.
 """
 
@@ -40,11 +42,13 @@ from robustlab.cli import main as robustlab  # noqa: E402
 from robustlab.models import load_checkpoint  # noqa: E402
 from robustlab.threat import ThreatModel  # noqa: E402
 
-RUNS = (  # title, recipe, extra flags
-    ("fgsm-at, monitor off", "fgsm-at", ["--co-detection", "off", "--no-restore-best"]),
-    ("fgsm-at, monitor on", "fgsm-at", ["--co-detection", "on"]),
-    ("n-fgsm, monitor on", "n-fgsm", ["--co-detection", "on"]),
-)
+def runs(remedy: str) -> tuple[tuple[str, str, list[str]], ...]:
+    """(title, recipe, extra flags) of the three runs."""
+    return (
+        ("fgsm-at, monitor off", "fgsm-at", ["--co-detection", "off", "--no-restore-best"]),
+        ("fgsm-at, monitor on", "fgsm-at", ["--co-detection", "on"]),
+        (f"{remedy}, monitor on", remedy, ["--co-detection", "on"]),
+    )
 
 
 def pgd_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -58,11 +62,12 @@ def pgd_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> fl
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n-train", type=int, default=10000)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--n-train", type=int, default=8000)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--n-test", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--remedy", default="n-fgsm:noise=1", help="recipe of the third run")
     parser.add_argument("--out", type=Path, default=RESULTS / "catastrophic_overfitting.txt")
     args = parser.parse_args(argv)
     set_threads(1)
@@ -83,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     summary = []
     with tempfile.TemporaryDirectory() as tmp:
-        for title, recipe, flags in RUNS:
+        for title, recipe, flags in runs(args.remedy):
             out = Path(tmp) / f"run{len(summary)}.safetensors"
             log(f"== {title}")
             t0 = time.process_time()
