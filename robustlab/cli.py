@@ -436,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", required=True, help="architecture name (see robustlab.models.list_models)")
     t.add_argument("--data", required=True, help="data set name, e.g. digits, mnist, cifar10")
     t.add_argument("--data-root", help="folder with the data set files (default: $ROBUSTLAB_DATA or ./data)")
-    t.add_argument("--n", type=int, help="train on the first N training images")
+    t.add_argument("--n", "--num-examples", dest="n", type=int,
+                   help="train on the first N training images (under torchrun write --num-examples)")
     t.add_argument("--recipe", default="standard", metavar="NAME[:key=value,...]",
                    help="training objective: standard, pgd-at, trades, mart, fgsm-at, fast-at, n-fgsm, alp, clp, vat, "
                         "gradient-reg, distillation (teacher=PATH), curriculum-at, dual-bn (clean and adversarial "
