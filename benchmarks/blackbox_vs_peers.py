@@ -34,7 +34,16 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, environment, get_model, load_split, log, predict, set_threads  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS,
+    environment,
+    get_model,
+    load_split,
+    log,
+    predict,
+    set_threads,
+    write_report,
+)
 from robustlab.attacks import create_attack  # noqa: E402
 from robustlab.seeding import make_generator  # noqa: E402
 from robustlab.threat import ThreatModel  # noqa: E402
@@ -305,10 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"== {sc.title}")
         score.append(run_score(sc, args.seed))
     report = format_report(hsj, score, args, time.perf_counter() - t0)
-    print(report, end="")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report, encoding="utf-8")
-    log(f"report written to {args.out}")
+    write_report(report, args.out)
     return 0
 
 

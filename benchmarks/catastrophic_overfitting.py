@@ -36,7 +36,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, environment, load_split, log, predict, set_threads, shared_data_dir  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS,
+    environment,
+    load_split,
+    log,
+    predict,
+    set_threads,
+    shared_data_dir,
+    write_report,
+)
 from robustlab.attacks import create_attack  # noqa: E402
 from robustlab.cli import main as robustlab  # noqa: E402
 from robustlab.models import load_checkpoint  # noqa: E402
@@ -126,9 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"  {title:24s} clean {100 * clean:5.1f}%  PGD-20 {100 * pgd:5.1f}%  collapse declared: {'yes' if event else 'no'}")
     lines.append(f"total wall time {time.perf_counter() - t_start:.0f} s")
     report = "\n".join(lines) + "\n"
-    print(report, end="")
-    args.out.write_text(report, encoding="utf-8")
-    log(f"report written to {args.out}")
+    write_report(report, args.out)
     return 0
 
 

@@ -319,6 +319,30 @@ def time_interleaved(contenders: dict[str, Callable[[], Any]], repeats: int, war
     }
 
 
+def write_report(report: str, path: Path) -> None:
+    """Print the report and write it to ``path`` (its folder created if needed)."""
+    print(report, end="")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(report, encoding="utf-8")
+    log(f"report written to {path}")
+
+
+class Counter(nn.Module):
+    """The model, counting the images it is given (all, and those with a graph to the input)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.images = 0
+        self.grad_images = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.images += x.shape[0]
+        if x.requires_grad:
+            self.grad_images += x.shape[0]
+        return self.model(x)
+
+
 def sign_test(only_peer: int, only_ours: int) -> float:
     """One-sided exact sign test: the chance of the peer winning at least ``only_peer`` of the
     ``only_peer + only_ours`` examples where the two disagree, if both were equally strong."""

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, environment, log, shared_data_dir  # noqa: E402
+from benchmarks.common import RESULTS, environment, log, shared_data_dir, write_report  # noqa: E402
 
 
 def run(command: list[str], processes: int, port: int) -> tuple[float, str]:
@@ -95,9 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"{outputs[1]['robust_accuracy']:.4f} / {outputs[2]['robust_accuracy']:.4f} (1 / 2 processes): "
                  f"{'identical' if same else 'DIFFERENT'}")
     report = "\n".join(lines) + "\n"
-    print(report, end="")
-    args.out.write_text(report, encoding="utf-8")
-    log(f"report written to {args.out}")
+    write_report(report, args.out)
     return 0 if same else 1
 
 

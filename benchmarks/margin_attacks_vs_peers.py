@@ -55,7 +55,17 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, environment, get_model, load_split, log, predict, set_threads  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS,
+    Counter,
+    environment,
+    get_model,
+    load_split,
+    log,
+    predict,
+    set_threads,
+    write_report,
+)
 from robustlab.attacks import create_attack  # noqa: E402
 from robustlab.seeding import make_generator  # noqa: E402
 from robustlab.threat import ThreatModel  # noqa: E402
@@ -77,22 +87,6 @@ class Row:
     @property
     def title(self) -> str:
         return f"budget {self.budget} gradients per example, {self.targets} target classes"
-
-
-class Counter(nn.Module):
-    """The model, counting the images it is given (all, and those with a graph to the input)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.images = 0
-        self.grad_images = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.images += x.shape[0]
-        if x.requires_grad:
-            self.grad_images += x.shape[0]
-        return self.model(x)
 
 
 # ---------------------------------------------------------------------- the contenders
@@ -274,10 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"== {row.title}")
         results.append(run_row(row, i, args.n, args.seed))
     report = format_report(results, args, time.perf_counter() - t0)
-    print(report, end="")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report, encoding="utf-8")
-    log(f"report written to {args.out}")
+    write_report(report, args.out)
     return 0
 
 

@@ -68,6 +68,7 @@ from benchmarks.common import (  # noqa: E402
     predict,
     set_threads,
     time_interleaved,
+    write_report,
 )
 from robustlab.attacks import create_attack  # noqa: E402
 from robustlab.seeding import make_generator  # noqa: E402
@@ -407,10 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"== {sc.title}")
         results.append(run_scenario(sc, args.repeats, args.seed, args.clock, args.fidelity_seeds))
     report = format_report(results, args, time.perf_counter() - t0)
-    print(report, end="")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report, encoding="utf-8")
-    log(f"report written to {args.out}")
+    write_report(report, args.out)
     return 0
 
 

@@ -43,7 +43,16 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, environment, get_model, load_split, log, predict, set_threads  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS,
+    environment,
+    get_model,
+    load_split,
+    log,
+    predict,
+    set_threads,
+    write_report,
+)
 from robustlab.attacks.suites import SUITES  # noqa: E402
 from robustlab.bench import ResultsStore  # noqa: E402
 from robustlab.bench.runner import EvalOptions, evaluate  # noqa: E402
@@ -211,11 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         order = TOOLS[i % 3:] + TOOLS[: i % 3]
         results.append(run_model(key, args.n, args.seed, order))
     report = format_report(results, args, time.perf_counter() - t0)
-    print(report, end="")
-    if not args.quick:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report, encoding="utf-8")
-        log(f"report written to {args.out}")
+    if args.quick:  # a smoke run leaves the recorded results alone
+        print(report, end="")
+    else:
+        write_report(report, args.out)
     return 0
 
 

@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, environment, log, set_threads  # noqa: E402
+from benchmarks.common import RESULTS, environment, log, set_threads, write_report  # noqa: E402
 from robustlab.data import ImageDataset, load_dataset  # noqa: E402
 from robustlab.models import create_model  # noqa: E402
 from robustlab.threat import ThreatModel  # noqa: E402
@@ -144,10 +144,7 @@ def main() -> int:
              "cpu_ratio": med[name]["cpu"] / med["standard"]["cpu"], "wall_ratio": med[name]["wall"] / med["standard"]["wall"],
              "cpu_all": timed[name]["cpu"], "wall_all": timed[name]["wall"]} for name, (target, _) in runs.items()]
     report = format_report(rows, args, setup, time.perf_counter() - t_start)
-    print(report, end="")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report, encoding="utf-8")
-    log(f"written {args.out}")
+    write_report(report, args.out)
     return 0 if all(r["target"] is None or r["cpu_ratio"] <= r["target"] for r in rows) else 1
 
 

@@ -34,6 +34,12 @@ def digits_test():
     return load_dataset("digits", "test")
 
 
+@pytest.fixture(scope="module")
+def digits(digits_model, digits_test):
+    """(model, the first 150 digits test images, their labels); a test module may define its own."""
+    return digits_model, digits_test.x[:150].contiguous(), digits_test.y[:150].contiguous()
+
+
 @pytest.fixture(scope="session")
 def digits_model(digits_train):
     """digits_cnn trained for a few seconds (about 97% clean test accuracy), in eval mode."""

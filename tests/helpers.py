@@ -3,8 +3,12 @@ tests folder on the path)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
+
+from robustlab.threat import ThreatModel
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -21,3 +25,56 @@ def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def robust_fraction(result) -> float:
     """The fraction of an AttackResult's samples the attack did not break."""
     return float((~result.success).float().mean())
+
+
+class Recorder(nn.Module):
+    """Wraps a model and counts, per clean sample, every forward pass (``forwards``), those that
+    build a graph to the input (``gradients``), and the forward count at which the model first
+    misclassified the sample (``first_wrong``, -1: never). Each queried image is attributed to the
+    nearest clean image in the Lp distance ``matching(threat)``, which is unambiguous when the clean
+    images are more than twice the largest perturbation apart in it (see ``separated``)."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel) -> None:
+        super().__init__()
+        self.model, self.ref, self.y = model, x.flatten(1), y
+        self.p = matching(threat)[0]
+        n = len(y)
+        self.forwards = torch.zeros(n, dtype=torch.long)
+        self.gradients = torch.zeros(n, dtype=torch.long)
+        self.first_wrong = torch.full((n,), -1, dtype=torch.long)
+        self.queried: dict[tuple[int, int], torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        with torch.no_grad():
+            who = torch.cdist(x.detach().flatten(1), self.ref, p=self.p).argmin(1)
+            assert who.unique().numel() == who.numel()  # one query per sample and call
+            self.forwards[who] += 1
+            if x.requires_grad:
+                self.gradients[who] += 1
+            wrong = (out.argmax(1) != self.y[who]) & (self.first_wrong[who] < 0)
+            self.first_wrong[who[wrong]] = self.forwards[who[wrong]]
+            for i, k in zip(who[wrong].tolist(), wrong.nonzero(as_tuple=True)[0].tolist()):
+                self.queried[(i, int(self.forwards[i]))] = x[k].detach().clone()
+        return out
+
+
+def matching(threat: ThreatModel, dim: int = 64) -> tuple[float, float]:
+    """(p, radius): the distance that attributes queries to clean images, and the largest distance
+    of a point of the threat model from its image in it (Linf balls are matched in L2, which is fast)."""
+    if threat.norm == "linf":
+        return 2.0, threat.eps * math.sqrt(dim)
+    return (2.0 if threat.norm == "l2" else 1.0), threat.eps
+
+
+def separated(x: torch.Tensor, threat: ThreatModel, n: int) -> torch.Tensor:
+    """Indices of up to n images pairwise more than twice the largest perturbation of ``threat``
+    apart (greedy), so that every point of an image's ball is nearest to that image."""
+    flat = x.flatten(1)
+    p, radius = matching(threat, flat.shape[1])
+    d = torch.cdist(flat, flat, p=p)
+    keep: list[int] = []
+    for i in range(len(x)):
+        if all(d[i, j] > 2 * radius + 1e-3 for j in keep):
+            keep.append(i)
+    return torch.tensor(keep[:n])

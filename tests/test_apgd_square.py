@@ -25,16 +25,10 @@ from robustlab.attacks.apgd import checkpoints, l1_checkpoints
 from robustlab.attacks.square import SCHEDULE, square_fraction, square_pattern, square_sizes
 from robustlab.errors import RobustlabError
 from robustlab.threat import ThreatModel
-from helpers import gen, predict, robust_fraction
+from helpers import Recorder, gen, predict, robust_fraction, separated
 
 APGD = ("apgd-ce", "apgd-dlr", "apgd-t")
 EPS = {"linf": 0.1, "l2": 0.7, "l1": 1.5}
-
-
-@pytest.fixture(scope="module")
-def digits(digits_model, digits_test):
-    """(model, the first 150 test images, their labels)."""
-    return digits_model, digits_test.x[:150].contiguous(), digits_test.y[:150].contiguous()
 
 
 def _fast(name: str, **params):
@@ -42,59 +36,6 @@ def _fast(name: str, **params):
     if name == "square":
         return {"queries": 100, **params}
     return {"steps": 10, **({"n_target_classes": 3} if name == "apgd-t" else {}), **params}
-
-
-class Recorder(nn.Module):
-    """Wraps a model and counts, per clean sample, every forward pass (``forwards``), those that
-    build a graph to the input (``gradients``), and the forward count at which the model first
-    misclassified the sample (``first_wrong``, -1: never). Each queried image is attributed to the
-    nearest clean image in the Lp distance ``_matching(threat)``, which is unambiguous when the clean
-    images are more than twice the largest perturbation apart in it (see ``_separated``)."""
-
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel) -> None:
-        super().__init__()
-        self.model, self.ref, self.y = model, x.flatten(1), y
-        self.p = _matching(threat)[0]
-        n = len(y)
-        self.forwards = torch.zeros(n, dtype=torch.long)
-        self.gradients = torch.zeros(n, dtype=torch.long)
-        self.first_wrong = torch.full((n,), -1, dtype=torch.long)
-        self.queried: dict[tuple[int, int], torch.Tensor] = {}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x)
-        with torch.no_grad():
-            who = torch.cdist(x.detach().flatten(1), self.ref, p=self.p).argmin(1)
-            assert who.unique().numel() == who.numel()  # one query per sample and call
-            self.forwards[who] += 1
-            if x.requires_grad:
-                self.gradients[who] += 1
-            wrong = (out.argmax(1) != self.y[who]) & (self.first_wrong[who] < 0)
-            self.first_wrong[who[wrong]] = self.forwards[who[wrong]]
-            for i, k in zip(who[wrong].tolist(), wrong.nonzero(as_tuple=True)[0].tolist()):
-                self.queried[(i, int(self.forwards[i]))] = x[k].detach().clone()
-        return out
-
-
-def _matching(threat: ThreatModel, dim: int = 64) -> tuple[float, float]:
-    """(p, radius): the distance that attributes queries to clean images, and the largest distance
-    of a point of the threat model from its image in it (Linf balls are matched in L2, which is fast)."""
-    if threat.norm == "linf":
-        return 2.0, threat.eps * math.sqrt(dim)
-    return (2.0 if threat.norm == "l2" else 1.0), threat.eps
-
-
-def _separated(x: torch.Tensor, threat: ThreatModel, n: int) -> torch.Tensor:
-    """Indices of up to n images pairwise more than twice the largest perturbation of ``threat``
-    apart (greedy), so that every point of an image's ball is nearest to that image."""
-    flat = x.flatten(1)
-    p, radius = _matching(threat, flat.shape[1])
-    d = torch.cdist(flat, flat, p=p)
-    keep: list[int] = []
-    for i in range(len(x)):
-        if all(d[i, j] > 2 * radius + 1e-3 for j in keep):
-            keep.append(i)
-    return torch.tensor(keep[:n])
 
 
 # ---------------------------------------------------------------------- the published schedules
@@ -201,7 +142,7 @@ def test_apgd_counts_are_exact(digits_model, digits_test, name, norm):
     unbroken sample costs steps gradients and steps + 1 forwards per run (APGD-T: plus one clean
     forward); a broken one keeps the first point the model misclassified."""
     threat = ThreatModel(norm, EPS[norm])
-    keep = _separated(digits_test.x, threat, 100)
+    keep = separated(digits_test.x, threat, 100)
     x, y = digits_test.x[keep], digits_test.y[keep]
     steps, restarts, targets = 6, 2, 2
     params = {"steps": steps, "restarts": restarts}
@@ -234,7 +175,7 @@ def test_square_query_counts_are_exact(digits_model, digits_test, norm):
     """A sample broken at query q has forwards == q and that query's point; an unbroken one spent
     the whole budget; gradients are never taken."""
     threat = ThreatModel(norm, EPS[norm])
-    keep = _separated(digits_test.x, threat, 100)
+    keep = separated(digits_test.x, threat, 100)
     x, y = digits_test.x[keep], digits_test.y[keep]
     queries = 150
     rec = Recorder(digits_model, x, y, threat)

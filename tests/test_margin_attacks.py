@@ -26,64 +26,15 @@ from robustlab.attacks.md import cosine_step, margin, other_term, true_term
 from robustlab.attacks.mm import target_margin
 from robustlab.errors import RobustlabError
 from robustlab.threat import ThreatModel
-from helpers import gen, predict, robust_fraction
+from helpers import Recorder, gen, predict, robust_fraction, separated
 
 NAMES = ("mm", "md", "md-mt")
 EPS = {"linf": 0.1, "l2": 0.7, "l1": 1.5}
 
 
-@pytest.fixture(scope="module")
-def digits(digits_model, digits_test):
-    """(model, the first 150 test images, their labels)."""
-    return digits_model, digits_test.x[:150].contiguous(), digits_test.y[:150].contiguous()
-
-
 def _fast(name: str) -> dict:
     """Small budgets for the checks that do not depend on them."""
     return {"mm": {"steps": 10, "targets": 2}, "md": {"steps": 10}, "md-mt": {"steps": 6, "n_target_classes": 2}}[name]
-
-
-class Recorder(nn.Module):
-    """Wraps a model and counts, per clean sample, every forward pass (``forwards``), those that build
-    a graph to the input (``gradients``), and the forward count at which the model first misclassified
-    the sample (``first_wrong``, -1: never), keeping that query. Each query is attributed to the nearest
-    clean image in L2, unambiguous when the clean images are far enough apart (``_separated``)."""
-
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-        super().__init__()
-        self.model, self.ref, self.y = model, x.flatten(1), y
-        n = len(y)
-        self.forwards = torch.zeros(n, dtype=torch.long)
-        self.gradients = torch.zeros(n, dtype=torch.long)
-        self.first_wrong = torch.full((n,), -1, dtype=torch.long)
-        self.queried: dict[tuple[int, int], torch.Tensor] = {}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x)
-        with torch.no_grad():
-            who = torch.cdist(x.detach().flatten(1), self.ref).argmin(1)
-            assert who.unique().numel() == who.numel()  # one query per sample and call
-            self.forwards[who] += 1
-            if x.requires_grad:
-                self.gradients[who] += 1
-            wrong = (out.argmax(1) != self.y[who]) & (self.first_wrong[who] < 0)
-            self.first_wrong[who[wrong]] = self.forwards[who[wrong]]
-            for i, k in zip(who[wrong].tolist(), wrong.nonzero(as_tuple=True)[0].tolist()):
-                self.queried[(i, int(self.forwards[i]))] = x[k].detach().clone()
-        return out
-
-
-def _separated(x: torch.Tensor, threat: ThreatModel, n: int) -> torch.Tensor:
-    """Indices of up to n images pairwise more than twice the largest L2 perturbation of ``threat``
-    apart (greedy), so that every point of an image's ball is nearest (in L2) to that image."""
-    flat = x.flatten(1)
-    radius = threat.eps * (math.sqrt(flat.shape[1]) if threat.norm == "linf" else 1.0)
-    d = torch.cdist(flat, flat)
-    keep: list[int] = []
-    for i in range(len(x)):
-        if all(d[i, j] > 2 * radius + 1e-3 for j in keep):
-            keep.append(i)
-    return torch.tensor(keep[:n])
 
 
 # ---------------------------------------------------------------------- validity of the results
@@ -138,7 +89,7 @@ def test_counts_are_exact(digits_model, digits_test, name, norm):
     sample costs steps gradients and steps + 1 forwards per run (MM, MD-MT: plus one clean forward);
     a broken one stops at the first misclassifying query and returns that point."""
     threat = ThreatModel(norm, EPS[norm])
-    keep = _separated(digits_test.x, threat, 100)
+    keep = separated(digits_test.x, threat, 100)
     x, y = digits_test.x[keep], digits_test.y[keep]
     steps, restarts, targets = 6, 2, 2
     params = {"steps": steps, "restarts": restarts}
@@ -146,7 +97,7 @@ def test_counts_are_exact(digits_model, digits_test, name, norm):
         params["targets"] = targets
     if name == "md-mt":
         params["n_target_classes"] = targets
-    rec = Recorder(digits_model, x, y)
+    rec = Recorder(digits_model, x, y, threat)
     result = create_attack(name, threat, **params).run(rec, x, y, gen())
     assert torch.equal(result.forwards, rec.forwards)
     assert torch.equal(result.gradients, rec.gradients)
