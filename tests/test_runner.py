@@ -13,6 +13,7 @@ from robustlab.bench.report import write_report
 from robustlab.bench.runner import EvalOptions, evaluate
 from robustlab.bench.store import ResultsStore
 from robustlab.errors import RobustlabError
+from robustlab.models.mode import channels_last
 from robustlab.threat import ThreatModel
 
 LINF = ThreatModel("linf", 0.1)
@@ -198,6 +199,51 @@ def test_train_mode_model_is_evaluated_in_eval_mode_and_restored(digits_test, tm
     assert len(info["eval_mode_forced"]) == 2
     assert {c["name"]: c["status"] for c in res.checks}["eval-mode"] == "warn"
     assert {c["name"]: c["status"] for c in res.checks}["randomized"] == "pass"  # dropout is off in eval mode
+
+
+class ViewNet(nn.Module):
+    """Flattens its conv activations with ``view``: fails on channels-last activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        h = self.conv(x).relu()
+        return self.fc(h.view(h.shape[0], -1))
+
+
+def test_channels_last_gives_the_same_results_and_the_model_back(digits_model, digits_test, tmp_path):
+    data = digits_test.subset(120)
+    attacks = [create_attack("pgd", LINF, steps=5), create_attack("square", LINF, queries=50)]
+    tensors = [t for t in digits_model.state_dict().values()]
+    ptrs = [t.data_ptr() for t in tensors]
+    with ResultsStore(tmp_path / "r.db") as store:
+        runs = {}
+        for flag in (True, False):
+            res = evaluate(digits_model, data, attacks, store, options=EvalOptions(
+                eps_grid=(), steps_grid=(), sanity=False, batch_size=50, channels_last=flag))
+            runs[flag] = (res.summary["robust_accuracy"], [(r.robust, r.broken_by) for r in store.samples(res.run_id)],
+                          store.get_run(res.run_id)["model_info"]["channels_last"])
+    assert runs[True][2] is True and runs[False][2] is False  # recorded with the run
+    assert runs[True][:2] == runs[False][:2]
+    # The caller's very tensors are back, in their own layout.
+    assert [t.data_ptr() for t in digits_model.state_dict().values()] == ptrs
+    assert all(t.is_contiguous() for t in digits_model.state_dict().values())
+
+
+def test_channels_last_is_used_only_where_it_is_safe():
+    x = torch.rand(4, 3, 8, 8)
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    with channels_last(conv, x) as fast:
+        assert fast and conv[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert conv[0].weight.is_contiguous()
+    for model in (ViewNet(), nn.Sequential(nn.Flatten(), nn.Linear(192, 10))):  # view() fails; no conv at all
+        with channels_last(model, x) as fast:
+            assert not fast and all(p.is_contiguous() for p in model.parameters())
+        assert model(x).shape == (4, 10)
+    with channels_last(conv, x, enabled=False) as fast:
+        assert not fast and conv[0].weight.is_contiguous()
 
 
 @pytest.mark.parametrize(

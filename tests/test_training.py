@@ -306,15 +306,29 @@ def test_pgd_at_beats_standard_training_and_ema_is_kept(digits_train, digits_tes
     assert h.summary["ema_val"]["robust_acc"] == h[-1]["ema_val_robust_acc"]
 
 
-def test_amp_is_ignored_on_cpu_and_channels_last_trains(digits_train):
+def test_amp_trains_in_bfloat16_on_cpu_and_channels_last_trains(digits_train):
     data = digits_train.subset(256)
-    states = []
+    dtypes = []
+
+    def spy(model, x, y):  # records the dtype the model computes in during training steps
+        logits = model(x)
+        dtypes.append(logits.dtype)
+        return F.cross_entropy(logits.float(), y)
+
+    states, losses = [], []
     for extra in ({}, {"amp": True}, {"channels_last": True}):
         torch.manual_seed(0)
         model = create_model("digits_cnn")
-        train(model, data, TrainConfig(epochs=1, batch_size=64, grad_clip=1.0, **extra), progress=False)
+        dtypes.clear()
+        h = train(model, data, TrainConfig(epochs=2, batch_size=64, grad_clip=1.0, **extra), spy, progress=False)
+        assert set(dtypes) == {torch.bfloat16 if extra.get("amp") else torch.float32}
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # the weights stay float32
         states.append(model.state_dict())
-    assert all(torch.equal(a, b) for a, b in zip(states[0].values(), states[1].values()))
+        losses.append([r["loss"] for r in h])
+    # bfloat16 rounds differently: different weights, the same course of training.
+    assert any(not torch.equal(a, b) for a, b in zip(states[0].values(), states[1].values()))
+    assert all(math.isfinite(v) for v in losses[1]) and losses[1][1] < losses[1][0]
+    assert abs(losses[1][1] - losses[0][1]) < 0.1 * losses[0][1], losses
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(states[0].values(), states[2].values()))
 
 

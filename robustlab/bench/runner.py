@@ -31,7 +31,7 @@ from robustlab.bench.verify import verify_adversarial
 from robustlab.checks import check_logits
 from robustlab.data import ImageDataset
 from robustlab.errors import RobustlabError
-from robustlab.models.mode import eval_mode
+from robustlab.models.mode import channels_last, eval_mode
 from robustlab.seeding import make_generator
 from robustlab.threat import ThreatModel
 
@@ -77,6 +77,7 @@ class EvalOptions:
     sanity: bool = True
     examples: int = 8
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in the config (e.g. class names)
+    channels_last: bool = True  # on CPU, run convolutional models channels-last where safe (models.mode)
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -185,64 +186,66 @@ def evaluate(
                 f"the model failed on a batch of shape {tuple(probe_x.shape)} from {data.name}: {exc}"
             ) from None
         check_logits(out, probe_x.shape[0], data.num_classes)
-    info = {**(model_info or {}), **sanity.inspect_model(model, probe_x)}
-    tasks = plan_tasks(attacks, len(data), int(np.prod(data.image_shape)), options)
-    card = info.get("card") or {}
-    config = {
-        "model": model_name,
-        "model_sha256": card.get("sha256"),
-        "dataset": data.name,
-        "split": data.split,
-        "n": len(data),
-        "norm": threat.norm,
-        "eps": threat.eps,
-        "attacks": [a.config() for a in attacks],
-        "eps_grid": sorted(set(float(e) for e in options.eps_grid)),
-        "steps_grid": [t.steps for t in tasks if t.kind == "steps"],
-        "seed": options.seed,
-        "batch_size": options.batch_size,
-        "sanity": options.sanity,
-        **options.extra,
-    }
-    # Under torchrun, rank 0 owns the store: it opens or resumes the run, hands out batches and merges
-    # every rank's per-sample results; the other ranks pass store=None.
-    main = distributed.is_main()
-    if main and store is None:
-        raise RobustlabError("evaluate needs a results store (rank 0)")
-    run_id, resumed = None, False
-    if main:
-        run_id = store.find_resumable(config) if resume else None
-        resumed = run_id is not None
-        if resume and not resumed:
-            log("no unfinished run with this configuration in the store; starting a new run")
-        if run_id is None:
-            run_id = store.create_run(
-                config, environment(device), {**info, "processes": distributed.world_size()},
-                [{**a.config(), "targeted": a.targeted} for a in attacks],
-            )
-        else:
-            log(f"resuming run {run_id}")
-            store.set_status(run_id, "running")
-        for t in tasks:
-            store.add_task(run_id, t.name, t.kind, t.threat.eps, t.steps, t.n)
-
-    try:
-        _run_tasks(model, data, tasks, store, run_id, options, device, progress)
-    except BaseException:
+    # The fastest memory layout for the whole run (the caller's model is given back as it was).
+    with channels_last(model, probe_x, options.channels_last) as fast:
+        info = {**(model_info or {}), **sanity.inspect_model(model, probe_x), "channels_last": fast}
+        tasks = plan_tasks(attacks, len(data), int(np.prod(data.image_shape)), options)
+        card = info.get("card") or {}
+        config = {
+            "model": model_name,
+            "model_sha256": card.get("sha256"),
+            "dataset": data.name,
+            "split": data.split,
+            "n": len(data),
+            "norm": threat.norm,
+            "eps": threat.eps,
+            "attacks": [a.config() for a in attacks],
+            "eps_grid": sorted(set(float(e) for e in options.eps_grid)),
+            "steps_grid": [t.steps for t in tasks if t.kind == "steps"],
+            "seed": options.seed,
+            "batch_size": options.batch_size,
+            "sanity": options.sanity,
+            **options.extra,
+        }
+        # Under torchrun, rank 0 owns the store: it opens or resumes the run, hands out batches and merges
+        # every rank's per-sample results; the other ranks pass store=None.
+        main = distributed.is_main()
+        if main and store is None:
+            raise RobustlabError("evaluate needs a results store (rank 0)")
+        run_id, resumed = None, False
         if main:
-            store.set_status(run_id, "interrupted")
-        raise
-    result = None
-    if main:
-        checks = sanity.mode_verdicts(info)
-        if options.sanity:
-            probe_y = data.y[: probe_x.shape[0]].to(device)
-            checks.append(sanity.gradient_verdict(model, probe_x, probe_y))
-            checks.append(run_binarization(model, attacks, probe_x, probe_y, options.seed, device))
-        summary = summarize(store, run_id, attacks, tasks, checks)
-        store.finish_run(run_id, summary, checks)
-        result = RunResult(run_id, summary, checks, resumed)
-    return distributed.broadcast(result)
+            run_id = store.find_resumable(config) if resume else None
+            resumed = run_id is not None
+            if resume and not resumed:
+                log("no unfinished run with this configuration in the store; starting a new run")
+            if run_id is None:
+                run_id = store.create_run(
+                    config, environment(device), {**info, "processes": distributed.world_size()},
+                    [{**a.config(), "targeted": a.targeted} for a in attacks],
+                )
+            else:
+                log(f"resuming run {run_id}")
+                store.set_status(run_id, "running")
+            for t in tasks:
+                store.add_task(run_id, t.name, t.kind, t.threat.eps, t.steps, t.n)
+
+        try:
+            _run_tasks(model, data, tasks, store, run_id, options, device, progress)
+        except BaseException:
+            if main:
+                store.set_status(run_id, "interrupted")
+            raise
+        result = None
+        if main:
+            checks = sanity.mode_verdicts(info)
+            if options.sanity:
+                probe_y = data.y[: probe_x.shape[0]].to(device)
+                checks.append(sanity.gradient_verdict(model, probe_x, probe_y))
+                checks.append(run_binarization(model, attacks, probe_x, probe_y, options.seed, device))
+            summary = summarize(store, run_id, attacks, tasks, checks)
+            store.finish_run(run_id, summary, checks)
+            result = RunResult(run_id, summary, checks, resumed)
+        return distributed.broadcast(result)
 
 
 BINARIZATION_SAMPLES = 10

@@ -1,10 +1,12 @@
-"""Evaluate without mutating: eval mode for the duration, the caller's per-module modes restored."""
+"""Evaluate without mutating: eval mode for the duration, the caller's per-module modes restored; a
+faster memory layout for the duration, the caller's tensors restored."""
 
 from __future__ import annotations
 
 import contextlib
 from typing import Iterator
 
+import torch
 import torch.nn as nn
 
 
@@ -24,3 +26,41 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, flag in saved:
             m.training = flag
+
+
+@contextlib.contextmanager
+def channels_last(model: nn.Module, probe: torch.Tensor, enabled: bool = True) -> Iterator[bool]:
+    """Run a convolutional model in channels-last memory format for the duration, where that is safe;
+    yields whether it does. The caller's tensors are put back on exit (the very same objects).
+
+    On CPU, oneDNN convolutions and max-pooling run channels-last much faster than the default
+    layout (forward passes about 1.6x, forward + backward about 1.25x for SmallCNN and cifar_cnn on
+    the development machine); the numbers are the same up to float rounding. Only 4-D parameters and
+    buffers change layout. It is used only if a forward pass on ``probe`` (a batch of inputs) still
+    works and gives the same logits (models that ``view`` their activations fail in this layout).
+    CUDA and other devices are left alone: their fastest layout depends on dtype and hardware.
+    """
+    tensors = [t for t in [*model.parameters(), *model.buffers()] if t.dim() == 4]
+    use = (enabled and probe.dim() == 4 and probe.device.type == "cpu"
+           and any(isinstance(m, nn.Conv2d) for m in model.modules())
+           and not all(t.is_contiguous(memory_format=torch.channels_last) for t in tensors))
+    saved = [(t, t.data) for t in tensors]
+    if use:
+        with eval_mode(model), torch.no_grad():
+            reference = model(probe)
+            for t in tensors:
+                t.data = t.data.contiguous(memory_format=torch.channels_last)
+            try:
+                out = model(probe)
+                use = (out.shape == reference.shape and torch.allclose(
+                    out, reference, rtol=1e-4, atol=1e-4 * max(1.0, float(reference.abs().max()))))
+            except RuntimeError:  # e.g. view() on a channels-last activation
+                use = False
+        if not use:
+            for t, data in saved:
+                t.data = data
+    try:
+        yield use
+    finally:
+        for t, data in saved:
+            t.data = data

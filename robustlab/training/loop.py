@@ -46,6 +46,7 @@ LegacyObjective = Callable[[nn.Module, torch.Tensor, torch.Tensor], Any]
 ObjectiveLike = Union[Objective, LegacyObjective]
 
 DROPOUT_KEY = 0x4452  # seeding key of the per-epoch global RNG ("DR")
+AMP_DTYPES = {"cuda": torch.float16, "cpu": torch.bfloat16}  # autocast type of --amp per device
 
 
 def standard_objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -69,7 +70,9 @@ class TrainConfig:
     catastrophic overfitting by the rule in ``robustlab.training.monitor`` (``co_ratio``,
     ``co_min_best``).
 
-    Hardware: ``amp`` mixed precision (float16 autocast + GradScaler) on CUDA only; ignored on CPU.
+    Hardware: ``amp`` mixed precision: float16 autocast with loss scaling on CUDA, bfloat16 autocast on
+    CPU (about 1.5x faster training on CPUs with AMX or AVX512-BF16, slower on others); validation,
+    checkpoints and the weights stay float32.
     ``channels_last`` memory format for model and inputs.
     """
 
@@ -177,7 +180,8 @@ class _Best:
         self.bad_epochs = 0
 
     def offer(self, epoch: int, metric: float, model: nn.Module) -> bool:
-        if metric > self.metric:
+        # A tie goes to the later epoch: it has trained longer (and, on a decaying schedule, at a lower rate).
+        if metric >= self.metric:
             self.epoch, self.metric, self.bad_epochs = epoch, metric, 0
             self.weights = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
             return True
@@ -218,7 +222,8 @@ def train(
     """
     config.validate()
     device = torch.device(device)
-    use_amp = bool(config.amp) and device.type == "cuda"
+    amp_dtype = AMP_DTYPES.get(device.type) if config.amp else None
+    use_amp = amp_dtype is torch.float16  # loss scaling: float16 only (bfloat16 has float32's range)
     memory_format = torch.channels_last if config.channels_last else torch.preserve_format
     model.to(device=device, memory_format=memory_format)
     if threat is None:
@@ -355,7 +360,7 @@ def train(
                 if x.shape[0] == 0:  # a rank whose share of a short last batch is empty still joins the sum
                     loss, logs = sum((p * 0).sum() for p in params), {}
                 else:
-                    with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         loss, logs = _call_objective(objective, model, x, y, generator)
                 value = float(loss.detach())
                 if not math.isfinite(value):
