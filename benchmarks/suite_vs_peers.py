@@ -22,6 +22,12 @@ which the peers do not do), writing its per-sample results into a temporary resu
 Models (benchmarks/common.py, trained and cached on first use): a standard and a PGD-trained SmallCNN
 on MNIST (Linf 0.3), a standard and a PGD-trained cifar_cnn on CIFAR-10 (Linf 8/255).
 
+Memory layout: robustlab's evaluation runs a convolutional model channels-last on CPU (it converts
+the model for the run and gives it back as it was; oneDNN convolutions and max-pooling are much
+faster so). The peers run the model as they are given it. So that the comparison also shows what
+the algorithms cost on equal terms, each peer runs a second time on a channels-last copy of the
+model (``reference-cl``, ``autoattack-cl``), with its own checks.
+
 Timing: process CPU time at one thread (the machine may be shared); wall seconds in brackets. Each
 tool runs once per model on the same first-N test examples, in rotating order.
 
@@ -32,6 +38,7 @@ The report is printed and written to benchmarks/results/suite_vs_peers.txt.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import time
@@ -62,7 +69,7 @@ from robustlab.threat import ThreatModel  # noqa: E402
 EPS = {"mnist": 0.3, "cifar10": 8 / 255}
 EPS_TEXT = {"mnist": "0.3", "cifar10": "8/255"}
 SPEED_REFERENCE = 0.5  # robustlab time / reference-settings baseline time
-TOOLS = ("robustlab", "reference", "autoattack")
+TOOLS = ("robustlab", "reference", "autoattack", "reference-cl", "autoattack-cl")
 SUITE_NAMES = ("apgd-ce", "apgd-t", "fab-t", "square")
 
 
@@ -131,10 +138,13 @@ def run_model(key: str, n: int, seed: int, order: tuple[str, ...]) -> dict:
     x, y = x_all[:n].contiguous(), y_all[:n].contiguous()
     eps = EPS[dataset]
     clean = float((predict(model, x) == y).float().mean())
+    model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
     runs = {
         "robustlab": lambda: run_robustlab(model, x, y, eps, seed, dataset),
         "reference": lambda: run_reference(model, x, y, eps, seed),
         "autoattack": lambda: run_autoattack(model, x, y, eps, seed),
+        "reference-cl": lambda: run_reference(model_cl, x, y, eps, seed),
+        "autoattack-cl": lambda: run_autoattack(model_cl, x, y, eps, seed),
     }
     out = {}
     for tool in order:
@@ -157,6 +167,7 @@ def format_report(results: list[dict], args: argparse.Namespace, wall: float) ->
     out("that tool only / by robustlab only")
     out("reference = torchattacks APGD-CE 100, APGD-T 9x100, FAB-T 9x100, Square 5000, still-robust points only")
     out("autoattack = torchattacks.AutoAttack(version='standard') (APGD/APGD-T/FAB-T with 10 steps, Square 5000)")
+    out("-cl: the same on a channels-last copy of the model (robustlab's runner uses that layout on CPU by itself)")
     out("")
     checks: list[tuple[str, bool, str]] = []
     for r in results:
@@ -165,19 +176,19 @@ def format_report(results: list[dict], args: argparse.Namespace, wall: float) ->
         out(f"{r['key']} ({card['architecture']}, clean test acc {100 * card['clean_accuracy']:.2f}%)  linf eps={r['eps']}  "
             f"N={r['n']}  clean on N {100 * r['clean']:.1f}%")
         ours = r["tools"]["robustlab"]
-        out(f"  {'tool':11s} {'robust acc':>10s} {'rl - tool':>9s} {'only':>7s} {'CPU s':>9s} {'(wall)':>8s} {'rl / tool':>9s}")
+        out(f"  {'tool':13s} {'robust acc':>10s} {'rl - tool':>9s} {'only':>7s} {'CPU s':>9s} {'(wall)':>8s} {'rl / tool':>9s}")
         for tool in TOOLS:
             t = r["tools"][tool]
             acc = 100 * float(t["robust"].float().mean())
             if tool == "robustlab":
-                out(f"  {tool:11s} {acc:9.1f}% {'':>9s} {'':>7s} {t['cpu']:9.1f} ({t['wall']:6.1f})")
+                out(f"  {tool:13s} {acc:9.1f}% {'':>9s} {'':>7s} {t['cpu']:9.1f} ({t['wall']:6.1f})")
                 continue
             gap = 100 * float(ours["robust"].float().mean()) - acc
             only = f"{int((t['robust'] & ~ours['robust']).sum())}/{int((~t['robust'] & ours['robust']).sum())}"
             ratio = ours["cpu"] / t["cpu"]
-            out(f"  {tool:11s} {acc:9.1f}% {gap:+9.1f} {only:>7s} {t['cpu']:9.1f} ({t['wall']:6.1f}) {ratio:9.2f}")
+            out(f"  {tool:13s} {acc:9.1f}% {gap:+9.1f} {only:>7s} {t['cpu']:9.1f} ({t['wall']:6.1f}) {ratio:9.2f}")
             checks.append((f"strength {r['key']} vs {tool}", gap <= 0.0, f"{gap:+.1f} pt"))
-            budget = SPEED_REFERENCE if tool == "reference" else 1.0
+            budget = SPEED_REFERENCE if tool.startswith("reference") else 1.0
             checks.append((f"speed    {r['key']} vs {tool}", ratio <= budget, f"{ratio:.2f}x (budget <= {budget})"))
         stages = r["tools"]["reference"]["stages"]
         total = sum(s["cpu"] for s in stages.values()) or 1.0
@@ -217,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for i, key in enumerate(keys):
         log(f"== {key}")
-        order = TOOLS[i % 3:] + TOOLS[: i % 3]
+        order = TOOLS[i % len(TOOLS):] + TOOLS[: i % len(TOOLS)]
         results.append(run_model(key, args.n, args.seed, order))
     report = format_report(results, args, time.perf_counter() - t0)
     if args.quick:  # a smoke run leaves the recorded results alone

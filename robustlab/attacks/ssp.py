@@ -26,6 +26,7 @@ from robustlab.attacks.base import Attack, AttackResult, register_attack
 from robustlab.checks import check_logits
 from robustlab.errors import RobustlabError
 from robustlab.models.mode import eval_mode
+from robustlab.progress import progress as show_progress
 
 
 class _LayerReached(Exception):
@@ -241,7 +242,7 @@ def perturb_folder(
     batches = [idx[j : j + batch_size] for idx in groups.values() for j in range(0, len(idx), batch_size)]
     device = next((t.device for t in model.parameters()), torch.device("cpu"))
     changed = [False] * len(sources)
-    bar = _progress(len(sources), progress)
+    bar = show_progress(total=len(sources), desc="perturb", unit="image", enabled=progress)
     for b, members in enumerate(batches):
         x = uint8_images_to_tensor(np.stack([arrays[i] for i in members]), str(src)).to(device)
         with eval_mode(model), torch.no_grad():
@@ -252,18 +253,7 @@ def perturb_folder(
             targets[i].parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels[k]).save(targets[i], format="PNG")
             changed[i] = bool(result.success[k])
-        if bar is not None:
-            bar.update(len(members))
-    if bar is not None:
-        bar.close()
+        bar.update(len(members))
+    bar.close()
     return FolderResult(sources, targets, changed)
 
-
-def _progress(total: int, enabled: bool | None):
-    import sys
-
-    if enabled is False or (enabled is None and not sys.stderr.isatty()):
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="image", desc="perturb")

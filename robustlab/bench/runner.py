@@ -19,7 +19,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 import robustlab
 from robustlab.attacks.base import Attack, create_attack
@@ -31,6 +30,7 @@ from robustlab.bench.verify import verify_adversarial
 from robustlab.checks import check_logits
 from robustlab.data import ImageDataset
 from robustlab.errors import RobustlabError
+from robustlab.progress import progress as show_progress
 from robustlab.models.mode import channels_last, eval_mode
 from robustlab.seeding import make_generator
 from robustlab.threat import ThreatModel
@@ -277,8 +277,7 @@ def _run_tasks(model, data, tasks, store, run_id, options, device, progress) -> 
                 if b not in store.done_batches(run_id, t.name)]
     todo = distributed.broadcast(todo)
     world, me = distributed.world_size(), distributed.rank()
-    show = (not progress) if progress is not None else None
-    bar = tqdm(total=len(todo), desc="evaluating", unit="batch", disable=True if me else show)
+    bar = show_progress(total=len(todo), desc="evaluating", unit="batch", enabled=False if me else progress)
     with bar:
         for first in range(0, len(todo), world):
             round_ = todo[first : first + world]

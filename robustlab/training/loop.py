@@ -26,7 +26,6 @@ from typing import Any, Callable, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from robustlab import distributed
 from robustlab.checks import check_logits
@@ -40,6 +39,7 @@ from robustlab.training.ema import ModelEMA
 from robustlab.training.monitor import detect_catastrophic_overfitting, robust_validation, split_holdout
 from robustlab.training.objectives import Objective
 from robustlab.training.schedules import SCHEDULES, make_lr_lambda
+from robustlab.progress import progress as show_progress
 from robustlab.training.unlabeled import UnlabeledData, UnlabeledSampler
 
 LegacyObjective = Callable[[nn.Module, torch.Tensor, torch.Tensor], Any]
@@ -340,8 +340,8 @@ def train(
             t0, loss_sum, seen = time.perf_counter(), 0.0, 0
             log_sums: dict[str, torch.Tensor] = {}
             lr_used = opt.param_groups[0]["lr"]
-            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
-                       disable=(not progress) if progress is not None else None, leave=False)
+            bar = show_progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
+                                enabled=False if rank else progress, leave=False)
             for i in bar:
                 if isinstance(objective, Objective):
                     objective.set_progress(epoch, (epoch * steps_per_epoch + i) / total)
