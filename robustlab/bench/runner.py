@@ -30,8 +30,8 @@ from robustlab.bench.verify import verify_adversarial
 from robustlab.checks import check_logits
 from robustlab.data import ImageDataset
 from robustlab.errors import RobustlabError
-from robustlab.progress import progress as show_progress
 from robustlab.models.mode import channels_last, eval_mode
+from robustlab.progress import progress as show_progress
 from robustlab.seeding import make_generator
 from robustlab.threat import ThreatModel
 
