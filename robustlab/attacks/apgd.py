@@ -74,7 +74,7 @@ def checkpoints(steps: int) -> list[int]:
     return out
 
 
-class _APGD(Attack):
+class APGDBase(Attack):
     """The APGD loop shared by the registered variants (they differ in objective and targets).
 
     steps: iterations per run; restarts: runs from new random starts, each only on samples not yet
@@ -268,7 +268,7 @@ class _APGD(Attack):
         raise NotImplementedError
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator) -> AttackResult:
-        state = _Outcome.start(x)
+        state = RunOutcome.start(x)
         if self.threat.eps == 0:
             # Nothing to search: one evaluation of the clean images.
             logits, _, _ = self._evaluate(model, x, y, self._objective(), grad=False)
@@ -285,14 +285,14 @@ class _APGD(Attack):
         return state.result()
 
 
-class _Outcome:
+class RunOutcome:
     """Per-sample bookkeeping over several runs: success and its point, or the best-loss point."""
 
     def __init__(self, x_adv, success, gradients, forwards, value) -> None:
         self.x_adv, self.success, self.gradients, self.forwards, self.value = x_adv, success, gradients, forwards, value
 
     @classmethod
-    def start(cls, x: torch.Tensor) -> "_Outcome":
+    def start(cls, x: torch.Tensor) -> "RunOutcome":
         n, dev = x.shape[0], x.device
         zeros = torch.zeros(n, dtype=torch.long, device=dev)
         return cls(x.clone(), torch.zeros(n, dtype=torch.bool, device=dev), zeros, zeros.clone(),
@@ -312,7 +312,7 @@ class _Outcome:
 
 
 @register_attack
-class APGDCE(_APGD):
+class APGDCE(APGDBase):
     """APGD on the cross-entropy loss (AutoAttack's first attack). Targeted runs (``targeted=True``,
     labels are targets) minimize the targets' cross-entropy."""
 
@@ -324,7 +324,7 @@ class APGDCE(_APGD):
 
 
 @register_attack
-class APGDDLR(_APGD):
+class APGDDLR(APGDBase):
     """APGD on the difference-of-logits-ratio loss, invariant to rescaling of the logits (needs 3
     classes; targeted: 4)."""
 
@@ -336,14 +336,14 @@ class APGDDLR(_APGD):
 
 
 @register_attack
-class APGDT(_APGD):
+class APGDT(APGDBase):
     """APGD-T: targeted DLR against each of the ``n_target_classes`` classes with the highest clean
     logits after the top one, one run (``restarts`` runs) per target class, each only on the samples
     still robust. It takes the true labels and succeeds on any misclassification, like an untargeted
     attack (so ``targeted`` must be False). Needs 4 classes."""
 
     name = "apgd-t"
-    defaults = {**_APGD.defaults, "n_target_classes": 9}
+    defaults = {**APGDBase.defaults, "n_target_classes": 9}
 
     def validate(self) -> None:
         super().validate()
@@ -360,7 +360,7 @@ class APGDT(_APGD):
         return lambda logits, targets: dlr(logits, targets, True)
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator) -> AttackResult:
-        state = _Outcome.start(x)
+        state = RunOutcome.start(x)
         eot = self.params["eot"]
         # Rank the classes by the clean logits (this also finds the already misclassified samples).
         logits, _, _ = self._evaluate(model, x, y, lambda out, labels: out[:, 0], grad=False)

@@ -43,7 +43,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from robustlab.attacks.apgd import INITIAL_STEP, _Outcome
+from robustlab.attacks.apgd import INITIAL_STEP, RunOutcome
 from robustlab.attacks.base import Attack, AttackResult, register_attack
 from robustlab.checks import check_logits
 from robustlab.errors import RobustlabError
@@ -187,7 +187,7 @@ class _MarginDecomposition(Attack):
         out_value[pos] = v_best
         return out_x, out_success, out_grads, out_forwards, out_value
 
-    def _runs(self, model, x, y, t, state: _Outcome, generator) -> bool:
+    def _runs(self, model, x, y, t, state: RunOutcome, generator) -> bool:
         """All restarts (one target, or none), each on the samples still robust. False: none left."""
         for r in range(self.params["restarts"]):
             idx = (~state.success).nonzero(as_tuple=True)[0]
@@ -207,7 +207,7 @@ class MD(_MarginDecomposition):
     name = "md"
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator) -> AttackResult:
-        state = _Outcome.start(x)
+        state = RunOutcome.start(x)
         if self.threat.eps == 0:  # nothing to search: one evaluation of the clean images
             logits, _ = self._evaluate(model, x, y, None, None)
             state.forwards += 1
@@ -233,7 +233,7 @@ class MDMT(_MarginDecomposition):
             raise RobustlabError(f"attack 'md-mt': n_target_classes must be >= 1, got {got}")
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator) -> AttackResult:
-        state = _Outcome.start(x)
+        state = RunOutcome.start(x)
         # Rank the classes on the clean images (this also finds the already misclassified samples).
         logits, _ = self._evaluate(model, x, y, None, None)
         state.forwards += 1

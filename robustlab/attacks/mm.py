@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from robustlab.attacks.apgd import _APGD, Objective, _Outcome
+from robustlab.attacks.apgd import APGDBase, Objective, RunOutcome
 from robustlab.attacks.base import AttackResult, register_attack
 from robustlab.errors import RobustlabError
 
@@ -50,7 +50,7 @@ def target_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @register_attack
-class MinimumMargin(_APGD):
+class MinimumMargin(APGDBase):
     """MM attack: APGD on ``z_t - z_y`` against each of the ``targets`` classes with the highest clean
     logits after the true one, one target after the other, each only on the samples still robust.
 
@@ -59,7 +59,7 @@ class MinimumMargin(_APGD):
     """
 
     name = "mm"
-    defaults = {**_APGD.defaults, "steps": 20, "targets": 3}
+    defaults = {**APGDBase.defaults, "steps": 20, "targets": 3}
 
     def validate(self) -> None:
         super().validate()
@@ -74,7 +74,7 @@ class MinimumMargin(_APGD):
         return target_margin
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator) -> AttackResult:
-        state = _Outcome.start(x)
+        state = RunOutcome.start(x)
         # Rank the classes on the clean images (this also finds the already misclassified samples).
         logits, _, _ = self._evaluate(model, x, y, lambda out, labels: out[:, 0], grad=False)
         state.forwards += self.params["eot"]
