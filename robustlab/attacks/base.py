@@ -4,7 +4,8 @@
 (always inside the threat model), per-sample success, and per-sample counts of input gradients and
 forward passes spent. Attacks never change the model's mode or parameters: they run it in eval mode,
 restore the caller's modes afterwards, and differentiate with respect to the input only (no
-parameter gradient is computed or accumulated).
+parameter gradient is computed or accumulated). On CPU they run a convolutional model channels-last
+where that is safe (``robustlab.models.mode.channels_last``), and give back the caller's tensors.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.nn as nn
 from robustlab.checks import check_images, check_labels, check_logits
 from robustlab.errors import RobustlabError
 from robustlab.losses import get_loss
-from robustlab.models.mode import eval_mode
+from robustlab.models.mode import channels_last, eval_mode
 from robustlab.params import coerce_param
 from robustlab.registry import Registry
 from robustlab.threat import NORMS, ThreatModel
@@ -107,7 +108,8 @@ class Attack:
         """Attack the batch ``(x, y)`` (``y`` are targets when targeted). Returns an AttackResult."""
         check_images(x)
         y = check_labels(y, x.shape[0])
-        with eval_mode(model):
+        # Eval mode, and on CPU the faster channels-last layout where safe; both undone on exit.
+        with eval_mode(model), channels_last(model, x[:2]):
             result = self._attack(model, x.detach(), y.to(x.device), generator)
         # The contract: never outside the threat model (minimum-norm attacks: never outside the box),
         # whatever the algorithm did.

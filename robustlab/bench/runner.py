@@ -77,7 +77,6 @@ class EvalOptions:
     sanity: bool = True
     examples: int = 8
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in the config (e.g. class names)
-    channels_last: bool = True  # on CPU, run convolutional models channels-last where safe (models.mode)
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -187,7 +186,7 @@ def evaluate(
             ) from None
         check_logits(out, probe_x.shape[0], data.num_classes)
     # The fastest memory layout for the whole run (the caller's model is given back as it was).
-    with channels_last(model, probe_x, options.channels_last) as fast:
+    with channels_last(model, probe_x) as fast:
         info = {**(model_info or {}), **sanity.inspect_model(model, probe_x), "channels_last": fast}
         tasks = plan_tasks(attacks, len(data), int(np.prod(data.image_shape)), options)
         card = info.get("card") or {}

@@ -4,6 +4,7 @@ faster memory layout for the duration, the caller's tensors restored."""
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator
 
 import torch
@@ -28,8 +29,18 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = flag
 
 
+def _channels_last_strides(shape: torch.Size) -> tuple[int, ...]:
+    n, c, h, w = shape
+    return (c * h * w, 1, w * c, c)
+
+
+# Whether attacks and evaluations may switch a model to channels-last on CPU (see channels_last);
+# ROBUSTLAB_CHANNELS_LAST=0 in the environment, or setting this to False, runs every model as given.
+FAST_LAYOUT = os.environ.get("ROBUSTLAB_CHANNELS_LAST", "1") != "0"
+
+
 @contextlib.contextmanager
-def channels_last(model: nn.Module, probe: torch.Tensor, enabled: bool = True) -> Iterator[bool]:
+def channels_last(model: nn.Module, probe: torch.Tensor, enabled: bool | None = None) -> Iterator[bool]:
     """Run a convolutional model in channels-last memory format for the duration, where that is safe;
     yields whether it does. The caller's tensors are put back on exit (the very same objects).
 
@@ -39,17 +50,20 @@ def channels_last(model: nn.Module, probe: torch.Tensor, enabled: bool = True) -
     buffers change layout. It is used only if a forward pass on ``probe`` (a batch of inputs) still
     works and gives the same logits (models that ``view`` their activations fail in this layout).
     CUDA and other devices are left alone: their fastest layout depends on dtype and hardware.
+    ``enabled=None`` follows :data:`FAST_LAYOUT`.
     """
     tensors = [t for t in [*model.parameters(), *model.buffers()] if t.dim() == 4]
-    use = (enabled and probe.dim() == 4 and probe.device.type == "cpu"
+    use = ((FAST_LAYOUT if enabled is None else enabled) and probe.dim() == 4 and probe.device.type == "cpu"
            and any(isinstance(m, nn.Conv2d) for m in model.modules())
-           and not all(t.is_contiguous(memory_format=torch.channels_last) for t in tensors))
+           and not all(t.stride() == _channels_last_strides(t.shape) for t in tensors))
     saved = [(t, t.data) for t in tensors]
     if use:
         with eval_mode(model), torch.no_grad():
             reference = model(probe)
             for t in tensors:
-                t.data = t.data.contiguous(memory_format=torch.channels_last)
+                # Not .contiguous(): with one channel a tensor counts as channels-last already and
+                # stays as it is, and the convolution it feeds then runs in the default layout.
+                t.data = torch.empty_like(t.data, memory_format=torch.channels_last).copy_(t.data)
             try:
                 out = model(probe)
                 use = (out.shape == reference.shape and torch.allclose(
