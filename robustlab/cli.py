@@ -265,7 +265,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     store = ResultsStore(args.db) if distributed.is_main() else None
     try:
         result = evaluate(model, data, attacks, store, model_name=args.model, model_info=info, options=options,
-                          resume=args.resume, device=device, progress=None if not args.json else False, log=_say)
+                          resume=args.resume, device=device, log=_say)
     finally:
         if store is not None:
             store.close()
