@@ -251,6 +251,20 @@ def test_attacks_run_channels_last_and_give_the_model_back(digits_model, digits_
     assert all(t.is_contiguous() for t in digits_model.state_dict().values())
 
 
+def test_an_attack_on_a_model_that_fails_channels_last_runs_it_as_given(monkeypatch):
+    torch.manual_seed(0)
+    model, x = ViewNet(), torch.rand(16, 3, 8, 8)
+    y = model(x).argmax(dim=1)
+    results = {}
+    for flag in (True, False):
+        monkeypatch.setattr(mode, "FAST_LAYOUT", flag)
+        results[flag] = create_attack("pgd", LINF, steps=3).run(model, x, y, torch.Generator().manual_seed(0))
+    # The retry starts from the same random state: the very same attack as without the fast layout.
+    assert torch.equal(results[True].x_adv, results[False].x_adv)
+    assert torch.equal(results[True].forwards, results[False].forwards)
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
 def test_channels_last_is_used_only_where_it_is_safe():
     x = torch.rand(4, 3, 8, 8)
     conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))

@@ -5,7 +5,7 @@
 forward passes spent. Attacks never change the model's mode or parameters: they run it in eval mode,
 restore the caller's modes afterwards, and differentiate with respect to the input only (no
 parameter gradient is computed or accumulated). On CPU they run a convolutional model channels-last
-where that is safe (``robustlab.models.mode.channels_last``), and give back the caller's tensors.
+(``robustlab.models.mode.channels_last``; as given if it fails so) and give back the caller's tensors.
 """
 
 from __future__ import annotations
@@ -108,9 +108,8 @@ class Attack:
         """Attack the batch ``(x, y)`` (``y`` are targets when targeted). Returns an AttackResult."""
         check_images(x)
         y = check_labels(y, x.shape[0])
-        # Eval mode, and on CPU the faster channels-last layout where safe; both undone on exit.
-        with eval_mode(model), channels_last(model, x[:2]):
-            result = self._attack(model, x.detach(), y.to(x.device), generator)
+        with eval_mode(model):
+            result = self._attack_in_fast_layout(model, x.detach(), y.to(x.device), generator)
         # The contract: never outside the threat model (minimum-norm attacks: never outside the box),
         # whatever the algorithm did.
         x_adv = result.x_adv.detach()
@@ -124,6 +123,24 @@ class Attack:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"{type(self).__name__}({self.threat}, targeted={self.targeted}, {args})"
+
+    def _attack_in_fast_layout(self, model, x, y, generator) -> AttackResult:
+        """``_attack`` with the model channels-last on CPU (undone on exit). No probe pass, which
+        would be a query the counts leave out: if the model fails in that layout (e.g. it calls
+        ``view`` on an activation) the attack runs again, as given, from the same random state."""
+        state = generator.get_state() if generator is not None else torch.get_rng_state()
+        fast = False
+        try:
+            with channels_last(model, x, probe=False) as fast:
+                return self._attack(model, x, y, generator)
+        except RuntimeError:
+            if not fast:
+                raise
+        if generator is not None:
+            generator.set_state(state)
+        else:
+            torch.set_rng_state(state)
+        return self._attack(model, x, y, generator)
 
     # ------------------------------------------------------------------ for subclasses
 

@@ -40,36 +40,38 @@ FAST_LAYOUT = os.environ.get("ROBUSTLAB_CHANNELS_LAST", "1") != "0"
 
 
 @contextlib.contextmanager
-def channels_last(model: nn.Module, probe: torch.Tensor, enabled: bool | None = None) -> Iterator[bool]:
+def channels_last(model: nn.Module, x: torch.Tensor, enabled: bool | None = None, probe: bool = True) -> Iterator[bool]:
     """Run a convolutional model in channels-last memory format for the duration, where that is safe;
     yields whether it does. The caller's tensors are put back on exit (the very same objects).
 
     On CPU, oneDNN convolutions and max-pooling run channels-last much faster than the default
     layout (forward passes about 1.6x, forward + backward about 1.25x for SmallCNN and cifar_cnn on
     the development machine); the numbers are the same up to float rounding. Only 4-D parameters and
-    buffers change layout. It is used only if a forward pass on ``probe`` (a batch of inputs) still
-    works and gives the same logits (models that ``view`` their activations fail in this layout).
-    CUDA and other devices are left alone: their fastest layout depends on dtype and hardware.
-    ``enabled=None`` follows :data:`FAST_LAYOUT`.
+    buffers change layout. With ``probe``, it is used only if a forward pass on ``x`` (a batch of
+    inputs) still works and gives the same logits (models that ``view`` their activations fail in this
+    layout); without, the caller must fall back on its own (``Attack.run`` does: its query counts
+    must not include probes). CUDA and other devices are left alone: their fastest layout depends on
+    dtype and hardware. ``enabled=None`` follows :data:`FAST_LAYOUT`.
     """
     tensors = [t for t in [*model.parameters(), *model.buffers()] if t.dim() == 4]
-    use = ((FAST_LAYOUT if enabled is None else enabled) and probe.dim() == 4 and probe.device.type == "cpu"
+    use = ((FAST_LAYOUT if enabled is None else enabled) and x.dim() == 4 and x.device.type == "cpu"
            and any(isinstance(m, nn.Conv2d) for m in model.modules())
            and not all(t.stride() == _channels_last_strides(t.shape) for t in tensors))
     saved = [(t, t.data) for t in tensors]
     if use:
         with eval_mode(model), torch.no_grad():
-            reference = model(probe)
+            reference = model(x) if probe else None
             for t in tensors:
                 # Not .contiguous(): with one channel a tensor counts as channels-last already and
                 # stays as it is, and the convolution it feeds then runs in the default layout.
                 t.data = torch.empty_like(t.data, memory_format=torch.channels_last).copy_(t.data)
-            try:
-                out = model(probe)
-                use = (out.shape == reference.shape and torch.allclose(
-                    out, reference, rtol=1e-4, atol=1e-4 * max(1.0, float(reference.abs().max()))))
-            except RuntimeError:  # e.g. view() on a channels-last activation
-                use = False
+            if probe:
+                try:
+                    out = model(x)
+                    use = (out.shape == reference.shape and torch.allclose(
+                        out, reference, rtol=1e-4, atol=1e-4 * max(1.0, float(reference.abs().max()))))
+                except RuntimeError:  # e.g. view() on a channels-last activation
+                    use = False
         if not use:
             for t, data in saved:
                 t.data = data
