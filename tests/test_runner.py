@@ -263,6 +263,7 @@ def test_an_attack_on_a_model_that_fails_channels_last_runs_it_as_given(monkeypa
     assert torch.equal(results[True].x_adv, results[False].x_adv)
     assert torch.equal(results[True].forwards, results[False].forwards)
     assert all(p.is_contiguous() for p in model.parameters())
+    assert model in mode.UNSAFE  # remembered: the next attack does not try again
 
 
 def test_channels_last_is_used_only_where_it_is_safe():

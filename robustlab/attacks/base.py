@@ -19,7 +19,7 @@ import torch.nn as nn
 from robustlab.checks import check_images, check_labels, check_logits
 from robustlab.errors import RobustlabError
 from robustlab.losses import get_loss
-from robustlab.models.mode import channels_last, eval_mode
+from robustlab.models.mode import UNSAFE, channels_last, eval_mode
 from robustlab.params import coerce_param
 from robustlab.registry import Registry
 from robustlab.threat import NORMS, ThreatModel
@@ -136,6 +136,7 @@ class Attack:
         except RuntimeError:
             if not fast:
                 raise
+            UNSAFE.add(model)  # not tried again
         if generator is not None:
             generator.set_state(state)
         else:

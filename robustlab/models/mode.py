@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from typing import Iterator
 
 import torch
@@ -37,6 +38,8 @@ def _channels_last_strides(shape: torch.Size) -> tuple[int, ...]:
 # Whether attacks and evaluations may switch a model to channels-last on CPU (see channels_last);
 # ROBUSTLAB_CHANNELS_LAST=0 in the environment, or setting this to False, runs every model as given.
 FAST_LAYOUT = os.environ.get("ROBUSTLAB_CHANNELS_LAST", "1") != "0"
+# Models found not to work channels-last (by a probe, or by an attack that had to fall back).
+UNSAFE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 @contextlib.contextmanager
@@ -54,7 +57,8 @@ def channels_last(model: nn.Module, x: torch.Tensor, enabled: bool | None = None
     dtype and hardware. ``enabled=None`` follows :data:`FAST_LAYOUT`.
     """
     tensors = [t for t in [*model.parameters(), *model.buffers()] if t.dim() == 4]
-    use = ((FAST_LAYOUT if enabled is None else enabled) and x.dim() == 4 and x.device.type == "cpu"
+    use = ((FAST_LAYOUT if enabled is None else enabled) and model not in UNSAFE
+           and x.dim() == 4 and x.device.type == "cpu"
            and any(isinstance(m, nn.Conv2d) for m in model.modules())
            and not all(t.stride() == _channels_last_strides(t.shape) for t in tensors))
     saved = [(t, t.data) for t in tensors]
@@ -73,6 +77,7 @@ def channels_last(model: nn.Module, x: torch.Tensor, enabled: bool | None = None
                 except RuntimeError:  # e.g. view() on a channels-last activation
                     use = False
         if not use:
+            UNSAFE.add(model)
             for t, data in saved:
                 t.data = data
     try:
