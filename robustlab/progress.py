@@ -82,5 +82,4 @@ def progress(iterable: Iterable | None = None, *, total: int | None = None, desc
 
     if enabled is None and not sys.stderr.isatty():
         return LineProgress(iterable, total=total, desc=desc, unit=unit)
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled if enabled is not None else False,
-                leave=leave)
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=enabled is False, leave=leave)
