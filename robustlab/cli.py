@@ -95,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from robustlab.models import ModelCard, convert_to_dual_bn, create_model, save_checkpoint, set_bn_branch
     from robustlab.threat import ThreatModel
     from robustlab.training import (
-        OBJECTIVES, TrainConfig, accuracy, create_objective, load_unlabeled, split_holdout, train,
+        OBJECTIVES, TrainConfig, accuracy, cpu_has_bf16, create_objective, load_unlabeled, split_holdout, train,
     )
 
     # Under torchrun: data-parallel training, every rank holds the same weights; rank 0 writes and prints.
@@ -111,6 +111,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.n is not None and args.n < 1:
         raise RobustlabError(f"--n must be >= 1, got {args.n}")
     device = _device(args.device)
+    if args.amp and device.type == "cpu" and cpu_has_bf16() is False:
+        say("robustlab: warning: --amp on this CPU means bfloat16 without hardware support (no AVX512-BF16 "
+            "or AMX): usually slower than float32; leave --amp out")
     data = load_dataset(args.data, "train", root=args.data_root)
     test = load_dataset(args.data, "test", root=args.data_root)
     if args.n:

@@ -22,11 +22,13 @@ from robustlab.threat import ThreatModel
 from robustlab.training import (
     OBJECTIVES,
     TrainConfig,
+    cpu_has_bf16,
     create_objective,
     detect_catastrophic_overfitting,
     robust_validation,
     train,
 )
+from robustlab.training import loop as training_loop
 from robustlab.training import state as train_state
 from robustlab.training.objectives import PGDAT
 from robustlab.training.schedules import lr_factor
@@ -330,6 +332,21 @@ def test_amp_trains_in_bfloat16_on_cpu_and_channels_last_trains(digits_train):
     assert all(math.isfinite(v) for v in losses[1]) and losses[1][1] < losses[1][0]
     assert abs(losses[1][1] - losses[0][1]) < 0.1 * losses[0][1], losses
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(states[0].values(), states[2].values()))
+
+
+@pytest.mark.parametrize("flags, expected", [("fpu sse avx512f avx512_bf16", True), ("fpu amx_bf16 amx_tile", True),
+                                             ("fpu sse avx2 avx512f", False), (None, None)])
+def test_amp_warns_on_a_cpu_without_bfloat16_units(tmp_path, monkeypatch, capsys, flags, expected):
+    info = tmp_path / "cpuinfo"
+    if flags is not None:
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(training_loop, "CPUINFO", info)
+    assert cpu_has_bf16() is expected
+    args = ["train", "--model", "digits_cnn", "--data", "digits", "--n", "64", "--epochs", "1", "--amp",
+            "--out", str(tmp_path / "m.safetensors"), "--device", "cpu"]
+    assert main(args) == 0
+    warned = "--amp on this CPU means bfloat16 without hardware support" in capsys.readouterr().err
+    assert warned == (expected is False)
 
 
 def test_cli_trains_a_recipe_and_records_it(tmp_path, capsys):

@@ -2,7 +2,7 @@
 plug into it, registered by name in ``OBJECTIVES`` (``create_objective("trades", threat)``)."""
 
 from robustlab.training.ema import ModelEMA
-from robustlab.training.loop import TrainConfig, TrainHistory, accuracy, standard_objective, train
+from robustlab.training.loop import TrainConfig, TrainHistory, accuracy, cpu_has_bf16, standard_objective, train
 from robustlab.training.monitor import detect_catastrophic_overfitting, robust_validation, split_holdout
 from robustlab.training.objectives import OBJECTIVES, Objective, create_objective, register_objective
 from robustlab.training.unlabeled import UnlabeledData, load_unlabeled
@@ -20,6 +20,7 @@ __all__ = [
     "TrainHistory",
     "UnlabeledData",
     "accuracy",
+    "cpu_has_bf16",
     "create_objective",
     "detect_catastrophic_overfitting",
     "fosc",

@@ -4,9 +4,9 @@
 One loop for every recipe, with: learning-rate schedules (cosine, multistep, cyclic, constant; linear
 warm-up), gradient clipping, an exponential moving average of the weights, robust validation on a
 held-out set each epoch with best-epoch restore and early stopping (robust overfitting, Rice et al.
-2020), catastrophic-overfitting detection for single-step recipes, mixed precision on CUDA
-(autocast + GradScaler; the CPU path is plain float32), channels-last memory format, and a checkpoint
-after every epoch from which a killed run resumes to bit-identical weights.
+2020), catastrophic-overfitting detection for single-step recipes, mixed precision (float16 autocast with
+loss scaling on CUDA, bfloat16 autocast on CPU), channels-last memory format, and a checkpoint after
+every epoch from which a killed run resumes to bit-identical weights.
 
 Randomness: the data order of epoch e comes from ``make_generator(seed, e)``; the objective of batch
 i of epoch e gets ``make_generator(seed, e, i)`` (random starts, noise); the global torch RNG (dropout)
@@ -47,6 +47,20 @@ ObjectiveLike = Union[Objective, LegacyObjective]
 
 DROPOUT_KEY = 0x4452  # seeding key of the per-epoch global RNG ("DR")
 AMP_DTYPES = {"cuda": torch.float16, "cpu": torch.bfloat16}  # autocast type of --amp per device
+CPUINFO = Path("/proc/cpuinfo")
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bfloat16 arithmetic
+
+
+def cpu_has_bf16() -> bool | None:
+    """Whether this CPU has native bfloat16 arithmetic (AVX512-BF16 or AMX), read from
+    :data:`CPUINFO`; None where that cannot be read (not Linux). Without it, bfloat16 autocast is
+    emulated and usually slower than float32."""
+    try:
+        text = CPUINFO.read_text()
+    except OSError:
+        return None
+    flags = {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[-1].split()}
+    return any(f in flags for f in CPU_BF16_FLAGS)
 
 
 def standard_objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
