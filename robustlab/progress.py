@@ -57,9 +57,9 @@ class LineProgress:
     def line(self, now: float) -> str:
         elapsed = now - self.start
         if self.total:
-            left = elapsed * (self.total - self.n) / max(self.n, 1)
+            left = f"about {_clock(elapsed * (self.total - self.n) / self.n)} left" if self.n else "time left unknown yet"
             text = (f"{self.desc}: {self.n}/{self.total} {self.unit} ({100 * self.n / self.total:.0f}%), "
-                    f"{_clock(elapsed)} elapsed, about {_clock(left)} left")
+                    f"{_clock(elapsed)} elapsed, {left}")
         else:
             text = f"{self.desc}: {self.n} {self.unit}, {_clock(elapsed)} elapsed"
         return f"{text}; {self.postfix}" if self.postfix else text

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import io
+import re
 
 import torch
 
 from robustlab import progress as progress_module
+from robustlab.bench.runner import EvalOptions, evaluate
+from robustlab.bench.store import ResultsStore
+from robustlab.attacks import build_attacks
 from robustlab.models import create_model
+from robustlab.threat import ThreatModel
 from robustlab.progress import LineProgress, progress
 from robustlab.training import TrainConfig, train
 
@@ -40,3 +45,23 @@ def test_training_in_a_log_prints_progress_lines(digits_train, capsys, monkeypat
     train(create_model("digits_cnn"), digits_train.subset(256), TrainConfig(epochs=1, batch_size=64))
     err = capsys.readouterr().err
     assert "epoch 1/1: 1/4 batch (25%)" in err and "epoch 1/1: 3/4 batch (75%)" in err and "loss=" in err
+
+
+def test_evaluation_in_a_log_names_the_attack_running_within_a_batch(digits_model, digits_test, capsys, monkeypatch,
+                                                                    tmp_path):
+    # A batch of the standard suite can take many minutes: the log says which attack is on which points.
+    monkeypatch.setattr(progress_module, "INTERVAL", 0.0)
+    attacks = build_attacks(["fgsm", "pgd:steps=3"], ThreatModel("linf", 0.1))
+    with ResultsStore(tmp_path / "runs.db") as store:
+        evaluate(digits_model, digits_test.subset(64), attacks, store,
+                 options=EvalOptions(batch_size=32, steps_grid=(), sanity=False))
+    lines = capsys.readouterr().err.splitlines()
+    assert any(line.startswith("evaluating: 0/2 batch (0%)") and "time left unknown yet" in line
+               and re.search(r"main, batch 1: fgsm on \d+ robust points$", line) for line in lines), lines
+    # PGD runs second, on the points FGSM left robust.
+    def points(attack: str, batch: int) -> int:
+        found = [re.search(rf"batch {batch}: {attack} on (\d+) robust points$", line) for line in lines]
+        return next(int(m.group(1)) for m in found if m)
+
+    for b in (1, 2):
+        assert points("pgd", b) < points("fgsm", b) <= 32

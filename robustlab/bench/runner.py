@@ -286,8 +286,13 @@ def _run_tasks(model, data, tasks, store, run_id, options, device, progress) -> 
                 task = tasks[i]
                 start, stop = b * bs, min((b + 1) * bs, task.n)
                 keep = options.examples if task.name == "main" else 0
+
+                def status(attack: str, points: int, name: str = task.name, b: int = b) -> None:
+                    bar.set_postfix_str(f"{name}, batch {b + 1}: {attack} on {points} robust points")
+                    bar.update(0)  # a log line is due when the interval has passed
+
                 mine = attack_batch(model, data.x[start:stop].to(device), data.y[start:stop].to(device), start,
-                                    task, options.seed, b, device, keep_examples=keep)
+                                    task, options.seed, b, device, keep_examples=keep, on_attack=status)
             results = distributed.gather(mine)
             if not distributed.is_main():
                 continue
@@ -310,9 +315,11 @@ def attack_batch(
     batch_index: int,
     device: torch.device,
     keep_examples: int = 0,
+    on_attack: Callable[[str, int], None] | None = None,
 ) -> tuple[list[SampleRow], list[dict[str, float]], int, list[Example]]:
     """Run one task's ensemble on one batch. Returns per-sample rows, per-attack costs, the number
-    of claimed successes that failed verification, and up to ``keep_examples`` broken examples."""
+    of claimed successes that failed verification, and up to ``keep_examples`` broken examples.
+    ``on_attack(name, points)`` is called before each attack that runs (progress display)."""
     n = x.shape[0]
     with eval_mode(model), torch.no_grad():
         clean_pred = check_logits(model(x), n).argmax(dim=1)
@@ -332,6 +339,8 @@ def attack_batch(
         idx = robust.nonzero(as_tuple=True)[0]
         cost = {"seconds": 0.0, "gradients": 0, "forwards": 0}
         if idx.numel() and task.threat.eps > 0:
+            if on_attack is not None:
+                on_attack(attack.name, idx.numel())
             t0 = time.perf_counter()
             gen = make_generator(seed, task_key, batch_index, ai, device=device)
             res = attack.run(model, x[idx], y[idx], generator=gen)
