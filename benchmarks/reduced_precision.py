@@ -9,7 +9,7 @@ runner does, so "claimed" successes that float32 does not confirm show up as suc
 
 Measured (first 100 test images, 5000 queries, seeds 0 and 1): bfloat16 took 0.39-0.41x the CPU
 time on mnist_pgd and 0.57-0.64x on cifar_at, and left far more robust: 63 and 58 against 40 and 42
-images on mnist_pgd, 32 and 34 against 15 and 14 on cifar_at; 4-18 of its claimed successes were not
+images on mnist_pgd, 32 and 34 against 15 and 14 of 60 on cifar_at; 4-18 of its claimed successes were not
 misclassified in float32. The suite therefore keeps float32 queries.
 
 Usage: python benchmarks/reduced_precision.py [--models mnist_pgd,cifar_at] [--n 100] [--seeds 0,1]
