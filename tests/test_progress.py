@@ -8,12 +8,12 @@ import re
 import torch
 
 from robustlab import progress as progress_module
+from robustlab.attacks import build_attacks
 from robustlab.bench.runner import EvalOptions, evaluate
 from robustlab.bench.store import ResultsStore
-from robustlab.attacks import build_attacks
 from robustlab.models import create_model
-from robustlab.threat import ThreatModel
 from robustlab.progress import LineProgress, progress
+from robustlab.threat import ThreatModel
 from robustlab.training import TrainConfig, train
 
 
