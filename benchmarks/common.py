@@ -343,6 +343,38 @@ class Counter(nn.Module):
         return self.model(x)
 
 
+class ModelClock(nn.Module):
+    """The model, adding up the process CPU seconds spent inside it: its forward passes, and the
+    backward passes from its logits to its input (between a hook on the logits, which fires when
+    their gradient arrives, and a hook on a view of the input, which fires when the input's gradient
+    is complete). What a tool spends outside these is its own overhead; the model time is what any
+    tool making the same model calls would spend at least."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.seconds = 0.0
+        self._backward_start = 0.0
+
+    def _start(self, grad: torch.Tensor) -> None:
+        self._backward_start = time.process_time()
+
+    def _end(self, grad: torch.Tensor) -> None:
+        self.seconds += time.process_time() - self._backward_start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t0 = time.process_time()
+        track = torch.is_grad_enabled() and x.requires_grad
+        if track:
+            x = x.view_as(x)
+            x.register_hook(self._end)
+        out = self.model(x)
+        if track and out.requires_grad:
+            out.register_hook(self._start)
+        self.seconds += time.process_time() - t0
+        return out
+
+
 def sign_test(only_peer: int, only_ours: int) -> float:
     """One-sided exact sign test: the chance of the peer winning at least ``only_peer`` of the
     ``only_peer + only_ours`` examples where the two disagree, if both were equally strong."""
