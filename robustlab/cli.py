@@ -229,6 +229,7 @@ def _check_train_flags(args: argparse.Namespace, name: str, recipe: Any) -> None
 def cmd_eval(args: argparse.Namespace) -> int:
     from robustlab import distributed
     from robustlab.attacks import build_attacks
+    from robustlab.bench.plots import wilson_interval
     from robustlab.bench.runner import EvalOptions, evaluate
     from robustlab.bench.store import ResultsStore
     from robustlab.data import load_dataset
@@ -287,6 +288,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "threat": s["threat"],
             "clean_accuracy": s["clean_accuracy"],
             "robust_accuracy": s["robust_accuracy"],
+            "ci95": {k: wilson_interval(s[f"{k}_accuracy"], s["n"]) for k in ("clean", "robust")},
             "attacks": [
                 {k: a[k] for k in ("name", "params", "robust_accuracy", "seconds", "broken", "gradients", "forwards")}
                 for a in s["attacks"]
@@ -304,13 +306,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def format_summary(s: dict[str, Any], checks: list[dict[str, str]]) -> str:
+    from robustlab.bench.plots import ci_text
+
     lines = [
         f"{s['model']} on {s['dataset']}:{s['split']} (n={s['n']}), {s['threat']['norm']} eps={s['threat']['eps']:g}",
-        f"  clean accuracy   {100 * s['clean_accuracy']:6.2f}%",
+        f"  clean accuracy   {100 * s['clean_accuracy']:6.2f}%   ({ci_text(s['clean_accuracy'], s['n'])})",
     ]
     for a in s["attacks"]:
         lines.append(f"  after {a['name']:<10} {100 * a['robust_accuracy']:6.2f}%   ({a['broken']} broken, {a['seconds']:.2f}s)")
-    lines.append(f"  robust accuracy  {100 * s['robust_accuracy']:6.2f}%")
+    lines.append(f"  robust accuracy  {100 * s['robust_accuracy']:6.2f}%   ({ci_text(s['robust_accuracy'], s['n'])})")
     if len(s["eps_curve"]) > 2:
         lines.append("  eps curve: " + ", ".join(f"{p['eps']:g}: {100 * p['robust_accuracy']:.1f}%" for p in s["eps_curve"]))
     for c in checks:

@@ -52,6 +52,10 @@ def test_eval_json_contract(checkpoint, tmp_path, capsys):
     assert all({"name", "params", "robust_accuracy", "seconds"} <= set(a) for a in out["attacks"])
     assert out["robust_accuracy"] == out["attacks"][-1]["robust_accuracy"] <= out["attacks"][0]["robust_accuracy"]
     assert out["robust_accuracy"] < out["clean_accuracy"]
+    for key in ("clean", "robust"):  # the 95% interval of a proportion on 100 images: a few points either side
+        low, high = out["ci95"][key]
+        assert low <= out[f"{key}_accuracy"] <= high
+        assert 0.0 <= low and high <= 1.0 and 0.02 < high - low < 0.2
     assert [p["eps"] for p in out["eps_curve"]] == [0.0, 0.05, 0.1, 0.2]
     # The report and the leaderboard read the same store.
     assert main(["report", out["run_id"][:6], "--db", str(db), "--out", str(tmp_path / "rep")]) == 0
@@ -95,7 +99,8 @@ def test_bad_input_gives_one_clear_error_and_keeps_the_store(checkpoint, tmp_pat
     db = tmp_path / "r.db"
     assert main([*EVAL, "--model", str(checkpoint), "--n", "20", "--db", str(db), "--attack", "fgsm",
                  "--steps-grid", "none"]) == 0
-    capsys.readouterr()
+    text = capsys.readouterr().out
+    assert "robust accuracy" in text and "95% CI" in text and "(n = 20)" in text
     argv = [*EVAL, "--model", str(checkpoint), "--n", "20", "--db", str(db), "--steps-grid", "none", *args]
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -21,6 +21,7 @@ from robustlab.bench import (
     write_leaderboard_html,
     write_report,
 )
+from robustlab.bench.plots import ci_text, wilson_interval
 from robustlab.bench.store import Example, SampleRow
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -348,3 +349,16 @@ def test_plots_return_png(store):
     empty = {"threat": {"norm": "l2", "eps": 0.5}, "eps_curve": [], "steps_curve": None}
     for png in (plot_eps_curve(empty), plot_steps_curve(empty), plot_gallery([])):
         assert png.startswith(PNG_MAGIC)
+
+
+def test_wilson_interval():
+    # Closed forms: 0 of n gives [0, z^2 / (n + z^2)]; 1/2 of 100 gives 0.5 -/+ 0.0962.
+    low, high = wilson_interval(0.0, 10)
+    assert low == 0.0 and high == pytest.approx(1.96**2 / (10 + 1.96**2))
+    assert wilson_interval(1.0, 10) == pytest.approx((1 - 1.96**2 / (10 + 1.96**2), 1.0))
+    assert wilson_interval(0.5, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    # More samples, a narrower interval around the same proportion.
+    narrow = wilson_interval(0.9, 10000)
+    assert narrow[0] < 0.9 < narrow[1] and narrow[1] - narrow[0] < 0.013
+    assert wilson_interval(None, 10) is None and wilson_interval(0.5, 0) is None
+    assert ci_text(0.5, 100) == "95% CI 40.4% – 59.6% (n = 100)" and ci_text(None, 5) == ""

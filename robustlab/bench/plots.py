@@ -30,6 +30,25 @@ def format_percent(value: float | None, digits: int = 2) -> str:
     return f"{100.0 * float(value):.{digits}f}%"
 
 
+def wilson_interval(p: float | None, n: int | None, z: float = 1.96) -> tuple[float, float] | None:
+    """The Wilson score interval (95% for z = 1.96) of a proportion ``p`` measured on ``n`` samples:
+    the uncertainty that comes from evaluating a finite sample of the test distribution."""
+    if p is None or not n:
+        return None
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def ci_text(p: float | None, n: int | None) -> str:
+    """``'95% CI 86.2% – 91.7% (n = 500)'`` for a proportion ``p`` on ``n`` samples ('' if unknown)."""
+    ci = wilson_interval(p, n)
+    if ci is None:
+        return ""
+    return f"95% CI {format_percent(ci[0], 1)} – {format_percent(ci[1], 1)} (n = {n})"
+
+
 def norm_name(norm: str) -> str:
     """``linf -> 'L∞'``, ``l2 -> 'L2'``; unknown norms are returned as given."""
     return _NORM_NAMES.get(str(norm).lower(), str(norm))

@@ -14,13 +14,13 @@ import base64
 import csv
 import html
 import json
-import math
 from dataclasses import asdict, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
 from robustlab.bench.plots import (
+    ci_text,
     format_eps,
     format_percent,
     norm_name,
@@ -103,23 +103,6 @@ def _seconds(value: Any) -> str:
         return f"{float(value):,.1f}"
     except (TypeError, ValueError):
         return _e(value)
-
-
-def _wilson(p: float | None, n: int | None, z: float = 1.96) -> tuple[float, float] | None:
-    """The 95% Wilson score interval of a proportion ``p`` measured on ``n`` samples."""
-    if p is None or not n:
-        return None
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
-
-
-def _ci_text(p: float | None, n: int | None) -> str:
-    ci = _wilson(p, n)
-    if ci is None:
-        return ""
-    return f"95% CI {format_percent(ci[0], 1)} – {format_percent(ci[1], 1)} (n = {n})"
 
 
 def _kv_table(items: Sequence[tuple[str, Any]], raw: bool = False) -> str:
@@ -234,9 +217,9 @@ def _results(run: dict[str, Any], summary: dict[str, Any]) -> str:
     head = (
         '<div class="headline">'
         f'<div class="metric"><div class="value">{format_percent(clean)}</div><div class="label">clean accuracy'
-        f'<br>{_e(_ci_text(clean, n))}</div></div>'
+        f'<br>{_e(ci_text(clean, n))}</div></div>'
         f'<div class="metric"><div class="value">{format_percent(robust)}</div><div class="label">robust accuracy at '
-        f'{_e(norm_name(run["norm"]))} ε = {_e(format_eps(run["norm"], run["eps"]))}<br>{_e(_ci_text(robust, n))}'
+        f'{_e(norm_name(run["norm"]))} ε = {_e(format_eps(run["norm"], run["eps"]))}<br>{_e(ci_text(robust, n))}'
         "</div></div></div>"
     )
     targeted = {a["index"]: a.get("targeted") for a in run.get("attacks", [])}
