@@ -211,8 +211,18 @@ class Standard(Objective):
 # ---------------------------------------------------------------------- PGD family
 
 
+class AdversarialCE(Objective):
+    """The recipes that train on cross-entropy at the point ``perturb`` returns (PGD-AT and the
+    single-step ones); they differ only in how they find that point."""
+
+    def loss(self, model, x, y, generator):
+        x_adv = self.perturb(model, x, y, generator)
+        logits = model(x_adv)
+        return F.cross_entropy(logits, y), {"adv_acc": _accuracy(logits, y)}
+
+
 @register_objective
-class PGDAT(Objective):
+class PGDAT(AdversarialCE):
     """PGD adversarial training (Madry et al., "Towards Deep Learning Models Resistant to Adversarial
     Attacks", ICLR 2018): cross-entropy on PGD examples.
 
@@ -228,11 +238,6 @@ class PGDAT(Objective):
         p = self.params
         return inner.maximize(model, x, inner.cross_entropy_loss(y), self.current_threat(), p["steps"],
                               self.step_size(2.5 / p["steps"]), "uniform" if p["random_start"] else "none", generator)
-
-    def loss(self, model, x, y, generator):
-        x_adv = self.perturb(model, x, y, generator)
-        logits = model(x_adv)
-        return F.cross_entropy(logits, y), {"adv_acc": _accuracy(logits, y)}
 
 
 @register_objective
@@ -379,7 +384,7 @@ class CLP(Objective):
 
 
 @register_objective
-class FGSMAT(Objective):
+class FGSMAT(AdversarialCE):
     """FGSM adversarial training (Goodfellow et al., "Explaining and Harnessing Adversarial
     Examples", ICLR 2015, without the clean half): cross-entropy on the FGSM example taken from the
     clean point with step eps (robustlab's ``fgsm`` attack). Prone to catastrophic overfitting
@@ -395,14 +400,9 @@ class FGSMAT(Objective):
             self._attack = create_attack("fgsm", threat)
         return inner.same_layout(self._attack.run(model, x, y, generator).x_adv, x)
 
-    def loss(self, model, x, y, generator):
-        x_adv = self.perturb(model, x, y, generator)
-        logits = model(x_adv)
-        return F.cross_entropy(logits, y), {"adv_acc": _accuracy(logits, y)}
-
 
 @register_objective
-class FastAT(Objective):
+class FastAT(AdversarialCE):
     """"Fast is better than free" (Wong, Rice & Kolter, ICLR 2020): one FGSM step of size ``alpha``
     (default 1.25 eps) from a uniform random start in the ball, projected back; cross-entropy on it.
     Published with a cyclic learning rate (``--schedule cyclic``) and mixed precision; prone to
@@ -416,14 +416,9 @@ class FastAT(Objective):
         return inner.maximize(model, x, inner.cross_entropy_loss(y), self.current_threat(), 1,
                               self.step_size(1.25), "uniform", generator)
 
-    def loss(self, model, x, y, generator):
-        x_adv = self.perturb(model, x, y, generator)
-        logits = model(x_adv)
-        return F.cross_entropy(logits, y), {"adv_acc": _accuracy(logits, y)}
-
 
 @register_objective
-class NFGSM(Objective):
+class NFGSM(AdversarialCE):
     """N-FGSM (de Jorge et al., "Make Some Noise: Reliable and Efficient Single-Step Adversarial
     Training", NeurIPS 2022): noise drawn uniformly from the ball of radius ``noise * eps`` (default
     2 eps), one step of size ``alpha`` (default eps), and no projection back onto the eps ball (only
@@ -450,11 +445,6 @@ class NFGSM(Objective):
         x0 = noise_ball.random_init(x, generator)
         # One unprojected step: projecting onto the reach ball only clips to the valid box.
         return inner.maximize(model, x, inner.cross_entropy_loss(y), self.reach(), 1, self.step_size(1.0), x0)
-
-    def loss(self, model, x, y, generator):
-        x_adv = self.perturb(model, x, y, generator)
-        logits = model(x_adv)
-        return F.cross_entropy(logits, y), {"adv_acc": _accuracy(logits, y)}
 
 
 # ---------------------------------------------------------------------- regularizers
