@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sqlite3
 
 import pytest
@@ -249,6 +250,43 @@ def test_attacks_run_channels_last_and_give_the_model_back(digits_model, digits_
     # Float rounding differs between layouts: a near-zero gradient coordinate may flip its sign.
     assert (results[True].x_adv - results[False].x_adv).abs().gt(1e-5).float().mean() < 0.01
     assert all(t.is_contiguous() for t in digits_model.state_dict().values())
+
+
+def test_subnormal_weights_are_read_as_zero_and_given_back(digits_model, digits_test, tmp_path):
+    """Weights in the subnormal range (what weight decay leaves of dead units) make CPU arithmetic
+    many times slower and change no logit: attacks and evaluations run with them zero and give the
+    caller's tensors back, values and all."""
+    model = copy.deepcopy(digits_model)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p[torch.rand(p.shape, generator=gen) < 0.3] = 1e-39
+    tensors = list(model.state_dict().values())
+    count = sum(int(mode.subnormals(t).sum()) for t in tensors)
+    assert count > 1000
+    ptrs, values = [t.data_ptr() for t in tensors], [t.clone() for t in tensors]
+    zeroed = copy.deepcopy(model)
+    assert mode.zero_subnormals_(zeroed.state_dict().values()) == count
+    x, y = digits_test.x[:64], digits_test.y[:64]
+    with torch.no_grad():
+        assert torch.equal(model(x), zeroed(x))  # the same function, bit for bit
+
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(int(mode.subnormals(m.weight).sum())))
+             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    result = create_attack("square", LINF, queries=30).run(model, x, y, torch.Generator().manual_seed(1))
+    for h in hooks:
+        h.remove()
+    assert seen and not any(seen)  # none left during the attack
+    same = create_attack("square", LINF, queries=30).run(zeroed, x, y, torch.Generator().manual_seed(1))
+    assert torch.equal(result.x_adv, same.x_adv) and torch.equal(result.success, same.success)
+    with ResultsStore(tmp_path / "r.db") as store:
+        res = evaluate(model, digits_test.subset(50), [create_attack("fgsm", LINF)], store,
+                       options=EvalOptions(eps_grid=(), steps_grid=(), sanity=False))
+        assert store.get_run(res.run_id)["model_info"]["subnormal_weights_zeroed"] == count
+    after = list(model.state_dict().values())
+    assert [t.data_ptr() for t in after] == ptrs and all(torch.equal(a, b) for a, b in zip(after, values))
 
 
 def test_an_attack_on_a_model_that_fails_channels_last_runs_it_as_given(monkeypatch):

@@ -334,6 +334,34 @@ def test_amp_trains_in_bfloat16_on_cpu_and_channels_last_trains(digits_train):
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(states[0].values(), states[2].values()))
 
 
+class _WithIdleWeights(nn.Module):
+    """_bn_net plus a parameter no loss reaches, holding subnormal numbers: what weight decay leaves of
+    the weights of units that stopped learning."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _bn_net()
+        self.idle = nn.Parameter(torch.full((100,), 1e-39))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_subnormal_weights_are_zeroed_each_epoch(digits_train):
+    data = digits_train.subset(256)
+    config = TrainConfig(epochs=2, batch_size=64, lr=0.05, weight_decay=5e-4, seed=0)
+    torch.manual_seed(0)
+    model = _WithIdleWeights()
+    torch.manual_seed(0)
+    plain = _bn_net()
+    history = train(model, data, config, progress=False)
+    train(plain, data, config, progress=False)
+    assert [r["subnormals_zeroed"] for r in history] == [100, 0]
+    assert torch.equal(model.idle, torch.zeros(100))
+    # Nothing else changed: the same weights as the same net trained without them.
+    assert all(torch.equal(a, b) for a, b in zip(model.net.state_dict().values(), plain.state_dict().values()))
+
+
 @pytest.mark.parametrize("flags, expected", [("fpu sse avx512f avx512_bf16", True), ("fpu amx_bf16 amx_tile", True),
                                              ("fpu sse avx2 avx512f", False), (None, None)])
 def test_amp_warns_on_a_cpu_without_bfloat16_units(tmp_path, monkeypatch, capsys, flags, expected):

@@ -5,7 +5,8 @@
 forward passes spent. Attacks never change the model's mode or parameters: they run it in eval mode,
 restore the caller's modes afterwards, and differentiate with respect to the input only (no
 parameter gradient is computed or accumulated). On CPU they run a convolutional model channels-last
-(``robustlab.models.mode.channels_last``; as given if it fails so) and give back the caller's tensors.
+(``robustlab.models.mode.channels_last``; as given if it fails so) with subnormal weights read as zero
+(``subnormal_weights_zeroed``), and give back the caller's tensors.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch.nn as nn
 from robustlab.checks import check_images, check_labels, check_logits
 from robustlab.errors import RobustlabError
 from robustlab.losses import get_loss
-from robustlab.models.mode import UNSAFE, channels_last, eval_mode
+from robustlab.models.mode import UNSAFE, channels_last, eval_mode, subnormal_weights_zeroed
 from robustlab.params import coerce_param
 from robustlab.registry import Registry
 from robustlab.threat import NORMS, ThreatModel
@@ -108,7 +109,7 @@ class Attack:
         """Attack the batch ``(x, y)`` (``y`` are targets when targeted). Returns an AttackResult."""
         check_images(x)
         y = check_labels(y, x.shape[0])
-        with eval_mode(model):
+        with eval_mode(model), subnormal_weights_zeroed(model):
             result = self._attack_in_fast_layout(model, x.detach(), y.to(x.device), generator)
         # The contract: never outside the threat model (minimum-norm attacks: never outside the box),
         # whatever the algorithm did.

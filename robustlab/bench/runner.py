@@ -30,7 +30,7 @@ from robustlab.bench.verify import verify_adversarial
 from robustlab.checks import check_logits
 from robustlab.data import ImageDataset
 from robustlab.errors import RobustlabError
-from robustlab.models.mode import channels_last, eval_mode
+from robustlab.models.mode import channels_last, eval_mode, subnormal_weights_zeroed
 from robustlab.progress import progress as show_progress
 from robustlab.seeding import make_generator
 from robustlab.threat import ThreatModel
@@ -186,8 +186,9 @@ def evaluate(
             ) from None
         check_logits(out, probe_x.shape[0], data.num_classes)
     # The fastest memory layout for the whole run (the caller's model is given back as it was).
-    with channels_last(model, probe_x) as fast:
-        info = {**(model_info or {}), **sanity.inspect_model(model, probe_x), "channels_last": fast}
+    with channels_last(model, probe_x) as fast, subnormal_weights_zeroed(model) as zeroed:
+        info = {**(model_info or {}), **sanity.inspect_model(model, probe_x), "channels_last": fast,
+                "subnormal_weights_zeroed": zeroed}
         tasks = plan_tasks(attacks, len(data), int(np.prod(data.image_shape)), options)
         card = info.get("card") or {}
         config = {

@@ -1,12 +1,13 @@
 """Evaluate without mutating: eval mode for the duration, the caller's per-module modes restored; a
-faster memory layout for the duration, the caller's tensors restored."""
+faster memory layout, and subnormal weights read as zero, for the duration, the caller's tensors
+restored."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import weakref
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -82,6 +83,59 @@ def channels_last(model: nn.Module, x: torch.Tensor, enabled: bool | None = None
                 t.data = data
     try:
         yield use
+    finally:
+        for t, data in saved:
+            t.data = data
+
+
+def subnormals(t: torch.Tensor) -> torch.Tensor:
+    """Where a floating tensor holds subnormal numbers (``0 < |v| < finfo.tiny``)."""
+    a = t.detach().abs()
+    return (a > 0) & (a < torch.finfo(t.dtype).tiny)
+
+
+def _with_subnormals(tensors: Iterable[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """(tensor, mask, count) for each floating CPU tensor that holds subnormal numbers."""
+    found = []
+    for t in tensors:
+        if t.is_floating_point() and t.device.type == "cpu":
+            mask = subnormals(t)
+            n = int(mask.sum())
+            if n:
+                found.append((t, mask, n))
+    return found
+
+
+def zero_subnormals_(tensors: Iterable[torch.Tensor]) -> int:
+    """Set the subnormal entries of floating CPU tensors to zero, in place; returns how many."""
+    found = _with_subnormals(tensors)
+    with torch.no_grad():
+        for t, mask, _ in found:
+            t.masked_fill_(mask, 0.0)
+    return sum(n for _, _, n in found)
+
+
+@contextlib.contextmanager
+def subnormal_weights_zeroed(model: nn.Module) -> Iterator[int]:
+    """Run a model whose parameters or buffers hold subnormal numbers with those entries zero, for
+    the duration; yields how many there are. The caller's tensors are put back on exit (the very same
+    objects and values).
+
+    Weight decay drives the weights of units that stop learning (dead ReLUs) towards zero through
+    the subnormal range, where they stay for hundreds of thousands of steps: adversarially trained
+    MNIST SmallCNNs here hold 6,000-13,000 of them. CPUs compute with subnormal operands many
+    times slower (a matrix product here: 114 ms instead of 1.3 ms), which made those models' forward
+    passes about 25% slower. A weight below 1.2e-38 changes no sum of ordinary magnitude in float32,
+    so the logits are the same. Only CPU tensors are touched: GPUs handle subnormals at full speed.
+    """
+    found = _with_subnormals([*model.parameters(), *model.buffers()])
+    saved = [(t, t.data) for t, _, _ in found]
+    with torch.no_grad():
+        for t, mask, _ in found:
+            t.data = t.data.clone().masked_fill_(mask, 0.0)  # clone keeps the memory layout
+    count = sum(n for _, _, n in found)
+    try:
+        yield count
     finally:
         for t, data in saved:
             t.data = data

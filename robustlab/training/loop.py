@@ -31,7 +31,7 @@ from robustlab import distributed
 from robustlab.checks import check_logits
 from robustlab.data import ImageDataset
 from robustlab.errors import RobustlabError
-from robustlab.models.mode import eval_mode
+from robustlab.models.mode import eval_mode, zero_subnormals_
 from robustlab.progress import progress as show_progress
 from robustlab.seeding import derive_seed, make_generator
 from robustlab.threat import ThreatModel
@@ -402,8 +402,14 @@ def train(
             model.eval()
             if world > 1:  # batch-norm statistics were gathered on each rank's share: average them
                 distributed.average_buffers(model)
+            # Weight decay drives the weights of units that stopped learning into the subnormal range,
+            # where CPUs compute many times slower and where they change no sum: zero them, with their
+            # optimizer state (the same on every rank, and saved so, so a resumed run matches).
+            state = [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+            zeroed = zero_subnormals_([*model.state_dict().values(), *state,
+                                       *(ema.module.state_dict().values() if ema is not None else [])])
             record: dict[str, Any] = {"epoch": epoch + 1, "loss": loss_sum / seen, "lr": lr_used,
-                                      "seconds": round(time.perf_counter() - t0, 3)}
+                                      "seconds": round(time.perf_counter() - t0, 3), "subnormals_zeroed": zeroed}
             record.update({f"train_{k}": float(v) / seen for k, v in log_sums.items()})
             if val_data is not None:
                 t1 = time.perf_counter()
