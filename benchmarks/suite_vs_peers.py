@@ -55,8 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
     RESULTS,
-    environment,
     ModelClock,
+    environment,
     get_model,
     load_split,
     log,
