@@ -252,7 +252,7 @@ def test_attacks_run_channels_last_and_give_the_model_back(digits_model, digits_
     assert all(t.is_contiguous() for t in digits_model.state_dict().values())
 
 
-def test_subnormal_weights_are_read_as_zero_and_given_back(digits_model, digits_test, tmp_path):
+def test_subnormal_weights_are_read_as_zero_and_given_back(digits_model, digits_test, tmp_path, monkeypatch):
     """Weights in the subnormal range (what weight decay leaves of dead units) make CPU arithmetic
     many times slower and change no logit: attacks and evaluations run with them zero and give the
     caller's tensors back, values and all."""
@@ -287,6 +287,15 @@ def test_subnormal_weights_are_read_as_zero_and_given_back(digits_model, digits_
         assert store.get_run(res.run_id)["model_info"]["subnormal_weights_zeroed"] == count
     after = list(model.state_dict().values())
     assert [t.data_ptr() for t in after] == ptrs and all(torch.equal(a, b) for a, b in zip(after, values))
+    # Switched off (ROBUSTLAB_ZERO_SUBNORMALS=0), the model runs as given.
+    monkeypatch.setattr(mode, "ZERO_SUBNORMALS", False)
+    seen.clear()
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(int(mode.subnormals(m.weight).sum())))
+             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    create_attack("square", LINF, queries=5).run(model, x, y, torch.Generator().manual_seed(1))
+    for h in hooks:
+        h.remove()
+    assert seen and all(seen)
 
 
 def test_an_attack_on_a_model_that_fails_channels_last_runs_it_as_given(monkeypatch):

@@ -115,8 +115,13 @@ def zero_subnormals_(tensors: Iterable[torch.Tensor]) -> int:
     return sum(n for _, _, n in found)
 
 
+# Whether attacks and evaluations read subnormal weights as zero (see subnormal_weights_zeroed);
+# ROBUSTLAB_ZERO_SUBNORMALS=0 in the environment, or setting this to False, runs every model as given.
+ZERO_SUBNORMALS = os.environ.get("ROBUSTLAB_ZERO_SUBNORMALS", "1") != "0"
+
+
 @contextlib.contextmanager
-def subnormal_weights_zeroed(model: nn.Module) -> Iterator[int]:
+def subnormal_weights_zeroed(model: nn.Module, enabled: bool | None = None) -> Iterator[int]:
     """Run a model whose parameters or buffers hold subnormal numbers with those entries zero, for
     the duration; yields how many there are. The caller's tensors are put back on exit (the very same
     objects and values).
@@ -127,8 +132,10 @@ def subnormal_weights_zeroed(model: nn.Module) -> Iterator[int]:
     times slower (a matrix product here: 114 ms instead of 1.3 ms), which made those models' forward
     passes about 25% slower. A weight below 1.2e-38 changes no sum of ordinary magnitude in float32,
     so the logits are the same. Only CPU tensors are touched: GPUs handle subnormals at full speed.
+    ``enabled=None`` follows :data:`ZERO_SUBNORMALS`; when off, nothing is touched and 0 is yielded.
     """
-    found = _with_subnormals([*model.parameters(), *model.buffers()])
+    on = ZERO_SUBNORMALS if enabled is None else enabled
+    found = _with_subnormals([*model.parameters(), *model.buffers()]) if on else []
     saved = [(t, t.data) for t, _, _ in found]
     with torch.no_grad():
         for t, mask, _ in found:
