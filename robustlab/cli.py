@@ -559,7 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     za.add_argument("--name", required=True)
     za.add_argument("--run", help="record the accuracies of this complete run (id, prefix or 'latest')")
     za.add_argument("--db", default=DEFAULT_DB, help="results store holding --run")
-    za.add_argument("--overwrite", action="store_true")
+    za.add_argument("--overwrite", action="store_true",
+                    help="replace the entry NAME; with the same weights, the accuracies its card records are kept")
     for zp in (zl, zs, za):
         zp.add_argument("--zoo", help="zoo folder (default $ROBUSTLAB_ZOO or ~/.robustlab/zoo)")
     z.set_defaults(func=cmd_zoo)

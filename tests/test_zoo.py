@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -63,3 +64,25 @@ def test_unknown_zoo_model_and_bad_names(tmp_path, checkpoint, capsys):
     assert main(["zoo", "add", str(checkpoint), "--name", "ok", "--zoo", str(tmp_path / "zoo")]) == 0
     assert main(["zoo", "add", str(checkpoint), "--name", "ok", "--zoo", str(tmp_path / "zoo")]) == 2
     assert "already has" in capsys.readouterr().err
+
+
+def test_overwriting_with_the_same_weights_keeps_recorded_accuracies(tmp_path, checkpoint, digits_model, capsys):
+    zoo, db = tmp_path / "zoo", tmp_path / "r.db"
+    runs = []
+    for attack in ("fgsm", "pgd"):
+        assert main(["eval", "--model", str(checkpoint), "--data", "digits", "--n", "30", "--norm", "linf", "--eps", "0.1",
+                     "--attack", attack, "--steps-grid", "none", "--no-sanity", "--db", str(db), "--json"]) == 0
+        runs.append(json.loads(capsys.readouterr().out)["run_id"])
+    for run_id in runs:
+        assert main(["zoo", "add", str(checkpoint), "--name", "m", "--zoo", str(zoo), "--run", run_id, "--db", str(db),
+                     "--overwrite"]) == 0
+    keys = list(json.loads((zoo / "m.json").read_text())["robust_accuracy"])
+    assert len(keys) == 2 and any(runs[0] in k for k in keys) and any(runs[1] in k for k in keys)
+    # Other weights under the same name: the old accuracies were not measured on them.
+    changed = copy.deepcopy(digits_model)
+    with torch.no_grad():
+        next(changed.parameters()).add_(0.01)
+    other = save_checkpoint(changed, tmp_path / "o" / "o.safetensors",
+                            ModelCard.for_architecture("digits_cnn", dataset="digits:train"))
+    assert main(["zoo", "add", str(other), "--name", "m", "--zoo", str(zoo), "--overwrite"]) == 0
+    assert json.loads((zoo / "m.json").read_text())["robust_accuracy"] is None

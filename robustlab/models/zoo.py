@@ -82,19 +82,26 @@ def add_to_zoo(
     overwrite: bool = False,
 ) -> Path:
     """Copy a checkpoint and its card into the zoo as ``name`` (verifying its hash first), adding
-    measured accuracies to the card. Returns the zoo's weights path."""
+    measured accuracies to the card. Overwriting an entry with the same weights (same sha256) keeps
+    the accuracies its card already records, so evaluations can be added one at a time; other
+    weights start from their own card. Returns the zoo's weights path."""
     source = Path(checkpoint)
     load_checkpoint(source)  # verifies the hash and that the weights fit the card
     card = read_card(source)
     folder = zoo_root(root)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{_check_name(name)}{WEIGHTS_SUFFIX}"
-    if target.exists() and not overwrite:
-        raise RobustlabError(f"the zoo already has {name!r}; choose another name or pass --overwrite")
+    merged = dict(card.robust_accuracy or {})
+    if target.exists():
+        if not overwrite:
+            raise RobustlabError(f"the zoo already has {name!r}; choose another name or pass --overwrite")
+        if card_path(target).is_file():
+            old = read_card(target)
+            if old.sha256 and old.sha256 == sha256_file(source):
+                merged.update(old.robust_accuracy or {})
     tmp = target.with_name(target.name + ".tmp")
     shutil.copyfile(source, tmp)
     os.replace(tmp, target)
-    merged = dict(card.robust_accuracy or {})
     merged.update(robust_accuracy or {})
     card = dataclasses.replace(
         card,
