@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from robustlab.attacks import Attack, AttackResult, create_attack
+from robustlab.bench import partial
 from robustlab.bench.report import write_report
 from robustlab.bench.runner import EvalOptions, evaluate
 from robustlab.bench.store import ResultsStore
@@ -122,6 +123,54 @@ def test_resume_after_crash_equals_uninterrupted(digits_model, digits_test, tmp_
         assert resumed.summary[key] == full.summary[key]
     assert [a["robust_accuracy"] for a in resumed.summary["attacks"]] == [
         a["robust_accuracy"] for a in full.summary["attacks"]]
+
+
+def test_a_batch_killed_between_attacks_goes_on_from_the_last_one_done(digits_model, digits_test, tmp_path,
+                                                                      monkeypatch):
+    """A long ensemble saves each batch's state between its attacks; a resumed run does not redo the
+    attacks a killed batch had finished, and ends with the numbers (and examples) of an uninterrupted run."""
+    monkeypatch.setattr(partial, "SAVE_SECONDS", 0.0)
+    data = digits_test.subset(90)
+    attacks = [create_attack("fgsm", LINF), create_attack("pgd", LINF, steps=3), create_attack("square", LINF, queries=20)]
+    options = EvalOptions(eps_grid=(), steps_grid=(), batch_size=45, seed=1, sanity=False, examples=90)
+    with ResultsStore(tmp_path / "full.db") as store:
+        full = evaluate(digits_model, data, attacks, store, options=options)
+        full_rows = _rows(store, full.run_id, "main")
+        full_examples = store.examples(full.run_id, limit=100)
+        full_costs = store.attack_costs(full.run_id)
+    # Batch 2 has examples that FGSM or PGD found before Square's turn: the saved state must carry them.
+    assert any(r[0] >= 45 and r[3] in (0, 1) for r in full_rows) and any(e.sample_index >= 45 for e in full_examples)
+
+    counts = {"fgsm": 0, "pgd": 0, "square": 0}
+    originals = {type(a): type(a).run for a in attacks}
+
+    def counting(cls, name, crash_on=None):
+        def run(self, *args, **kwargs):
+            counts[name] += 1
+            if counts[name] == crash_on:
+                raise Crash("killed")
+            return originals[cls](self, *args, **kwargs)
+        return run
+
+    with ResultsStore(tmp_path / "killed.db") as store:
+        for a in attacks:  # Square dies on the second batch, after FGSM and PGD have run on it
+            monkeypatch.setattr(type(a), "run", counting(type(a), a.name, crash_on=2 if a.name == "square" else None))
+        with pytest.raises(Crash):
+            evaluate(digits_model, data, attacks, store, options=options)
+        run_id = store.list_runs()[0]["run_id"]
+        assert store.done_batches(run_id, "main") == {0}
+        assert store.load_partial(run_id, "main", 1) is not None
+        counts.update(fgsm=0, pgd=0, square=0)
+        resumed = evaluate(digits_model, data, attacks, store, options=options, resume=True)
+        assert resumed.resumed and counts == {"fgsm": 0, "pgd": 0, "square": 1}  # only Square on batch 2
+        assert _rows(store, run_id, "main") == full_rows
+        examples = store.examples(run_id, limit=100)
+        assert [(e.sample_index, e.adv_pred) for e in examples] == [(e.sample_index, e.adv_pred) for e in full_examples]
+        assert all((a.adv == b.adv).all() and (a.clean == b.clean).all() for a, b in zip(examples, full_examples))
+        costs = store.attack_costs(run_id)
+        assert [(c["gradients"], c["forwards"]) for c in costs] == [(c["gradients"], c["forwards"]) for c in full_costs]
+        assert store.load_partial(run_id, "main", 1) is None  # replaced by the finished batch
+    assert resumed.summary["robust_accuracy"] == full.summary["robust_accuracy"]
 
 
 def test_resume_without_unfinished_run_starts_new_and_finished_runs_are_not_resumed(digits_model, digits_test, tmp_path):

@@ -4,7 +4,8 @@ into the results store, resumable after a crash.
 
 Work is split into tasks (main, each curve point, the large-epsilon check) and batches of fixed
 sample ranges. A batch's randomness comes from (seed, task, batch, attack), so a resumed run gives
-exactly the numbers of an uninterrupted one.
+exactly the numbers of an uninterrupted one; a long batch killed between two attacks goes on from
+the last one it finished (``robustlab.bench.partial``).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import torch.nn as nn
 import robustlab
 from robustlab.attacks.base import Attack, create_attack
 from robustlab import distributed
-from robustlab.bench import sanity
+from robustlab.bench import partial, sanity
 from robustlab.bench.binarization import binarization_test
+from robustlab.bench.partial import BatchState
 from robustlab.bench.store import Example, ResultsStore, SampleRow
 from robustlab.bench.verify import verify_adversarial
 from robustlab.checks import check_logits
@@ -292,8 +294,17 @@ def _run_tasks(model, data, tasks, store, run_id, options, device, progress) -> 
                     bar.set_postfix_str(f"{name}, batch {b + 1}: {attack} on {points} robust points")
                     bar.update(0)  # a log line is due when the interval has passed
 
-                mine = attack_batch(model, data.x[start:stop].to(device), data.y[start:stop].to(device), start,
-                                    task, options.seed, b, device, keep_examples=keep, on_attack=status)
+                def save(state: BatchState, name: str = task.name, b: int = b, keep: int = keep) -> None:
+                    store.save_partial(run_id, name, b, state.to_bytes(keep))
+
+                # One process: a batch killed between two of its attacks goes on from the last one done
+                # (with several, only rank 0 holds the store, and batches start over).
+                x = data.x[start:stop].to(device)
+                blob = store.load_partial(run_id, task.name, b) if world == 1 else None
+                mine = attack_batch(model, x, data.y[start:stop].to(device), start, task, options.seed, b, device,
+                                    keep_examples=keep, on_attack=status,
+                                    state=BatchState.from_bytes(blob, x) if blob is not None else None,
+                                    save=save if world == 1 else None)
             results = distributed.gather(mine)
             if not distributed.is_main():
                 continue
@@ -317,27 +328,26 @@ def attack_batch(
     device: torch.device,
     keep_examples: int = 0,
     on_attack: Callable[[str, int], None] | None = None,
+    state: BatchState | None = None,
+    save: Callable[[BatchState], None] | None = None,
 ) -> tuple[list[SampleRow], list[dict[str, float]], int, list[Example]]:
     """Run one task's ensemble on one batch. Returns per-sample rows, per-attack costs, the number
     of claimed successes that failed verification, and up to ``keep_examples`` broken examples.
-    ``on_attack(name, points)`` is called before each attack that runs (progress display)."""
+    ``on_attack(name, points)`` is called before each attack that runs (progress display).
+    ``state``: a saved state of this batch to go on from; ``save(state)`` is called after an attack
+    when another follows and :data:`partial.SAVE_SECONDS` have passed since the batch began or was
+    last saved."""
     n = x.shape[0]
-    with eval_mode(model), torch.no_grad():
-        clean_pred = check_logits(model(x), n).argmax(dim=1)
-    robust = clean_pred == y
-    correct = robust.clone()
-    broken_by = torch.full((n,), -1, dtype=torch.long, device=device)
-    adv_pred = torch.full((n,), -1, dtype=torch.long, device=device)
-    distance = torch.full((n,), float("nan"), device=device)
-    min_distance = torch.full((n,), float("inf"), device=device)
-    grads = torch.zeros(n, dtype=torch.long, device=device)
-    forwards = torch.zeros(n, dtype=torch.long, device=device)
-    x_adv_all = x.clone()
-    costs: list[dict[str, float]] = []
-    rejected = 0
+    if state is None:
+        with eval_mode(model), torch.no_grad():
+            clean_pred = check_logits(model(x), n).argmax(dim=1)
+        state = BatchState.start(x, y, clean_pred)
+    s = state
     task_key = zlib.crc32(task.name.encode())
-    for ai, attack in enumerate(task.attacks):
-        idx = robust.nonzero(as_tuple=True)[0]
+    last_save = time.perf_counter()
+    for ai in range(s.attacks_done, len(task.attacks)):
+        attack = task.attacks[ai]
+        idx = s.robust.nonzero(as_tuple=True)[0]
         cost = {"seconds": 0.0, "gradients": 0, "forwards": 0}
         if idx.numel() and task.threat.eps > 0:
             if on_attack is not None:
@@ -345,24 +355,24 @@ def attack_batch(
             t0 = time.perf_counter()
             gen = make_generator(seed, task_key, batch_index, ai, device=device)
             res = attack.run(model, x[idx], y[idx], generator=gen)
-            grads[idx] += res.gradients
-            forwards[idx] += res.forwards
+            s.gradients[idx] += res.gradients
+            s.forwards[idx] += res.forwards
             claimed = res.success.nonzero(as_tuple=True)[0]
             if claimed.numel():
                 cand = idx[claimed]
                 v = verify_adversarial(model, x[cand], res.x_adv[claimed], y[cand], task.threat)
                 # A minimum-norm attack may report points beyond eps: their distance is recorded, and
                 # they are not counted; from any other attack such a point is a rejected claim.
-                rejected += int((~v.ok).sum()) if not attack.minimum_norm else int((~v.misclassified).sum())
+                s.rejected += int((~v.ok).sum()) if not attack.minimum_norm else int((~v.misclassified).sum())
                 found = cand[v.misclassified]
-                min_distance[found] = torch.minimum(min_distance[found], v.distance[v.misclassified])
+                s.min_distance[found] = torch.minimum(s.min_distance[found], v.distance[v.misclassified])
                 ok = v.ok
                 hit = cand[ok]
-                robust[hit] = False
-                broken_by[hit] = ai
-                adv_pred[hit] = v.pred[ok]
-                distance[hit] = v.distance[ok]
-                x_adv_all[hit] = res.x_adv[claimed][ok]
+                s.robust[hit] = False
+                s.broken_by[hit] = ai
+                s.adv_pred[hit] = v.pred[ok]
+                s.distance[hit] = v.distance[ok]
+                s.x_adv[hit] = res.x_adv[claimed][ok]
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             cost = {
@@ -370,12 +380,17 @@ def attack_batch(
                 "gradients": int(res.gradients.sum()),
                 "forwards": int(res.forwards.sum()),
             }
-        costs.append(cost)
+        s.costs.append(cost)
+        s.attacks_done = ai + 1
+        if save is not None and ai + 1 < len(task.attacks) and time.perf_counter() - last_save >= partial.SAVE_SECONDS:
+            save(s)
+            last_save = time.perf_counter()
     rows = []
     for i, (lab, cp, ok, rb, bb, ap, d, g, f, md) in enumerate(
         zip(
-            y.tolist(), clean_pred.tolist(), correct.tolist(), robust.tolist(), broken_by.tolist(),
-            adv_pred.tolist(), distance.tolist(), grads.tolist(), forwards.tolist(), min_distance.tolist(),
+            y.tolist(), s.clean_pred.tolist(), s.correct.tolist(), s.robust.tolist(), s.broken_by.tolist(),
+            s.adv_pred.tolist(), s.distance.tolist(), s.gradients.tolist(), s.forwards.tolist(),
+            s.min_distance.tolist(),
         )
     ):
         rows.append(
@@ -383,11 +398,11 @@ def attack_batch(
                       d if bb >= 0 else None, g, f, md if md != float("inf") else None)
         )
     examples = []
-    for i in (broken_by >= 0).nonzero(as_tuple=True)[0].tolist()[:keep_examples]:
+    for i in (s.broken_by >= 0).nonzero(as_tuple=True)[0].tolist()[:keep_examples]:
         examples.append(
-            Example(start + i, int(y[i]), int(adv_pred[i]), x[i].cpu().numpy(), x_adv_all[i].cpu().numpy())
+            Example(start + i, int(y[i]), int(s.adv_pred[i]), x[i].cpu().numpy(), s.x_adv[i].cpu().numpy())
         )
-    return rows, costs, rejected, examples
+    return rows, s.costs, s.rejected, examples
 
 
 def summarize(

@@ -4,7 +4,8 @@ outcomes, and a few adversarial examples for the report gallery.
 A run is split into tasks (the main evaluation, each point of an epsilon or steps curve, each sanity
 check) and each task into batches. A batch's per-sample rows and its "done" mark are written in one
 transaction, so a run killed at any moment resumes from the batches that are done, with no sample lost
-or counted twice.
+or counted twice. A batch whose ensemble runs long also keeps its state between two attacks
+(``partial_batches``, see ``robustlab.bench.partial``) until its rows replace it.
 """
 
 from __future__ import annotations
@@ -73,6 +74,14 @@ CREATE TABLE IF NOT EXISTS batches (
     costs TEXT NOT NULL,                 -- JSON list, per attack: {seconds, gradients, forwards}
     rejected INTEGER NOT NULL,           -- successes claimed by an attack that failed re-verification
     finished TEXT NOT NULL,
+    PRIMARY KEY (run_id, task, batch_index)
+);
+CREATE TABLE IF NOT EXISTS partial_batches (
+    run_id TEXT NOT NULL,
+    task TEXT NOT NULL,
+    batch_index INTEGER NOT NULL,
+    state BLOB NOT NULL,                 -- a batch between two attacks (robustlab.bench.partial), .npz bytes
+    saved TEXT NOT NULL,
     PRIMARY KEY (run_id, task, batch_index)
 );
 CREATE TABLE IF NOT EXISTS samples (
@@ -293,6 +302,17 @@ class ResultsStore:
         rows = self.db.execute("SELECT batch_index FROM batches WHERE run_id = ? AND task = ?", (run_id, task))
         return {r[0] for r in rows}
 
+    def save_partial(self, run_id: str, task: str, batch_index: int, state: bytes) -> None:
+        """Keep the state of a batch between two of its attacks (replacing any saved before)."""
+        self.db.execute("INSERT OR REPLACE INTO partial_batches VALUES (?, ?, ?, ?, ?)",
+                        (run_id, task, int(batch_index), state, _now()))
+
+    def load_partial(self, run_id: str, task: str, batch_index: int) -> bytes | None:
+        """The state saved for an unfinished batch, if any."""
+        row = self.db.execute("SELECT state FROM partial_batches WHERE run_id = ? AND task = ? AND batch_index = ?",
+                              (run_id, task, int(batch_index))).fetchone()
+        return row[0] if row else None
+
     def write_batch(
         self,
         run_id: str,
@@ -303,8 +323,11 @@ class ResultsStore:
         rejected: int = 0,
         examples: Iterable[Example] = (),
     ) -> None:
-        """Write one finished batch atomically: its sample rows, examples and the done mark."""
+        """Write one finished batch atomically: its sample rows, examples and the done mark (and drop
+        its saved partial state)."""
         with self._transaction():
+            self.db.execute("DELETE FROM partial_batches WHERE run_id = ? AND task = ? AND batch_index = ?",
+                            (run_id, task, int(batch_index)))
             self.db.execute(
                 "INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?)",
                 (run_id, task, int(batch_index), json.dumps(costs), int(rejected), _now()),
