@@ -33,7 +33,6 @@ from robustlab.attacks.deepfool import bisect_to_boundary
 from robustlab.checks import check_logits
 from robustlab.errors import RobustlabError
 from robustlab.losses import cw_margin
-from robustlab.threat import norms
 
 
 def shrink(z: torch.Tensor, x: torch.Tensor, beta: float, lower: float, upper: float) -> torch.Tensor:

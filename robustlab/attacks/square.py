@@ -246,7 +246,7 @@ class Square(Attack):
         """A square of side s at a random position: each channel of it moves to +eps or -eps (per
         sample and channel). Writes the query into ``xn``."""
         offsets, chan = table[0], table[1]
-        m, c = u.shape[0], u.shape[1] - 3
+        c = u.shape[1] - 3
         _, _, idx = self._windows(u, 0, s, h, w, offsets)
         up = u[:, 3:] < 0.5  # (m, c)
         plus_w, minus_w, best_w = x_plus.gather(1, idx), x_minus.gather(1, idx), xbf.gather(1, idx)
