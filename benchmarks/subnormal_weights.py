@@ -110,12 +110,12 @@ def main() -> int:
             loss = nn.functional.cross_entropy(model(xi), y)
             return torch.autograd.grad(loss, xi)[0]
 
-    def square(zero: bool):
-        mode.ZERO_SUBNORMALS = zero
+    def square(zero: bool):  # through Attack.run, which follows mode.ZERO_SUBNORMALS
+        saved, mode.ZERO_SUBNORMALS = mode.ZERO_SUBNORMALS, zero
         try:
             return create_attack("square", threat, queries=args.queries).run(model, x, y, torch.Generator().manual_seed(0))
         finally:
-            mode.ZERO_SUBNORMALS = True
+            mode.ZERO_SUBNORMALS = saved
 
     same_logits = {name: torch.equal(forward(images, True), forward(images, False))
                    for name, images in (("test images", x), ("sign noise", noisy))}

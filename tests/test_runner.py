@@ -321,12 +321,18 @@ def test_subnormal_weights_are_read_as_zero_and_given_back(digits_model, digits_
     with torch.no_grad():
         assert torch.equal(model(x), zeroed(x))  # the same function, bit for bit
 
-    seen = []
-    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(int(mode.subnormals(m.weight).sum())))
-             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    result = create_attack("square", LINF, queries=30).run(model, x, y, torch.Generator().manual_seed(1))
-    for h in hooks:
-        h.remove()
+    def square_seeing_subnormals(queries):
+        """Square's result, and the subnormal weight count each layer saw at each of its calls."""
+        seen = []
+        hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(int(mode.subnormals(m.weight).sum())))
+                 for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        try:
+            return create_attack("square", LINF, queries=queries).run(model, x, y, torch.Generator().manual_seed(1)), seen
+        finally:
+            for h in hooks:
+                h.remove()
+
+    result, seen = square_seeing_subnormals(30)
     assert seen and not any(seen)  # none left during the attack
     same = create_attack("square", LINF, queries=30).run(zeroed, x, y, torch.Generator().manual_seed(1))
     assert torch.equal(result.x_adv, same.x_adv) and torch.equal(result.success, same.success)
@@ -338,12 +344,7 @@ def test_subnormal_weights_are_read_as_zero_and_given_back(digits_model, digits_
     assert [t.data_ptr() for t in after] == ptrs and all(torch.equal(a, b) for a, b in zip(after, values))
     # Switched off (ROBUSTLAB_ZERO_SUBNORMALS=0), the model runs as given.
     monkeypatch.setattr(mode, "ZERO_SUBNORMALS", False)
-    seen.clear()
-    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(int(mode.subnormals(m.weight).sum())))
-             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    create_attack("square", LINF, queries=5).run(model, x, y, torch.Generator().manual_seed(1))
-    for h in hooks:
-        h.remove()
+    _, seen = square_seeing_subnormals(5)
     assert seen and all(seen)
 
 

@@ -88,6 +88,7 @@ def add_to_zoo(
     source = Path(checkpoint)
     load_checkpoint(source)  # verifies the hash and that the weights fit the card
     card = read_card(source)
+    digest = sha256_file(source)
     folder = zoo_root(root)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{_check_name(name)}{WEIGHTS_SUFFIX}"
@@ -97,7 +98,7 @@ def add_to_zoo(
             raise RobustlabError(f"the zoo already has {name!r}; choose another name or pass --overwrite")
         if card_path(target).is_file():
             old = read_card(target)
-            if old.sha256 and old.sha256 == sha256_file(source):
+            if old.sha256 == digest:
                 merged.update(old.robust_accuracy or {})
     tmp = target.with_name(target.name + ".tmp")
     shutil.copyfile(source, tmp)
@@ -105,7 +106,7 @@ def add_to_zoo(
     merged.update(robust_accuracy or {})
     card = dataclasses.replace(
         card,
-        sha256=sha256_file(target),
+        sha256=digest,
         robust_accuracy=merged or None,
         clean_accuracy=clean_accuracy if clean_accuracy is not None else card.clean_accuracy,
     )
