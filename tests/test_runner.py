@@ -455,3 +455,26 @@ def test_black_box_success_after_white_box_is_flagged(digits_model, digits_test,
     verdict = {c["name"]: c for c in res.checks}["black-box"]
     assert res.summary["attacks"][1]["broken"] > 0
     assert verdict["status"] in ("warn", "fail") and "fake-square" in verdict["detail"]
+    # Out of the points FGSM left robust, not out of all correctly classified ones.
+    fgsm, late = res.summary["attacks"]
+    left = round(res.summary["clean_accuracy"] * 128) - fgsm["broken"]
+    assert f"broke {late['broken']} of {left} points" in verdict["detail"]
+
+
+def test_evaluation_runs_in_full_float32_and_gives_the_tf32_settings_back(digits_model, digits_test, tmp_path):
+    """On recent NVIDIA GPUs PyTorch runs float32 convolutions in TF32 by default, which moves logits
+    by about 1e-3: the evaluation turns that off for its duration and restores the caller's flags."""
+    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    seen = []
+    hook = digits_model.register_forward_pre_hook(
+        lambda m, args: seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)))
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        with ResultsStore(tmp_path / "r.db") as store:
+            evaluate(digits_model, digits_test.subset(20), [create_attack("fgsm", LINF)], store,
+                     options=EvalOptions(eps_grid=(), steps_grid=(), sanity=False))
+        assert seen and set(seen) == {(False, False)}
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        hook.remove()
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags

@@ -146,3 +146,22 @@ def subnormal_weights_zeroed(model: nn.Module, enabled: bool | None = None) -> I
     finally:
         for t, data in saved:
             t.data = data
+
+
+@contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    """Float32 convolutions and matrix products in full float32 for the duration; the caller's
+    settings are put back on exit.
+
+    On NVIDIA GPUs since Ampere, PyTorch runs float32 convolutions in TF32 by default (a 10-bit
+    mantissa, relative errors near 1e-3). A robustness number is about the model as defined, in
+    float32: an adversarial point found, or verified, on TF32 logits can be classified differently in
+    float32 when its margin is small. Other devices are unaffected (the flags only concern CUDA).
+    """
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
