@@ -79,8 +79,7 @@ def test_evaluation_on_cuda_agrees_with_cpu(digits_model, digits_test, tmp_path)
     assert statuses[0] == statuses[1] and "fail" not in statuses[1].values()
 
 
-# Dual-BN and the recipes with unlabeled data need more set-up (their loop is the same); distillation's
-# soft targets at temperature T give gradients T times smaller, hence its larger learning rate.
+# Dual-BN and the recipes with unlabeled data need more set-up (their loop is the same).
 SKIPPED = ("dual-bn", "rst", "uat")
 
 
@@ -97,6 +96,7 @@ def test_mixed_precision_training_on_cuda_learns_like_float32_on_cpu(name, digit
             params["steps"] = 3
         torch.manual_seed(0)
         model = create_model("digits_cnn", num_classes=10)
+        # Distillation's soft targets at temperature T give gradients T times smaller: a larger rate.
         config = TrainConfig(epochs=4, batch_size=64, lr=0.2 if name == "distillation" else 0.05, seed=0,
                              amp=device == "cuda", channels_last=device == "cuda")
         history = train(model, digits_train, config, create_objective(name, threat, **params), device=device,
