@@ -229,9 +229,9 @@ def _check_train_flags(args: argparse.Namespace, name: str, recipe: Any) -> None
 def cmd_eval(args: argparse.Namespace) -> int:
     from robustlab import distributed
     from robustlab.attacks import build_attacks
-    from robustlab.bench.plots import wilson_interval
-    from robustlab.bench.runner import EvalOptions, evaluate
-    from robustlab.bench.store import ResultsStore
+    from robustlab.report.plots import wilson_interval
+    from robustlab.eval.runner import EvalOptions, evaluate
+    from robustlab.eval.store import ResultsStore
     from robustlab.data import load_dataset
     from robustlab.models import load_model
     from robustlab.models.dual_bn import current_bn_branch
@@ -306,7 +306,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def format_summary(s: dict[str, Any], checks: list[dict[str, str]]) -> str:
-    from robustlab.bench.plots import ci_text
+    from robustlab.report.plots import ci_text
 
     lines = [
         f"{s['model']} on {s['dataset']}:{s['split']} (n={s['n']}), {s['threat']['norm']} eps={s['threat']['eps']:g}",
@@ -326,8 +326,8 @@ def format_summary(s: dict[str, Any], checks: list[dict[str, str]]) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from robustlab.bench.report import write_report
-    from robustlab.bench.store import ResultsStore
+    from robustlab.report.html import write_report
+    from robustlab.eval.store import ResultsStore
 
     _require_db(args.db)
     with ResultsStore(args.db) as store:
@@ -340,8 +340,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from robustlab.bench.leaderboard import format_leaderboard, leaderboard, write_leaderboard_html
-    from robustlab.bench.store import ResultsStore
+    from robustlab.report.leaderboard import format_leaderboard, leaderboard, write_leaderboard_html
+    from robustlab.eval.store import ResultsStore
 
     _require_db(args.db)
     with ResultsStore(args.db) as store:
@@ -401,7 +401,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
         return 0
     robust, clean = None, None
     if args.run:
-        from robustlab.bench.store import ResultsStore
+        from robustlab.eval.store import ResultsStore
 
         _require_db(args.db)
         with ResultsStore(args.db) as store:

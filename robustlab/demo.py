@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from robustlab.attacks import create_attack
-from robustlab.bench.report import write_report
-from robustlab.bench.runner import EvalOptions, evaluate
-from robustlab.bench.store import ResultsStore
+from robustlab.report.html import write_report
+from robustlab.eval.runner import EvalOptions, evaluate
+from robustlab.eval.store import ResultsStore
 from robustlab.data import load_dataset
 from robustlab.models import ModelCard, create_model, save_checkpoint
 from robustlab.threat import ThreatModel

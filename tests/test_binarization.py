@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from robustlab.attacks import create_attack
-from robustlab.bench.binarization import Binarized, binarization_test, last_linear, surface_point
+from robustlab.eval.binarization import Binarized, binarization_test, last_linear, surface_point
 from robustlab.threat import ThreatModel
 
 LINF = ThreatModel("linf", 0.1)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from robustlab.attacks import ATTACKS, create_attack
-from robustlab.bench.runner import EvalOptions, evaluate
-from robustlab.bench.store import ResultsStore
+from robustlab.eval.runner import EvalOptions, evaluate
+from robustlab.eval.store import ResultsStore
 from robustlab.models import ModelCard, create_model, save_checkpoint
 from robustlab.threat import ThreatModel
 from robustlab.training import OBJECTIVES, TrainConfig, accuracy, create_objective, train

@@ -9,8 +9,8 @@ import torch
 
 from robustlab import progress as progress_module
 from robustlab.attacks import build_attacks
-from robustlab.bench.runner import EvalOptions, evaluate
-from robustlab.bench.store import ResultsStore
+from robustlab.eval.runner import EvalOptions, evaluate
+from robustlab.eval.store import ResultsStore
 from robustlab.models import create_model
 from robustlab.progress import LineProgress, progress
 from robustlab.threat import ThreatModel

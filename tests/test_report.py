@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from robustlab.bench import (
-    ResultsStore,
+from robustlab.eval import ResultsStore
+from robustlab.report import (
     format_leaderboard,
     leaderboard,
     plot_eps_curve,
@@ -21,8 +21,8 @@ from robustlab.bench import (
     write_leaderboard_html,
     write_report,
 )
-from robustlab.bench.plots import ci_text, wilson_interval
-from robustlab.bench.store import Example, SampleRow
+from robustlab.report.plots import ci_text, wilson_interval
+from robustlab.eval.store import Example, SampleRow
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ENV = {"python": "3.11", "torch": "2.3", "robustlab": "0.1.0", "numpy": "2.0", "device": "cpu", "threads": 2,

@@ -10,10 +10,10 @@ import torch
 import torch.nn as nn
 
 from robustlab.attacks import Attack, AttackResult, create_attack
-from robustlab.bench import partial
-from robustlab.bench.report import write_report
-from robustlab.bench.runner import EvalOptions, evaluate
-from robustlab.bench.store import ResultsStore
+from robustlab.eval import partial
+from robustlab.report.html import write_report
+from robustlab.eval.runner import EvalOptions, evaluate
+from robustlab.eval.store import ResultsStore
 from robustlab.errors import RobustlabError
 from robustlab.models import mode
 from robustlab.models.mode import channels_last

@@ -5,7 +5,7 @@ into the results store, resumable after a crash.
 Work is split into tasks (main, each curve point, the large-epsilon check) and batches of fixed
 sample ranges. A batch's randomness comes from (seed, task, batch, attack), so a resumed run gives
 exactly the numbers of an uninterrupted one; a long batch killed between two attacks goes on from
-the last one it finished (``robustlab.bench.partial``).
+the last one it finished (``robustlab.eval.partial``).
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import torch.nn as nn
 import robustlab
 from robustlab.attacks.base import Attack, create_attack
 from robustlab import distributed
-from robustlab.bench import partial, sanity
-from robustlab.bench.binarization import binarization_test
-from robustlab.bench.partial import BatchState
-from robustlab.bench.store import Example, ResultsStore, SampleRow
-from robustlab.bench.verify import verify_adversarial
+from robustlab.eval import partial, sanity
+from robustlab.eval.binarization import binarization_test
+from robustlab.eval.partial import BatchState
+from robustlab.eval.store import Example, ResultsStore, SampleRow
+from robustlab.eval.verify import verify_adversarial
 from robustlab.checks import check_logits
 from robustlab.data import ImageDataset
 from robustlab.errors import RobustlabError

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from robustlab.bench.plots import format_eps, format_percent, norm_name
-from robustlab.bench.store import ResultsStore
+from robustlab.report.plots import format_eps, format_percent, norm_name
+from robustlab.eval.store import ResultsStore
 
 
 @dataclass

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from robustlab.attacks.base import Attack
-from robustlab.bench.sanity import verdict
+from robustlab.eval.sanity import verdict
 from robustlab.models.mode import eval_mode
 from robustlab.threat import ThreatModel, norms
 

@@ -5,7 +5,7 @@ A run is split into tasks (the main evaluation, each point of an epsilon or step
 check) and each task into batches. A batch's per-sample rows and its "done" mark are written in one
 transaction, so a run killed at any moment resumes from the batches that are done, with no sample lost
 or counted twice. A batch whose ensemble runs long also keeps its state between two attacks
-(``partial_batches``, see ``robustlab.bench.partial``) until its rows replace it.
+(``partial_batches``, see ``robustlab.eval.partial``) until its rows replace it.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ CREATE TABLE IF NOT EXISTS partial_batches (
     run_id TEXT NOT NULL,
     task TEXT NOT NULL,
     batch_index INTEGER NOT NULL,
-    state BLOB NOT NULL,                 -- a batch between two attacks (robustlab.bench.partial), .npz bytes
+    state BLOB NOT NULL,                 -- a batch between two attacks (robustlab.eval.partial), .npz bytes
     saved TEXT NOT NULL,
     PRIMARY KEY (run_id, task, batch_index)
 );

@@ -279,7 +279,7 @@ def plot_gallery(examples: Sequence[Any], classes: Sequence[str] | None = None) 
     means unchanged), headed by the sample index, the true label and the adversarial prediction.
 
     ``examples``: objects with ``sample_index``, ``label``, ``adv_pred``, ``clean`` and ``adv`` ((C, H, W)
-    floats in [0, 1]), such as :class:`robustlab.bench.store.Example`. ``classes``: optional class names
+    floats in [0, 1]), such as :class:`robustlab.eval.store.Example`. ``classes``: optional class names
     (indices are shown otherwise). Grayscale images are drawn in gray. Small images are enlarged by an
     integer factor with nearest-neighbour sampling so every pixel stays visible. Returns PNG bytes.
 

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from robustlab.bench.plots import (
+from robustlab.report.plots import (
     ci_text,
     format_eps,
     format_percent,
@@ -28,7 +28,7 @@ from robustlab.bench.plots import (
     plot_gallery,
     plot_steps_curve,
 )
-from robustlab.bench.store import ResultsStore, SampleRow
+from robustlab.eval.store import ResultsStore, SampleRow
 
 _CSS = """
 body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; color: #1d1d1f;

@@ -1,0 +1,63 @@
+"""The adversarial protocol gives the per-sample outcomes and summary of the release before the
+evaluation core (b9ac979), bit for bit: tests/golden/record.json was written by that release
+(tests/golden/make_golden.py) from the weights beside it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+GOLDEN = Path(__file__).parent / "golden"
+sys.path.insert(0, str(GOLDEN))
+
+from golden_spec import ATTACKS, N, OPTIONS, THREAT, record  # noqa: E402
+
+from robustlab.attacks import create_attack  # noqa: E402
+from robustlab.data import load_dataset  # noqa: E402
+from robustlab.eval import EvalOptions, ResultsStore, evaluate  # noqa: E402
+from robustlab.models import load_model  # noqa: E402
+from robustlab.threat import ThreatModel  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return json.loads((GOLDEN / "record.json").read_text())
+
+
+def _same_summary(expected, got, path="summary"):
+    """Every number the release's summary has is in the new one, equal (new keys may be added)."""
+    if isinstance(expected, dict):
+        assert isinstance(got, dict), path
+        for k, v in expected.items():
+            assert k in got, f"{path}.{k} is missing"
+            _same_summary(v, got[k], f"{path}.{k}")
+    elif isinstance(expected, list):
+        assert isinstance(got, list) and len(got) == len(expected), path
+        for i, (a, b) in enumerate(zip(expected, got)):
+            _same_summary(a, b, f"{path}[{i}]")
+    else:
+        assert got == expected, f"{path}: {got!r} != release {expected!r}"
+
+
+def test_adversarial_protocol_matches_the_release_bit_for_bit(golden, tmp_path):
+    model = load_model(str(GOLDEN / "digits_cnn.safetensors")).model.eval()
+    data = load_dataset("digits", "test").subset(N)
+    threat = ThreatModel(*THREAT)
+    attacks = [create_attack(name, threat, **params) for name, params in ATTACKS]
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ResultsStore(tmp_path / "r.db") as store:
+            result = evaluate(model, data, attacks, store, model_name="digits_cnn_golden", options=EvalOptions(**OPTIONS))
+            got = record(store, result.run_id, result.summary, result.checks)
+    finally:
+        torch.set_num_threads(saved)
+    assert set(got["tasks"]) == set(golden["tasks"])
+    for task, rows in golden["tasks"].items():
+        assert got["tasks"][task] == rows, f"task {task}: per-sample outcomes differ from the release"
+    _same_summary(golden["summary"], got["summary"])
+    assert [c for c in got["checks"] if c in golden["checks"]] == golden["checks"]
