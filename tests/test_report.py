@@ -21,7 +21,8 @@ from robustlab.report import (
     write_leaderboard_html,
     write_report,
 )
-from robustlab.report.plots import ci_text, wilson_interval
+from robustlab.eval.metrics import wilson_interval
+from robustlab.report.plots import ci_text
 from robustlab.eval.store import Example, SampleRow
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -1,7 +1,8 @@
 """The results store: one SQLite file holding runs, their attack configs, environment, per-sample
 outcomes, and a few adversarial examples for the report gallery.
 
-A run is split into tasks (the main evaluation, each point of an epsilon or steps curve, each sanity
+Every run belongs to a protocol (adversarial, certified, corruption, zero-shot) whose configuration
+is the run's ``config``; per-sample outcomes go to that protocol's own table. A run is split into tasks (the main evaluation, each point of an epsilon or steps curve, each sanity
 check) and each task into batches. A batch's per-sample rows and its "done" mark are written in one
 transaction, so a run killed at any moment resumes from the batches that are done, with no sample lost
 or counted twice. A batch whose ensemble runs long also keeps its state between two attacks
@@ -15,64 +16,64 @@ import io
 import json
 import sqlite3
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import astuple, dataclass, fields, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from robustlab.errors import RobustlabError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
+# Generic tables: every protocol's runs, tasks and batches. Per-sample outcomes live in one table per
+# protocol (``<protocol>_samples``, declared by the protocol, see ``ensure_sample_table``); the
+# adversarial protocol's is created here so that stores of schema 1 migrate into it.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
     created TEXT NOT NULL,
     finished TEXT,
-    status TEXT NOT NULL,                -- running | complete | failed
+    status TEXT NOT NULL,                -- running | interrupted | complete | failed
+    protocol TEXT NOT NULL,              -- adversarial | certified | corruption | zero-shot ...
     config_hash TEXT NOT NULL,
-    config TEXT NOT NULL,                -- JSON: everything that determines the numbers
+    config TEXT NOT NULL,                -- JSON: everything that determines the numbers (the protocol's too)
     model TEXT NOT NULL,
     dataset TEXT NOT NULL,
     split TEXT NOT NULL,
     n INTEGER NOT NULL,
-    norm TEXT NOT NULL,
-    eps REAL NOT NULL,
     seed INTEGER NOT NULL,
     environment TEXT NOT NULL,           -- JSON: versions, device, threads
-    model_info TEXT NOT NULL,            -- JSON: card, source, modes found, randomized
+    model_info TEXT NOT NULL,            -- JSON: card, source, defenses, modes found, randomized
     checks TEXT,                         -- JSON list of sanity-check verdicts
-    summary TEXT,                        -- JSON summary written at the end
-    clean_accuracy REAL,
-    robust_accuracy REAL
+    summary TEXT                         -- JSON summary written at the end
 );
-CREATE INDEX IF NOT EXISTS runs_by_hash ON runs (config_hash, status);
+CREATE INDEX IF NOT EXISTS runs_by_hash ON runs (protocol, config_hash, status);
 CREATE TABLE IF NOT EXISTS attacks (
     run_id TEXT NOT NULL REFERENCES runs (run_id),
     attack_index INTEGER NOT NULL,
     name TEXT NOT NULL,
     params TEXT NOT NULL,                -- JSON
     targeted INTEGER NOT NULL,
+    minimum_norm INTEGER,                -- may return points beyond eps (NULL: not recorded, schema 1)
     PRIMARY KEY (run_id, attack_index)
 );
 CREATE TABLE IF NOT EXISTS tasks (
     run_id TEXT NOT NULL REFERENCES runs (run_id),
     task TEXT NOT NULL,                  -- e.g. main, eps=0.1, steps=20, sanity:large-eps
-    kind TEXT NOT NULL,                  -- main | eps | steps | sanity
-    eps REAL NOT NULL,
-    steps INTEGER,
+    kind TEXT NOT NULL,                  -- the protocol's: main | eps | steps | sanity ...
     n INTEGER NOT NULL,
+    params TEXT NOT NULL,                -- JSON: what the task varies (adversarial: eps, steps)
     PRIMARY KEY (run_id, task)
 );
 CREATE TABLE IF NOT EXISTS batches (
     run_id TEXT NOT NULL,
     task TEXT NOT NULL,
     batch_index INTEGER NOT NULL,
-    costs TEXT NOT NULL,                 -- JSON list, per attack: {seconds, gradients, forwards}
-    rejected INTEGER NOT NULL,           -- successes claimed by an attack that failed re-verification
+    costs TEXT NOT NULL,                 -- JSON list, per step of the batch (attack): {seconds, gradients, forwards}
+    rejected INTEGER NOT NULL,           -- claims that failed re-verification
     finished TEXT NOT NULL,
     PRIMARY KEY (run_id, task, batch_index)
 );
@@ -80,11 +81,11 @@ CREATE TABLE IF NOT EXISTS partial_batches (
     run_id TEXT NOT NULL,
     task TEXT NOT NULL,
     batch_index INTEGER NOT NULL,
-    state BLOB NOT NULL,                 -- a batch between two attacks (robustlab.eval.partial), .npz bytes
+    state BLOB NOT NULL,                 -- a batch between two of its steps (robustlab.eval.partial), .npz bytes
     saved TEXT NOT NULL,
     PRIMARY KEY (run_id, task, batch_index)
 );
-CREATE TABLE IF NOT EXISTS samples (
+CREATE TABLE IF NOT EXISTS adversarial_samples (
     run_id TEXT NOT NULL,
     task TEXT NOT NULL,
     sample_index INTEGER NOT NULL,
@@ -111,6 +112,24 @@ CREATE TABLE IF NOT EXISTS examples (
     PRIMARY KEY (run_id, task, sample_index)
 );
 """
+
+# Schema 1 (robustlab up to b9ac979) -> 2: runs and tasks lose the adversarial columns (norm, eps,
+# clean_accuracy, robust_accuracy: the config and summary hold them) and gain the protocol; per-sample
+# rows move to the adversarial protocol's table. One transaction: a failure leaves schema 1 as it was.
+_MIGRATE_1_TO_2 = [
+    "ALTER TABLE runs RENAME TO runs_v1",
+    "ALTER TABLE tasks RENAME TO tasks_v1",
+    "DROP INDEX IF EXISTS runs_by_hash",
+    "ALTER TABLE samples RENAME TO adversarial_samples",
+    "ALTER TABLE attacks ADD COLUMN minimum_norm INTEGER",
+    "__SCHEMA__",
+    "INSERT INTO runs SELECT run_id, created, finished, status, 'adversarial', config_hash, config, model, dataset,"
+    " split, n, seed, environment, model_info, checks, summary FROM runs_v1 ORDER BY rowid",
+    "INSERT INTO tasks SELECT run_id, task, kind, n, json_object('eps', eps, 'steps', steps) FROM tasks_v1 ORDER BY rowid",
+    "DROP TABLE runs_v1",
+    "DROP TABLE tasks_v1",
+    "UPDATE meta SET value = '2' WHERE key = 'schema_version'",
+]
 
 
 @dataclass
@@ -161,7 +180,11 @@ def _from_npy(blob: bytes) -> np.ndarray:
 
 
 class ResultsStore:
-    """A SQLite results store. Use as a context manager or call ``close()``."""
+    """A SQLite results store. Use as a context manager or call ``close()``.
+
+    Opening a store written by an older robustlab migrates it in place (one transaction); a store
+    written by a newer one is refused before anything is written to it.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -179,17 +202,48 @@ class ResultsStore:
         if tables and "runs" not in tables:
             self.db.close()
             raise RobustlabError(f"{self.path} is an SQLite file but not a robustlab results store")
+        version = self._schema_version(tables)
+        if version is not None and version > SCHEMA_VERSION:
+            self.db.close()
+            raise RobustlabError(f"{self.path} was written by a newer robustlab (schema {version}; this one reads up "
+                                 f"to {SCHEMA_VERSION}); upgrade robustlab. The file was not changed.")
         self.db.execute("PRAGMA journal_mode = WAL")
         self.db.execute("PRAGMA synchronous = NORMAL")
+        if version is not None and version < SCHEMA_VERSION:
+            self._migrate(version)
         self.db.executescript(_SCHEMA)
-        columns = {r[1] for r in self.db.execute("PRAGMA table_info(samples)")}
-        if "min_distance" not in columns:  # stores written before minimum-norm attacks existed
-            self.db.execute("ALTER TABLE samples ADD COLUMN min_distance REAL")
-        row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        if row is None:
-            self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        elif int(row[0]) > SCHEMA_VERSION:
-            raise RobustlabError(f"{self.path} was written by a newer robustlab (schema {row[0]}); upgrade robustlab")
+        if version is None:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    def _schema_version(self, tables: set[str]) -> int | None:
+        """The schema a store was written with (None: a new, empty file)."""
+        if "meta" in tables:
+            row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if row is not None:
+                return int(row[0])
+        return 1 if "runs" in tables else None
+
+    def _migrate(self, version: int) -> None:
+        """Bring a store of an older schema to this one, in one transaction."""
+        self.db.execute("PRAGMA legacy_alter_table = ON")  # renames leave other tables' references alone
+        try:
+            with self._transaction():
+                self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', '1')")
+                columns = {r[1] for r in self.db.execute("PRAGMA table_info(samples)")}
+                if "min_distance" not in columns:  # written before minimum-norm attacks existed
+                    self.db.execute("ALTER TABLE samples ADD COLUMN min_distance REAL")
+                for statement in _MIGRATE_1_TO_2:
+                    if statement == "__SCHEMA__":
+                        for create in filter(None, (c.strip() for c in _SCHEMA.split(";"))):
+                            self.db.execute(create)
+                    else:
+                        self.db.execute(statement)
+        except sqlite3.DatabaseError as exc:
+            raise RobustlabError(f"{self.path}: could not migrate the results store from schema {version} to "
+                                 f"{SCHEMA_VERSION} (SQLite said: {exc}); the file was left as it was") from None
+        finally:
+            self.db.execute("PRAGMA legacy_alter_table = OFF")
 
     def close(self) -> None:
         self.db.close()
@@ -207,38 +261,42 @@ class ResultsStore:
 
     def create_run(
         self,
+        protocol: str,
         config: dict[str, Any],
         environment: dict[str, Any],
         model_info: dict[str, Any],
-        attacks: list[dict[str, Any]],
+        attacks: list[dict[str, Any]] = (),
     ) -> str:
-        """Register a new run; returns its id. ``config`` needs model, dataset, split, n, norm, eps, seed.
+        """Register a new run of ``protocol``; returns its id. ``config`` needs model, dataset, split, n
+        and seed, plus whatever the protocol adds.
 
-        ``attacks``: one dict per attack (name, params, targeted), in the order they run.
+        ``attacks``: one dict per attack (name, params, targeted, minimum_norm), in the order they run.
         """
         run_id = uuid.uuid4().hex[:12]
         with self._transaction():
             self.db.execute(
-                "INSERT INTO runs (run_id, created, status, config_hash, config, model, dataset, split, n, norm, eps,"
-                " seed, environment, model_info) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO runs (run_id, created, status, protocol, config_hash, config, model, dataset, split, n,"
+                " seed, environment, model_info) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    run_id, _now(), config_hash(config), json.dumps(config, sort_keys=True), str(config["model"]),
-                    config["dataset"], config["split"], int(config["n"]), config["norm"], float(config["eps"]),
-                    int(config["seed"]), json.dumps(environment), json.dumps(model_info, default=str),
+                    run_id, _now(), protocol, config_hash(config), json.dumps(config, sort_keys=True),
+                    str(config["model"]), config["dataset"], config["split"], int(config["n"]), int(config["seed"]),
+                    json.dumps(environment), json.dumps(model_info, default=str),
                 ),
             )
             for i, attack in enumerate(attacks):
                 self.db.execute(
-                    "INSERT INTO attacks VALUES (?, ?, ?, ?, ?)",
-                    (run_id, i, attack["name"], json.dumps(attack["params"]), int(bool(attack.get("targeted")))),
+                    "INSERT INTO attacks VALUES (?, ?, ?, ?, ?, ?)",
+                    (run_id, i, attack["name"], json.dumps(attack["params"]), int(bool(attack.get("targeted"))),
+                     None if attack.get("minimum_norm") is None else int(bool(attack["minimum_norm"]))),
                 )
         return run_id
 
-    def find_resumable(self, config: dict[str, Any]) -> str | None:
-        """The newest unfinished run with exactly this configuration, if any."""
+    def find_resumable(self, protocol: str, config: dict[str, Any]) -> str | None:
+        """The newest unfinished run of ``protocol`` with exactly this configuration, if any."""
         row = self.db.execute(
-            "SELECT run_id FROM runs WHERE config_hash = ? AND status != 'complete' ORDER BY created DESC, rowid DESC",
-            (config_hash(config),),
+            "SELECT run_id FROM runs WHERE protocol = ? AND config_hash = ? AND status != 'complete'"
+            " ORDER BY created DESC, rowid DESC",
+            (protocol, config_hash(config)),
         ).fetchone()
         return row[0] if row else None
 
@@ -257,16 +315,23 @@ class ResultsStore:
         return rows[0][0]
 
     def get_run(self, run: str) -> dict[str, Any]:
-        """One run as a dict, JSON columns parsed, with its ``attacks`` list and ``tasks``."""
+        """One run as a dict, JSON columns parsed, with its ``attacks`` list and ``tasks`` (each task's
+        params merged into it)."""
         run_id = self.resolve_run(run)
         row = self.db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         out = _run_dict(row)
         out["attacks"] = [
-            {"index": r["attack_index"], "name": r["name"], "params": json.loads(r["params"]), "targeted": bool(r["targeted"])}
+            {"index": r["attack_index"], "name": r["name"], "params": json.loads(r["params"]), "targeted": bool(r["targeted"]),
+             "minimum_norm": None if r["minimum_norm"] is None else bool(r["minimum_norm"])}
             for r in self.db.execute("SELECT * FROM attacks WHERE run_id = ? ORDER BY attack_index", (run_id,))
         ]
-        out["tasks"] = [dict(r) for r in self.db.execute("SELECT * FROM tasks WHERE run_id = ? ORDER BY rowid", (run_id,))]
+        out["tasks"] = self.tasks(run_id)
         return out
+
+    def tasks(self, run_id: str) -> list[dict[str, Any]]:
+        """The tasks of a run in the order they were declared: task, kind, n and the task's params."""
+        return [{"task": r["task"], "kind": r["kind"], "n": r["n"], **json.loads(r["params"])}
+                for r in self.db.execute("SELECT * FROM tasks WHERE run_id = ? ORDER BY rowid", (run_id,))]
 
     def list_runs(self) -> list[dict[str, Any]]:
         """Every run, oldest first, JSON columns parsed."""
@@ -276,34 +341,26 @@ class ResultsStore:
         """Mark a run complete with its summary and sanity-check verdicts."""
         with self._transaction():
             self.db.execute(
-                "UPDATE runs SET status = 'complete', finished = ?, summary = ?, checks = ?, clean_accuracy = ?,"
-                " robust_accuracy = ? WHERE run_id = ?",
-                (
-                    _now(), json.dumps(summary), json.dumps(checks), summary.get("clean_accuracy"),
-                    summary.get("robust_accuracy"), run_id,
-                ),
+                "UPDATE runs SET status = 'complete', finished = ?, summary = ?, checks = ? WHERE run_id = ?",
+                (_now(), json.dumps(summary), json.dumps(checks), run_id),
             )
 
     def set_status(self, run_id: str, status: str) -> None:
         self.db.execute("UPDATE runs SET status = ? WHERE run_id = ?", (status, run_id))
 
-    def update_model_info(self, run_id: str, model_info: dict[str, Any]) -> None:
-        self.db.execute("UPDATE runs SET model_info = ? WHERE run_id = ?", (json.dumps(model_info, default=str), run_id))
-
     # ------------------------------------------------------------------ tasks and batches
 
-    def add_task(self, run_id: str, task: str, kind: str, eps: float, steps: int | None, n: int) -> None:
+    def add_task(self, run_id: str, task: str, kind: str, n: int, params: dict[str, Any]) -> None:
         """Declare a task of a run (idempotent: a resumed run declares its tasks again)."""
-        self.db.execute(
-            "INSERT OR IGNORE INTO tasks VALUES (?, ?, ?, ?, ?, ?)", (run_id, task, kind, float(eps), steps, int(n))
-        )
+        self.db.execute("INSERT OR IGNORE INTO tasks VALUES (?, ?, ?, ?, ?)",
+                        (run_id, task, kind, int(n), json.dumps(params, sort_keys=True)))
 
     def done_batches(self, run_id: str, task: str) -> set[int]:
         rows = self.db.execute("SELECT batch_index FROM batches WHERE run_id = ? AND task = ?", (run_id, task))
         return {r[0] for r in rows}
 
     def save_partial(self, run_id: str, task: str, batch_index: int, state: bytes) -> None:
-        """Keep the state of a batch between two of its attacks (replacing any saved before)."""
+        """Keep the state of a batch between two of its steps (replacing any saved before)."""
         self.db.execute("INSERT OR REPLACE INTO partial_batches VALUES (?, ?, ?, ?, ?)",
                         (run_id, task, int(batch_index), state, _now()))
 
@@ -313,18 +370,30 @@ class ResultsStore:
                               (run_id, task, int(batch_index))).fetchone()
         return row[0] if row else None
 
+    def ensure_sample_table(self, table: str, columns: Sequence[tuple[str, str]]) -> None:
+        """Create a protocol's per-sample table if missing: (run_id, task, sample_index) and ``columns``
+        (name, SQL type) after them."""
+        if not table.replace("_", "").isalnum():
+            raise ValueError(f"bad table name {table!r}")
+        cols = "".join(f", {name} {sql}" for name, sql in columns)
+        self.db.execute(f"CREATE TABLE IF NOT EXISTS {table} (run_id TEXT NOT NULL, task TEXT NOT NULL, "
+                        f"sample_index INTEGER NOT NULL{cols}, PRIMARY KEY (run_id, task, sample_index))")
+
     def write_batch(
         self,
         run_id: str,
         task: str,
         batch_index: int,
-        rows: Iterable[SampleRow],
+        rows: Iterable[Any],
         costs: list[dict[str, float]],
         rejected: int = 0,
         examples: Iterable[Example] = (),
+        table: str = "adversarial_samples",
     ) -> None:
-        """Write one finished batch atomically: its sample rows, examples and the done mark (and drop
-        its saved partial state)."""
+        """Write one finished batch atomically: its per-sample rows into the protocol's ``table`` (each
+        row a dataclass or tuple in the table's column order, sample_index first), its examples and the
+        done mark (and drop its saved partial state)."""
+        values = [(run_id, task, *(astuple(r) if is_dataclass(r) else tuple(r))) for r in rows]
         with self._transaction():
             self.db.execute("DELETE FROM partial_batches WHERE run_id = ? AND task = ? AND batch_index = ?",
                             (run_id, task, int(batch_index)))
@@ -332,17 +401,9 @@ class ResultsStore:
                 "INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?)",
                 (run_id, task, int(batch_index), json.dumps(costs), int(rejected), _now()),
             )
-            self.db.executemany(
-                "INSERT INTO samples (run_id, task, sample_index, label, clean_pred, clean_correct, robust, broken_by,"
-                " adv_pred, distance, gradients, forwards, min_distance) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        run_id, task, r.sample_index, r.label, r.clean_pred, int(r.clean_correct), int(r.robust),
-                        r.broken_by, r.adv_pred, r.distance, r.gradients, r.forwards, r.min_distance,
-                    )
-                    for r in rows
-                ],
-            )
+            if values:
+                marks = ", ".join("?" * len(values[0]))
+                self.db.executemany(f"INSERT INTO {table} VALUES ({marks})", values)
             self.db.executemany(
                 "INSERT INTO examples VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(run_id, task, e.sample_index, e.label, e.adv_pred, _npy(e.clean), _npy(e.adv)) for e in examples],
@@ -355,43 +416,23 @@ class ResultsStore:
 
     # ------------------------------------------------------------------ reading results
 
-    def samples(self, run_id: str, task: str = "main") -> list[SampleRow]:
-        """Per-sample outcomes of one task, by sample index."""
-        cur = self.db.execute(
-            "SELECT sample_index, label, clean_pred, clean_correct, robust, broken_by, adv_pred, distance, gradients,"
-            " forwards, min_distance FROM samples WHERE run_id = ? AND task = ? ORDER BY sample_index",
-            (run_id, task),
-        )
-        return [
-            SampleRow(r[0], r[1], r[2], bool(r[3]), bool(r[4]), r[5], r[6], r[7], r[8], r[9], r[10])
-            for r in cur.fetchall()
-        ]
+    def sample_rows(self, table: str, run_id: str, task: str = "main") -> list[sqlite3.Row]:
+        """A protocol's per-sample rows of one task, by sample index (columns by name)."""
+        return self.db.execute(f"SELECT * FROM {table} WHERE run_id = ? AND task = ? ORDER BY sample_index",
+                               (run_id, task)).fetchall()
 
-    def task_stats(self, run_id: str) -> list[dict[str, Any]]:
-        """For each task: kind, eps, steps, samples done, clean and robust accuracy, rejected count."""
-        out = []
-        for t in self.db.execute("SELECT * FROM tasks WHERE run_id = ? ORDER BY rowid", (run_id,)).fetchall():
-            done, clean, robust = self.db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(clean_correct), 0), COALESCE(SUM(robust), 0) FROM samples"
-                " WHERE run_id = ? AND task = ?",
-                (run_id, t["task"]),
-            ).fetchone()
-            rejected = self.db.execute(
-                "SELECT COALESCE(SUM(rejected), 0) FROM batches WHERE run_id = ? AND task = ?", (run_id, t["task"])
-            ).fetchone()[0]
-            out.append(
-                {
-                    **dict(t),
-                    "done": done,
-                    "clean_accuracy": clean / done if done else None,
-                    "robust_accuracy": robust / done if done else None,
-                    "rejected": rejected,
-                }
-            )
-        return out
+    def samples(self, run_id: str, task: str = "main") -> list[SampleRow]:
+        """The adversarial protocol's per-sample outcomes of one task, by sample index."""
+        names = [f.name for f in fields(SampleRow)]
+        return [SampleRow(*(r[k] for k in names)) for r in self.sample_rows("adversarial_samples", run_id, task)]
+
+    def batch_stats(self, run_id: str) -> dict[str, dict[str, int]]:
+        """Per task: batches done and claims rejected by verification."""
+        return {r[0]: {"batches": r[1], "rejected": r[2]} for r in self.db.execute(
+            "SELECT task, COUNT(*), COALESCE(SUM(rejected), 0) FROM batches WHERE run_id = ? GROUP BY task", (run_id,))}
 
     def attack_costs(self, run_id: str, task: str = "main") -> list[dict[str, float]]:
-        """Per attack of a task: seconds, gradients and forwards, summed over its batches."""
+        """Per attack (step) of a task: seconds, gradients and forwards, summed over its batches."""
         total: list[dict[str, float]] = []
         for (blob,) in self.db.execute("SELECT costs FROM batches WHERE run_id = ? AND task = ?", (run_id, task)):
             for i, cost in enumerate(json.loads(blob)):
@@ -429,8 +470,3 @@ class _Tx:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
-
-
-def rows_as_dicts(rows: Iterable[SampleRow]) -> Iterator[dict[str, Any]]:
-    for r in rows:
-        yield asdict(r)

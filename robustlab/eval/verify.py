@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from robustlab.checks import check_logits
 from robustlab.models.mode import eval_mode
+from robustlab.predictor import predict
 from robustlab.threat import ThreatModel
 
 TOLERANCE = 1e-6
@@ -28,16 +28,19 @@ class Verification:
 
 
 def verify_adversarial(
-    model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, threat: ThreatModel
+    model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
+    generator: torch.Generator | None = None,
 ) -> Verification:
     """Which claimed adversarial examples are real: finite, inside [0, 1] and inside the ball (within
-    1e-6 after clamping to the box), and misclassified by the model in eval mode (a fresh forward)."""
+    1e-6 after clamping to the box), and misclassified by the model in eval mode (a fresh prediction,
+    :func:`robustlab.predictor.predict`: a voting defense votes with draws from ``generator``; an
+    abstention is not a correct prediction, so it counts)."""
     finite = torch.isfinite(x_adv.flatten(1)).all(dim=1)
     flat = x_adv.flatten(1)
     in_box = ((flat >= threat.lower - TOLERANCE) & (flat <= threat.upper + TOLERANCE)).all(dim=1)
     x_checked = torch.where(torch.isfinite(x_adv), x_adv, x).clamp(threat.lower, threat.upper)
     with eval_mode(model), torch.no_grad():
-        pred = check_logits(model(x_checked), x.shape[0]).argmax(dim=1)
+        pred = predict(model, x_checked, generator)
     misclassified = finite & in_box & (pred != y)
     inside = threat.contains(x_adv, x, tol=TOLERANCE)
     return Verification(inside & misclassified, misclassified, inside, pred, threat.distance(x_checked, x))

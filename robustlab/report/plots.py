@@ -17,6 +17,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from robustlab.eval.metrics import wilson_interval
+
 _NORM_NAMES = {"linf": "L∞", "l2": "L2", "l1": "L1"}
 _DPI = 100
 
@@ -28,17 +30,6 @@ def format_percent(value: float | None, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
     return f"{100.0 * float(value):.{digits}f}%"
-
-
-def wilson_interval(p: float | None, n: int | None, z: float = 1.96) -> tuple[float, float] | None:
-    """The Wilson score interval (95% for z = 1.96) of a proportion ``p`` measured on ``n`` samples:
-    the uncertainty that comes from evaluating a finite sample of the test distribution."""
-    if p is None or not n:
-        return None
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
 
 
 def ci_text(p: float | None, n: int | None) -> str:

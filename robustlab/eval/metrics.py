@@ -1,0 +1,216 @@
+"""Metrics as objects: ``update`` with a batch's per-sample outcomes, ``compute`` the numbers,
+``merge`` two states (per batch, per resumed session, per rank) into the state of one pass.
+
+A metric's state is a handful of counts, so merging is addition and the numbers of a run do not
+depend on how its samples were split into batches, sessions or processes. The summary of every run
+is computed by feeding its stored per-sample rows to these objects (one code path for ``eval``,
+``report`` and ``leaderboard``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+
+def wilson_interval(p: float | None, n: int | None, z: float = 1.96) -> tuple[float, float] | None:
+    """The Wilson score interval of a proportion ``p`` measured on ``n`` samples (95% for z=1.96):
+    the uncertainty of an accuracy due to the finite test sample. None without samples."""
+    if p is None or not n:
+        return None
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+class Metric:
+    """update / compute / merge. Subclasses hold only counts (mergeable by addition)."""
+
+    def merge(self, other: "Metric") -> "Metric":  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def compute(self) -> dict[str, Any]:  # pragma: no cover
+        raise NotImplementedError
+
+
+@dataclass
+class RobustAccuracy(Metric):
+    """Clean and robust accuracy of a worst-case ensemble, and how many points each attack broke
+    first. ``update(clean_correct, robust, broken_by)`` takes per-sample sequences (broken_by: the
+    index of the attack that broke the sample, or None)."""
+
+    n: int = 0
+    clean: int = 0
+    robust: int = 0
+    broken: dict[int, int] = field(default_factory=dict)
+
+    def update(self, clean_correct: Iterable[bool], robust: Iterable[bool], broken_by: Iterable[int | None]) -> "RobustAccuracy":
+        for c, r, b in zip(clean_correct, robust, broken_by):
+            self.n += 1
+            self.clean += bool(c)
+            self.robust += bool(r)
+            if b is not None:
+                self.broken[int(b)] = self.broken.get(int(b), 0) + 1
+        return self
+
+    def merge(self, other: "RobustAccuracy") -> "RobustAccuracy":
+        broken = dict(self.broken)
+        for k, v in other.broken.items():
+            broken[k] = broken.get(k, 0) + v
+        return RobustAccuracy(self.n + other.n, self.clean + other.clean, self.robust + other.robust, broken)
+
+    def compute(self) -> dict[str, Any]:
+        n = self.n
+        clean = self.clean / n if n else None
+        robust = self.robust / n if n else None
+        return {"n": n, "clean_accuracy": clean, "robust_accuracy": robust,
+                "ci95": {"clean": wilson_interval(clean, n), "robust": wilson_interval(robust, n)}}
+
+    def after_each(self, attacks: int) -> list[tuple[int, float | None]]:
+        """(points broken first by attack i, robust accuracy after attacks 0..i) for each attack."""
+        still, out = self.clean, []
+        for i in range(attacks):
+            still -= self.broken.get(i, 0)
+            out.append((self.broken.get(i, 0), still / self.n if self.n else None))
+        return out
+
+
+@dataclass
+class CertifiedAccuracy(Metric):
+    """Certified accuracy at radii (the fraction of samples predicted correctly with a certified radius
+    of at least r), the average certified radius (ACR: the mean radius over correct, certified samples,
+    zero elsewhere) and the abstention rate. ``update(correct, radius)``: radius None or <0 = abstained
+    or not certified."""
+
+    radii: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    n: int = 0
+    abstained: int = 0
+    radius_sum: float = 0.0
+    at: dict[float, int] = field(default_factory=dict)
+
+    def update(self, correct: Iterable[bool], radius: Iterable[float | None]) -> "CertifiedAccuracy":
+        for c, r in zip(correct, radius):
+            self.n += 1
+            if r is None or r < 0:
+                self.abstained += 1
+                continue
+            if c:
+                self.radius_sum += float(r)
+                for t in self.radii:
+                    if r >= t:
+                        self.at[t] = self.at.get(t, 0) + 1
+        return self
+
+    def merge(self, other: "CertifiedAccuracy") -> "CertifiedAccuracy":
+        if tuple(self.radii) != tuple(other.radii):
+            raise ValueError("certified accuracies at different radii do not merge")
+        at = {t: self.at.get(t, 0) + other.at.get(t, 0) for t in self.radii}
+        return CertifiedAccuracy(self.radii, self.n + other.n, self.abstained + other.abstained,
+                                 self.radius_sum + other.radius_sum, at)
+
+    def compute(self) -> dict[str, Any]:
+        n = self.n
+        acc = {t: (self.at.get(t, 0) / n if n else None) for t in self.radii}
+        return {"n": n, "certified_accuracy": acc, "acr": self.radius_sum / n if n else None,
+                "abstain_rate": self.abstained / n if n else None,
+                "ci95": {t: wilson_interval(a, n) for t, a in acc.items()}}
+
+
+@dataclass
+class CorruptionError(Metric):
+    """Error per (corruption, severity), their mean per corruption, and against a baseline model's
+    errors the corruption error CE_c = sum_s E_{s,c} / sum_s E^base_{s,c}, mCE (mean CE over
+    corruptions) and relative mCE (CE of the drop from clean error: sum_s (E_{s,c} - E_clean) /
+    sum_s (E^base_{s,c} - E^base_clean)), as in Hendrycks & Dietterich (2019). ``update(corruption,
+    severity, correct)``; the clean baseline is corruption ``"clean"``, severity 0."""
+
+    counts: dict[tuple[str, int], list[int]] = field(default_factory=dict)
+
+    def update(self, corruption: str, severity: int, correct: Iterable[bool]) -> "CorruptionError":
+        cell = self.counts.setdefault((corruption, int(severity)), [0, 0])
+        for c in correct:
+            cell[0] += 1
+            cell[1] += 0 if c else 1
+        return self
+
+    def merge(self, other: "CorruptionError") -> "CorruptionError":
+        out = CorruptionError()
+        for src in (self.counts, other.counts):
+            for key, (n, e) in src.items():
+                cell = out.counts.setdefault(key, [0, 0])
+                cell[0] += n
+                cell[1] += e
+        return out
+
+    def errors(self) -> dict[str, dict[int, float]]:
+        out: dict[str, dict[int, float]] = {}
+        for (c, s), (n, e) in sorted(self.counts.items()):
+            if n:
+                out.setdefault(c, {})[s] = e / n
+        return out
+
+    def compute(self, baseline: dict[str, dict[int, float]] | None = None) -> dict[str, Any]:
+        """``baseline``: another model's :meth:`errors` (e.g. AlexNet's published ImageNet-C errors)."""
+        err = self.errors()
+        clean = err.get("clean", {}).get(0)
+        corruptions = [c for c in err if c != "clean"]
+        result: dict[str, Any] = {"errors": err, "clean_error": clean,
+                                  "mean_error": {c: sum(err[c].values()) / len(err[c]) for c in corruptions}}
+        if baseline:
+            ce, rel = {}, {}
+            base_clean = baseline.get("clean", {}).get(0)
+            for c in corruptions:
+                if c not in baseline:
+                    continue
+                sev = [s for s in err[c] if s in baseline[c]]
+                denom = sum(baseline[c][s] for s in sev)
+                if denom > 0:
+                    ce[c] = sum(err[c][s] for s in sev) / denom
+                if clean is not None and base_clean is not None:
+                    rdenom = sum(baseline[c][s] - base_clean for s in sev)
+                    if rdenom > 0:
+                        rel[c] = sum(err[c][s] - clean for s in sev) / rdenom
+            result.update(ce=ce, mce=sum(ce.values()) / len(ce) if ce else None,
+                          relative_ce=rel, relative_mce=sum(rel.values()) / len(rel) if rel else None)
+        return result
+
+
+@dataclass
+class ZeroShotAccuracy(Metric):
+    """Clean and robust zero-shot accuracy per data set and their average over data sets.
+    ``update(dataset, clean_correct, robust)``."""
+
+    counts: dict[str, list[int]] = field(default_factory=dict)
+
+    def update(self, dataset: str, clean_correct: Iterable[bool], robust: Iterable[bool]) -> "ZeroShotAccuracy":
+        cell = self.counts.setdefault(dataset, [0, 0, 0])
+        for c, r in zip(clean_correct, robust):
+            cell[0] += 1
+            cell[1] += bool(c)
+            cell[2] += bool(r)
+        return self
+
+    def merge(self, other: "ZeroShotAccuracy") -> "ZeroShotAccuracy":
+        out = ZeroShotAccuracy({k: list(v) for k, v in self.counts.items()})
+        for k, (n, c, r) in other.counts.items():
+            cell = out.counts.setdefault(k, [0, 0, 0])
+            cell[0] += n
+            cell[1] += c
+            cell[2] += r
+        return out
+
+    def compute(self) -> dict[str, Any]:
+        per = {k: {"n": n, "clean_accuracy": c / n, "robust_accuracy": r / n} for k, (n, c, r) in self.counts.items() if n}
+        avg = {key: (sum(v[key] for v in per.values()) / len(per) if per else None)
+               for key in ("clean_accuracy", "robust_accuracy")}
+        return {"datasets": per, "average": avg}
+
+
+def merge_all(metrics: Sequence[Metric]) -> Metric:
+    """One state from many (batches, sessions, ranks)."""
+    out = metrics[0]
+    for m in metrics[1:]:
+        out = out.merge(m)
+    return out

@@ -1,0 +1,20 @@
+"""Evaluation protocols by name: what a run does per batch and how its rows become numbers."""
+
+from __future__ import annotations
+
+from robustlab.errors import RobustlabError
+from robustlab.eval.protocols.adversarial import AdversarialProtocol
+from robustlab.eval.protocols.base import BatchContext, BatchOutput, Protocol, Task
+
+PROTOCOLS: dict[str, type[Protocol]] = {AdversarialProtocol.name: AdversarialProtocol}
+
+
+def protocol_class(name: str) -> type[Protocol]:
+    """The protocol a stored run was made with."""
+    if name not in PROTOCOLS:
+        raise RobustlabError(f"runs of protocol {name!r} need a newer robustlab (this one knows "
+                             f"{', '.join(sorted(PROTOCOLS))})")
+    return PROTOCOLS[name]
+
+
+__all__ = ["PROTOCOLS", "AdversarialProtocol", "BatchContext", "BatchOutput", "Protocol", "Task", "protocol_class"]

@@ -1,0 +1,395 @@
+"""The adversarial protocol: clean accuracy, a worst-case attack ensemble on still-robust points with
+every claimed success re-verified, robustness curves over epsilons and attack strength, and the
+gradient-masking sanity checks.
+
+Tasks: ``main`` (the ensemble at the threat model's epsilon), ``eps=E`` (the ensemble at each other
+epsilon of the grid), ``steps=S`` / ``queries=Q`` (the first attack with a strength parameter at
+other strengths), ``sanity:large-eps`` (PGD in a ball that covers the box). Per-sample rows go to
+``adversarial_samples``.
+
+With ``reuse`` on, a curve point at epsilon E counts as broken, without attacking it again, every
+sample broken inside a smaller ball of the same norm (the main task and smaller grid points, as far
+as they are done), and an ensemble of minimum-norm attacks gives the whole curve from the main
+task's per-sample minimal norms. It is off by default: with it off, runs are those of the release
+before this protocol existed, sample for sample.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from robustlab.attacks import ATTACKS
+from robustlab.attacks.base import Attack, create_attack
+from robustlab.attacks.ensemble import EnsembleState, WorstCaseEnsemble
+from robustlab.eval import sanity
+from robustlab.eval.binarization import binarization_test
+from robustlab.eval.metrics import RobustAccuracy
+from robustlab.eval.protocols.base import BatchContext, BatchOutput, Protocol, Task
+from robustlab.eval.store import Example, ResultsStore, SampleRow
+from robustlab.eval.verify import verify_adversarial
+from robustlab.errors import RobustlabError
+from robustlab.models.mode import eval_mode
+from robustlab.predictor import predict
+from robustlab.seeding import make_generator
+from robustlab.threat import ThreatModel
+
+LARGE_EPS_SAMPLES = 200
+BINARIZATION_SAMPLES = 10
+STRENGTH_PARAMS = ("steps", "queries")
+# Save a batch's state after an attack once this many seconds have passed since the batch began or
+# was last saved (quick batches are never saved half-done: redoing them costs less than the writes).
+SAVE_SECONDS = 60.0
+_CLEAN_KEY = 0xC1EA  # generator key of the clean prediction (attacks use their index)
+
+
+def default_steps_grid(steps: int) -> tuple[int, ...]:
+    """Strengths for the attack-strength curve around an attack's own: up to twice as strong."""
+    return tuple(sorted({max(1, steps // 10), max(1, steps // 2), steps, 2 * steps}))
+
+
+def strength_attack(attacks: list[Any]) -> tuple[Any, str] | tuple[None, None]:
+    """The first attack with a strength parameter (iterations for white-box, queries for black-box);
+    attacks or their configs (dicts with "params")."""
+    for a in attacks:
+        params = a["params"] if isinstance(a, dict) else a.params
+        for param in STRENGTH_PARAMS:
+            if param in params:
+                return a, param
+    return None, None
+
+
+@dataclass
+class AdversarialOptions:
+    """What, besides the attacks, determines an adversarial run's numbers."""
+
+    eps_grid: tuple[float, ...] = ()
+    steps_grid: tuple[int, ...] | None = None  # None: derived from the first iterative attack; (): none
+    sanity: bool = True
+    reuse: bool = False
+
+
+class AdversarialProtocol(Protocol):
+    name = "adversarial"
+    sample_table = "adversarial_samples"
+
+    def __init__(self, attacks: list[Attack], options: AdversarialOptions | None = None,
+                 defenses: list[dict[str, Any]] | None = None) -> None:
+        self.ensemble = WorstCaseEnsemble(attacks)  # checks one threat model, untargeted
+        self.attacks = self.ensemble.attacks
+        self.threat: ThreatModel = self.ensemble.threat
+        self.options = options or AdversarialOptions()
+        self.defenses = list(defenses or [])
+        self.tasks: list[Task] = []
+
+    # ------------------------------------------------------------------ configuration and plan
+
+    def config(self) -> dict[str, Any]:
+        o = self.options
+        config = {
+            "norm": self.threat.norm,
+            "eps": self.threat.eps,
+            "attacks": [a.config() for a in self.attacks],
+            "eps_grid": sorted(set(float(e) for e in o.eps_grid)),
+            "steps_grid": [t.params["steps"] for t in self.tasks if t.kind == "steps"],
+            "sanity": o.sanity,
+        }
+        # Keys that only appear when used keep the configuration (and its hash) of earlier runs.
+        if self.defenses:
+            config["defenses"] = self.defenses
+        if o.reuse:
+            config["reuse"] = True
+        return config
+
+    def attack_records(self) -> list[dict[str, Any]]:
+        return [{**a.config(), "targeted": a.targeted, "minimum_norm": a.minimum_norm} for a in self.attacks]
+
+    def plan(self, n: int, image_dim: int) -> list[Task]:
+        """The main ensemble, the epsilon curve, the steps curve and the large-epsilon check."""
+        threat, attacks, o = self.threat, self.attacks, self.options
+
+        def task(name: str, kind: str, t: ThreatModel, members: list[Attack], size: int, steps: int | None = None) -> Task:
+            return Task(name, kind, size, {"eps": t.eps, "steps": steps}, WorstCaseEnsemble(members))
+
+        tasks = [task("main", "main", threat, attacks, n)]
+        for eps in sorted(set(float(e) for e in o.eps_grid)):
+            if eps != threat.eps:
+                t = threat.with_eps(eps)
+                tasks.append(task(f"eps={eps:g}", "eps", t, [a.with_threat(t) for a in attacks], n))
+        iterative, param = strength_attack(attacks)
+        grid = o.steps_grid
+        if grid is None:
+            grid = default_steps_grid(iterative.params[param]) if iterative else ()
+        if grid and iterative is None:
+            raise RobustlabError("a steps grid needs an attack with a 'steps' or 'queries' parameter")
+        for steps in sorted(set(int(s) for s in grid)):
+            if steps < 1:
+                raise RobustlabError(f"{param} in the steps grid must be >= 1, got {steps}")
+            if len(attacks) == 1 and steps == iterative.params[param]:
+                continue  # the main task is this point already
+            tasks.append(task(f"{param}={steps}", "steps", threat, [iterative.with_params(**{param: steps})], n, steps))
+        if o.sanity:
+            big = threat.with_eps(sanity.large_eps(threat, image_dim))
+            tasks.append(task("sanity:large-eps", "sanity", big, [create_attack("pgd", big, steps=20)],
+                              min(n, LARGE_EPS_SAMPLES)))
+        self.tasks = tasks
+        return tasks
+
+    # ------------------------------------------------------------------ one batch
+
+    def run_batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: BatchContext) -> BatchOutput:
+        """Run one task's ensemble on one batch: per-sample rows, per-attack costs, the number of
+        claimed successes that failed verification, and up to ``ctx.keep_examples`` broken examples."""
+        task, ensemble = ctx.task, ctx.task.work
+        if ctx.saved is not None:
+            state = EnsembleState.from_bytes(ctx.saved, x)
+        else:
+            with eval_mode(model):
+                clean_pred = predict(model, x, ctx.generator(_CLEAN_KEY) if _randomized(model) else None)
+            state = EnsembleState.start(x, y, clean_pred)
+            if self.options.reuse and task.kind == "eps":
+                self._reuse(state, ctx)
+        threat = ensemble.threat
+        task_key = zlib.crc32(task.name.encode())
+
+        def generator_for(ai: int) -> torch.Generator:
+            return make_generator(ctx.seed, task_key, ctx.batch_index, ai, device=ctx.device)
+
+        def check(m: nn.Module, xs: torch.Tensor, x_adv: torch.Tensor, ys: torch.Tensor):
+            gen = ctx.generator(state.attacks_done, 1) if _randomized(m) else None
+            return verify_adversarial(m, xs, x_adv, ys, threat, gen)
+
+        keep = ctx.keep_examples
+        save = (lambda s: ctx.save(s.to_bytes(keep))) if ctx.save is not None else None
+        if not (self.options.reuse and task.kind == "eps" and _all_minimum_norm(ensemble.attacks)):
+            ensemble.run_state(model, x, y, state, generator_for, check, ctx.status, save, SAVE_SECONDS)
+        else:  # the curve from the main task's minimal norms: nothing to attack
+            state.costs = [{"seconds": 0.0, "gradients": 0, "forwards": 0} for _ in ensemble.attacks]
+            state.attacks_done = len(ensemble.attacks)
+        s = state
+        rows = []
+        for i, (lab, cp, ok, rb, bb, ap, d, g, f, md) in enumerate(
+            zip(
+                y.tolist(), s.clean_pred.tolist(), s.correct.tolist(), s.robust.tolist(), s.broken_by.tolist(),
+                s.adv_pred.tolist(), s.distance.tolist(), s.gradients.tolist(), s.forwards.tolist(),
+                s.min_distance.tolist(),
+            )
+        ):
+            rows.append(
+                SampleRow(ctx.start + i, lab, cp, ok, rb, bb if bb >= 0 else None, ap if ap >= 0 else None,
+                          d if bb >= 0 else None, g, f, md if md != float("inf") else None)
+            )
+        examples = []
+        for i in (s.broken_by >= 0).nonzero(as_tuple=True)[0].tolist()[:keep]:
+            examples.append(
+                Example(ctx.start + i, int(y[i]), int(s.adv_pred[i]), x[i].cpu().numpy(), s.x_adv[i].cpu().numpy())
+            )
+        return BatchOutput(rows, s.costs, s.rejected, examples)
+
+    def _reuse(self, state: EnsembleState, ctx: BatchContext) -> None:
+        """Mark as broken what a smaller ball of the same norm already broke (the main task and the
+        grid points done before this one), and, for an ensemble of minimum-norm attacks, what the
+        main task's minimal norms break at this epsilon."""
+        if ctx.done_rows is None:
+            return
+        eps = ctx.task.params["eps"]
+        minimum_norm = _all_minimum_norm(ctx.task.work.attacks)
+        sources = [t for t in self.tasks if t.kind in ("main", "eps") and t.name != ctx.task.name
+                   and (t.params["eps"] <= eps or (minimum_norm and t.kind == "main"))]
+        for t in sources:
+            for r in ctx.done_rows(t.name):
+                i = r.sample_index - ctx.start
+                if not state.robust[i]:
+                    continue
+                if r.broken_by is not None and r.distance is not None and r.distance <= eps:
+                    d, by, pred = r.distance, r.broken_by, r.adv_pred
+                elif minimum_norm and t.kind == "main" and r.min_distance is not None and r.min_distance <= eps:
+                    d, by, pred = r.min_distance, 0, r.adv_pred
+                else:
+                    continue
+                state.robust[i] = False
+                state.broken_by[i] = by
+                state.adv_pred[i] = -1 if pred is None else pred
+                state.distance[i] = d
+
+    # ------------------------------------------------------------------ live checks at the end
+
+    def final_checks(self, model: nn.Module, probe_x: torch.Tensor, probe_y: torch.Tensor,
+                     info: dict[str, Any], seed: int, device: torch.device) -> list[dict[str, str]]:
+        checks = sanity.mode_verdicts(info)
+        if self.options.sanity:
+            checks.append(sanity.gradient_verdict(model, probe_x, probe_y))
+            checks.append(run_binarization(model, self.attacks, probe_x, probe_y, seed, device))
+        return checks
+
+    # ------------------------------------------------------------------ numbers from the store
+
+    @classmethod
+    def summarize(cls, store: ResultsStore, run: dict[str, Any], checks: list[dict[str, str]] | None = None) -> dict[str, Any]:
+        """The run's summary from the store alone (finished or not); with ``checks``, append the
+        verdicts that the stored curves give (steps, large-eps, black-box, verification)."""
+        run_id, config = run["run_id"], run["config"]
+        attacks = config["attacks"]
+        minimum_norm = {a["index"]: a.get("minimum_norm") for a in run.get("attacks", [])}
+        threat = {"norm": config["norm"], "eps": config["eps"]}
+        batches = store.batch_stats(run_id)
+        main = store.samples(run_id, "main")
+        metric = RobustAccuracy().update([r.clean_correct for r in main], [r.robust for r in main],
+                                         [r.broken_by for r in main])
+        n = metric.n
+        costs = store.attack_costs(run_id, "main")
+        per_attack = []
+        for i, (a, (broken, after)) in enumerate(zip(attacks, metric.after_each(len(attacks)))):
+            cost = costs[i] if i < len(costs) else {"seconds": 0.0, "gradients": 0, "forwards": 0}
+            per_attack.append({
+                "index": i, "name": a["name"], "kind": a.get("kind", "white-box"), "params": dict(a["params"]),
+                "robust_accuracy": after, "broken": broken, "seconds": round(cost["seconds"], 4),
+                "gradients": int(cost["gradients"]), "forwards": int(cost["forwards"]),
+            })
+        done = {t["task"]: t for t in run["tasks"]}
+        partial = run.get("status") != "complete"
+
+        def accuracy(task: dict[str, Any]) -> float | None:
+            rows = store.samples(run_id, task["task"])
+            if len(rows) < task["n"]:  # unfinished curve points are left out
+                return None
+            return RobustAccuracy().update([r.clean_correct for r in rows], [r.robust for r in rows],
+                                           [r.broken_by for r in rows]).compute()["robust_accuracy"]
+
+        curve_tasks = {t["task"]: accuracy(t) for t in run["tasks"] if t["kind"] in ("eps", "steps", "sanity")}
+        eps_curve = [{"eps": 0.0, "robust_accuracy": metric.compute()["clean_accuracy"]},
+                     {"eps": threat["eps"], "robust_accuracy": metric.compute()["robust_accuracy"]}] if n else []
+        eps_curve += [{"eps": t["eps"], "robust_accuracy": curve_tasks[t["task"]]} for t in run["tasks"]
+                      if t["kind"] == "eps" and curve_tasks[t["task"]] is not None]
+        eps_curve = sorted({p["eps"]: p for p in eps_curve}.values(), key=lambda p: p["eps"])
+        steps_curve = None
+        steps_tasks = [t for t in run["tasks"] if t["kind"] == "steps" and curve_tasks[t["task"]] is not None]
+        iterative, param = strength_attack(attacks)
+        if steps_tasks and n:
+            points = [{"steps": t["steps"], "robust_accuracy": curve_tasks[t["task"]]} for t in steps_tasks]
+            if len(attacks) == 1:
+                points.append({"steps": iterative["params"][param], "robust_accuracy": metric.compute()["robust_accuracy"]})
+            points = sorted({p["steps"]: p for p in points}.values(), key=lambda p: p["steps"])
+            steps_curve = {"attack": iterative["name"], "param": param, "kind": iterative.get("kind", "white-box"),
+                           "eps": threat["eps"], "points": points}
+            if checks is not None:
+                checks.append(sanity.steps_verdict(points, n))
+        big = next((t for t in run["tasks"] if t["kind"] == "sanity"), None)
+        if checks is not None and big is not None:
+            rows = store.samples(run_id, big["task"])
+            attacked = sum(r.clean_correct for r in rows)
+            checks.append(sanity.large_eps_verdict(sum(r.robust for r in rows), attacked, big["eps"]))
+        if checks is not None:
+            checks.append(blackbox_verdict(per_attack, metric.clean))
+        rejected = sum(b["rejected"] for b in batches.values())
+        if checks is not None:
+            if rejected:
+                checks.append(sanity.verdict("verification", "warn", f"{rejected} claimed adversarial examples failed "
+                                             "re-verification and were not counted"))
+            else:
+                checks.append(sanity.verdict("verification", "pass", "every counted adversarial example was re-verified"))
+        computed = metric.compute()
+        summary = {
+            "run_id": run_id,
+            "protocol": cls.name,
+            "model": run["model"],
+            "dataset": run["dataset"],
+            "split": run["split"],
+            "n": n if not partial else run["n"],
+            "threat": threat,
+            "clean_accuracy": computed["clean_accuracy"],
+            "robust_accuracy": computed["robust_accuracy"],
+            "ci95": computed["ci95"],
+            "attacks": per_attack,
+            "eps_curve": eps_curve,
+            "steps_curve": steps_curve,
+            "min_norm": min_norm_summary(main, [a["name"] for i, a in enumerate(attacks) if _is_minimum_norm(a, minimum_norm.get(i))],
+                                         threat["eps"]),
+            "rejected": rejected,
+            "seconds": round(sum(c["seconds"] for t in run["tasks"] for c in store.attack_costs(run_id, t["task"])), 4),
+        }
+        if config.get("defenses"):
+            summary["defenses"] = config["defenses"]
+        if partial:
+            summary.update(done=n, partial=True)
+        return summary
+
+    @classmethod
+    def leaderboard_group(cls, run: dict[str, Any]) -> tuple[tuple, str]:
+        config = run["config"]
+        eps = float(config["eps"])
+        return (run["dataset"], cls.name, config["norm"], round(eps, 8)), ""
+
+
+def _randomized(model: nn.Module) -> bool:
+    return bool(getattr(model, "randomized", False))
+
+
+def _is_minimum_norm(attack: dict[str, Any], stored: bool | None) -> bool:
+    """Whether a recorded attack is a minimum-norm one (stores before this protocol did not record
+    it: ask the registry)."""
+    if stored is not None:
+        return bool(stored)
+    return attack["name"] in ATTACKS and ATTACKS.get(attack["name"]).minimum_norm
+
+
+def _all_minimum_norm(attacks: list[Attack]) -> bool:
+    return all(a.minimum_norm for a in attacks)
+
+
+def run_binarization(model, attacks, x, y, seed, device) -> dict[str, str]:
+    """The binarization test on the first correctly classified probe points, with the first attack of
+    the ensemble (white-box ones first) that can attack a two-class model."""
+    with eval_mode(model), torch.no_grad():
+        keep = (model(x).argmax(dim=1) == y).nonzero(as_tuple=True)[0][:BINARIZATION_SAMPLES]
+    if keep.numel() == 0:
+        return sanity.verdict("binarization", "warn", "not run: no correctly classified probe point")
+    for attack in sorted(attacks, key=lambda a: a.kind != "white-box"):  # white-box attacks first
+        try:
+            gen = make_generator(seed, zlib.crc32(b"binarization"), device=device)
+            return binarization_test(model, attack, x[keep], gen)
+        except RobustlabError:
+            continue  # e.g. a DLR loss needs three classes
+    return sanity.verdict("binarization", "warn", "not run: no attack of the ensemble can attack a two-class model")
+
+
+def blackbox_verdict(per_attack: list[dict[str, Any]], attacked: int) -> dict[str, str]:
+    """A black-box attack that breaks points after white-box attacks gave up suggests masked gradients."""
+    white = [a for a in per_attack if a["kind"] == "white-box"]
+    late = [a for a in per_attack if a["kind"] != "white-box" and any(w["index"] < a["index"] for w in white)]
+    if not white or not late:
+        return sanity.verdict("black-box", "pass", "no black-box attack ran after a white-box one")
+    broken = sum(a["broken"] for a in late)
+    names = "+".join(a["name"] for a in late)
+    left = attacked - sum(a["broken"] for a in per_attack if a["index"] < late[0]["index"])
+    detail = f"{names} broke {broken} of {left} points the white-box attacks left robust"
+    if broken == 0:
+        return sanity.verdict("black-box", "pass", detail)
+    status = "fail" if broken > max(1, attacked // 50) else "warn"
+    return sanity.verdict("black-box", status, detail + ": the white-box attacks are being fooled (masked gradients?)")
+
+
+def min_norm_summary(rows: list[SampleRow], names: list[str], eps: float) -> dict[str, Any] | None:
+    """From the smallest perturbation found per sample (minimum-norm attacks ``names``): accuracy
+    against budget from one run, the median distance, and the budget that breaks every point."""
+    if not names:
+        return None
+    correct = [r for r in rows if r.clean_correct]
+    dists = sorted(r.min_distance for r in correct if r.min_distance is not None)
+    n = len(rows)
+    top = dists[-1] if dists else 0.0
+    grid = sorted({0.0, eps, *dists[:: max(1, len(dists) // 50)], top})
+    curve = [{"eps": e, "robust_accuracy": (len(correct) - sum(1 for d in dists if d <= e)) / n} for e in grid] if n else []
+    return {
+        "attacks": names,
+        "found": len(dists),
+        "attacked": len(correct),
+        "median": dists[len(dists) // 2] if dists else None,
+        "eps_for_full_success": top if dists and len(dists) == len(correct) else None,
+        "curve": curve,
+    }
+

@@ -1,0 +1,128 @@
+"""The protocol seam: what an evaluation does per batch, and how its stored rows become numbers.
+
+The runner (``robustlab.eval.runner.run``) owns everything generic: tasks split into batches of
+fixed sample ranges, seeds, resume (done batches and a batch's saved partial state), sharding across
+torchrun ranks, the store, progress. A protocol owns:
+
+- ``config()``: its part of the run configuration (hashed with the rest: a resumed run must match);
+- ``plan(n, image_dim)``: its tasks (name, kind, n, JSON params), e.g. the main evaluation, curve
+  points, sanity checks;
+- ``run_batch(model, x, y, task, ctx)``: the per-batch work, returning per-sample rows for its own
+  table (``sample_table`` with ``sample_columns``), costs, rejected claims and examples to keep;
+- ``final_checks(...)``: verdicts that need the live model (run once at the end);
+- ``summarize(store, run, checks)`` (a classmethod): the summary computed from the store alone, with
+  its :mod:`robustlab.eval.metrics` objects, so ``eval``, ``report`` and ``leaderboard`` read the
+  same numbers, for finished and unfinished runs alike;
+- ``leaderboard_group(run)`` (a classmethod): which runs are comparable, and the number they rank by.
+
+How the next protocols plug in (one protocol module, one metric, one CLI command each):
+
+- **certified** (randomized smoothing, bound propagation): ``plan`` gives one task per noise level or
+  method; ``run_batch`` draws n0 + n noisy copies per image with a generator from the context
+  (``ctx.generator()``), records per sample the prediction (or ABSTAIN), the certified radius (or
+  verified / not) and the vote counts into ``certified_samples``; ``summarize`` feeds
+  :class:`~robustlab.eval.metrics.CertifiedAccuracy` (certified accuracy at radii, ACR); the group is
+  (dataset, noise, sigma). Its sanity check attacks the smoothed classifier at the certified radius.
+- **corruption**: tasks are (corruption, severity) pairs plus a clean task; ``run_batch`` applies the
+  corruption at the data transform seam with ``ctx.generator()`` and records correct / prediction
+  into ``corruption_samples``; ``summarize`` feeds
+  :class:`~robustlab.eval.metrics.CorruptionError` against the baseline run the config names (mCE).
+- **zero-shot**: the model is a zero-shot head over class names and templates (the config records
+  both); one run per data set with the adversarial protocol's tasks, or one protocol whose tasks are
+  data sets; rows go to ``zero_shot_samples``; :class:`~robustlab.eval.metrics.ZeroShotAccuracy`
+  averages over data sets.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn as nn
+
+from robustlab.eval.store import Example, ResultsStore
+from robustlab.seeding import make_generator
+
+
+@dataclass
+class Task:
+    """One unit of a run: ``n`` samples (the first n of the data) under fixed ``params`` (JSON,
+    stored); ``work`` is whatever the protocol needs to run it (not stored)."""
+
+    name: str
+    kind: str
+    n: int
+    params: dict[str, Any] = field(default_factory=dict)
+    work: Any = None
+
+
+@dataclass
+class BatchContext:
+    """What the runner gives a protocol for one batch."""
+
+    seed: int
+    task: Task
+    batch_index: int
+    start: int  # position of the batch's first sample in the data set
+    device: torch.device
+    keep_examples: int = 0
+    # progress: status(step name, points it works on)
+    status: Callable[[str, int], None] | None = None
+    # partial state of this batch saved by an earlier, killed session (None: start afresh), and how to
+    # save one (None: this run cannot, e.g. under torchrun)
+    saved: bytes | None = None
+    save: Callable[[bytes], None] | None = None
+    # rows of other tasks already in the store for this batch, by task name (None: not available)
+    done_rows: Callable[[str], list[Any]] | None = None
+
+    def generator(self, *keys: int) -> torch.Generator:
+        """A generator from (seed, task, batch, *keys): the same draws in a resumed or sharded run."""
+        return make_generator(self.seed, zlib.crc32(self.task.name.encode()), self.batch_index, *keys,
+                              device=self.device)
+
+
+@dataclass
+class BatchOutput:
+    """A finished batch: per-sample rows (the protocol table's columns, sample_index first), per-step
+    costs ({seconds, gradients, forwards}), claims rejected by verification, examples to keep."""
+
+    rows: list[Any]
+    costs: list[dict[str, float]]
+    rejected: int = 0
+    examples: list[Example] = field(default_factory=list)
+
+
+class Protocol:
+    """Base class of evaluation protocols (see the module docstring)."""
+
+    name: ClassVar[str] = ""
+    sample_table: ClassVar[str] = ""
+    sample_columns: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    def config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def attack_records(self) -> list[dict[str, Any]]:
+        """Rows for the store's ``attacks`` table (name, params, targeted), if the protocol attacks."""
+        return []
+
+    def plan(self, n: int, image_dim: int) -> list[Task]:
+        raise NotImplementedError
+
+    def run_batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: BatchContext) -> BatchOutput:
+        raise NotImplementedError
+
+    def final_checks(self, model: nn.Module, probe_x: torch.Tensor, probe_y: torch.Tensor,
+                     info: dict[str, Any], seed: int, device: torch.device) -> list[dict[str, str]]:
+        return []
+
+    @classmethod
+    def summarize(cls, store: ResultsStore, run: dict[str, Any], checks: list[dict[str, str]] | None = None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def leaderboard_group(cls, run: dict[str, Any]) -> tuple[tuple, str]:
+        """(key, title): runs with the same key are compared with each other."""
+        return (run["dataset"], cls.name), f"{run['dataset']} · {cls.name}"
