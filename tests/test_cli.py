@@ -107,7 +107,7 @@ def test_bad_input_gives_one_clear_error_and_keeps_the_store(checkpoint, tmp_pat
     assert message in err and "Traceback" not in err
     con = sqlite3.connect(db)
     assert con.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 1
-    assert con.execute("SELECT COUNT(*) FROM samples").fetchone()[0] >= 20
+    assert con.execute("SELECT COUNT(*) FROM adversarial_samples").fetchone()[0] >= 20
 
 
 def test_bad_data_files_fail_clearly(checkpoint, tmp_path, capsys):
@@ -127,7 +127,7 @@ def test_bad_argument_values_exit_2_without_traceback(tmp_path):
 
 def _sample_rows(db: Path, run_id: str) -> list[tuple]:
     con = sqlite3.connect(db)
-    return con.execute("SELECT task, sample_index, clean_correct, robust, broken_by, adv_pred FROM samples"
+    return con.execute("SELECT task, sample_index, clean_correct, robust, broken_by, adv_pred FROM adversarial_samples"
                        " WHERE run_id = ? ORDER BY task, sample_index", (run_id,)).fetchall()
 
 

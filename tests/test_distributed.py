@@ -14,7 +14,7 @@ import torch
 from robustlab.cli import main
 from robustlab.models import ModelCard, save_checkpoint
 
-ROWS = ("SELECT task, sample_index, clean_correct, robust, broken_by, adv_pred, gradients, forwards FROM samples"
+ROWS = ("SELECT task, sample_index, clean_correct, robust, broken_by, adv_pred, gradients, forwards FROM adversarial_samples"
         " ORDER BY task, sample_index")
 
 

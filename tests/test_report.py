@@ -62,8 +62,8 @@ def make_run(
     info = {"card": {"name": model, "paper": "Doe et al. 2024", "clean_accuracy_claimed": 0.99},
             "source": "zoo", "eval_mode_forced": [], "randomized": False}
     info.update(model_info or {})
-    run_id = store.create_run(config, ENV, info, attacks)
-    store.add_task(run_id, "main", "main", eps, None, n)
+    run_id = store.create_run("adversarial", config, ENV, info, attacks)
+    store.add_task(run_id, "main", "main", n, {"eps": eps, "steps": None})
 
     rng = np.random.default_rng(len(model) + n)
     breaker = [i for i, b in enumerate(broken) for _ in range(b)]

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from robustlab.attacks import Attack, AttackResult, create_attack
-from robustlab.eval import partial
+from robustlab.eval.protocols import adversarial
 from robustlab.report.html import write_report
 from robustlab.eval.runner import EvalOptions, evaluate
 from robustlab.eval.store import ResultsStore
@@ -92,7 +92,7 @@ def test_resume_after_crash_equals_uninterrupted(digits_model, digits_test, tmp_
     options = EvalOptions(eps_grid=(0.05, 0.2), steps_grid=(2, 5), batch_size=32, seed=3)
     with ResultsStore(tmp_path / "full.db") as store:
         full = evaluate(digits_model, data, attacks, store, options=options)
-        full_rows = {t["task"]: _rows(store, full.run_id, t["task"]) for t in store.task_stats(full.run_id)}
+        full_rows = {t["task"]: _rows(store, full.run_id, t["task"]) for t in store.tasks(full.run_id)}
 
     calls = {"n": 0}
     pgd_class = type(attacks[1])
@@ -111,13 +111,13 @@ def test_resume_after_crash_equals_uninterrupted(digits_model, digits_test, tmp_
             evaluate(digits_model, data, attacks, store, options=options)
         run_id = store.list_runs()[0]["run_id"]
         assert store.get_run(run_id)["status"] == "interrupted"
-        partial = sum(t["done"] for t in store.task_stats(run_id))
+        partial = sum(len(store.samples(run_id, t["task"])) for t in store.tasks(run_id))
         assert 0 < partial < sum(len(v) for v in full_rows.values())
         monkeypatch.undo()
         resumed = evaluate(digits_model, data, attacks, store, options=options, resume=True)
         assert resumed.resumed and resumed.run_id == run_id
         assert len(store.list_runs()) == 1
-        resumed_rows = {t["task"]: _rows(store, run_id, t["task"]) for t in store.task_stats(run_id)}
+        resumed_rows = {t["task"]: _rows(store, run_id, t["task"]) for t in store.tasks(run_id)}
     assert resumed_rows == full_rows  # no sample lost, none counted twice, same outcomes
     for key in ("clean_accuracy", "robust_accuracy", "eps_curve", "steps_curve", "n"):
         assert resumed.summary[key] == full.summary[key]
@@ -129,7 +129,7 @@ def test_a_batch_killed_between_attacks_goes_on_from_the_last_one_done(digits_mo
                                                                       monkeypatch):
     """A long ensemble saves each batch's state between its attacks; a resumed run does not redo the
     attacks a killed batch had finished, and ends with the numbers (and examples) of an uninterrupted run."""
-    monkeypatch.setattr(partial, "SAVE_SECONDS", 0.0)
+    monkeypatch.setattr(adversarial, "SAVE_SECONDS", 0.0)
     data = digits_test.subset(90)
     attacks = [create_attack("fgsm", LINF), create_attack("pgd", LINF, steps=3), create_attack("square", LINF, queries=20)]
     options = EvalOptions(eps_grid=(), steps_grid=(), batch_size=45, seed=1, sanity=False, examples=90)
@@ -389,12 +389,12 @@ def test_bad_models_fail_clearly_and_leave_the_store_intact(digits_model, digits
     db = tmp_path / "r.db"
     with ResultsStore(db) as store:
         evaluate(digits_model, digits_test.subset(16), [create_attack("fgsm", LINF)], store, options=FAST)
-    before = sqlite3.connect(db).execute("SELECT COUNT(*) FROM samples").fetchone()[0]
+    before = sqlite3.connect(db).execute("SELECT COUNT(*) FROM adversarial_samples").fetchone()[0]
     with ResultsStore(db) as store:
         with pytest.raises(RobustlabError, match=message):
             evaluate(model, digits_test.subset(16), [create_attack("fgsm", LINF)], store, options=FAST)
         assert len(store.list_runs()) == 1
-    assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM samples").fetchone()[0] == before
+    assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM adversarial_samples").fetchone()[0] == before
 
 
 def test_ensemble_needs_one_threat_model(digits_model, digits_test, tmp_path):

@@ -28,6 +28,8 @@ from robustlab.report.plots import (
     plot_gallery,
     plot_steps_curve,
 )
+from robustlab.eval.metrics import RobustAccuracy
+from robustlab.eval.protocols import protocol_class
 from robustlab.eval.store import ResultsStore, SampleRow
 
 _CSS = """
@@ -110,6 +112,11 @@ def _kv_table(items: Sequence[tuple[str, Any]], raw: bool = False) -> str:
     return f'<table class="kv">{rows}</table>'
 
 
+def _defense_text(config: dict[str, Any]) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in (config.get("params") or {}).items())
+    return f"{config.get('name')}({params})" if params else str(config.get("name"))
+
+
 def _value_html(value: Any) -> str:
     """A model-card or environment value: scalars as text, lists/dicts as compact JSON."""
     if isinstance(value, (dict, list, tuple)):
@@ -119,44 +126,28 @@ def _value_html(value: Any) -> str:
 
 # ---------------------------------------------------------------------- the numbers
 
-def _partial_summary(store: ResultsStore, run: dict[str, Any], rows: list[SampleRow]) -> dict[str, Any]:
-    """A summary-shaped dict for a run without a summary, from the samples written so far."""
-    stats = store.task_stats(run["run_id"])
-    main = next((t for t in stats if t["task"] == "main"), None)
-    done = len(rows)
-    clean = sum(r.clean_correct for r in rows)
-    costs = store.attack_costs(run["run_id"], "main")
-    attacks = []
-    still = clean
-    for a in run.get("attacks", []):
-        broken = sum(1 for r in rows if r.broken_by == a["index"])
-        still -= broken
-        cost = costs[a["index"]] if a["index"] < len(costs) else {}
-        attacks.append({
-            "index": a["index"], "name": a["name"], "params": a["params"],
-            "robust_accuracy": still / done if done else None, "broken": broken,
-            "seconds": cost.get("seconds"), "gradients": cost.get("gradients"), "forwards": cost.get("forwards"),
-        })
-    seconds = [c["seconds"] for c in costs if c.get("seconds") is not None]
-    eps_curve = [
-        {"eps": t["eps"], "robust_accuracy": t["robust_accuracy"]}
-        for t in stats if t["kind"] == "eps" and t["robust_accuracy"] is not None and t["done"] >= t["n"]
-    ]
-    return {
-        "run_id": run["run_id"], "model": run["model"], "dataset": run["dataset"], "split": run["split"],
-        "n": run["n"], "done": done, "threat": {"norm": run["norm"], "eps": run["eps"]},
-        "clean_accuracy": clean / done if done else None,
-        "robust_accuracy": (sum(r.robust for r in rows) / done) if done else None,
-        "attacks": attacks, "eps_curve": sorted(eps_curve, key=lambda p: p["eps"]), "steps_curve": None,
-        "rejected": main["rejected"] if main else 0, "attack_seconds": sum(seconds) if seconds else None,
-        "partial": True,
-    }
+def _task_stats(store: ResultsStore, run: dict[str, Any]) -> list[dict[str, Any]]:
+    """For each task: its params, samples done, clean and robust accuracy, claims rejected."""
+    batches = store.batch_stats(run["run_id"])
+    out = []
+    for t in run["tasks"]:
+        rows = store.samples(run["run_id"], t["task"])
+        m = RobustAccuracy().update([r.clean_correct for r in rows], [r.robust for r in rows],
+                                    [r.broken_by for r in rows]).compute()
+        out.append({**t, "done": m["n"], "clean_accuracy": m["clean_accuracy"],
+                    "robust_accuracy": m["robust_accuracy"], "rejected": batches.get(t["task"], {}).get("rejected", 0)})
+    return out
 
 
 # ---------------------------------------------------------------------- HTML sections
 
+def _threat(summary: dict[str, Any]) -> tuple[str, float]:
+    return str(summary["threat"]["norm"]), float(summary["threat"]["eps"])
+
+
 def _header(run: dict[str, Any], summary: dict[str, Any], partial: bool) -> str:
-    threat = f"{norm_name(run['norm'])}, ε = {format_eps(run['norm'], run['eps'])}"
+    norm, eps = _threat(summary)
+    threat = f"{norm_name(norm)}, ε = {format_eps(norm, eps)}"
     parts = [
         f"<h1>Robustness report: {_e(run['model'])}</h1>",
         f'<p class="sub">{_e(run["dataset"])} / {_e(run["split"])}, n = {_int(run["n"])} · threat model '
@@ -178,9 +169,10 @@ def _header(run: dict[str, Any], summary: dict[str, Any], partial: bool) -> str:
         ("Run id", run["run_id"]), ("Created", run.get("created")), ("Finished", run.get("finished")),
     ]
     if summary.get("seconds") is not None:
-        meta.append(("Time in attacks, all tasks (s)", f"{float(summary['seconds']):,.1f}"))
-    elif summary.get("attack_seconds") is not None:
-        meta.append(("Time spent attacking so far (s)", f"{float(summary['attack_seconds']):,.1f}"))
+        label = "Time spent attacking so far (s)" if partial else "Time in attacks, all tasks (s)"
+        meta.append((label, f"{float(summary['seconds']):,.1f}"))
+    if summary.get("defenses"):
+        meta.insert(1, ("Defenses (in order)", ", ".join(_defense_text(d) for d in summary["defenses"])))
     parts.append(_kv_table(meta))
     return "\n".join(parts)
 
@@ -219,7 +211,7 @@ def _results(run: dict[str, Any], summary: dict[str, Any]) -> str:
         f'<div class="metric"><div class="value">{format_percent(clean)}</div><div class="label">clean accuracy'
         f'<br>{_e(ci_text(clean, n))}</div></div>'
         f'<div class="metric"><div class="value">{format_percent(robust)}</div><div class="label">robust accuracy at '
-        f'{_e(norm_name(run["norm"]))} ε = {_e(format_eps(run["norm"], run["eps"]))}<br>{_e(ci_text(robust, n))}'
+        f'{_e(norm_name(_threat(summary)[0]))} ε = {_e(format_eps(*_threat(summary)))}<br>{_e(ci_text(robust, n))}'
         "</div></div></div>"
     )
     targeted = {a["index"]: a.get("targeted") for a in run.get("attacks", [])}
@@ -397,18 +389,18 @@ def write_report(store: ResultsStore, run: str, out_dir: str | Path, *, gallery_
 
     rows = store.samples(run_id, "main")
     partial = info.get("summary") is None
-    summary = _partial_summary(store, info, rows) if partial else info["summary"]
+    summary = protocol_class(info["protocol"]).summarize(store, info) if partial else info["summary"]
     checks = info.get("checks") or []
     config = info.get("config") or {}
     classes = config.get("classes") if isinstance(config.get("classes"), list) else None
-    stats = store.task_stats(run_id)
+    stats = _task_stats(store, info)
     examples = store.examples(run_id, "main", gallery_size) if gallery_size > 0 else []
 
     body = [
         _header(info, summary, partial),
         _warnings(info, summary, checks),
         _results(info, summary),
-        _curves(summary, str(info["norm"])),
+        _curves(summary, _threat(summary)[0]),
         _checks(checks, partial or info.get("status") != "complete"),
         _model_notes(info),
         _environment(info),

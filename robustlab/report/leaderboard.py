@@ -58,6 +58,9 @@ def _notes(run: dict[str, Any]) -> list[str]:
     info = run.get("model_info") or {}
     if info.get("randomized"):
         notes.append("randomized model")
+    defenses = (run.get("config") or {}).get("defenses")
+    if defenses:
+        notes.append("defended: " + "+".join(str(d.get("name")) for d in defenses))
     return notes
 
 
@@ -75,9 +78,12 @@ def leaderboard(store: ResultsStore) -> list[LeaderboardGroup]:
     """
     buckets: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
     for run in store.list_runs():
-        if run.get("status") != "complete" or run.get("robust_accuracy") is None:
+        summary = run.get("summary") or {}
+        if run.get("status") != "complete" or run.get("protocol") != "adversarial" or summary.get("robust_accuracy") is None:
             continue
-        key = (str(run["dataset"]), str(run["norm"]), _eps_key(run["eps"]))
+        run.update(robust_accuracy=summary["robust_accuracy"], clean_accuracy=summary.get("clean_accuracy"))
+        threat = summary.get("threat") or run["config"]
+        key = (str(run["dataset"]), str(threat["norm"]), _eps_key(threat["eps"]))
         buckets.setdefault(key, []).append(run)
 
     groups = []

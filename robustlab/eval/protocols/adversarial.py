@@ -233,7 +233,7 @@ class AdversarialProtocol(Protocol):
         """The run's summary from the store alone (finished or not); with ``checks``, append the
         verdicts that the stored curves give (steps, large-eps, black-box, verification)."""
         run_id, config = run["run_id"], run["config"]
-        attacks = config["attacks"]
+        attacks = config.get("attacks") or run["attacks"]
         minimum_norm = {a["index"]: a.get("minimum_norm") for a in run.get("attacks", [])}
         threat = {"norm": config["norm"], "eps": config["eps"]}
         batches = store.batch_stats(run_id)
@@ -261,15 +261,17 @@ class AdversarialProtocol(Protocol):
                                            [r.broken_by for r in rows]).compute()["robust_accuracy"]
 
         curve_tasks = {t["task"]: accuracy(t) for t in run["tasks"] if t["kind"] in ("eps", "steps", "sanity")}
+        main_task = done.get("main")
+        main_done = n > 0 and (main_task is None or n >= main_task["n"])
         eps_curve = [{"eps": 0.0, "robust_accuracy": metric.compute()["clean_accuracy"]},
-                     {"eps": threat["eps"], "robust_accuracy": metric.compute()["robust_accuracy"]}] if n else []
+                     {"eps": threat["eps"], "robust_accuracy": metric.compute()["robust_accuracy"]}] if main_done else []
         eps_curve += [{"eps": t["eps"], "robust_accuracy": curve_tasks[t["task"]]} for t in run["tasks"]
                       if t["kind"] == "eps" and curve_tasks[t["task"]] is not None]
         eps_curve = sorted({p["eps"]: p for p in eps_curve}.values(), key=lambda p: p["eps"])
         steps_curve = None
         steps_tasks = [t for t in run["tasks"] if t["kind"] == "steps" and curve_tasks[t["task"]] is not None]
         iterative, param = strength_attack(attacks)
-        if steps_tasks and n:
+        if steps_tasks and main_done:
             points = [{"steps": t["steps"], "robust_accuracy": curve_tasks[t["task"]]} for t in steps_tasks]
             if len(attacks) == 1:
                 points.append({"steps": iterative["params"][param], "robust_accuracy": metric.compute()["robust_accuracy"]})
