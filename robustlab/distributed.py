@@ -56,11 +56,6 @@ def gather(obj: Any) -> list[Any] | None:
     return out
 
 
-def barrier() -> None:
-    if world_size() > 1:
-        dist.barrier()
-
-
 def broadcast_module(module: torch.nn.Module) -> None:
     """Copy rank 0's parameters and buffers into every rank's module, in place."""
     with torch.no_grad():

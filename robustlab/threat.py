@@ -185,50 +185,6 @@ def norms(delta: torch.Tensor, norm: str) -> torch.Tensor:
     raise RobustlabError(f"unknown norm {norm!r}; use one of {', '.join(NORMS)}")
 
 
-def project_delta(
-    delta: torch.Tensor, x: torch.Tensor, norm: str, eps: float, lower: float = 0.0, upper: float = 1.0
-) -> torch.Tensor:
-    """Exact Euclidean projection of ``delta`` onto ``{d : ||d||_p <= eps, lower <= x + d <= upper}``.
-
-    Since 0 is feasible and both sets are convex, the projection is unique. linf: coordinate-wise
-    clipping. l2 and l1: the KKT conditions give ``d = clip(s(v, t), lo, hi)`` with a shrinkage ``s``
-    (scaling for l2, soft-thresholding for l1) whose parameter ``t`` is found exactly by sorting the
-    breakpoints of the piecewise (quadratic / linear) norm function.
-    """
-    lo = (lower - x).clamp(max=0.0)
-    hi = (upper - x).clamp(min=0.0)
-    if norm == "linf":
-        return torch.maximum(torch.minimum(delta.clamp(-eps, eps), hi), lo)
-    shape = delta.shape
-    v = delta.flatten(1)
-    lo_f, hi_f = lo.flatten(1), hi.flatten(1)
-    boxed = torch.maximum(torch.minimum(v, hi_f), lo_f)
-    inside = norms(boxed, norm) <= eps
-    if bool(inside.all()):
-        return boxed.view(shape)
-    out = boxed.clone()
-    rows = (~inside).nonzero(as_tuple=True)[0]
-    vr = v[rows].double()
-    # Bound on |d_i| in the direction of v_i.
-    bound = torch.where(vr >= 0, hi_f[rows].double(), -lo_f[rows].double())
-    if norm == "l2":
-        proj = _project_l2_box(vr, bound, eps)
-    elif norm == "l1":
-        proj = _project_l1_box(vr, bound, eps)
-    else:
-        raise RobustlabError(f"unknown norm {norm!r}; use one of {', '.join(NORMS)}")
-    proj = proj.to(delta.dtype)
-    # Rounding can leave the point a hair outside the ball: shrink towards 0 (always feasible).
-    size = norms(proj, norm)
-    over = size > eps
-    if bool(over.any()):
-        safety = 1.0 - 4 * torch.finfo(proj.dtype).eps
-        scale = torch.where(over, eps * safety / size.clamp_min(1e-30), torch.ones_like(size))
-        proj = proj * scale.unsqueeze(1)
-    out[rows] = proj
-    return out.view(shape)
-
-
 def _project_l2_box(v: torch.Tensor, bound: torch.Tensor, eps: float) -> torch.Tensor:
     """Rows of ``v`` with ||clip(v)||_2 > eps: returns ``sign(v) * min(t |v|, bound)`` with the t in
     (0, 1) at which the L2 norm equals eps (the KKT point of the ball-and-box projection).
