@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from robustlab.attacks import ATTACKS, create_attack
-from robustlab.attacks.bpda import Pipeline, bpda
+from robustlab.defenses.bpda import Pipeline, bpda
 from robustlab.attacks.pgd import PGD
 from robustlab.attacks.ssp import perturb_folder
 from robustlab.errors import RobustlabError

@@ -1,4 +1,4 @@
-"""Tools for adaptive attacks on defended models (Athalye, Carlini & Wagner 2018, "Obfuscated
+"""Building blocks of defended models for adaptive attacks (Athalye, Carlini & Wagner 2018, "Obfuscated
 gradients give a false sense of security").
 
 - :func:`bpda` (Backward Pass Differentiable Approximation): a module that applies a
@@ -8,8 +8,8 @@ gradients give a false sense of security").
   attack sees, and differentiates through, the whole defended system.
 
 EOT (expectation over transformation) for randomized defenses is the ``eot`` parameter of the
-gradient helper :meth:`robustlab.attacks.base.Attack.loss_and_grad`; the attacks that take
-gradients expose it where it applies.
+attacks that take gradients. A registered defense (:mod:`robustlab.defenses.base`) uses these
+pieces itself; they stay public for defenses written in Python.
 
 Example, a quantizing defense attacked with straight-through gradients::
 

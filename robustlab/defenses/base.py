@@ -1,0 +1,164 @@
+"""Defenses: named, registered, JSON-parameterised components that wrap a model into a defended
+predictor, and declare what an honest attacker of them needs.
+
+A defense implements ``transform(x, generator)``: a batched operation on images in [0, 1] in front of
+the model. What it declares:
+
+- ``randomized``: the transform draws random numbers (attacks need EOT: averaging gradients over
+  ``eot`` draws; predictions vote over ``draws`` draws);
+- ``differentiable``: gradients through the transform are meaningful; when False, attacks see the
+  transform through BPDA, with ``surrogate`` (default the identity) in the backward pass;
+- ``iterative``: the transform is an optimisation or a network of its own (purifiers): attacks
+  differentiate through it as unrolled, or through ``surrogate``.
+
+:class:`DefendedModel` chains defenses in order in front of a model. Its ``forward`` is what attacks
+differentiate (BPDA where declared); its ``predict`` is what the evaluation counts (the real
+transforms, a majority vote over draws for randomized ones). ``needs()`` gathers the declarations
+into :class:`AttackerNeeds`, which the evaluation uses to make attacks adaptive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+from robustlab.checks import check_logits
+from robustlab.defenses.bpda import BPDA
+from robustlab.errors import RobustlabError
+from robustlab.params import Configurable, parse_spec
+from robustlab.predictor import Predictor
+from robustlab.registry import Registry
+
+
+@dataclass(frozen=True)
+class AttackerNeeds:
+    """What an adaptive attack on a defended model must do: average gradients over ``eot`` draws
+    (1: deterministic), differentiate non-differentiable steps by BPDA (``bpda`` names them), and
+    attack through iterative steps (``through`` names them)."""
+
+    eot: int = 1
+    bpda: tuple[str, ...] = ()
+    through: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        parts = []
+        if self.eot > 1:
+            parts.append(f"EOT over {self.eot} draws")
+        if self.bpda:
+            parts.append(f"BPDA through {', '.join(self.bpda)}")
+        if self.through:
+            parts.append(f"gradients through {', '.join(self.through)}")
+        return "; ".join(parts) or "plain gradients (the defended model is differentiable and deterministic)"
+
+
+class Defense(Configurable):
+    """Base class: set ``name``, ``defaults`` (and ``choices``), implement ``transform``."""
+
+    component: ClassVar[str] = "defense"
+    randomized: ClassVar[bool] = False
+    differentiable: ClassVar[bool] = True
+    iterative: ClassVar[bool] = False
+    # draws a prediction votes over, and EOT draws an attack averages (randomized defenses)
+    default_draws: ClassVar[int] = 1
+
+    def transform(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The defense's operation on a batch (N, C, H, W) in [0, 1]; random draws from ``generator``
+        (the global generator if None)."""
+        raise NotImplementedError
+
+    def surrogate(self, x: torch.Tensor) -> torch.Tensor:
+        """A differentiable approximation of ``transform`` for BPDA (default: the identity)."""
+        return x
+
+    @property
+    def draws(self) -> int:
+        return int(self.params.get("draws", self.default_draws)) if self.randomized else 1
+
+
+DEFENSES: Registry[type[Defense]] = Registry("defense")
+
+
+def register_defense(cls: type[Defense]) -> type[Defense]:
+    """Class decorator: make a Defense buildable by its ``name``."""
+    return DEFENSES.register(cls.name)(cls)
+
+
+def create_defense(name: str, **params: Any) -> Defense:
+    return DEFENSES.get(name)(**params)
+
+
+def build_defenses(specs: list[str | dict[str, Any]]) -> list[Defense]:
+    """Defenses from ``NAME[:key=value,...]`` specs or ``{"name", "params"}`` configs, in order."""
+    out = []
+    for spec in specs:
+        if isinstance(spec, dict):
+            if "name" not in spec:
+                raise RobustlabError(f"defense entry {spec!r} has no 'name'")
+            out.append(create_defense(spec["name"], **dict(spec.get("params") or {})))
+        else:
+            name, params = parse_spec(spec, "defense")
+            out.append(create_defense(name, **params))
+    return out
+
+
+class DefendedModel(Predictor):
+    """``model(d_k(...d_1(x)))``: defenses in order in front of a model.
+
+    ``forward`` is the attacker's view: non-differentiable transforms through BPDA with their
+    surrogate, randomized ones drawing from :attr:`generator` (the runner seeds it per batch, so a
+    resumed run draws the same). ``predict`` applies the real transforms and, for randomized defenses,
+    takes the majority over ``draws`` draws from the given generator.
+    """
+
+    def __init__(self, model: nn.Module, defenses: list[Defense]) -> None:
+        super().__init__()
+        if not defenses:
+            raise RobustlabError("a defended model needs at least one defense")
+        self.model = model
+        self.defenses = list(defenses)
+        for i, d in enumerate(self.defenses):
+            if isinstance(d, nn.Module):  # trained components (purifiers) move with the model
+                self.add_module(f"defense{i}", d)
+        self.randomized = any(d.randomized for d in self.defenses)
+        self.draws = max(d.draws for d in self.defenses)
+        self.generator: torch.Generator | None = None
+
+    def set_generator(self, generator: torch.Generator | None) -> None:
+        """Where ``forward``'s random draws come from (None: the global generator)."""
+        self.generator = generator
+
+    def _apply(self, x: torch.Tensor, generator: torch.Generator | None, attacker: bool) -> torch.Tensor:
+        for d in self.defenses:
+            if attacker and not d.differentiable:
+                x = BPDA(lambda t, d=d: d.transform(t, generator), d.surrogate)(x)
+            else:
+                x = d.transform(x, generator)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self._apply(x, self.generator, attacker=True))
+
+    def forward_with(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        with torch.no_grad():
+            return check_logits(self.model(self._apply(x, generator, attacker=False)), x.shape[0])
+
+    def needs(self) -> AttackerNeeds:
+        return AttackerNeeds(
+            eot=max((d.draws for d in self.defenses if d.randomized), default=1),
+            bpda=tuple(d.name for d in self.defenses if not d.differentiable),
+            through=tuple(d.name for d in self.defenses if d.iterative),
+        )
+
+    def configs(self) -> list[dict[str, Any]]:
+        """The defenses' configs, in order (recorded with runs and cards)."""
+        return [d.config() for d in self.defenses]
+
+
+def apply_defenses(model: nn.Module, specs: list[str | dict[str, Any]]) -> nn.Module:
+    """``model`` behind the defenses ``specs`` (spec strings or configs), or ``model`` itself if none."""
+    if not specs:
+        return model
+    return DefendedModel(model, build_defenses(specs))
