@@ -23,6 +23,7 @@ from robustlab import distributed
 from robustlab.attacks.base import Attack
 from robustlab.checks import check_logits
 from robustlab.data import ImageDataset
+from robustlab.defenses import AttackerNeeds, DefendedModel
 from robustlab.errors import RobustlabError
 from robustlab.eval import sanity
 from robustlab.eval.protocols import protocol_class
@@ -31,6 +32,9 @@ from robustlab.eval.protocols.base import BatchContext, Protocol, Task
 from robustlab.eval.store import ResultsStore
 from robustlab.models.mode import channels_last, eval_mode, full_float32, subnormal_weights_zeroed
 from robustlab.progress import progress as show_progress
+
+
+_MODEL_DRAWS = 0xD5AE5  # generator key of a randomized model's own draws
 
 
 @dataclass
@@ -92,7 +96,6 @@ def evaluate(
     store: ResultsStore | None,
     *,
     options: EvalOptions | None = None,
-    defenses: list[dict[str, Any]] | None = None,
     **kwargs: Any,
 ) -> RunResult:
     """Evaluate ``model`` on ``data`` under the ensemble ``attacks`` (all on one threat model).
@@ -100,15 +103,31 @@ def evaluate(
     Only correctly classified points are attacked; each attack only sees points still robust; every
     claimed success is re-verified. Results go to ``store`` batch by batch; with ``resume=True`` an
     unfinished run of the same configuration is continued instead of starting a new one.
-    ``defenses``: the configs of the defenses ``model`` applies (recorded with the run). Other
-    keyword arguments are :func:`run`'s.
+    A :class:`~robustlab.defenses.DefendedModel` is attacked adaptively (:func:`adaptive_attacks`)
+    and its defenses are recorded with the run. Other keyword arguments are :func:`run`'s.
     """
     options = options or EvalOptions()
     if not attacks:
         raise RobustlabError("give at least one attack")
+    defenses = None
+    if isinstance(model, DefendedModel):  # attack it adaptively, and record what was done
+        needs = model.needs()
+        attacks = adaptive_attacks(attacks, needs)
+        defenses = model.configs()
+        kwargs["model_info"] = {**(kwargs.get("model_info") or {}), "defenses": defenses,
+                                "adaptive_attack": needs.describe()}
     protocol = AdversarialProtocol(attacks, options.adversarial(), defenses)
     return run(model, data, protocol, store, seed=options.seed, batch_size=options.batch_size,
                examples=options.examples, extra=options.extra, **kwargs)
+
+
+def adaptive_attacks(attacks: list[Attack], needs: AttackerNeeds) -> list[Attack]:
+    """The attacks made adaptive to a defense: gradient attacks that average over draws (an ``eot``
+    parameter left at 1) average over the defense's ``needs.eot`` draws. BPDA and gradients through
+    iterative steps are the defended model's own forward pass, so every attack gets them."""
+    if needs.eot <= 1:
+        return list(attacks)
+    return [a.with_params(eot=needs.eot) if a.params.get("eot") == 1 else a for a in attacks]
 
 
 @full_float32()  # the model as defined, not TF32 on CUDA (see full_float32)
@@ -247,6 +266,8 @@ def _run_tasks(model, data, protocol, tasks: list[Task], store, run_id, seed, bs
                     save=save if single else None, done_rows=done_rows if single else None,
                 )
                 x, y = _batch(data, start, stop, device)
+                if hasattr(model, "set_generator"):  # a randomized defense draws from (seed, task, batch)
+                    model.set_generator(ctx.generator(_MODEL_DRAWS))
                 out = protocol.run_batch(model, x, y, ctx)
                 mine = (out.rows, out.costs, out.rejected, out.examples)
             results = distributed.gather(mine)
