@@ -6,10 +6,36 @@ import argparse
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from robustlab.cli.common import DEFAULT_DB, _argument_type, _device, _floats, _number, _say, _steps_grid
 from robustlab.errors import RobustlabError
+
+if TYPE_CHECKING:
+    import torch
+
+    from robustlab.models import LoadedModel
+
+
+# ---------------------------------------------------------------------- HOOK: defenses of a model card
+# A card with source "defended" lists defenses (``loaded.defense``: [{"name": ..., "params": {...}}, ...],
+# applied in order in front of the model). The models layer returns the bare model and never imports
+# robustlab.defenses; this is the one place the CLI turns a loaded model into what is evaluated or
+# attacked (``robustlab eval`` and ``robustlab perturb`` call it). To wire it: build the defended
+# model with ``robustlab.defenses.apply_defenses(loaded.model, loaded.defense)`` and return it.
+
+
+def apply_card_defenses(loaded: LoadedModel) -> torch.nn.Module:
+    """The model to evaluate: ``loaded.model`` (already on its device) behind the defenses its card
+    lists, in order; ``loaded.model`` itself when the list is empty. Until robustlab.defenses is
+    wired in here, a non-empty list is a RobustlabError naming the first defense."""
+    if not loaded.defense:
+        return loaded.model
+    names = ", ".join(d["name"] for d in loaded.defense)
+    raise RobustlabError(
+        f"defense {loaded.defense[0]['name']} needs robustlab.defenses: {loaded.spec} is a defended model "
+        f"(defenses {names}), and this robustlab cannot apply them yet"
+    )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -37,7 +63,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         loaded = load_model(args.model, device=device, bn_branch=args.bn)
     for w in caught:
         _say(f"robustlab: warning: {w.message}")
-    model = loaded.model.to(device)
+    loaded.model.to(device)
+    model = apply_card_defenses(loaded)  # HOOK (defenses): the model behind its card's defenses
     info = {"source": loaded.source, "spec": args.model, "card": loaded.card.to_dict() if loaded.card else None}
     extra: dict[str, Any] = {"classes": list(data.classes)}
     branch = current_bn_branch(model)

@@ -11,6 +11,7 @@ from robustlab.errors import RobustlabError
 def cmd_perturb(args: argparse.Namespace) -> int:
     from robustlab.attacks import build_attacks
     from robustlab.attacks.ssp import perturb_folder
+    from robustlab.cli.eval import apply_card_defenses
     from robustlab.models import load_model
     from robustlab.threat import ThreatModel
 
@@ -18,7 +19,7 @@ def cmd_perturb(args: argparse.Namespace) -> int:
     if len(attacks) != 1:
         raise RobustlabError("perturb takes one attack, not a suite")
     device = _device(args.device)
-    model = load_model(args.model, device=device).model
+    model = apply_card_defenses(load_model(args.model, device=device))
     result = perturb_folder(attacks[0], model, args.images, args.out, image_size=args.image_size,
                             batch_size=args.batch_size, seed=args.seed)
     _say(f"{len(result.files)} images written to {args.out}; the model's prediction changed on "

@@ -4,9 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from robustlab.cli.common import DEFAULT_DB, _require_db
 from robustlab.errors import RobustlabError
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _model_text(card) -> str:
+    """The architecture, or the entry point without its folder (file.py:function, module:function)."""
+    if card.architecture:
+        return _cut(card.architecture, 24)
+    target, _, function = card.entry_point.rpartition(":")
+    return _cut(f"{Path(target).name}:{function}", 24)
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
@@ -18,11 +31,14 @@ def cmd_zoo(args: argparse.Namespace) -> int:
         if not entries:
             print(f"the zoo at {zoo_root(args.zoo)} is empty; add a checkpoint with `robustlab zoo add`")
             return 0
-        print(f"{'name':<28} {'architecture':<18} {'dataset':<22} {'clean':>8}  robust accuracy  sha256")
+        print(f"{'name':<28} {'source':<11} {'model':<24} {'defense':<16} {'dataset':<22} {'clean':>8}  "
+              f"robust accuracy  sha256")
         for name, card in entries:
             robust = ", ".join(f"{k}: {100 * v:.2f}%" for k, v in (card.robust_accuracy or {}).items()) or "—"
             clean = f"{100 * card.clean_accuracy:.2f}%" if card.clean_accuracy is not None else "—"
-            print(f"{name:<28} {card.architecture:<18} {card.dataset[:22]:<22} {clean:>8}  {robust}  {card.sha256[:12]}")
+            defense = "+".join(d["name"] for d in card.defense) or "—"
+            print(f"{name:<28} {card.source:<11} {_model_text(card):<24} {_cut(defense, 16):<16} "
+                  f"{card.dataset[:22]:<22} {clean:>8}  {robust}  {card.sha256[:12]}")
         return 0
     if args.zoo_command == "show":
         print(json.dumps(zoo_card(args.name, args.zoo).to_dict(), indent=2))
