@@ -91,14 +91,19 @@ def test_overwriting_with_the_same_weights_keeps_recorded_accuracies(tmp_path, c
     assert json.loads((zoo / "m.json").read_text())["robust_accuracy"] is None
 
 
+def _add_and_list(weights, name, zoo, capsys) -> list[str]:
+    """`zoo add` the checkpoint as ``name``, then `zoo list`: the entry's source, model and defense columns."""
+    assert main(["zoo", "add", str(weights), "--name", name, "--zoo", str(zoo)]) == 0
+    capsys.readouterr()
+    assert main(["zoo", "list", "--zoo", str(zoo)]) == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"{name} ")]
+    return row.split()[1:4]
+
+
 def test_entry_point_model_in_the_zoo(tmp_path, digits_test, capsys, monkeypatch):
     model, weights = save_tiny_net(tmp_path / "ckpt")
     zoo = tmp_path / "zoo"
-    assert main(["zoo", "add", str(weights), "--name", "tiny", "--zoo", str(zoo)]) == 0
-    capsys.readouterr()
-    assert main(["zoo", "list", "--zoo", str(zoo)]) == 0
-    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("tiny ")]
-    assert row.split()[1:4] == ["entry-point", "tiny_net.py:build", "—"]
+    assert _add_and_list(weights, "tiny", zoo, capsys) == ["entry-point", "tiny_net.py:build", "—"]
     assert main(["zoo", "show", "tiny", "--zoo", str(zoo)]) == 0
     card = json.loads(capsys.readouterr().out)
     assert (card["source"], card["arch_kwargs"], card["defense"]) == ("entry-point", {"width": 12}, [])
@@ -119,11 +124,7 @@ def test_defended_model_in_the_zoo(tmp_path, capsys, monkeypatch):
     defense = [{"name": "jpeg", "params": {"quality": 75}}, {"name": "bit-depth", "params": {"bits": 4}}]
     _, weights = save_tiny_net(tmp_path / "ckpt", defense=defense)
     zoo = tmp_path / "zoo"
-    assert main(["zoo", "add", str(weights), "--name", "tiny-jpeg", "--zoo", str(zoo)]) == 0
-    capsys.readouterr()
-    assert main(["zoo", "list", "--zoo", str(zoo)]) == 0
-    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("tiny-jpeg ")]
-    assert row.split()[1:4] == ["defended", "tiny_net.py:build", "jpeg+bit-depth"]
+    assert _add_and_list(weights, "tiny-jpeg", zoo, capsys) == ["defended", "tiny_net.py:build", "jpeg+bit-depth"]
     assert main(["zoo", "show", "tiny-jpeg", "--zoo", str(zoo)]) == 0
     assert json.loads(capsys.readouterr().out)["defense"] == defense
     monkeypatch.setenv("ROBUSTLAB_ZOO", str(zoo))
@@ -143,11 +144,7 @@ def test_old_checkpoint_joins_the_zoo(tmp_path, capsys, monkeypatch):
     for suffix in (".json", ".safetensors"):
         shutil.copyfile(golden / f"digits_cnn{suffix}", tmp_path / f"old{suffix}")
     zoo = tmp_path / "zoo"
-    assert main(["zoo", "add", str(tmp_path / "old.safetensors"), "--name", "old", "--zoo", str(zoo)]) == 0
-    capsys.readouterr()
-    assert main(["zoo", "list", "--zoo", str(zoo)]) == 0
-    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("old ")]
-    assert row.split()[1:4] == ["registry", "digits_cnn", "—"]
+    assert _add_and_list(tmp_path / "old.safetensors", "old", zoo, capsys) == ["registry", "digits_cnn", "—"]
     monkeypatch.setenv("ROBUSTLAB_ZOO", str(zoo))
     card = load_model("zoo:old").card
     assert (card.source, card.mean, card.sha256) == ("registry", (0.3053,), json.loads((golden / "digits_cnn.json").read_text())["sha256"])
