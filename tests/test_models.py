@@ -372,9 +372,14 @@ def test_cards_that_cannot_be_honoured_are_one_line_errors(tmp_path):
     card = json.loads(card_file.read_text())
     # The entry point's function was renamed, then its file was removed.
     (tmp_path / "tiny_net.py").write_text(TINY_NET.replace("def build(", "def make("))
-    _one_line_error(weights, "cannot rebuild the model of .*tiny.safetensors from its card: .*'build' not found in .*tiny_net.py$")
+    _one_line_error(weights, "cannot rebuild the model of .*tiny.safetensors from its card: "
+                             ".*'build' not found in .*tiny_net.py$")
     (tmp_path / "tiny_net.py").unlink()
     _one_line_error(weights, "cannot rebuild .*entry point file not found: .*tiny_net.py")
+    # Arguments the entry point does not take.
+    (tmp_path / "tiny_net.py").write_text(TINY_NET)
+    card_file.write_text(json.dumps({**card, "arch_kwargs": {"depth": 3}}))
+    _one_line_error(weights, "cannot rebuild .*takes no argument.* depth")
     # The weights were changed after the card was written.
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
@@ -409,7 +414,8 @@ def test_malformed_cards_are_refused(fields, message):
 
 
 def test_card_keeps_preprocessing_for_streaming_loaders():
-    card = ModelCard.for_architecture("smallcnn", preprocessing={"resize": 32, "crop": [28, 28], "interpolation": "bilinear"})
+    streaming = {"resize": 32, "crop": [28, 28], "interpolation": "bilinear"}
+    card = ModelCard.for_architecture("smallcnn", preprocessing=streaming)
     assert card.preprocessing == {"input_size": [28, 28], "mean": [0.0], "std": [1.0],
                                   "resize": 32, "crop": [28, 28], "interpolation": "bilinear"}
     assert ModelCard.from_dict(json.loads(json.dumps(card.to_dict()))) == card

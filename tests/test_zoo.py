@@ -147,4 +147,5 @@ def test_old_checkpoint_joins_the_zoo(tmp_path, capsys, monkeypatch):
     assert _add_and_list(tmp_path / "old.safetensors", "old", zoo, capsys) == ["registry", "digits_cnn", "—"]
     monkeypatch.setenv("ROBUSTLAB_ZOO", str(zoo))
     card = load_model("zoo:old").card
-    assert (card.source, card.mean, card.sha256) == ("registry", (0.3053,), json.loads((golden / "digits_cnn.json").read_text())["sha256"])
+    sha256 = json.loads((golden / "digits_cnn.json").read_text())["sha256"]
+    assert (card.source, card.mean, card.sha256) == ("registry", (0.3053,), sha256)

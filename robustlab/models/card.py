@@ -78,7 +78,9 @@ def _preprocessing(value: Any) -> dict[str, Any]:
             try:
                 out[key] = [float(v) for v in out[key]]
             except (TypeError, ValueError):
-                raise RobustlabError(f"model card: preprocessing.{key} must be a list of numbers, got {out[key]!r}") from None
+                raise RobustlabError(
+                    f"model card: preprocessing.{key} must be a list of numbers, got {out[key]!r}"
+                ) from None
     if "mean" in out and "std" in out and len(out["mean"]) != len(out["std"]):
         raise RobustlabError("model card: preprocessing.mean and preprocessing.std need one value per channel each")
     if any(s <= 0 for s in out.get("std", ())):
@@ -92,16 +94,19 @@ def _defense(value: Any) -> list[dict[str, Any]]:
         raise RobustlabError(f"model card: defense must be a list of {{\"name\", \"params\"}} objects, got {value!r}")
     out = []
     for item in value:
+        what = f"the params of defense {item.get('name')!r}" if isinstance(item, Mapping) else ""
         if not isinstance(item, Mapping) or not isinstance(item.get("name"), str) or not item["name"]:
-            raise RobustlabError(f"model card: every defense needs a name: {{\"name\": ..., \"params\": {{...}}}}, got {item!r}")
+            raise RobustlabError(
+                f"model card: every defense needs a name: {{\"name\": ..., \"params\": {{...}}}}, got {item!r}"
+            )
         extra = sorted(set(item) - {"name", "params"})
         if extra:
             raise RobustlabError(f"model card: defense {item['name']!r} has unknown key(s) {', '.join(extra)}; "
                                  f"its options go in \"params\"")
         params = item.get("params") or {}
         if not isinstance(params, Mapping):
-            raise RobustlabError(f"model card: the params of defense {item['name']!r} must be an object, got {params!r}")
-        out.append({"name": item["name"], "params": _json_form(dict(params), f"the params of defense {item['name']!r}")})
+            raise RobustlabError(f"model card: {what} must be an object, got {params!r}")
+        out.append({"name": item["name"], "params": _json_form(dict(params), what)})
     return out
 
 
@@ -257,7 +262,8 @@ class ModelCard:
         ...) are keyword arguments."""
         if source not in ("entry-point", "external"):
             raise RobustlabError(f"for_entry_point makes 'entry-point' or 'external' cards, not {source!r}")
-        return cls(source=source, entry_point=portable_entry_point(entry_point), arch_kwargs=dict(kwargs or {}), **fields)
+        entry_point = portable_entry_point(entry_point)
+        return cls(source=source, entry_point=entry_point, arch_kwargs=dict(kwargs or {}), **fields)
 
     def with_defense(self, defense: list[dict[str, Any]]) -> ModelCard:
         """This card's model behind ``defense`` (``[{"name": ..., "params": {...}}, ...]``, applied in

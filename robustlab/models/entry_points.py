@@ -35,14 +35,19 @@ def split_entry_point(spec: str) -> tuple[str, str] | None:
     return None
 
 
+def _split(spec: str) -> tuple[str, str]:
+    entry = split_entry_point(spec)
+    if entry is None:
+        raise RobustlabError(f"{spec!r} is not an entry point: write path/to/file.py:function or "
+                             f"package.module:function")
+    return entry
+
+
 def portable_entry_point(spec: str) -> str:
     """``spec`` with a file target made absolute (so a card naming it works from any folder and
     after the checkpoint is copied, e.g. into the zoo); module targets are returned unchanged.
     Raises RobustlabError if ``spec`` is not an entry point."""
-    entry = split_entry_point(spec)
-    if entry is None:
-        raise RobustlabError(f"{spec!r} is not an entry point: write path/to/file.py:function or package.module:function")
-    target, attr = entry
+    target, attr = _split(spec)
     return f"{Path(target).resolve()}:{attr}" if target.endswith(".py") else spec
 
 
@@ -99,7 +104,8 @@ def _check_arguments(fn: Callable[..., Any], where: str, kwargs: Mapping[str, An
         return
     params = sig.parameters.values()
     if not any(p.kind is p.VAR_KEYWORD for p in params):
-        unknown = [k for k in kwargs if k not in sig.parameters or sig.parameters[k].kind is inspect.Parameter.POSITIONAL_ONLY]
+        keywords = {p.name for p in params if p.kind is not p.POSITIONAL_ONLY}
+        unknown = [k for k in kwargs if k not in keywords]
         if unknown:
             raise RobustlabError(f"entry point {where} takes no argument(s) {', '.join(unknown)}")
     required = [
@@ -121,10 +127,7 @@ def build_from_entry_point(spec: str, kwargs: Mapping[str, Any] | None = None) -
     e.g. ``Class.build``), call it with ``kwargs`` (none by default) and return the nn.Module it
     builds. Raises RobustlabError (one line) when the file, module or function is missing, the
     arguments do not fit, or the result is not an nn.Module."""
-    entry = split_entry_point(spec)
-    if entry is None:
-        raise RobustlabError(f"{spec!r} is not an entry point: write path/to/file.py:function or package.module:function")
-    target, attr = entry
+    target, attr = _split(spec)
     module = _import_file(Path(target)) if target.endswith(".py") else _import_module(target)
     fn = _resolve_attr(module, attr, spec)
     kwargs = dict(kwargs or {})
