@@ -1,14 +1,52 @@
-"""Small helpers shared by the attack tests (import as ``from helpers import ...``; pytest puts the
-tests folder on the path)."""
+"""Small helpers shared by the tests (import as ``from helpers import ...``; pytest puts the tests
+folder on the path)."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from robustlab.threat import ThreatModel
+
+# A model that is not in the registry: user code reached through an entry point (tiny_net.py:build).
+TINY_NET = """
+import torch.nn as nn
+
+
+class TinyNet(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Linear(width, 10))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def build(width=16):
+    return TinyNet(width)
+"""
+
+
+def save_tiny_net(folder: Path, width: int = 12, defense: list | None = None) -> tuple[nn.Module, Path]:
+    """Write tiny_net.py into ``folder``, build ``build(width=width)`` (seed 0, eval mode) and save it
+    as ``folder/tiny.safetensors`` with an entry-point card (behind ``defense`` if given).
+    Returns (model, weights path)."""
+    from robustlab.models import ModelCard, save_checkpoint
+    from robustlab.models.entry_points import build_from_entry_point
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tiny_net.py").write_text(TINY_NET)
+    torch.manual_seed(0)
+    spec = f"{folder / 'tiny_net.py'}:build"
+    model = build_from_entry_point(spec, {"width": width}).eval()
+    card = ModelCard.for_entry_point(spec, {"width": width}, num_classes=10, in_channels=1, dataset="digits:train",
+                                     preprocessing={"input_size": [8, 8]})
+    if defense:
+        card = card.with_defense(defense)
+    return model, save_checkpoint(model, folder / "tiny.safetensors", card)
 
 
 def gen(seed: int = 0) -> torch.Generator:

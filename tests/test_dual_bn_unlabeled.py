@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from robustlab import cli
+from robustlab.cli import train as cli_train
 from robustlab.cli import main
 from robustlab.errors import RobustlabError
 from robustlab.models import (
@@ -366,7 +366,7 @@ def test_resume_with_unlabeled_data_equals_uninterrupted(tmp_path, teacher_path,
     assert state["unlabeled_sampler"] == {"cursor": 2 * steps * 32, "n": 445}
     assert state["data"]["unlabeled"]["n"] == 445
 
-    real_say = cli._say
+    real_say = cli_train._say
 
     def kill_after_first_epoch(msg):
         real_say(msg)
@@ -374,9 +374,9 @@ def test_resume_with_unlabeled_data_equals_uninterrupted(tmp_path, teacher_path,
             raise KeyboardInterrupt
 
     resumed = tmp_path / "b.safetensors"
-    monkeypatch.setattr(cli, "_say", kill_after_first_epoch)
+    monkeypatch.setattr(cli_train, "_say", kill_after_first_epoch)
     assert main(_train_args(resumed, teacher_path)) == 130
-    monkeypatch.setattr(cli, "_say", real_say)
+    monkeypatch.setattr(cli_train, "_say", real_say)
     assert json.loads((tmp_path / "b.train" / "state.json").read_text())["unlabeled_sampler"]["cursor"] == steps * 32
     assert main([*_train_args(resumed, teacher_path), "--resume"]) == 0
     a, b = load_file(str(straight)), load_file(str(resumed))

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import TINY_NET, save_tiny_net
+from safetensors.torch import load_file
 
 from robustlab.errors import RobustlabError
 from robustlab.models import (
@@ -35,6 +39,7 @@ STABLE_NAMES = [
     "wideresnet",
     "cifar_cnn",
 ]
+GOLDEN = Path(__file__).parent / "golden"
 BIG = {"preact_resnet18", "wrn_28_10", "wrn_34_10"}  # forward a single image only
 OPTIONS = {"wideresnet": {"depth": 16, "widen_factor": 1}}  # the cheap WRN-16-1
 PARAMS = {  # parameter counts of the published architectures (10 classes)
@@ -250,11 +255,12 @@ def test_card_from_dict(tmp_path):
     json.dumps(data)  # JSON-serializable
     data["from_the_future"] = 1
     assert ModelCard.from_dict(data) == card
-    del data["mean"], data["architecture"]
-    with pytest.raises(RobustlabError, match="architecture, mean"):
+    del data["preprocessing"]["mean"], data["architecture"]
+    with pytest.raises(RobustlabError, match="architecture, preprocessing.mean"):
         ModelCard.from_dict(data)
+    two_channels = {**card.preprocessing, "mean": [0.1, 0.2], "std": [0.3, 0.3]}
     with pytest.raises(RobustlabError, match="one per channel"):
-        ModelCard.from_dict({**card.to_dict(), "mean": [0.1, 0.2]})
+        ModelCard.from_dict({**card.to_dict(), "preprocessing": two_channels})
     with pytest.raises(RobustlabError, match="JSON-serializable"):
         bad = ModelCard.for_architecture("lenet", training={"optimizer": object()})
         save_checkpoint(create_model("lenet"), tmp_path / "m", bad)
@@ -275,6 +281,144 @@ def test_raw_torch_state_dict_with_a_card(tmp_path):
     with pytest.raises(RobustlabError, match="raw state dict"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         load_checkpoint(path)
+
+
+# ---------------------------------------------------------------------------------- cards for any model
+
+
+def test_entry_point_model_round_trip(tmp_path, monkeypatch):
+    model, weights = save_tiny_net(tmp_path / "ckpt", width=12)
+    card = json.loads(weights.with_suffix(".json").read_text())
+    assert card["source"] == "entry-point" and card["architecture"] is None
+    # The file is recorded with an absolute path, so the checkpoint loads from anywhere.
+    assert card["entry_point"] == f"{tmp_path / 'ckpt' / 'tiny_net.py'}:build"
+    assert card["arch_kwargs"] == {"width": 12} and card["defense"] == []
+    assert card["preprocessing"] == {"input_size": [8, 8]} and len(card["sha256"]) == 64
+    monkeypatch.chdir(tmp_path)
+    loaded = load_model(str(weights))
+    assert (loaded.source, loaded.defense, loaded.card.source) == ("checkpoint", [], "entry-point")
+    assert not loaded.model.training and loaded.card.mean is None and loaded.card.input_size == (8, 8)
+    x = torch.rand(16, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded.model(x))
+    # Weights of other kwargs do not fit what the card builds: refused before anything is written.
+    other = ModelCard.for_entry_point(f"{tmp_path / 'ckpt' / 'tiny_net.py'}:build", {"width": 5})
+    with pytest.raises(RobustlabError, match="does not match the card's entry point .*wrong shape"):
+        save_checkpoint(model, tmp_path / "other.safetensors", other)
+    assert not (tmp_path / "other.safetensors").exists()
+
+
+def test_external_model_from_a_module_entry_point(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(64, 10)
+    card = ModelCard.for_entry_point("torch.nn:Linear", {"in_features": 64, "out_features": 10}, source="external")
+    loaded, loaded_card = load_checkpoint(save_checkpoint(model, tmp_path / "linear", card))
+    assert (loaded_card.source, loaded_card.entry_point) == ("external", "torch.nn:Linear")
+    x = torch.rand(4, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_defense_list_round_trips(tmp_path):
+    defense = [{"name": "jpeg", "params": {"quality": 75}}, {"name": "bit-depth"}]
+    model, weights = save_tiny_net(tmp_path, defense=defense)
+    card = json.loads(weights.with_suffix(".json").read_text())
+    assert card["source"] == "defended"
+    assert card["defense"] == [{"name": "jpeg", "params": {"quality": 75}}, {"name": "bit-depth", "params": {}}]
+    loaded = load_model(str(weights))
+    assert loaded.defense == card["defense"] and loaded.card == ModelCard.from_dict(card)
+    loaded.defense[0]["params"]["quality"] = 1  # a copy: the card is not changed through it
+    assert loaded.card.defense[0]["params"]["quality"] == 75
+    x = torch.rand(4, 1, 8, 8)
+    with torch.no_grad():  # the bare model: the defenses are the caller's to apply
+        assert torch.equal(model(x), loaded.model(x))
+    # A registry model behind a defense: its card keeps the architecture it is rebuilt from.
+    registry = ModelCard.for_architecture("digits_mlp").with_defense([{"name": "median", "params": {"k": 3}}])
+    _, back = load_checkpoint(save_checkpoint(create_model("digits_mlp"), tmp_path / "mlp", registry))
+    assert (back.source, back.architecture, back.defense) == ("defended", "digits_mlp", registry.defense)
+
+
+def test_old_card_loads_unchanged(tmp_path):
+    """A checkpoint written by the release before cards had source/preprocessing/defense."""
+    for suffix in (".json", ".safetensors"):
+        shutil.copyfile(GOLDEN / f"digits_cnn{suffix}", tmp_path / f"old{suffix}")
+    text = (tmp_path / "old.json").read_text()
+    assert "source" not in json.loads(text)
+    loaded = load_model(str(tmp_path / "old.safetensors"))
+    card = loaded.card
+    assert (card.source, card.architecture, card.entry_point, card.defense, loaded.defense) == (
+        "registry", "digits_cnn", None, [], [])
+    assert card.preprocessing == {"input_size": [8, 8], "mean": [0.3053], "std": [0.3761]}
+    assert (card.input_size, card.mean, card.std) == ((8, 8), (0.3053,), (0.3761,))
+    assert card.sha256 == json.loads(text)["sha256"] and card.robustlab_version == "0.1.0"
+    assert (tmp_path / "old.json").read_text() == text  # loading never rewrites a card
+    reference = create_model("digits_cnn", mean=(0.3053,), std=(0.3761,))
+    reference.load_state_dict(load_file(str(tmp_path / "old.safetensors")))
+    x = torch.rand(8, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(reference.eval()(x), loaded.model(x))
+
+
+def _one_line_error(path, match):
+    with pytest.raises(RobustlabError, match=match) as info:
+        load_checkpoint(path)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_cards_that_cannot_be_honoured_are_one_line_errors(tmp_path):
+    _, weights = save_tiny_net(tmp_path)
+    card_file = weights.with_suffix(".json")
+    card = json.loads(card_file.read_text())
+    # The entry point's function was renamed, then its file was removed.
+    (tmp_path / "tiny_net.py").write_text(TINY_NET.replace("def build(", "def make("))
+    _one_line_error(weights, "cannot rebuild the model of .*tiny.safetensors from its card: "
+                             ".*'build' not found in .*tiny_net.py$")
+    (tmp_path / "tiny_net.py").unlink()
+    _one_line_error(weights, "cannot rebuild .*entry point file not found: .*tiny_net.py")
+    # Arguments the entry point does not take.
+    (tmp_path / "tiny_net.py").write_text(TINY_NET)
+    card_file.write_text(json.dumps({**card, "arch_kwargs": {"depth": 3}}))
+    _one_line_error(weights, "cannot rebuild .*takes no argument.* depth")
+    # The weights were changed after the card was written.
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    _one_line_error(weights, "does not match its card .*sha256")
+    # A source this release does not know.
+    card_file.write_text(json.dumps({**card, "source": "magic"}))
+    _one_line_error(weights, "unknown source 'magic'; expected one of registry, entry-point, defended, external")
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"source": "entry-point"}, "source 'entry-point' needs an entry_point"),
+        ({"source": "external", "entry_point": "not an entry point"}, "entry_point must be"),
+        ({"source": "defended", "entry_point": "m:f"}, "'defended' needs a non-empty defense list"),
+        ({"source": "entry-point", "entry_point": "m:f", "defense": [{"name": "jpeg"}]}, "has source 'defended'"),
+        ({"source": "defended", "entry_point": "m:f", "defense": [{"params": {}}]}, "every defense needs a name"),
+        ({"source": "defended", "entry_point": "m:f", "defense": [{"name": "jpeg", "quality": 7}]},
+         "unknown key.*quality.*params"),
+        ({"source": "registry", "entry_point": "m:f", "architecture": "lenet"}, "registry model has no entry_point"),
+        ({"source": "entry-point", "entry_point": "m:f", "preprocessing": {"input_size": [8]}}, "input_size must be"),
+        ({"source": "entry-point", "entry_point": "m:f", "preprocessing": {"crop": 0}}, "crop must be"),
+        ({"source": "entry-point", "entry_point": "m:f", "preprocessing": {"mean": [0.5], "std": [0.5, 0.5]}},
+         "one value per channel"),
+        ({"architecture": "lenet"}, "missing required field.*num_classes, in_channels, preprocessing.input_size"),
+    ],
+)
+def test_malformed_cards_are_refused(fields, message):
+    with pytest.raises(RobustlabError, match=message):
+        ModelCard(**fields)
+
+
+def test_card_keeps_preprocessing_for_streaming_loaders():
+    streaming = {"resize": 32, "crop": [28, 28], "interpolation": "bilinear"}
+    card = ModelCard.for_architecture("smallcnn", preprocessing=streaming)
+    assert card.preprocessing == {"input_size": [28, 28], "mean": [0.0], "std": [1.0],
+                                  "resize": 32, "crop": [28, 28], "interpolation": "bilinear"}
+    assert ModelCard.from_dict(json.loads(json.dumps(card.to_dict()))) == card
 
 
 # ---------------------------------------------------------------------------------- load_model

@@ -4,7 +4,8 @@ Every model maps float NCHW images in [0, 1] to logits; normalization is its fir
 """
 
 from robustlab.models import resnet, small, wideresnet  # noqa: F401  (register the architectures)
-from robustlab.models.checkpoint import ModelCard, load_checkpoint, save_checkpoint
+from robustlab.models.card import SOURCES, ModelCard
+from robustlab.models.checkpoint import load_checkpoint, save_checkpoint
 from robustlab.models.dual_bn import DualBatchNorm, bn_branch, convert_to_dual_bn, set_bn_branch
 from robustlab.models.loading import LoadedModel, load_model
 from robustlab.models.mode import eval_mode, training_modules
@@ -17,6 +18,7 @@ __all__ = [
     "LoadedModel",
     "ModelCard",
     "Normalize",
+    "SOURCES",
     "bn_branch",
     "convert_to_dual_bn",
     "create_model",

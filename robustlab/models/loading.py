@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
-import inspect
-import re
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from robustlab.errors import RobustlabError
-from robustlab.models.checkpoint import CARD_SUFFIX, TORCH_SUFFIXES, WEIGHTS_SUFFIX, ModelCard, load_checkpoint
+from robustlab.models.card import ModelCard
+from robustlab.models.checkpoint import CARD_SUFFIX, TORCH_SUFFIXES, WEIGHTS_SUFFIX, load_checkpoint
 from robustlab.models.dual_bn import set_bn_branch
+from robustlab.models.entry_points import build_from_entry_point, split_entry_point
 from robustlab.models.registry import MODELS, create_model, list_models
 from robustlab.models.zoo import PREFIX, load_zoo_model
-
-_DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 
 @dataclass
@@ -31,12 +25,22 @@ class LoadedModel:
 
     source is "checkpoint", "zoo", "entry_point" or "registry"; card is None unless loaded from a
     checkpoint or the zoo.
+
+    ``model`` is the model the weights belong to, *without* the defenses its card may list:
+    ``defense`` is that list (``[{"name": ..., "params": {...}}, ...]``, applied in order in front of
+    the model; empty for a plain model). The models layer never imports robustlab.defenses; whoever
+    evaluates or attacks the model applies them (``robustlab eval`` does).
     """
 
     model: nn.Module
     card: ModelCard | None
     source: str
     spec: str
+
+    @property
+    def defense(self) -> list[dict[str, Any]]:
+        """The card's defense configs, in the order they wrap the model (a copy; [] without a card)."""
+        return [dict(d, params=dict(d["params"])) for d in self.card.defense] if self.card else []
 
 
 def _forms() -> str:
@@ -47,81 +51,6 @@ def _forms() -> str:
         f"no arguments and returns an nn.Module taking [0, 1] images; (c) zoo:NAME, a model of the local zoo "
         f"(robustlab zoo list); (d) a registry name: {names}"
     )
-
-
-def _import_file(path: Path) -> Any:
-    if not path.is_file():
-        raise RobustlabError(f"entry point file not found: {path}")
-    resolved = path.resolve()
-    name = f"robustlab_entry_{resolved.stem}_{hashlib.sha1(str(resolved).encode()).hexdigest()[:10]}"
-    spec = importlib.util.spec_from_file_location(name, resolved)
-    if spec is None or spec.loader is None:
-        raise RobustlabError(f"cannot import {path} as a Python file")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # so dataclasses, pickling and relative lookups inside it work
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(name, None)
-        raise
-    return module
-
-
-def _import_module(name: str) -> Any:
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name and (name == exc.name or name.startswith(exc.name + ".")):
-            raise RobustlabError(
-                f"cannot import module {name!r}: not found (install it, or put its folder on PYTHONPATH)"
-            ) from None
-        raise
-
-
-def _resolve_attr(module: Any, attr: str, where: str) -> Callable[..., Any]:
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise RobustlabError(f"entry point {where}: {attr!r} not found in {getattr(module, '__name__', module)}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise RobustlabError(f"entry point {where}: {attr!r} is a {type(obj).__name__}, not a function")
-    return obj
-
-
-def _call_entry_point(fn: Callable[..., Any], where: str) -> nn.Module:
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        sig = None
-    if sig is not None:
-        required = [
-            p.name
-            for p in sig.parameters.values()
-            if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        ]
-        if required:
-            raise RobustlabError(
-                f"entry point {where} requires argument(s) {', '.join(required)}; it is called with no "
-                f"arguments (give them defaults, or wrap it in a function that takes none)"
-            )
-    model = fn()
-    if not isinstance(model, nn.Module):
-        raise RobustlabError(
-            f"entry point {where} returned a {type(model).__name__}; it must return a torch.nn.Module "
-            f"mapping [0, 1] images to logits"
-        )
-    return model
-
-
-def split_entry_point(spec: str) -> tuple[str, str] | None:
-    """(target, attribute) if ``spec`` has the entry-point form 'file.py:fn' or 'pkg.module:fn', else None."""
-    target, sep, attr = spec.rpartition(":")
-    if not sep or not target or not _DOTTED.match(attr):
-        return None
-    if target.endswith(".py") or _DOTTED.match(target):
-        return target, attr
-    return None
 
 
 def load_model(spec: str, device: str | torch.device = "cpu", bn_branch: str | None = None) -> LoadedModel:
@@ -156,10 +85,7 @@ def _load(spec: str, device: str | torch.device) -> LoadedModel:
 
     entry = split_entry_point(spec)
     if entry is not None:
-        target, attr = entry
-        module = _import_file(Path(target)) if target.endswith(".py") else _import_module(target)
-        model = _call_entry_point(_resolve_attr(module, attr, spec), spec)
-        return LoadedModel(model.to(device), None, "entry_point", spec)
+        return LoadedModel(build_from_entry_point(spec).to(device), None, "entry_point", spec)
 
     if spec in MODELS:
         warnings.warn(

@@ -2,7 +2,9 @@
 (``zoo:NAME``) and verified by hash. The zoo's files never live in the repository.
 
 Folder: ``$ROBUSTLAB_ZOO``, else ``~/.robustlab/zoo``. Each entry is ``NAME.safetensors`` plus
-``NAME.json`` (its card, whose sha256 must match the weights).
+``NAME.json`` (its card, whose sha256 must match the weights). Any carded model can be an entry: a
+registry architecture, an entry-point or external model, or a defended one (its card's ``defense``
+list names the defenses; loading returns the bare model and the list, the caller applies them).
 """
 
 from __future__ import annotations

@@ -1,0 +1,45 @@
+"""The ``robustlab`` command: parse, build objects from registries, call the library.
+
+Problems the user can fix print one line ``robustlab: error: ...`` and exit with status 2; no
+traceback (set ROBUSTLAB_DEBUG=1 to see one for unexpected errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+
+from robustlab.cli import demo, eval, leaderboard, perturb, report, train, zoo
+from robustlab.cli.common import DEFAULT_DB, _say
+from robustlab.errors import RobustlabError
+
+__all__ = ["DEFAULT_DB", "build_parser", "main"]
+
+# One module per command, in the order `robustlab --help` lists them.
+COMMANDS = (train, eval, report, leaderboard, perturb, zoo, demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="robustlab", description="Measure and improve adversarial robustness.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RobustlabError as exc:
+        _say(f"robustlab: error: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        _say("robustlab: interrupted; finished batches are saved, continue with --resume")
+        return 130
+    except Exception as exc:  # an unexpected failure: short message unless debugging
+        if os.environ.get("ROBUSTLAB_DEBUG"):
+            raise
+        _say(f"robustlab: internal error: {type(exc).__name__}: {exc} (set ROBUSTLAB_DEBUG=1 for the traceback)")
+        return 1

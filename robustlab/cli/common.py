@@ -1,0 +1,82 @@
+"""What every command shares: argument converters, the device choice, messages on stderr, the
+default results store."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from robustlab.errors import RobustlabError
+
+DEFAULT_DB = "results.db"
+
+
+def _argument_type(convert):
+    """Turn a converter's RobustlabError into argparse's own error (usage line, exit status 2)."""
+
+    def wrapped(text: str):
+        try:
+            return convert(text)
+        except RobustlabError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    wrapped.__name__ = convert.__name__.strip("_")
+    return wrapped
+
+
+def _floats(text: str) -> list[float]:
+    from robustlab.attacks.base import parse_value
+
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        value = parse_value(part)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RobustlabError(f"{part!r} in {text!r} is not a number")
+        out.append(float(value))
+    return out
+
+
+def _number(text: str) -> float:
+    values = _floats(text)
+    if len(values) != 1:
+        raise RobustlabError(f"expected one number, got {text!r}")
+    return values[0]
+
+
+def _steps_grid(text: str) -> tuple[int, ...] | None:
+    if text.lower() in ("none", "off", ""):
+        return ()
+    if text.lower() == "auto":
+        return None
+    values = _floats(text)
+    if any(v != int(v) or v < 1 for v in values):
+        raise RobustlabError(f"the steps grid must be whole numbers >= 1, got {text!r}")
+    return tuple(int(v) for v in values)
+
+
+def _device(name: str | None):
+    import torch
+
+    if name in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RobustlabError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RobustlabError("--device cuda was asked for but no CUDA device is available")
+    return device
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _require_db(db: str) -> None:
+    if not Path(db).is_file():
+        raise RobustlabError(f"no results store at {db}; run `robustlab eval ... --db {db}` first")
+

@@ -1,0 +1,149 @@
+"""``robustlab eval``: clean and robust accuracy under an attack ensemble, recorded in the results store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from robustlab.cli.common import DEFAULT_DB, _argument_type, _device, _floats, _number, _say, _steps_grid
+from robustlab.errors import RobustlabError
+
+if TYPE_CHECKING:
+    import torch
+
+    from robustlab.models import LoadedModel
+
+
+# ---------------------------------------------------------------------- HOOK: defenses of a model card
+# A card with source "defended" lists defenses (``loaded.defense``: [{"name": ..., "params": {...}}, ...],
+# applied in order in front of the model). The models layer returns the bare model and never imports
+# robustlab.defenses; this is the one place the CLI turns a loaded model into what is evaluated or
+# attacked (``robustlab eval`` and ``robustlab perturb`` call it). To wire it: build the defended
+# model with ``robustlab.defenses.apply_defenses(loaded.model, loaded.defense)`` and return it.
+
+
+def apply_card_defenses(loaded: LoadedModel) -> torch.nn.Module:
+    """The model to evaluate: ``loaded.model`` (already on its device) behind the defenses its card
+    lists, in order; ``loaded.model`` itself when the list is empty. Until robustlab.defenses is
+    wired in here, a non-empty list is a RobustlabError naming the first defense."""
+    if not loaded.defense:
+        return loaded.model
+    names = ", ".join(d["name"] for d in loaded.defense)
+    raise RobustlabError(
+        f"defense {loaded.defense[0]['name']} needs robustlab.defenses: {loaded.spec} is a defended model "
+        f"(defenses {names}), and this robustlab cannot apply them yet"
+    )
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from robustlab import distributed
+    from robustlab.attacks import build_attacks
+    from robustlab.data import load_dataset
+    from robustlab.eval.runner import EvalOptions, evaluate
+    from robustlab.eval.store import ResultsStore
+    from robustlab.models import load_model
+    from robustlab.models.dual_bn import current_bn_branch
+    from robustlab.report.plots import wilson_interval
+    from robustlab.report.text import format_summary
+    from robustlab.threat import ThreatModel
+
+    threat = ThreatModel(args.norm, args.eps)
+    attacks = build_attacks(args.attack or ["pgd"], threat)
+    if args.n is not None and args.n < 1:
+        raise RobustlabError(f"--n must be >= 1, got {args.n}")
+    data = load_dataset(args.data, args.split, root=args.data_root)
+    if args.n:
+        data = data.subset(args.n)
+    device = _device(args.device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_model(args.model, device=device, bn_branch=args.bn)
+    for w in caught:
+        _say(f"robustlab: warning: {w.message}")
+    loaded.model.to(device)
+    model = apply_card_defenses(loaded)  # HOOK (defenses): the model behind its card's defenses
+    info = {"source": loaded.source, "spec": args.model, "card": loaded.card.to_dict() if loaded.card else None}
+    extra: dict[str, Any] = {"classes": list(data.classes)}
+    branch = current_bn_branch(model)
+    if branch is not None:  # a dual-BN model: which branch was evaluated is part of the run
+        info["bn_branch"] = extra["bn_branch"] = branch
+    options = EvalOptions(
+        eps_grid=tuple(args.eps_grid or ()),
+        steps_grid=args.steps_grid,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        sanity=not args.no_sanity,
+        extra=extra,
+    )
+    # Under torchrun: every rank attacks its share of the batches; rank 0 owns the store and prints.
+    distributed.init_from_env()
+    store = ResultsStore(args.db) if distributed.is_main() else None
+    try:
+        result = evaluate(model, data, attacks, store, model_name=args.model, model_info=info, options=options,
+                          resume=args.resume, device=device, log=_say)
+    finally:
+        if store is not None:
+            store.close()
+    if not distributed.is_main():
+        return 0
+    s = result.summary
+    if args.json:
+        out = {
+            "run_id": result.run_id,
+            "db": str(Path(args.db)),
+            "resumed": result.resumed,
+            "model": args.model,
+            "dataset": data.name,
+            "split": data.split,
+            "n": s["n"],
+            "threat": s["threat"],
+            "clean_accuracy": s["clean_accuracy"],
+            "robust_accuracy": s["robust_accuracy"],
+            "ci95": {k: wilson_interval(s[f"{k}_accuracy"], s["n"]) for k in ("clean", "robust")},
+            "attacks": [
+                {k: a[k] for k in ("name", "params", "robust_accuracy", "seconds", "broken", "gradients", "forwards")}
+                for a in s["attacks"]
+            ],
+            "eps_curve": s["eps_curve"],
+            "steps_curve": s["steps_curve"],
+            "checks": result.checks,
+            "seconds": s["seconds"],
+        }
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_summary(s, result.checks))
+        print(f"run {result.run_id} in {args.db}; `robustlab report {result.run_id} --db {args.db}` writes the report")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser("eval", help="evaluate clean and robust accuracy under an attack ensemble")
+    e.add_argument("--model", required=True, help="registry name, checkpoint path, or file.py:function / module:function")
+    e.add_argument("--data", required=True)
+    e.add_argument("--split", default="test")
+    e.add_argument("--data-root")
+    e.add_argument("--n", "--num-examples", dest="n", type=int,
+                   help="evaluate the first N examples of the split, in order (under torchrun, whose own "
+                   "parser takes --n for its --nnodes, write --num-examples)")
+    e.add_argument("--batch-size", type=int, default=128)
+    e.add_argument("--norm", required=True, help="linf, l2 or l1")
+    e.add_argument("--eps", required=True, type=_argument_type(_number), help="radius in [0, 1] pixel units (fractions like 8/255 work)")
+    e.add_argument("--eps-grid", type=_argument_type(_floats), help="comma-separated epsilons for the robustness curve")
+    e.add_argument("--steps-grid", type=_argument_type(_steps_grid), default=None,
+                   help="strengths (iterations, or queries for black-box attacks) for the attack-strength curve "
+                   "of the first attack that has one (auto, none, or 1,5,10)")
+    e.add_argument("--attack", action="append", metavar="NAME[:key=value,...]",
+                   help="attack to run (repeat for an ensemble, run in order), a suite (standard, rand), or an "
+                   "ensemble file (.txt: one spec per line, .json: a list); default pgd")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--db", default=DEFAULT_DB, help=f"results store (SQLite), default {DEFAULT_DB}")
+    e.add_argument("--resume", action="store_true", help="continue an unfinished run with the same configuration")
+    e.add_argument("--no-sanity", action="store_true", help="skip the gradient-masking sanity checks")
+    e.add_argument("--bn", choices=["clean", "adv"],
+                   help="for a model with dual batch norm: evaluate this branch (default: the card's test_branch)")
+    e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    e.set_defaults(func=cmd_eval)

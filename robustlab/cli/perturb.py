@@ -1,0 +1,44 @@
+"""``robustlab perturb``: perturb every image of a folder and write the results as PNG."""
+
+from __future__ import annotations
+
+import argparse
+
+from robustlab.cli.common import _argument_type, _device, _number, _say
+from robustlab.errors import RobustlabError
+
+
+def cmd_perturb(args: argparse.Namespace) -> int:
+    from robustlab.attacks import build_attacks
+    from robustlab.attacks.ssp import perturb_folder
+    from robustlab.cli.eval import apply_card_defenses
+    from robustlab.models import load_model
+    from robustlab.threat import ThreatModel
+
+    attacks = build_attacks([args.attack], ThreatModel(args.norm, args.eps))
+    if len(attacks) != 1:
+        raise RobustlabError("perturb takes one attack, not a suite")
+    device = _device(args.device)
+    model = apply_card_defenses(load_model(args.model, device=device))
+    result = perturb_folder(attacks[0], model, args.images, args.out, image_size=args.image_size,
+                            batch_size=args.batch_size, seed=args.seed)
+    _say(f"{len(result.files)} images written to {args.out}; the model's prediction changed on "
+         f"{100 * result.change_rate:.1f}% of them")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    pt = sub.add_parser("perturb", help="perturb every image of a folder (no labels needed), e.g. with the "
+                        "label-free ssp attack, and write the results as PNG")
+    pt.add_argument("--model", required=True, help="the model whose predictions are attacked")
+    pt.add_argument("--attack", default="ssp", metavar="NAME[:key=value,...]",
+                    help="default ssp (feature-space, label-free); any untargeted attack works")
+    pt.add_argument("--norm", required=True)
+    pt.add_argument("--eps", required=True, type=_argument_type(_number))
+    pt.add_argument("--images", required=True, help="folder of images (sub-folders included)")
+    pt.add_argument("--out", required=True, help="output folder (same relative names, .png)")
+    pt.add_argument("--image-size", type=int, help="resize every image to this square size first")
+    pt.add_argument("--batch-size", type=int, default=64)
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--device", default="auto")
+    pt.set_defaults(func=cmd_perturb)
