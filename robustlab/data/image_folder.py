@@ -25,7 +25,7 @@ import torch
 
 from robustlab.data.arrays import uint8_images_to_tensor
 from robustlab.data.catalog import DATASETS
-from robustlab.data.dataset import Dataset, check_class_names
+from robustlab.data.dataset import Dataset, as_positions, check_class_names
 from robustlab.errors import RobustlabError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
@@ -119,8 +119,9 @@ class ImageFolderDataset(Dataset):
             pixels[k] = self._decode(i)
         return uint8_images_to_tensor(pixels, str(self.files[order[0]].parent))
 
-    def read_images(self, positions: range | torch.Tensor) -> list[torch.Tensor]:
+    def read_images(self, positions: range | Sequence[int] | torch.Tensor) -> list[torch.Tensor]:
         """The images at ``positions`` one by one, each float32 (1, C, H, W) at its own size."""
+        positions = as_positions(positions, len(self))
         order = list(positions) if isinstance(positions, range) else positions.tolist()
         return [uint8_images_to_tensor(self._decode(i)[None], str(self.files[i])) for i in order]
 

@@ -236,7 +236,7 @@ def describe_transform(t: Callable[..., torch.Tensor]) -> dict[str, Any]:
 
 def check_transformed(out: object, n: int, t: BatchTransform) -> torch.Tensor:
     """The output of transform ``t`` on ``n`` images, checked: float32 (n, C, H, W) in [0, 1];
-    returned contiguous in the default memory format."""
+    returned in the standard contiguous layout (:func:`standard_layout`)."""
     what = f"transform {t!r}"
     if not isinstance(out, torch.Tensor) or out.dim() != 4 or out.shape[0] != n:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -247,7 +247,17 @@ def check_transformed(out: object, n: int, t: BatchTransform) -> torch.Tensor:
         lo, hi = torch.aminmax(out)
         if not (float(lo) >= 0.0 and float(hi) <= 1.0):  # also catches NaN
             raise RobustlabError(f"{what} returned values outside [0, 1] ({float(lo):.4g}..{float(hi):.4g}); clamp them")
-    return out.contiguous()
+    return standard_layout(out)
+
+
+def standard_layout(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (N, C, H, W) with the strides of a fresh contiguous tensor, copied only if it lacks
+    them. (``.contiguous()`` is not enough: with one channel a permuted tensor counts as contiguous,
+    and convolutions then take other kernels, slower and with other rounding.)"""
+    _, c, h, w = x.shape
+    if x.stride() == (c * h * w, h * w, w, 1):
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
 
 
 def resize_center_crop(
