@@ -658,6 +658,9 @@ def test_streaming_folder_equals_in_memory_folder(tmp_path):
         assert torch.equal(x[i], expected)
     assert torch.equal(lazy.materialize().x, eager.x)
     assert [len(b[2]) for b in lazy.batches(4)] == [4, 4, 1]
+    for empty in (range(3, 3), [], torch.zeros(0, dtype=torch.long)):
+        x, y = lazy.batch(empty)
+        assert x.shape == (0, 3, 6, 5) and x.dtype == torch.float32 and y.shape == (0,)
 
 
 def test_streaming_folder_decodes_only_the_requested_files(tmp_path, monkeypatch):

@@ -88,6 +88,8 @@ class Dataset(abc.ABC):
         ``generator`` is handed to random transforms."""
         positions = as_positions(indices, len(self))
         labels = self.labels
+        if len(positions) == 0:
+            return torch.empty((0, *self.image_shape)), labels[:0]
         y = labels[positions.start : positions.stop] if isinstance(positions, range) else labels[positions]
         return self._read(positions, generator), y
 
@@ -196,9 +198,16 @@ class ImageDataset(Dataset):
         self, indices: range | slice | Sequence[int] | np.ndarray | torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x[a:b], y[a:b])`` for ``range(a, b)`` (views, no copy), else ``(x[idx], y[idx])``."""
-        if type(indices) is range and indices.step == 1 and 0 <= indices.start <= indices.stop <= self.x.shape[0]:
-            return self.x[indices.start : indices.stop], self.y[indices.start : indices.stop]
+        if indices.__class__ is range:  # the evaluation runner's call: kept to a few attribute reads
+            a, b = indices.start, indices.stop
+            if indices.step == 1 and 0 <= a <= b <= self._n:
+                return self.x[a:b], self.y[a:b]
         return super().batch(indices, generator)
+
+    def __setattr__(self, key: str, value: object) -> None:
+        object.__setattr__(self, key, value)
+        if key == "x" and isinstance(value, torch.Tensor) and value.dim() > 0:
+            object.__setattr__(self, "_n", int(value.shape[0]))  # the bound batch() checks ranges against
 
     def _read(self, positions: range | torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         return self.x[positions.start : positions.stop] if isinstance(positions, range) else self.x[positions]
