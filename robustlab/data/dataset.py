@@ -133,6 +133,11 @@ class Dataset(abc.ABC):
             x[start:stop] = self._read(range(start, stop), generator)
         return ImageDataset(self.name, self.split, x, self.labels.clone(), list(self.classes))
 
+    def read_images(self, positions: range | Sequence[int] | torch.Tensor) -> list[torch.Tensor]:
+        """The images at ``positions`` one by one, each float32 (1, C, H, W); a source of mixed
+        image sizes overrides this to give each at its own size (``batch`` cannot stack them)."""
+        return [self._read(range(i, i + 1), None) for i in position_list(as_positions(positions, len(self)))]
+
     def _first_image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of the first image as ``_read`` gives it (differs from ``image_shape`` only for
         sets of mixed sizes)."""
@@ -258,7 +263,7 @@ class TransformedDataset(Dataset):
         if self.source.uniform_size:
             x = self.source._read(positions, generator)
             return check_transformed(t(x, generator), x.shape[0], t)
-        images = self.source.read_images(positions)  # type: ignore[attr-defined]
+        images = self.source.read_images(positions)
         out = [check_transformed(t(x, generator), 1, t) for x in images]
         if len({tuple(o.shape) for o in out}) > 1:
             raise RobustlabError(
@@ -305,6 +310,11 @@ def as_positions(indices: object, n: int) -> range | torch.Tensor:
             bad = int(lo) if int(lo) < 0 else int(hi)
             raise RobustlabError(f"index {bad} is out of range for a data set of {n} examples")
     return idx
+
+
+def position_list(positions: range | torch.Tensor) -> list[int]:
+    """Positions from :func:`as_positions` as a list of ints."""
+    return list(positions) if isinstance(positions, range) else positions.tolist()
 
 
 def check_class_names(classes: object, what: str) -> list[str]:

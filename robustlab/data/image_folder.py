@@ -25,7 +25,7 @@ import torch
 
 from robustlab.data.arrays import uint8_images_to_tensor
 from robustlab.data.catalog import DATASETS
-from robustlab.data.dataset import Dataset, as_positions, check_class_names
+from robustlab.data.dataset import Dataset, as_positions, check_class_names, position_list
 from robustlab.errors import RobustlabError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
@@ -111,7 +111,7 @@ class ImageFolderDataset(Dataset):
 
     def _read(self, positions: range | torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         c, h, w = self.image_shape
-        order = list(positions) if isinstance(positions, range) else positions.tolist()
+        order = position_list(positions)
         if not order:
             return torch.empty((0, c, h, w))
         pixels = np.empty((len(order), h, w, c), dtype=np.uint8)
@@ -121,12 +121,11 @@ class ImageFolderDataset(Dataset):
 
     def read_images(self, positions: range | Sequence[int] | torch.Tensor) -> list[torch.Tensor]:
         """The images at ``positions`` one by one, each float32 (1, C, H, W) at its own size."""
-        positions = as_positions(positions, len(self))
-        order = list(positions) if isinstance(positions, range) else positions.tolist()
+        order = position_list(as_positions(positions, len(self)))
         return [uint8_images_to_tensor(self._decode(i)[None], str(self.files[i])) for i in order]
 
     def _select(self, positions: range | torch.Tensor) -> "ImageFolderDataset":
-        order = list(positions) if isinstance(positions, range) else positions.tolist()
+        order = position_list(positions)
         return ImageFolderDataset(
             self.name, self.split, [self.files[i] for i in order], self._labels[order], self.classes,
             self.channels, self.sizes[order], self.image_size,
