@@ -13,7 +13,21 @@ import numpy as np
 import pytest
 import torch
 
-from robustlab.data import DATASETS, ImageDataset, default_data_root, list_datasets, load_dataset
+from robustlab.data import (
+    DATASETS,
+    CenterCrop,
+    Dataset,
+    ImageDataset,
+    ImageFolderDataset,
+    Resize,
+    ResizeShorter,
+    TransformedDataset,
+    default_data_root,
+    list_datasets,
+    load_dataset,
+    resize_center_crop,
+    transform_for_model,
+)
 from robustlab.data.digits import digits_arrays, digits_split_indices
 from robustlab.data.safe_pickle import load_restricted_pickle
 from robustlab.errors import RobustlabError
@@ -576,3 +590,266 @@ def test_imagefolder_skips_hidden_folders(tmp_path):
     _png(tmp_path / "b" / "nested" / "2.PNG", np.full((3, 3), 255, np.uint8))
     ds = load_dataset("imagefolder", root=tmp_path)
     assert ds.classes == ["a", "b"] and ds.y.tolist() == [0, 1]
+
+
+# --------------------------------------------------------------------------- the Dataset protocol
+
+
+def _standard_layout(x: torch.Tensor) -> bool:
+    """Contiguous with the strides of a fresh tensor (is_contiguous() also passes a permuted
+    one-channel tensor, whose strides send convolutions to other kernels)."""
+    return x.stride() == torch.empty(x.shape).stride()
+
+
+def test_in_memory_batch_is_exactly_slicing():
+    ds = load_dataset("digits", "test")
+    assert isinstance(ds, Dataset) and ds.in_memory
+    assert ds.labels is ds.y and ds.labels.dtype == torch.int64
+    for a, b in ((0, 64), (64, 128), (400, 445), (10, 10)):
+        x, y = ds.batch(range(a, b))
+        assert torch.equal(x, ds.x[a:b]) and torch.equal(y, ds.y[a:b])
+        assert x.data_ptr() == ds.x[a:b].data_ptr() and x.stride() == ds.x[a:b].stride()  # views, no copy
+        assert _standard_layout(x) and x.dtype == torch.float32
+        xs, ys = ds.batch(slice(a, b))
+        assert torch.equal(xs, x) and torch.equal(ys, y)
+    idx = [5, 0, 5, 444]
+    for form in (idx, np.array(idx), torch.tensor(idx), range(0, 8, 2)):
+        x, y = ds.batch(form)
+        expected = torch.as_tensor(list(form))
+        assert torch.equal(x, ds.x[expected]) and torch.equal(y, ds.y[expected]) and _standard_layout(x)
+    for bad in (range(440, 446), [445], [-1], torch.tensor([[1]]), [0.5]):
+        with pytest.raises(RobustlabError, match="out of range|one-dimensional|integer"):
+            ds.batch(bad)
+
+
+def _gray_rgb_folder(root: Path, n_per_class: int = 4) -> dict[str, np.ndarray]:
+    """Class folders a (grey PNGs) and b (RGB PNGs, one JPEG), 6x5 pixels; returns the pixels by file name."""
+    rng = np.random.default_rng(7)
+    written = {}
+    for k in range(n_per_class):
+        grey = rng.integers(0, 256, size=(6, 5), dtype=np.uint8)
+        rgb = rng.integers(0, 256, size=(6, 5, 3), dtype=np.uint8)
+        _png(root / "a" / f"{k}.png", grey)
+        _png(root / "b" / f"{k}.png", rgb)
+        written[f"a/{k}.png"], written[f"b/{k}.png"] = np.repeat(grey[:, :, None], 3, axis=2), rgb
+    from PIL import Image
+
+    Image.fromarray(rng.integers(0, 256, size=(6, 5, 3), dtype=np.uint8)).save(root / "b" / "z.JPG", quality=90)
+    return written
+
+
+def test_streaming_folder_equals_in_memory_folder(tmp_path):
+    written = _gray_rgb_folder(tmp_path)
+    lazy = load_dataset("imagefolder", root=tmp_path, stream=True)
+    eager = load_dataset("imagefolder", root=tmp_path, stream=False)
+    assert isinstance(lazy, ImageFolderDataset) and not hasattr(lazy, "x") and not lazy.in_memory
+    assert isinstance(eager, ImageDataset) and isinstance(load_dataset("imagefolder", root=tmp_path), ImageDataset)
+    assert len(lazy) == len(eager) == 9 and lazy.classes == eager.classes == ["a", "b"]
+    assert lazy.image_shape == eager.image_shape == (3, 6, 5) and lazy.num_classes == 2
+    assert torch.equal(lazy.labels, eager.y) and lazy.labels.tolist() == [0] * 4 + [1] * 5
+    for positions in (range(0, 9), range(2, 5), [8, 0, 0, 4], torch.tensor([3])):
+        x, y = lazy.batch(positions)
+        xe, ye = eager.batch(positions)
+        assert torch.equal(x, xe) and torch.equal(y, ye)
+        assert x.dtype == torch.float32 and _standard_layout(x) and y.dtype == torch.int64
+    x, _ = lazy.batch(range(0, 8))  # the PNGs are lossless: exactly the pixels written
+    for i, path in enumerate(lazy.files[:8]):
+        expected = torch.from_numpy(written[f"{path.parent.name}/{path.name}"]).permute(2, 0, 1).float() / 255
+        assert torch.equal(x[i], expected)
+    assert torch.equal(lazy.materialize().x, eager.x)
+    assert [len(b[2]) for b in lazy.batches(4)] == [4, 4, 1]
+    for empty in (range(3, 3), [], torch.zeros(0, dtype=torch.long)):
+        x, y = lazy.batch(empty)
+        assert x.shape == (0, 3, 6, 5) and x.dtype == torch.float32 and y.shape == (0,)
+
+
+def test_streaming_folder_decodes_only_the_requested_files(tmp_path, monkeypatch):
+    import robustlab.data.image_folder as image_folder
+
+    _gray_rgb_folder(tmp_path)
+    decoded: list[str] = []
+    real = image_folder.decode_image
+
+    def counting(path, *args, **kwargs):
+        decoded.append(f"{Path(path).parent.name}/{Path(path).name}")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(image_folder, "decode_image", counting)
+    lazy = load_dataset("imagefolder", root=tmp_path, stream=True)
+    assert decoded == []  # loading reads headers only
+    lazy.batch([6, 1])
+    assert decoded == ["b/2.png", "a/1.png"]
+    decoded.clear()
+    lazy.batch(range(3, 5))
+    assert decoded == ["a/3.png", "b/0.png"]
+    decoded.clear()
+    sub, picked = lazy.subset(3), lazy.take([8, 2])
+    assert decoded == []  # subset and take select files, decoding nothing
+    assert len(sub) == 3 and sub.labels.tolist() == [0, 0, 0] and sub.files == lazy.files[:3]
+    assert picked.labels.tolist() == [1, 0] and torch.equal(picked.batch(range(0, 2))[0], lazy.batch([8, 2])[0])
+    assert len(lazy.take(lazy.labels == 1)) == 5 and len(lazy.subset(100)) == 9
+    decoded.clear()
+    resized = lazy.with_transform(resize_center_crop(4)).take([0, 5])
+    assert resized.image_shape == (3, 4, 4) and decoded == []  # the shape comes without decoding
+    assert resized.batch(range(0, 2))[0].shape == (2, 3, 4, 4) and decoded == ["a/0.png", "b/1.png"]
+    with pytest.raises(RobustlabError, match="out of range"):
+        lazy.take([9])
+    with pytest.raises(RobustlabError, match="no examples"):
+        lazy.take([])
+
+
+def test_size_decides_in_memory_or_streaming(tmp_path, monkeypatch):
+    import robustlab.data.catalog as catalog
+
+    _gray_rgb_folder(tmp_path)  # 9 RGB images of 6x5: 3,240 bytes as float32
+    assert isinstance(load_dataset("imagefolder", root=tmp_path), ImageDataset)
+    monkeypatch.setattr(catalog, "EAGER_LIMIT_BYTES", 3239)
+    assert isinstance(load_dataset("imagefolder", root=tmp_path), ImageFolderDataset)
+    assert isinstance(load_dataset("imagefolder", root=tmp_path, stream=False), ImageDataset)
+    # arrays already in memory stay so; a resize of them streams when large, else is applied now
+    assert isinstance(load_dataset("digits", image_size=4, stream=True), TransformedDataset)
+    monkeypatch.setattr(catalog, "EAGER_LIMIT_BYTES", 10**9)
+    assert isinstance(load_dataset("digits", image_size=4), ImageDataset)
+    with pytest.raises(RobustlabError, match="stream"):
+        load_dataset("digits", stream="yes")
+
+
+def test_imagenet_layout_streams_with_resize_and_crop(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    for wnid, sizes in (("n01440764", [(40, 30), (30, 50)]), ("n01443537", [(36, 36)])):
+        for k, (w, h) in enumerate(sizes):
+            folder = tmp_path / "val" / wnid
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(
+                folder / f"ILSVRC2012_val_{wnid}_{k}.JPEG", quality=95
+            )
+    (tmp_path / "meta.bin").write_bytes(b"never unpickled")
+    with pytest.raises(RobustlabError, match="different sizes.*image_size"):
+        load_dataset("imagefolder", "val", root=tmp_path, stream=True)
+    crop = resize_center_crop(16, crop_pct=0.8)  # shorter side to 20, then the centre 16x16
+    ds = load_dataset("imagefolder", "val", root=tmp_path, transform=crop, stream=True)
+    assert isinstance(ds, TransformedDataset) and ds.classes == ["n01440764", "n01443537"]
+    assert ds.image_shape == (3, 16, 16) and ds.labels.tolist() == [0, 0, 1]
+    x, y = ds.batch(range(0, 3))
+    assert x.shape == (3, 3, 16, 16) and y.tolist() == [0, 0, 1]
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+    # image by image: what the transform gives on each image decoded alone
+    for i in range(3):
+        alone = ds.source.read_images([i])[0]
+        assert torch.equal(x[i : i + 1], crop(alone))
+    assert torch.equal(ds.materialize().x, x) and torch.equal(ds.subset(2).batch([1])[0], x[1:2])
+
+
+def test_transforms_resize_shorter_side_and_crop_the_centre():
+    # a horizontal ramp 8 high, 12 wide: the centre crop keeps the middle columns
+    ramp = torch.linspace(0, 1, 12).expand(1, 3, 8, 12).contiguous()
+    assert ResizeShorter(4).output_shape((3, 8, 12)) == (3, 4, 6)
+    assert ResizeShorter(4)(ramp).shape == (1, 3, 4, 6)
+    assert ResizeShorter(6)(ramp.transpose(2, 3)).shape == (1, 3, 9, 6)
+    crop = CenterCrop((8, 4))(ramp)
+    assert torch.equal(crop, ramp[:, :, :, 4:8]) and crop.is_contiguous()
+    with pytest.raises(RobustlabError, match="cannot crop"):
+        CenterCrop(9)(ramp)
+    # timm's crop_pct: 224 / 0.875 = 256 on the shorter side, then the centre 224
+    t = resize_center_crop(224, crop_pct=0.875)
+    assert t.transforms[0].size == 256 and t.output_shape((3, 300, 400)) == (3, 224, 224)
+    x = torch.rand(2, 3, 300, 400)
+    out = t(x)
+    assert out.shape == (2, 3, 224, 224) and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    assert abs(float(out.mean()) - float(x.mean())) < 0.01
+    const = torch.full((1, 1, 30, 20), 0.25)
+    assert torch.allclose(t(const), torch.full((1, 1, 224, 224), 0.25))
+    # from a model config: robustlab's (H, W), timm's (C, H, W) with crop_pct, an explicit resize
+    from robustlab.models import model_config
+
+    assert transform_for_model(model_config("smallcnn")).output_shape((1, 40, 28)) == (1, 28, 28)
+    timm_like = transform_for_model({"input_size": (3, 224, 224), "crop_pct": 0.9})
+    assert timm_like.transforms[0].size == 248
+    assert transform_for_model({"input_size": 32, "resize": 36}).transforms[0].size == 36
+    assert Resize(5)(torch.rand(1, 1, 8, 8)).shape == (1, 1, 5, 5)
+    assert resize_center_crop(16).config() == {
+        "name": "compose",
+        "params": {"transforms": [{"name": "resize_shorter", "params": {"size": 16}},
+                                  {"name": "center_crop", "params": {"size": [16, 16]}}]},
+    }
+    for bad in (dict(input_size=0), dict(input_size=16, crop_pct=1.5), dict(input_size="16")):
+        with pytest.raises(RobustlabError):
+            resize_center_crop(**bad)
+
+
+def test_transform_seam_on_in_memory_sets_and_generators():
+    ds = load_dataset("digits", "test")
+    up = ds.with_transform(Resize(16))
+    assert not hasattr(up, "x") and up.image_shape == (1, 16, 16) and len(up) == len(ds)
+    x, y = up.batch(range(10, 20))
+    assert torch.equal(x, Resize(16)(ds.x[10:20])) and torch.equal(y, ds.y[10:20])
+    assert torch.equal(up.take([3, 1]).batch(range(0, 2))[0], up.batch([3, 1])[0])
+
+    def noise(batch, generator=None):  # a corruption: random, reproducible from the generator
+        return (batch + 0.1 * torch.randn(batch.shape, generator=generator)).clamp(0, 1)
+
+    noisy = ds.with_transform(noise)
+    assert noisy.image_shape == (1, 8, 8)  # found by running it once
+    a = noisy.batch(range(0, 5), generator=torch.Generator().manual_seed(1))[0]
+    b = noisy.batch(range(0, 5), generator=torch.Generator().manual_seed(1))[0]
+    c = noisy.batch(range(0, 5), generator=torch.Generator().manual_seed(2))[0]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    chained = noisy.with_transform(Resize(4))
+    assert chained.image_shape == (1, 4, 4) and chained.batch(range(0, 2))[0].shape == (2, 1, 4, 4)
+    mem = up.subset(3).materialize()
+    assert isinstance(mem, ImageDataset) and torch.equal(mem.x, Resize(16)(ds.x[:3]))
+    with pytest.raises(RobustlabError, match=r"outside \[0, 1\]"):
+        ds.with_transform(lambda b: b * 2).batch(range(0, 4))
+    with pytest.raises(RobustlabError, match="must return a batch"):
+        ds.with_transform(lambda b: b[0]).batch(range(0, 4))
+    with pytest.raises(RobustlabError, match="float32"):
+        ds.with_transform(lambda b: b.double()).batch(range(0, 4))
+    with pytest.raises(RobustlabError, match="callable"):
+        ds.with_transform("resize")
+
+
+def test_streaming_folder_errors_name_the_file(tmp_path):
+    _png(tmp_path / "a" / "1.png", np.zeros((8, 8, 3), np.uint8))
+    _png(tmp_path / "a" / "2.png", _rng_images(1, 8, 8, 3)[0])
+    good = (tmp_path / "a" / "2.png").read_bytes()
+    (tmp_path / "a" / "2.png").write_bytes(good[: len(good) // 2])  # header intact, pixels cut off
+    lazy = load_dataset("imagefolder", root=tmp_path, stream=True)  # headers are fine
+    assert lazy.batch([0])[0].shape == (1, 3, 8, 8)
+    with pytest.raises(RobustlabError, match=r"a/2\.png: cannot read"):
+        lazy.batch(range(0, 2))
+    with pytest.raises(RobustlabError, match=r"a/2\.png: cannot read"):
+        load_dataset("imagefolder", root=tmp_path)  # small: decoded at load
+    (tmp_path / "a" / "2.png").write_bytes(b"\x89PNG nonsense")
+    with pytest.raises(RobustlabError, match=r"a/2\.png: cannot read"):
+        load_dataset("imagefolder", root=tmp_path, stream=True)  # not an image at all: at load
+    (tmp_path / "a" / "2.png").unlink()
+    (tmp_path / "b").mkdir()
+    with pytest.raises(RobustlabError, match="holds no images"):
+        load_dataset("imagefolder", root=tmp_path, stream=True)
+    (tmp_path / "b").rmdir()
+    (tmp_path / "a" / "1.png").unlink()
+    with pytest.raises(RobustlabError, match="holds no images"):
+        load_dataset("imagefolder", root=tmp_path, stream=True)
+    with pytest.raises(RobustlabError, match="no class folders"):
+        load_dataset("imagefolder", root=tmp_path / "a", stream=True)
+
+
+def test_training_on_a_streaming_folder_equals_training_in_memory(tmp_path):
+    from robustlab.models import create_model
+    from robustlab.training import TrainConfig, train
+
+    digits = load_dataset("digits", "test").subset(60)
+    for i in range(60):
+        pixels = (digits.x[i, 0] * 255).round().to(torch.uint8).numpy()
+        _png(tmp_path / f"class{int(digits.y[i])}" / f"{i:03d}.png", pixels)
+    lazy = load_dataset("imagefolder", root=tmp_path, stream=True)
+    assert lazy.image_shape == (1, 8, 8) and _standard_layout(lazy.batch([3, 1])[0])
+    weights = []
+    for data in (lazy, lazy.materialize()):
+        torch.manual_seed(0)
+        model = create_model("digits_cnn", num_classes=lazy.num_classes)
+        train(model, data, TrainConfig(epochs=2, batch_size=16, lr=0.05, seed=0, val_n=10), progress=False)
+        weights.append(model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -37,7 +37,9 @@ def uint8_images_to_tensor(x: object, source: str) -> torch.Tensor:
     if x.shape[0] == 0 or x.shape[1] == 0 or x.shape[2] == 0:
         raise RobustlabError(f"{source}: holds no images (shape {tuple(x.shape)})")
     nchw = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-    return torch.from_numpy(nchw).to(torch.float32).div_(255.0)
+    # numpy keeps a permuted (N, 1, H, W) array's strides (it counts as contiguous); the standard
+    # layout keeps convolutions on their usual kernels
+    return torch.from_numpy(nchw).to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
 
 
 def labels_to_tensor(y: object, n: int, num_classes: int, source: str) -> torch.Tensor:

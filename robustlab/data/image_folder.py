@@ -1,21 +1,31 @@
-"""A generic loader for a folder of images sorted into one sub-folder per class.
+"""Image folders: one sub-folder per class, read lazily (decoded per batch).
 
-Layout: ``{root}/{split}/{class}/*.png`` (also jpg, jpeg, bmp, webp; sub-folders of a class are
-searched too), or, when the root has no split folders at all, ``{root}/{class}/*``. Classes are
-the class folder names, sorted; label i is the i-th class. Images are kept grayscale when every
-image is grayscale, else all are converted to RGB.
+Layout: ``{root}/{split}/{class}/*.png`` (also jpg, jpeg, bmp, webp, any letter case; sub-folders of a
+class are searched too), or, when the root has no split folders at all, ``{root}/{class}/*``. This
+covers torchvision's ``ImageFolder`` and the ImageNet layout ``{root}/val/<wnid>/*.JPEG`` (classes
+are then the wnids). Classes are the class folder names, sorted; label i is the i-th class. Images
+are kept grayscale when every image is grayscale, else all are converted to RGB.
+
+Loading lists the files and reads each file's header (size and colour mode), decoding no pixels;
+:class:`ImageFolderDataset` then decodes only the images a ``batch()`` asks for. A file that is not
+an image fails at load, one whose pixel data is damaged when it is read; both errors name the file.
+``image_size`` resizes every image to (image_size, image_size) at decode (PIL, bilinear); without it
+images of different sizes need a transform with a fixed output size (e.g.
+:func:`robustlab.data.transforms.resize_center_crop`). Whether ``load_dataset`` keeps a folder
+streaming or decodes it into memory is decided there (see :func:`robustlab.data.catalog.load_dataset`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from robustlab.data.arrays import uint8_images_to_tensor
 from robustlab.data.catalog import DATASETS
-from robustlab.data.dataset import ImageDataset
+from robustlab.data.dataset import Dataset, as_positions, check_class_names, position_list
 from robustlab.errors import RobustlabError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
@@ -23,10 +33,110 @@ COMMON_SPLITS: tuple[str, ...] = ("train", "test", "val", "valid", "validation",
 _GRAY_MODES = frozenset({"1", "L", "LA", "La"})
 
 
+class ImageFolderDataset(Dataset):
+    """Images on disk, decoded per batch: ``batch(indices)`` opens and decodes only those files.
+
+    files: one path per example; labels: int64 (N,); classes: class names in label order;
+    channels: 1 (every image grey) or 3 (grey images are repeated to RGB); sizes: int array (N, 2)
+    of each file's (height, width); image_size: resize every image to a square of this side at
+    decode (PIL bilinear), else images keep their size.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        split: str,
+        files: Sequence[Path],
+        labels: torch.Tensor,
+        classes: Sequence[str],
+        channels: int,
+        sizes: np.ndarray,
+        image_size: int | None = None,
+    ) -> None:
+        self.name, self.split = name, split
+        self.classes = check_class_names(classes, f"data set {name!r} ({split})")
+        self.files = list(files)
+        if not self.files:
+            raise RobustlabError(f"data set {name!r} ({split}) has no images")
+        self._labels = labels.long()
+        self.channels = int(channels)
+        self.sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+        self.image_size = image_size
+        if not len(self.files) == len(self._labels) == len(self.sizes):
+            raise RobustlabError(f"{len(self.files)} files, {len(self._labels)} labels and {len(self.sizes)} sizes")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self._labels
+
+    @property
+    def uniform_size(self) -> bool:
+        return self.image_size is not None or bool((self.sizes == self.sizes[0]).all())
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        if not self.uniform_size:
+            first = self.sizes[0]
+            odd = int(np.flatnonzero((self.sizes != first).any(axis=1))[0])
+            count = len({tuple(s) for s in self.sizes.tolist()})
+            raise RobustlabError(
+                f"images have different sizes ({self.files[0].name} is {first[1]}x{first[0]}, "
+                f"{self.files[odd].name} is {self.sizes[odd][1]}x{self.sizes[odd][0]}, {count} sizes in all); "
+                "pass image_size=... to resize them all to one size, or a transform with a fixed output "
+                "size (robustlab.data.transforms.resize_center_crop)"
+            )
+        return self._shape_of(0)
+
+    def _shape_of(self, i: int) -> tuple[int, int, int]:
+        if self.image_size is not None:
+            return self.channels, self.image_size, self.image_size
+        return self.channels, int(self.sizes[i][0]), int(self.sizes[i][1])
+
+    def _first_image_shape(self) -> tuple[int, int, int]:
+        return self._shape_of(0)
+
+    def _decode(self, i: int) -> np.ndarray:
+        """Image ``i`` as uint8 (H, W, channels), checked against the size its header gave."""
+        array = decode_image(self.files[i], self.image_size, self.channels)
+        _, h, w = self._shape_of(i)
+        if array.shape[:2] != (h, w) or (array.ndim == 3) != (self.channels == 3):
+            raise RobustlabError(
+                f"{self.files[i]}: decoded {array.shape[1]}x{array.shape[0]} pixels with {array.shape[2] if array.ndim == 3 else 1} "
+                f"channel(s), but its header said {w}x{h} with {self.channels}; was it changed after loading?"
+            )
+        return array if array.ndim == 3 else array[:, :, None]
+
+    def _read(self, positions: range | torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        c, h, w = self.image_shape
+        order = position_list(positions)
+        if not order:
+            return torch.empty((0, c, h, w))
+        pixels = np.empty((len(order), h, w, c), dtype=np.uint8)
+        for k, i in enumerate(order):
+            pixels[k] = self._decode(i)
+        return uint8_images_to_tensor(pixels, str(self.files[order[0]].parent))
+
+    def read_images(self, positions: range | Sequence[int] | torch.Tensor) -> list[torch.Tensor]:
+        """The images at ``positions`` one by one, each float32 (1, C, H, W) at its own size."""
+        order = position_list(as_positions(positions, len(self)))
+        return [uint8_images_to_tensor(self._decode(i)[None], str(self.files[i])) for i in order]
+
+    def _select(self, positions: range | torch.Tensor) -> "ImageFolderDataset":
+        order = position_list(positions)
+        return ImageFolderDataset(
+            self.name, self.split, [self.files[i] for i in order], self._labels[order], self.classes,
+            self.channels, self.sizes[order], self.image_size,
+        )
+
+
 @DATASETS.register("imagefolder")
-def load_image_folder(split: str, root: Path | None = None, image_size: int | None = None) -> ImageDataset:
-    """Read split ``split`` of an image folder (see module docstring). ``image_size`` resizes every
-    image to (image_size, image_size) pixels, bilinear; without it all images must share one size."""
+def load_image_folder(split: str, root: Path | None = None, image_size: int | None = None) -> ImageFolderDataset:
+    """Split ``split`` of an image folder (see module docstring), streaming: files are listed and
+    their headers read, no pixels decoded. ``image_size`` resizes every image to (image_size,
+    image_size) pixels at decode, bilinear."""
     if root is None:
         raise RobustlabError("data set 'imagefolder' needs root=<folder>, the folder holding the images")
     root = Path(root).expanduser().resolve()
@@ -44,13 +154,7 @@ def load_image_folder(split: str, root: Path | None = None, image_size: int | No
     files: list[Path] = []
     labels: list[int] = []
     for label, class_dir in enumerate(class_dirs):
-        found = sorted(
-            p
-            for p in class_dir.rglob("*")
-            if p.suffix.lower() in IMAGE_EXTENSIONS
-            and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)
-            and p.is_file()
-        )
+        found = list_images(class_dir)
         if not found:
             raise RobustlabError(
                 f"class folder {class_dir} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
@@ -58,11 +162,7 @@ def load_image_folder(split: str, root: Path | None = None, image_size: int | No
             )
         files += found
         labels += [label] * len(found)
-    arrays = [_read_image(p, image_size) for p in files]
-    x_np = _stack(arrays, files)
-    x = uint8_images_to_tensor(x_np, str(folder))
-    y = np.asarray(labels, dtype=np.int64)
-    return ImageDataset("imagefolder", split, x, torch.from_numpy(y), [d.name for d in class_dirs])
+    return _folder_dataset("imagefolder", split, files, labels, [d.name for d in class_dirs], image_size)
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -77,17 +177,63 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def load_unlabeled_images(folder: str | Path, image_size: int | None = None) -> torch.Tensor:
-    """Every image below ``folder`` (any layout; class folders, if any, are ignored), as float32
-    (N, C, H, W) in [0, 1], in sorted path order. ``image_size`` resizes to (image_size,
-    image_size) pixels; without it all images must share one size. Grayscale is kept when every
-    image is grayscale, else all become RGB."""
+    """Every image below ``folder`` (any layout; class folders, if any, are ignored), decoded into
+    memory as float32 (N, C, H, W) in [0, 1], in sorted path order. ``image_size`` resizes to
+    (image_size, image_size) pixels; without it all images must share one size. Grayscale is kept
+    when every image is grayscale, else all become RGB."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise RobustlabError(f"image folder {folder} does not exist or is not a folder")
     files = list_images(folder)
     if not files:
         raise RobustlabError(f"no images in {folder} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return uint8_images_to_tensor(_stack([_read_image(p, image_size) for p in files], files), str(folder))
+    return _folder_dataset("unlabeled", "train", files, [0] * len(files), ["unlabeled"], image_size).materialize().x
+
+
+def probe_image(path: Path) -> tuple[str, int, int]:
+    """(PIL colour mode, height, width) of an image file, from its header only (no pixels decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.mode, int(im.size[1]), int(im.size[0])
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
+        raise RobustlabError(f"{path}: cannot read this image ({err})") from None
+
+
+def decode_image(path: Path, image_size: int | None = None, channels: int | None = None) -> np.ndarray:
+    """Decode one image file to uint8: (H, W) if it is grey, else (H, W, 3); with ``channels=3`` a
+    grey image is repeated to (H, W, 3). ``image_size`` resizes to a square (PIL bilinear). Errors
+    name the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = im.convert("L" if im.mode in _GRAY_MODES else "RGB")
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as err:
+        raise RobustlabError(f"{path}: cannot read this image ({err})") from None
+    if image_size is not None and im.size != (image_size, image_size):
+        im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    array = np.asarray(im, dtype=np.uint8)
+    if channels == 3 and array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    return array
+
+
+#: The name other modules have used for :func:`decode_image` (grey or RGB as the file is).
+_read_image = decode_image
+
+
+def _folder_dataset(
+    name: str, split: str, files: list[Path], labels: list[int], classes: list[str], image_size: int | None
+) -> ImageFolderDataset:
+    """An :class:`ImageFolderDataset` of ``files``, with channels and sizes from their headers."""
+    probes = [probe_image(p) for p in files]
+    channels = 1 if all(mode in _GRAY_MODES for mode, _, _ in probes) else 3
+    sizes = np.array([(h, w) for _, h, w in probes], dtype=np.int64)
+    y = torch.tensor(labels, dtype=torch.int64)
+    return ImageFolderDataset(name, split, files, y, classes, channels, sizes, image_size)
 
 
 def _split_folder(root: Path, split: str) -> Path:
@@ -97,32 +243,3 @@ def _split_folder(root: Path, split: str) -> Path:
     if present:
         raise RobustlabError(f"image folder {root} has no split {split!r}; found split folders: {', '.join(present)}")
     return root  # no split folders: the root holds the class folders
-
-
-def _read_image(path: Path, image_size: int | None) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            im = im.convert("L" if im.mode in _GRAY_MODES else "RGB")
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
-        raise RobustlabError(f"{path}: cannot read this image ({err})") from None
-    if image_size is not None and im.size != (image_size, image_size):
-        im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    return np.asarray(im, dtype=np.uint8)
-
-
-def _stack(arrays: list[np.ndarray], files: list[Path]) -> np.ndarray:
-    sizes = {a.shape[:2] for a in arrays}
-    if len(sizes) > 1:
-        first = arrays[0].shape[:2]
-        odd = next(i for i, a in enumerate(arrays) if a.shape[:2] != first)
-        raise RobustlabError(
-            f"images have different sizes ({files[0].name} is {first[1]}x{first[0]}, "
-            f"{files[odd].name} is {arrays[odd].shape[1]}x{arrays[odd].shape[0]}, {len(sizes)} sizes in all); "
-            "pass image_size=... to resize them all to one size"
-        )
-    if any(a.ndim == 3 for a in arrays):  # some RGB: make every image RGB
-        arrays = [a if a.ndim == 3 else np.repeat(a[:, :, None], 3, axis=2) for a in arrays]
-    return np.stack(arrays)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from robustlab import distributed
 from robustlab.checks import check_logits
-from robustlab.data import ImageDataset
+from robustlab.data import Dataset
 from robustlab.errors import RobustlabError
 from robustlab.models.mode import eval_mode, zero_subnormals_
 from robustlab.progress import progress as show_progress
@@ -154,7 +154,7 @@ class TrainHistory(list):
         self.ema: nn.Module | None = None
 
 
-def accuracy(model: nn.Module, data: ImageDataset, batch_size: int = 512, device: torch.device | None = None) -> float:
+def accuracy(model: nn.Module, data: Dataset, batch_size: int = 512, device: torch.device | None = None) -> float:
     """Clean accuracy of ``model`` on ``data`` (eval mode, caller's modes restored)."""
     device = device or next(model.parameters()).device
     correct = 0
@@ -205,20 +205,23 @@ class _Best:
 
 def train(
     model: nn.Module,
-    data: ImageDataset,
+    data: Dataset,
     config: TrainConfig,
     objective: ObjectiveLike = standard_objective,
     device: torch.device | str = "cpu",
     progress: bool | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     *,
-    val_data: ImageDataset | None = None,
+    val_data: Dataset | None = None,
     threat: ThreatModel | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     unlabeled: UnlabeledData | None = None,
 ) -> TrainHistory:
     """Train ``model`` in place on ``data`` with ``objective``; returns the :class:`TrainHistory`.
+
+    data: any :class:`robustlab.data.Dataset`; each batch is ``data.batch(indices)`` (an in-memory
+    set is indexed, a streaming one decodes just those images).
 
     objective: a recipe from ``robustlab.training.objectives`` (``loss, logs = objective(model, x,
     y, generator)``) or a plain callable ``(model, x, y) -> loss``. val_data: the held-out set for
@@ -364,7 +367,7 @@ def train(
                 batch_n = len(idx) + len(uidx)
                 if world > 1:  # data parallel: each rank takes its share of the global batch
                     idx, uidx = idx[rank::world], uidx[rank::world]
-                x, y = data.x[idx], data.y[idx]
+                x, y = data.batch(idx)  # in memory: x[idx], y[idx]; a streaming set decodes these
                 if sampler is not None:  # labeled images first, then this batch's unlabeled ones
                     x, y = torch.cat([x, unlabeled.x[uidx]]), torch.cat([y, unl_labels[uidx]])
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)

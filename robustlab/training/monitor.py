@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from robustlab.attacks import create_attack
-from robustlab.data import ImageDataset
+from robustlab.data import Dataset
 from robustlab.errors import RobustlabError
 from robustlab.models.mode import eval_mode
 from robustlab.seeding import make_generator
@@ -38,7 +38,7 @@ from robustlab.threat import ThreatModel
 VAL_KEY = 0x5641  # seeding key of the validation attack's generators ("VA")
 
 
-def split_holdout(data: ImageDataset, n: int, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
+def split_holdout(data: Dataset, n: int, seed: int = 0) -> tuple[Dataset, Dataset]:
     """(train, held-out): ``n`` examples drawn at random (from ``seed``) are held out."""
     if not 0 < n < len(data):
         raise RobustlabError(f"cannot hold out {n} of {len(data)} training examples for validation")
@@ -48,7 +48,7 @@ def split_holdout(data: ImageDataset, n: int, seed: int = 0) -> tuple[ImageDatas
 
 def robust_validation(
     model: nn.Module,
-    data: ImageDataset,
+    data: Dataset,
     threat: ThreatModel | None,
     steps: int = 10,
     seed: int = 0,

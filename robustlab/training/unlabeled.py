@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from robustlab.checks import check_images
-from robustlab.data import ImageDataset, load_dataset
+from robustlab.data import Dataset, load_dataset
 from robustlab.data.image_folder import load_unlabeled_images
 from robustlab.errors import RobustlabError
 from robustlab.seeding import make_generator
@@ -105,7 +105,7 @@ class UnlabeledSampler:
 
 def load_unlabeled(
     spec: str,
-    like: ImageDataset,
+    like: Dataset,
     fraction: float = 0.5,
     root: str | Path | None = None,
 ) -> UnlabeledData:
@@ -122,7 +122,7 @@ def load_unlabeled(
         x = load_unlabeled_images(spec, image_size=size)
     else:
         name, _, split = spec.partition(":")
-        x = load_dataset(name, split or "train", root=root, image_size=size).x
+        x = load_dataset(name, split or "train", root=root, image_size=size, stream=False).x
     if tuple(x.shape[1:]) != (c, h, w):
         raise RobustlabError(
             f"unlabeled images {spec!r} have shape {tuple(x.shape[1:])} (C, H, W), the training images {(c, h, w)}"
