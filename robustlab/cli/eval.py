@@ -17,25 +17,12 @@ if TYPE_CHECKING:
     from robustlab.models import LoadedModel
 
 
-# ---------------------------------------------------------------------- HOOK: defenses of a model card
-# A card with source "defended" lists defenses (``loaded.defense``: [{"name": ..., "params": {...}}, ...],
-# applied in order in front of the model). The models layer returns the bare model and never imports
-# robustlab.defenses; this is the one place the CLI turns a loaded model into what is evaluated or
-# attacked (``robustlab eval`` and ``robustlab perturb`` call it). To wire it: build the defended
-# model with ``robustlab.defenses.apply_defenses(loaded.model, loaded.defense)`` and return it.
+def apply_card_defenses(loaded: LoadedModel, extra: list[str] | None = None) -> torch.nn.Module:
+    """The model to evaluate or attack: ``loaded.model`` behind the defenses its card lists, then the
+    ``extra`` ones (``--defense`` specs), in order; ``loaded.model`` itself when there are none."""
+    from robustlab.defenses import apply_defenses
 
-
-def apply_card_defenses(loaded: LoadedModel) -> torch.nn.Module:
-    """The model to evaluate: ``loaded.model`` (already on its device) behind the defenses its card
-    lists, in order; ``loaded.model`` itself when the list is empty. Until robustlab.defenses is
-    wired in here, a non-empty list is a RobustlabError naming the first defense."""
-    if not loaded.defense:
-        return loaded.model
-    names = ", ".join(d["name"] for d in loaded.defense)
-    raise RobustlabError(
-        f"defense {loaded.defense[0]['name']} needs robustlab.defenses: {loaded.spec} is a defended model "
-        f"(defenses {names}), and this robustlab cannot apply them yet"
-    )
+    return apply_defenses(loaded.model, [*loaded.defense, *(extra or [])])
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -46,12 +33,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from robustlab.eval.store import ResultsStore
     from robustlab.models import load_model
     from robustlab.models.dual_bn import current_bn_branch
-    from robustlab.report.plots import wilson_interval
     from robustlab.report.text import format_summary
     from robustlab.threat import ThreatModel
 
+    from robustlab.defenses import build_defenses
+
     threat = ThreatModel(args.norm, args.eps)
     attacks = build_attacks(args.attack or ["pgd"], threat)
+    build_defenses(args.defense or [])  # bad names or parameters fail before anything is loaded
     if args.n is not None and args.n < 1:
         raise RobustlabError(f"--n must be >= 1, got {args.n}")
     data = load_dataset(args.data, args.split, root=args.data_root)
@@ -64,7 +53,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for w in caught:
         _say(f"robustlab: warning: {w.message}")
     loaded.model.to(device)
-    model = apply_card_defenses(loaded)  # HOOK (defenses): the model behind its card's defenses
+    model = apply_card_defenses(loaded, args.defense)
     info = {"source": loaded.source, "spec": args.model, "card": loaded.card.to_dict() if loaded.card else None}
     extra: dict[str, Any] = {"classes": list(data.classes)}
     branch = current_bn_branch(model)
@@ -76,6 +65,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         sanity=not args.no_sanity,
+        reuse=args.reuse_curve,
         extra=extra,
     )
     # Under torchrun: every rank attacks its share of the batches; rank 0 owns the store and prints.
@@ -102,7 +92,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "threat": s["threat"],
             "clean_accuracy": s["clean_accuracy"],
             "robust_accuracy": s["robust_accuracy"],
-            "ci95": {k: wilson_interval(s[f"{k}_accuracy"], s["n"]) for k in ("clean", "robust")},
+            "ci95": s["ci95"],
+            "defenses": s.get("defenses", []),
             "attacks": [
                 {k: a[k] for k in ("name", "params", "robust_accuracy", "seconds", "broken", "gradients", "forwards")}
                 for a in s["attacks"]
@@ -143,6 +134,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--db", default=DEFAULT_DB, help=f"results store (SQLite), default {DEFAULT_DB}")
     e.add_argument("--resume", action="store_true", help="continue an unfinished run with the same configuration")
     e.add_argument("--no-sanity", action="store_true", help="skip the gradient-masking sanity checks")
+    e.add_argument("--defense", action="append", metavar="NAME[:key=value,...]",
+                   help="evaluate the model behind this defense (repeat: applied in order, after any its card "
+                   "lists); attacks are made adaptive to it (BPDA, EOT over its draws)")
+    e.add_argument("--reuse-curve", action="store_true",
+                   help="epsilon-curve points count as broken what a smaller ball already broke, and minimum-norm "
+                   "attacks give the curve from their per-sample norms (fewer attacks; off by default)")
     e.add_argument("--bn", choices=["clean", "adv"],
                    help="for a model with dual batch norm: evaluate this branch (default: the card's test_branch)")
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")

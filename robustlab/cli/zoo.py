@@ -43,6 +43,9 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     if args.zoo_command == "show":
         print(json.dumps(zoo_card(args.name, args.zoo).to_dict(), indent=2))
         return 0
+    from robustlab.defenses import build_defenses
+
+    defense = [d.config() for d in build_defenses(args.defense or [])]
     robust, clean = None, None
     if args.run:
         from robustlab.eval.store import ResultsStore
@@ -52,14 +55,24 @@ def cmd_zoo(args: argparse.Namespace) -> int:
             run = store.get_run(args.run)
         if run["status"] != "complete":
             raise RobustlabError(f"run {run['run_id']} is not complete; finish it with --resume first")
-        attacks = "+".join(a["name"] for a in run["attacks"])
+        if run["protocol"] != "adversarial":
+            raise RobustlabError(f"run {run['run_id']} is a {run['protocol']} run; zoo add records adversarial runs")
+        ran = run["config"].get("defenses") or []
+        if args.defense is None:
+            defense = ran  # the entry is the model the run evaluated
+        elif defense != ran:
+            raise RobustlabError(f"run {run['run_id']} evaluated the model behind defenses "
+                                 f"{[d['name'] for d in ran] or 'none'}, not {[d['name'] for d in defense]}: "
+                                 "its accuracies do not describe this entry")
+        s, attacks = run["summary"], "+".join(a["name"] for a in run["attacks"])
+        threat = s["threat"]
         # The run's clean accuracy is on its n examples: it goes with the robust number, and becomes
         # the card's clean accuracy only if the card has none (the trainer measures it on the whole
         # test split).
-        robust = {f"{run['norm']}:{run['eps']:g} {attacks} (n={run['n']}, clean {100 * run['clean_accuracy']:.2f}%, "
-                  f"run {run['run_id']})": run["robust_accuracy"]}
-        clean = run["clean_accuracy"] if read_card(args.checkpoint).clean_accuracy is None else None
-    path = add_to_zoo(args.checkpoint, args.name, args.zoo, robust, clean, overwrite=args.overwrite)
+        robust = {f"{threat['norm']}:{threat['eps']:g} {attacks} (n={s['n']}, clean {100 * s['clean_accuracy']:.2f}%, "
+                  f"run {run['run_id']})": s["robust_accuracy"]}
+        clean = s["clean_accuracy"] if read_card(args.checkpoint).clean_accuracy is None else None
+    path = add_to_zoo(args.checkpoint, args.name, args.zoo, robust, clean, overwrite=args.overwrite, defense=defense)
     print(path)
     return 0
 
@@ -75,6 +88,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     za.add_argument("--name", required=True)
     za.add_argument("--run", help="record the accuracies of this complete run (id, prefix or 'latest')")
     za.add_argument("--db", default=DEFAULT_DB, help="results store holding --run")
+    za.add_argument("--defense", action="append", metavar="NAME[:key=value,...]",
+                    help="the entry is the model behind this defense (repeat: applied in order); default: the "
+                         "defenses --run evaluated, if any")
     za.add_argument("--overwrite", action="store_true",
                     help="replace the entry NAME; with the same weights, the accuracies its card records are kept")
     for zp in (zl, zs, za):

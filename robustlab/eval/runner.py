@@ -22,7 +22,7 @@ import robustlab
 from robustlab import distributed
 from robustlab.attacks.base import Attack
 from robustlab.checks import check_logits
-from robustlab.data import ImageDataset
+from robustlab.data import Dataset
 from robustlab.defenses import AttackerNeeds, DefendedModel
 from robustlab.errors import RobustlabError
 from robustlab.eval import sanity
@@ -91,7 +91,7 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def evaluate(
     model: nn.Module,
-    data: ImageDataset,
+    data: Dataset,
     attacks: list[Attack],
     store: ResultsStore | None,
     *,
@@ -133,7 +133,7 @@ def adaptive_attacks(attacks: list[Attack], needs: AttackerNeeds) -> list[Attack
 @full_float32()  # the model as defined, not TF32 on CUDA (see full_float32)
 def run(
     model: nn.Module,
-    data: ImageDataset,
+    data: Dataset,
     protocol: Protocol,
     store: ResultsStore | None,
     *,
@@ -221,9 +221,9 @@ def run(
         return distributed.broadcast(result)
 
 
-def _batch(data: ImageDataset, start: int, stop: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(data: Dataset, start: int, stop: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Samples start..stop-1 of the data set, on ``device``."""
-    x, y = data.batch(range(start, stop)) if hasattr(data, "batch") else (data.x[start:stop], data.y[start:stop])
+    x, y = data.batch(range(start, stop))
     return x.to(device), y.to(device)
 
 

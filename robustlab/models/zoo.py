@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch.nn as nn
 
@@ -82,14 +83,19 @@ def add_to_zoo(
     robust_accuracy: dict[str, float] | None = None,
     clean_accuracy: float | None = None,
     overwrite: bool = False,
+    defense: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Copy a checkpoint and its card into the zoo as ``name`` (verifying its hash first), adding
     measured accuracies to the card. Overwriting an entry with the same weights (same sha256) keeps
     the accuracies its card already records, so evaluations can be added one at a time; other
-    weights start from their own card. Returns the zoo's weights path."""
+    weights start from their own card. ``defense`` (defense configs, in order, validated by the
+    caller) makes the entry a defended model: the same weights behind those defenses. Returns the
+    zoo's weights path."""
     source = Path(checkpoint)
     load_checkpoint(source)  # verifies the hash and that the weights fit the card
     card = read_card(source)
+    if defense:
+        card = card.with_defense(defense)
     digest = sha256_file(source)
     folder = zoo_root(root)
     folder.mkdir(parents=True, exist_ok=True)
