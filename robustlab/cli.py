@@ -34,7 +34,7 @@ def _argument_type(convert):
 
 
 def _floats(text: str) -> list[float]:
-    from robustlab.attacks.base import parse_value
+    from robustlab.params import parse_value
 
     out = []
     for part in filter(None, (p.strip() for p in text.split(","))):
@@ -90,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from robustlab import distributed
-    from robustlab.attacks.base import parse_attack_spec
+    from robustlab.params import parse_spec as parse_attack_spec
     from robustlab.data import load_dataset
     from robustlab.models import ModelCard, convert_to_dual_bn, create_model, save_checkpoint, set_bn_branch
     from robustlab.threat import ThreatModel
