@@ -16,8 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from robustlab.attacks import ATTACKS, create_attack, parse_attack_spec
+from robustlab.attacks import ATTACKS, create_attack
 from robustlab.errors import RobustlabError
+from robustlab.params import parse_spec
 from robustlab.threat import NORMS, ThreatModel
 from helpers import gen, predict, robust_fraction
 
@@ -312,25 +313,25 @@ def test_reproducible_from_the_generator(digits, norm):
 # ---------------------------------------------------------------------- registry and parsing
 
 
-def test_parse_attack_spec():
-    name, params = parse_attack_spec("pgd:steps=40,alpha=2/255,loss=cw,random_start=false")
+def test_parse_spec():
+    name, params = parse_spec("pgd:steps=40,alpha=2/255,loss=cw,random_start=false")
     assert name == "pgd"
     assert params == {"steps": 40, "alpha": pytest.approx(2 / 255), "loss": "cw", "random_start": False}
     assert isinstance(params["steps"], int)
     attack = create_attack(name, ThreatModel("linf", 8 / 255), **params)
     assert attack.params["steps"] == 40 and attack.params["loss"] == "cw"
     assert attack.params["random_start"] is False and attack.step_size() == pytest.approx(2 / 255)
-    assert parse_attack_spec(" FGSM ") == ("fgsm", {})
-    assert parse_attack_spec("pgd:alpha=0.5,steps=3,restarts=2, loss = ce")[1] == {
+    assert parse_spec(" FGSM ") == ("fgsm", {})
+    assert parse_spec("pgd:alpha=0.5,steps=3,restarts=2, loss = ce")[1] == {
         "alpha": 0.5, "steps": 3, "restarts": 2, "loss": "ce"
     }
-    assert parse_attack_spec("pgd:alpha=none")[1] == {"alpha": None}
+    assert parse_spec("pgd:alpha=none")[1] == {"alpha": None}
 
 
 @pytest.mark.parametrize("spec", [":steps=3", "pgd:steps", "pgd:=3", "pgd:steps3"])
 def test_malformed_specs_raise(spec):
     with pytest.raises(RobustlabError):
-        parse_attack_spec(spec)
+        parse_spec(spec)
 
 
 def test_registry_knows_the_gradient_attacks():

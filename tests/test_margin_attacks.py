@@ -21,10 +21,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from robustlab.attacks import ATTACKS, create_attack, parse_attack_spec
+from robustlab.attacks import ATTACKS, create_attack
 from robustlab.attacks.md import cosine_step, margin, other_term, true_term
 from robustlab.attacks.mm import target_margin
 from robustlab.errors import RobustlabError
+from robustlab.params import parse_spec
 from robustlab.threat import ThreatModel
 from helpers import Recorder, gen, predict, robust_fraction, separated
 
@@ -225,8 +226,8 @@ def test_registry_defaults_and_specs():
     assert mm.params == {"steps": 20, "restarts": 1, "eot": 1, "rho": 0.75, "targets": 3} and mm.kind == "white-box"
     assert create_attack("md", threat).params == {"steps": 50, "restarts": 2, "switch": 0.5}
     assert create_attack("md-mt", threat).params["n_target_classes"] == 9
-    assert parse_attack_spec("md:steps=50") == ("md", {"steps": 50})
-    name, params = parse_attack_spec("mm:targets=9,steps=100")  # MM+
+    assert parse_spec("md:steps=50") == ("md", {"steps": 50})
+    name, params = parse_spec("mm:targets=9,steps=100")  # MM+
     assert create_attack(name, threat, **params).params["targets"] == 9
     assert create_attack("md-mt", threat, switch=0.4).switch_step() == 20
     assert create_attack("md", threat, switch=0.29, steps=100).switch_step() == 29

@@ -5,7 +5,6 @@ from robustlab.attacks.base import (
     Attack,
     AttackResult,
     create_attack,
-    parse_attack_spec,
     register_attack,
 )
 from robustlab.attacks import pgd  # noqa: F401  (registers fgsm, bim, pgd, mifgsm)
@@ -31,6 +30,5 @@ __all__ = [
     "AttackResult",
     "build_attacks",
     "create_attack",
-    "parse_attack_spec",
     "register_attack",
 ]

@@ -21,7 +21,7 @@ from robustlab.checks import check_images, check_labels, check_logits
 from robustlab.errors import RobustlabError
 from robustlab.losses import get_loss
 from robustlab.models.mode import UNSAFE, channels_last, eval_mode, subnormal_weights_zeroed
-from robustlab.params import coerce_param
+from robustlab.params import Configurable
 from robustlab.registry import Registry
 from robustlab.threat import NORMS, ThreatModel
 
@@ -43,8 +43,9 @@ class AttackResult:
     forwards: torch.Tensor
 
 
-class Attack:
-    """Base class. Subclasses set ``name`` and ``defaults`` and implement ``_attack``.
+class Attack(Configurable):
+    """Base class. Subclasses set ``name`` and ``defaults`` and implement ``_attack``; parameters are
+    handled by :class:`robustlab.params.Configurable` (errors name the ``attack``).
 
     ``defaults`` maps every parameter name to its default (JSON values only); ``None`` means "derived
     from the threat model" (for example a step size). ``norms`` lists the supported norms.
@@ -56,9 +57,7 @@ class Attack:
     found and counts a success only inside the ball.
     """
 
-    name: ClassVar[str] = ""
-    defaults: ClassVar[dict[str, Any]] = {}
-    choices: ClassVar[dict[str, tuple]] = {}
+    component: ClassVar[str] = "attack"
     norms: ClassVar[tuple[str, ...]] = NORMS
     kind: ClassVar[str] = "white-box"
     minimum_norm: ClassVar[bool] = False
@@ -66,22 +65,9 @@ class Attack:
     def __init__(self, threat: ThreatModel, targeted: bool = False, **params: Any) -> None:
         if threat.norm not in self.norms:
             raise RobustlabError(f"attack {self.name!r} supports norms {', '.join(self.norms)}, not {threat.norm}")
-        unknown = sorted(set(params) - set(self.defaults))
-        if unknown:
-            known = ", ".join(sorted(self.defaults)) or "none"
-            raise RobustlabError(f"attack {self.name!r} has no parameter {', '.join(unknown)}; its parameters: {known}")
         self.threat = threat
         self.targeted = bool(targeted)
-        self.params = {
-            k: coerce_param(f"attack {self.name!r}", k, params.get(k, d), d, lower=k in self.choices)
-            for k, d in self.defaults.items()
-        }
-        for key, allowed in self.choices.items():
-            if self.params[key] not in allowed:
-                raise RobustlabError(
-                    f"attack {self.name!r}: {key}={self.params[key]!r} is not one of {', '.join(map(str, allowed))}"
-                )
-        self.validate()
+        super().__init__(**params)
 
     # ------------------------------------------------------------------ public
 
@@ -92,13 +78,12 @@ class Attack:
                 raise RobustlabError(f"attack {self.name!r}: {key} must be >= 1, got {self.params[key]}")
 
     def config(self) -> dict[str, Any]:
-        """Everything needed to rebuild this attack: JSON-serializable."""
-        return {"name": self.name, "params": dict(self.params), "threat": self.threat.to_dict(), "targeted": self.targeted,
-                "kind": self.kind}
+        """Everything needed to rebuild this attack: JSON-serializable (the results store hashes it)."""
+        return {**super().config(), "threat": self.threat.to_dict(), "targeted": self.targeted, "kind": self.kind}
 
-    def with_params(self, **params: Any) -> "Attack":
-        """A copy with some parameters changed (same threat model and targeting)."""
-        return type(self)(self.threat, targeted=self.targeted, **{**self.params, **params})
+    def rebuild(self, **params: Any) -> "Attack":
+        """This attack with these parameters (same threat model and targeting)."""
+        return type(self)(self.threat, targeted=self.targeted, **params)
 
     def with_threat(self, threat: ThreatModel) -> "Attack":
         return type(self)(threat, targeted=self.targeted, **self.params)
@@ -121,9 +106,8 @@ class Attack:
         result.x_adv = x_adv
         return result
 
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
-        return f"{type(self).__name__}({self.threat}, targeted={self.targeted}, {args})"
+    def repr_prefix(self) -> str:
+        return f"{self.threat}, targeted={self.targeted}, "
 
     def _attack_in_fast_layout(self, model, x, y, generator) -> AttackResult:
         """``_attack`` with the model channels-last on CPU (undone on exit). No probe pass, which
@@ -192,41 +176,3 @@ def register_attack(cls: type[Attack]) -> type[Attack]:
 def create_attack(name: str, threat: ThreatModel, targeted: bool = False, **params: Any) -> Attack:
     """Build the registered attack ``name`` for ``threat`` with the given parameters."""
     return ATTACKS.get(name)(threat, targeted=targeted, **params)
-
-
-def parse_attack_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"pgd:steps=40,alpha=0.01,loss=cw"`` -> ``("pgd", {"steps": 40, "alpha": 0.01, "loss": "cw"})``.
-
-    Values are read as int, float (``2/255`` allowed), bool (true/false), none, or else a string.
-    """
-    name, _, rest = spec.strip().partition(":")
-    if not name:
-        raise RobustlabError(f"empty attack name in {spec!r}; write NAME[:key=value,...]")
-    params: dict[str, Any] = {}
-    for part in filter(None, (p.strip() for p in rest.split(","))):
-        key, eq, raw = part.partition("=")
-        if not eq or not key.strip():
-            raise RobustlabError(f"attack parameter {part!r} in {spec!r} must be written key=value")
-        params[key.strip()] = parse_value(raw.strip())
-    return name.strip().lower(), params
-
-
-def parse_value(raw: str) -> Any:
-    """Read a command-line value: int, float, fraction ``a/b``, bool, ``none``, or a string."""
-    low = raw.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(raw)
-        except ValueError:
-            pass
-    num, slash, den = raw.partition("/")
-    if slash:
-        try:
-            return float(num) / float(den)
-        except (ValueError, ZeroDivisionError):
-            pass
-    return raw

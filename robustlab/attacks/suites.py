@@ -13,8 +13,9 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from robustlab.attacks.base import Attack, create_attack, parse_attack_spec
+from robustlab.attacks.base import Attack, create_attack
 from robustlab.errors import RobustlabError
+from robustlab.params import parse_spec
 from robustlab.registry import Registry
 from robustlab.threat import ThreatModel
 
@@ -72,7 +73,7 @@ def build_attacks(specs: list[str | dict], threat: ThreatModel) -> list[Attack]:
         elif is_ensemble_file(spec):
             attacks += build_attacks(read_ensemble_file(Path(spec)), threat)
         else:
-            name, params = parse_attack_spec(spec)
+            name, params = parse_spec(spec)
             if name in SUITES:
                 if params:
                     raise RobustlabError(f"the {name!r} suite takes no parameters; list its attacks to change them")

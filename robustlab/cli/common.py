@@ -27,7 +27,7 @@ def _argument_type(convert):
 
 
 def _floats(text: str) -> list[float]:
-    from robustlab.attacks.base import parse_value
+    from robustlab.params import parse_value
 
     out = []
     for part in filter(None, (p.strip() for p in text.split(","))):

@@ -15,7 +15,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from robustlab import distributed
-    from robustlab.attacks.base import parse_attack_spec
+    from robustlab.params import parse_spec
     from robustlab.data import load_dataset
     from robustlab.models import ModelCard, convert_to_dual_bn, create_model, save_checkpoint, set_bn_branch
     from robustlab.threat import ThreatModel
@@ -33,7 +33,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Under torchrun: data-parallel training, every rank holds the same weights; rank 0 writes and prints.
     distributed.init_from_env()
     say = _say if distributed.is_main() else (lambda msg: None)
-    name, params = parse_attack_spec(args.recipe)
+    name, params = parse_spec(args.recipe, "recipe")
     recipe = OBJECTIVES.get(name)
     threat = ThreatModel(args.norm, args.eps) if args.eps is not None else None
     if recipe.adversarial and threat is None:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from robustlab.attacks import create_attack
 from robustlab.errors import RobustlabError
-from robustlab.params import coerce_param
+from robustlab.params import Configurable
 from robustlab.models.mode import eval_mode
 from robustlab.registry import Registry
 from robustlab.threat import ThreatModel
@@ -66,7 +66,7 @@ def load_teacher(recipe: str, teacher: Any) -> tuple[nn.Module, str]:
     return model, described
 
 
-class Objective:
+class Objective(Configurable):
     """Base class. Subclasses set ``name``, ``defaults`` (every parameter with its default, JSON
     values only; ``None`` means derived from the threat model) and implement ``loss``.
 
@@ -78,9 +78,7 @@ class Objective:
     must have dual batch norm, ``robustlab.models.dual_bn``).
     """
 
-    name: ClassVar[str] = ""
-    defaults: ClassVar[dict[str, Any]] = {}
-    choices: ClassVar[dict[str, tuple]] = {}
+    component: ClassVar[str] = "recipe"
     adversarial: ClassVar[bool] = True
     single_step: ClassVar[bool] = False
     uses_unlabeled: ClassVar[bool] = False
@@ -91,22 +89,9 @@ class Objective:
             raise RobustlabError(f"recipe {self.name!r}: threat must be a ThreatModel, got {type(threat).__name__}")
         if self.adversarial and threat is None:
             raise RobustlabError(f"recipe {self.name!r} needs a threat model (norm and epsilon)")
-        unknown = sorted(set(params) - set(self.defaults))
-        if unknown:
-            known = ", ".join(sorted(self.defaults)) or "none"
-            raise RobustlabError(f"recipe {self.name!r} has no parameter {', '.join(unknown)}; its parameters: {known}")
         self.threat = threat
-        self.params = {
-            k: coerce_param(f"recipe {self.name!r}", k, params.get(k, d), d, lower=k in self.choices)
-            for k, d in self.defaults.items()
-        }
-        for key, allowed in self.choices.items():
-            if self.params[key] not in allowed:
-                raise RobustlabError(
-                    f"recipe {self.name!r}: {key}={self.params[key]!r} is not one of {', '.join(map(str, allowed))}"
-                )
         self.epoch, self.progress = 0, 0.0
-        self.validate()
+        super().__init__(**params)
 
     # ------------------------------------------------------------------ public
 
@@ -137,7 +122,11 @@ class Objective:
 
     def config(self) -> dict[str, Any]:
         """Everything needed to rebuild this objective: JSON-serializable."""
-        return {"name": self.name, "params": dict(self.params), "threat": self.threat.to_dict() if self.threat else None}
+        return {**super().config(), "threat": self.threat.to_dict() if self.threat else None}
+
+    def rebuild(self, **params: Any) -> "Objective":
+        """This recipe with these parameters (same threat model)."""
+        return type(self)(self.threat, **params)
 
     def validate(self) -> None:
         """Check parameter values; raise RobustlabError with a clear message. Override to add checks."""
@@ -152,9 +141,8 @@ class Objective:
             if key in p and not p[key] >= 0:
                 raise RobustlabError(f"recipe {self.name!r}: {key} must be >= 0, got {p[key]}")
 
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
-        return f"{type(self).__name__}({self.threat}, {args})"
+    def repr_prefix(self) -> str:
+        return f"{self.threat}, "
 
     # ------------------------------------------------------------------ for subclasses
 
