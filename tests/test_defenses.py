@@ -90,7 +90,7 @@ def test_defended_evaluation_is_adaptive_recorded_and_resumes_identically(digits
     data = digits_test.subset(60)
     defended = apply_defenses(digits_model, ["noise:sigma=0.05,draws=4"])
     options = EvalOptions(steps_grid=(), sanity=False, batch_size=30, seed=2)
-    attacks = [create_attack("pgd", LINF, steps=5)]
+    attacks = [create_attack("apgd-ce", LINF, steps=5)]
     with ResultsStore(tmp_path / "r.db") as store:
         full = evaluate(defended, data, attacks, store, options=options)
         run = store.get_run(full.run_id)
@@ -99,7 +99,7 @@ def test_defended_evaluation_is_adaptive_recorded_and_resumes_identically(digits
         assert "EOT over 4 draws" in run["model_info"]["adaptive_attack"]
         assert full.summary["defenses"] == run["config"]["defenses"]
         page = write_report(store, full.run_id, tmp_path / "rep")["html"].read_text()
-        assert "noise(sigma=0.05, draws=4)" in page
+        assert "noise(draws=4, sigma=0.05)" in page
         assert any("defended: noise" in n for g in leaderboard(store) for row in g.rows for n in row.notes)
         full_rows = [(r.clean_correct, r.robust, r.adv_pred) for r in store.samples(full.run_id)]
 

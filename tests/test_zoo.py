@@ -121,22 +121,54 @@ def test_entry_point_model_in_the_zoo(tmp_path, digits_test, capsys, monkeypatch
 
 
 def test_defended_model_in_the_zoo(tmp_path, capsys, monkeypatch):
-    defense = [{"name": "jpeg", "params": {"quality": 75}}, {"name": "bit-depth", "params": {"bits": 4}}]
+    defense = [{"name": "bit-depth", "params": {"bits": 3}}, {"name": "noise", "params": {"draws": 2, "sigma": 0.05}}]
     _, weights = save_tiny_net(tmp_path / "ckpt", defense=defense)
     zoo = tmp_path / "zoo"
-    assert _add_and_list(weights, "tiny-jpeg", zoo, capsys) == ["defended", "tiny_net.py:build", "jpeg+bit-depth"]
-    assert main(["zoo", "show", "tiny-jpeg", "--zoo", str(zoo)]) == 0
+    assert _add_and_list(weights, "tiny-def", zoo, capsys) == ["defended", "tiny_net.py:build", "bit-depth+noise"]
+    assert main(["zoo", "show", "tiny-def", "--zoo", str(zoo)]) == 0
     assert json.loads(capsys.readouterr().out)["defense"] == defense
     monkeypatch.setenv("ROBUSTLAB_ZOO", str(zoo))
-    assert load_model("zoo:tiny-jpeg").defense == defense
-    # Never evaluated or attacked without its defenses: until robustlab.defenses is wired into the CLI
-    # hook, eval and perturb refuse it with one line.
-    for args in (["eval", "--data", "digits", "--db", str(tmp_path / "r.db")],
+    assert load_model("zoo:tiny-def").defense == defense
+    # Evaluated behind its defenses, which the run records.
+    db = tmp_path / "r.db"
+    assert main(["eval", "--data", "digits", "--n", "20", "--db", str(db), "--model", "zoo:tiny-def", "--norm", "linf",
+                 "--eps", "0.1", "--attack", "fgsm", "--no-sanity", "--steps-grid", "none", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["defenses"] == defense
+    # A card naming a defense this robustlab does not have: one line, nothing written.
+    _, bad = save_tiny_net(tmp_path / "bad", defense=[{"name": "jpeg", "params": {"quality": 75}}])
+    assert main(["zoo", "add", str(bad), "--name", "tiny-jpeg", "--zoo", str(zoo)]) == 0
+    capsys.readouterr()
+    for args in (["eval", "--data", "digits", "--db", str(tmp_path / "r2.db")],
                  ["perturb", "--images", str(tmp_path / "none"), "--out", str(tmp_path / "out")]):
         assert main([*args, "--model", "zoo:tiny-jpeg", "--norm", "linf", "--eps", "0.1"]) == 2
         err = capsys.readouterr().err
-        assert err.startswith("robustlab: error: defense jpeg needs robustlab.defenses") and err.count("\n") == 1
-    assert not (tmp_path / "r.db").exists()
+        assert err.startswith("robustlab: error: unknown defense 'jpeg'") and err.count("\n") == 1
+    assert not (tmp_path / "r2.db").exists()
+
+
+def test_zoo_add_defense_and_defended_runs(tmp_path, capsys):
+    """``zoo add --defense`` makes a defended entry of plain weights; ``--run`` of a defended evaluation
+    takes the run's defenses, and refuses a defense list the run did not evaluate."""
+    _, weights = save_tiny_net(tmp_path / "ckpt")
+    zoo, db = tmp_path / "zoo", tmp_path / "r.db"
+    assert main(["zoo", "add", str(weights), "--name", "sq", "--zoo", str(zoo), "--defense", "bit-depth:bits=2"]) == 0
+    capsys.readouterr()
+    assert main(["zoo", "show", "sq", "--zoo", str(zoo)]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card["source"] == "defended" and card["defense"] == [{"name": "bit-depth", "params": {"bits": 2}}]
+    assert main(["eval", "--data", "digits", "--n", "20", "--db", str(db), "--model", str(weights), "--norm", "linf",
+                 "--eps", "0.1", "--attack", "fgsm", "--no-sanity", "--steps-grid", "none",
+                 "--defense", "bit-depth:bits=2"]) == 0
+    capsys.readouterr()
+    assert main(["zoo", "add", str(weights), "--name", "sq-run", "--zoo", str(zoo), "--run", "latest", "--db", str(db)]) == 0
+    capsys.readouterr()
+    assert main(["zoo", "show", "sq-run", "--zoo", str(zoo)]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card["defense"] == [{"name": "bit-depth", "params": {"bits": 2}}] and card["robust_accuracy"]
+    assert main(["zoo", "add", str(weights), "--name", "x", "--zoo", str(zoo), "--run", "latest", "--db", str(db),
+                 "--defense", "bit-depth:bits=3"]) == 2
+    assert "do not describe this entry" in capsys.readouterr().err
 
 
 def test_old_checkpoint_joins_the_zoo(tmp_path, capsys, monkeypatch):

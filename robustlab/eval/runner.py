@@ -114,8 +114,13 @@ def evaluate(
         needs = model.needs()
         attacks = adaptive_attacks(attacks, needs)
         defenses = model.configs()
-        kwargs["model_info"] = {**(kwargs.get("model_info") or {}), "defenses": defenses,
-                                "adaptive_attack": needs.describe()}
+        info = {**(kwargs.get("model_info") or {}), "defenses": defenses, "adaptive_attack": needs.describe()}
+        single = [a.name for a in attacks if a.kind == "white-box" and needs.eot > 1 and "eot" not in a.params]
+        if single:
+            info["not_adaptive"] = (f"{', '.join(single)} take no eot parameter: their gradients see one draw of "
+                                    "the randomized defense")
+            kwargs.get("log", lambda msg: None)(f"robustlab: warning: {info['not_adaptive']}")
+        kwargs["model_info"] = info
     protocol = AdversarialProtocol(attacks, options.adversarial(), defenses)
     return run(model, data, protocol, store, seed=options.seed, batch_size=options.batch_size,
                examples=options.examples, extra=options.extra, **kwargs)
