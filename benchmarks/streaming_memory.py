@@ -7,6 +7,9 @@ peak resident memory (VmHWM) under 1.5 GB. Measured in a fresh subprocess (nothi
 as the folder is and once through the transform seam (``resize_center_crop(192, crop_pct=0.875)``:
 shorter side to 219, centre 192x192, applied per batch).
 
+The third measurement runs the whole evaluation (``robustlab.eval.evaluate`` with FGSM, every sample's
+row into a results store) on the folder as it is: the runner reads batches through the same seam.
+
 Claim 2: an in-memory set's ``batch(range(a, b))`` costs what slicing costs. On 10,000 CIFAR-sized
 images in memory, one pass in batches of 100, interleaved repeats, fastest of each: bare slicing
 ``x[a:b], y[a:b]`` of local tensors, the runner's ``data.x[a:b], data.y[a:b]`` and
@@ -94,8 +97,10 @@ def _peak_rss_bytes() -> tuple[int, int]:
     return hwm, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def child(folder: Path, crop: int | None, threads: int) -> dict:
-    """In a fresh process: load the folder, run the net over every image, report peak memory."""
+def child(folder: Path, crop: int | None, threads: int, evaluate: bool = False) -> dict:
+    """In a fresh process: load the folder, run the net over every image (or, with ``evaluate``, the
+    whole adversarial evaluation: ``robustlab.eval.evaluate`` under FGSM into a results store), report
+    peak memory."""
     from robustlab.data import ImageFolderDataset, TransformedDataset, load_dataset, resize_center_crop
 
     set_threads(threads)
@@ -109,8 +114,20 @@ def child(folder: Path, crop: int | None, threads: int) -> dict:
     t1 = time.perf_counter()
     counts = torch.zeros(data.num_classes, dtype=torch.long)
     checksum = 0.0
+    if evaluate:
+        import tempfile
+
+        from robustlab.attacks import create_attack
+        from robustlab.eval import EvalOptions, ResultsStore, evaluate as run_evaluation
+        from robustlab.threat import ThreatModel
+
+        with tempfile.TemporaryDirectory() as tmp, ResultsStore(Path(tmp) / "r.db") as store:
+            result = run_evaluation(model, data, [create_attack("fgsm", ThreatModel("linf", 4 / 255))], store,
+                                    options=EvalOptions(steps_grid=(), sanity=False, batch_size=BATCH), progress=False)
+            counts[0] = len(store.samples(result.run_id))
+            checksum = result.robust_accuracy
     with torch.no_grad():
-        for a in range(0, len(data), BATCH):
+        for a in range(0, len(data) if not evaluate else 0, BATCH):
             x, y = data.batch(range(a, min(a + BATCH, len(data))))
             counts += torch.bincount(model(x).argmax(1), minlength=data.num_classes)
             checksum += float(x.sum())
@@ -123,8 +140,10 @@ def child(folder: Path, crop: int | None, threads: int) -> dict:
     }
 
 
-def run_child(folder: Path, crop: int | None, threads: int) -> dict:
+def run_child(folder: Path, crop: int | None, threads: int, evaluate: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--child", str(folder), "--threads", str(threads)]
+    if evaluate:
+        cmd.append("--evaluate")
     if crop:
         cmd += ["--crop", str(crop)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
@@ -185,9 +204,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the streaming passes")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--crop", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--evaluate", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.crop, args.threads)))
+        print(json.dumps(child(args.child, args.crop, args.threads, args.evaluate)))
         return
 
     set_threads(1)  # the in-memory timing: one thread is the steadiest on a shared machine
@@ -196,11 +216,15 @@ def main() -> None:
     lines = [f"Streaming data: peak memory of a pass over {N_IMAGES:,} images of {SIDE}x{SIDE}, and batch() vs slicing",
              f"environment: {environment()}; the streaming passes ran with {args.threads} thread(s)", ""]
     verdicts = []
-    for crop in (None, 192):
-        log(f"streaming pass {'as the folder is' if crop is None else f'with resize_center_crop({crop})'} ...")
-        r = run_child(folder, crop, args.threads)
+    for crop, evaluate in ((None, False), (192, False), (None, True)):
+        log(f"streaming pass {'as the folder is' if crop is None else f'with resize_center_crop({crop})'}"
+            f"{' through robustlab.eval.evaluate (FGSM)' if evaluate else ''} ...")
+        r = run_child(folder, crop, args.threads, evaluate)
         ok = r["vmhwm"] <= LIMIT_BYTES and r["predictions"] == N_IMAGES
         what = "as stored" if crop is None else f"resize_center_crop({crop}, crop_pct=0.875) per batch"
+        if evaluate:
+            what = (f"the adversarial evaluation (evaluate(): clean pass, FGSM at Linf 4/255, verification, every "
+                    f"sample into a results store; robust accuracy {r['checksum']:.3f})")
         lines += [
             f"streaming, {what}: {r['kind']}, {r['n']} images {tuple(r['image_shape'])}",
             f"  in memory as float32 these would take {r['in_memory_bytes'] / gib:.2f} GiB",
