@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from robustlab.checks import check_logits
-from robustlab.models.mode import eval_mode
+from robustlab.models.runtime import eval_mode
 from robustlab.threat import ThreatModel
 
 TOLERANCE = 1e-6
