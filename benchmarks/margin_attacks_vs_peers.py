@@ -63,6 +63,7 @@ from benchmarks.common import (  # noqa: E402
     load_split,
     log,
     predict,
+    robustlab_runtime,
     set_threads,
     write_report,
 )
@@ -112,7 +113,8 @@ def contenders(model: nn.Module, row: Row, seed: int) -> dict[str, tuple[str, Ru
         attack = create_attack(name, threat, **params)
 
         def run(x, y, attack=attack):
-            result = attack.run(model, x, y, make_generator(seed, 0))
+            with robustlab_runtime(model, x):  # as an evaluation runs it
+                result = attack.run(model, x, y, make_generator(seed, 0))
             return result.x_adv, result.gradients
 
         out[name] = (", ".join(f"{key}={v}" for key, v in params.items()), run)

@@ -51,6 +51,7 @@ from benchmarks.common import (  # noqa: E402
     load_split,
     log,
     predict,
+    robustlab_runtime,
     set_threads,
     write_report,
 )
@@ -98,7 +99,12 @@ def make_attacks(model: nn.Module, sc: Scenario, seed: int) -> dict[str, AttackF
     p = sc.params
     threat = ThreatModel(sc.norm, sc.eps if sc.kind == "fixed" else 1.0)
     ours = create_attack(sc.attack, threat, **p)
-    out: dict[str, AttackFn] = {"robustlab": lambda x, y: ours.run(model, x, y, make_generator(seed)).x_adv}
+
+    def run_robustlab(x, y):
+        with robustlab_runtime(model, x):  # as an evaluation runs it
+            return ours.run(model, x, y, make_generator(seed)).x_adv
+
+    out: dict[str, AttackFn] = {"robustlab": run_robustlab}
     fmodel = fb.PyTorchModel(model, bounds=(0.0, 1.0), device="cpu")
 
     def foolbox_fn(attack) -> AttackFn:

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, environment, get_model, load_split, log, predict, set_threads, write_report  # noqa: E402
+from benchmarks.common import RESULTS, environment, get_model, load_split, log, predict, robustlab_runtime, set_threads, write_report  # noqa: E402
 from robustlab.attacks import create_attack  # noqa: E402
 from robustlab.seeding import make_generator  # noqa: E402
 from robustlab.threat import ThreatModel  # noqa: E402
@@ -39,7 +39,8 @@ def square_run(model, x, y, threat, queries, seed, bf16: bool) -> dict:
     """One Square run; robust accuracy and claims checked in float32."""
     attack = create_attack("square", threat, queries=queries)
     t0 = time.process_time()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    # The runtime an evaluation applies (probed in float32, with one image), then the precision.
+    with robustlab_runtime(model, x), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         res = attack.run(model, x, y, generator=make_generator(seed))
     cpu = time.process_time() - t0
     fooled = (predict(model, res.x_adv) != y) & threat.contains(res.x_adv, x)

@@ -3,14 +3,16 @@
 Weight decay drives the weights of units that stop learning towards zero through the subnormal range
 (below 1.2e-38 in float32), where they stay: the robust MNIST SmallCNNs of the model zoo, trained
 for 60 epochs, hold 6,749 (TRADES) and 12,998 (PGD-AT) of them, mostly in the first fully connected
-layer. CPUs compute with subnormal operands many times slower. Attacks and evaluations therefore run
-with those weights read as zero (``robustlab.models.mode.subnormal_weights_zeroed``); this measures
+layer. CPUs compute with subnormal operands many times slower. Evaluations (and attacks called in
+``robustlab.models.runtime.fast_runtime``) therefore run with those weights read as zero
+(``robustlab.models.runtime.subnormal_weights_zeroed``); this measures
 both halves of that claim, side by side in one run:
 
 - the logits with and without the zeroing, on test images and on images with +-eps sign noise
   (bit-identical is the claim);
 - process CPU time of a forward pass, of a forward + backward to the input, and of a Square attack
-  run through ``Attack.run`` with the zeroing on and off (``ZERO_SUBNORMALS``), interleaved, medians;
+  run through ``Attack.run`` in ``fast_runtime`` with the zeroing on and off (``ZERO_SUBNORMALS``),
+  interleaved, medians;
   the Square points must be bit-identical too.
 
 The benchmark models are trained too briefly to hold subnormal weights. Give a model that does with
@@ -42,9 +44,9 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, environment, get_model, load_split, log, set_threads, time_interleaved, write_report  # noqa: E402
+from benchmarks.common import RESULTS, environment, get_model, load_split, log, robustlab_runtime, set_threads, time_interleaved, write_report  # noqa: E402
 from robustlab.attacks import create_attack  # noqa: E402
-from robustlab.models import mode  # noqa: E402
+from robustlab.models import runtime  # noqa: E402
 from robustlab.models.loading import load_model  # noqa: E402
 from robustlab.threat import ThreatModel  # noqa: E402
 
@@ -92,7 +94,7 @@ def main() -> int:
         dataset, what = "mnist", f"mnist_pgd with its {args.inject} smallest fully connected weights made subnormal"
     model.eval()
     tensors = [*model.parameters(), *model.buffers()]
-    count = sum(int(mode.subnormals(t).sum()) for t in tensors if t.is_floating_point())
+    count = sum(int(runtime.subnormals(t).sum()) for t in tensors if t.is_floating_point())
     if not count:
         sys.exit(f"{what} holds no subnormal weights: nothing to measure")
     x, y = load_split(dataset, "test")
@@ -101,21 +103,22 @@ def main() -> int:
     noisy = (x + args.eps * torch.sign(torch.randn(x.shape, generator=torch.Generator().manual_seed(0)))).clamp(0, 1)
 
     def forward(images: torch.Tensor, zero: bool) -> torch.Tensor:
-        with mode.subnormal_weights_zeroed(model, enabled=zero), torch.no_grad():
+        with runtime.subnormal_weights_zeroed(model, enabled=zero), torch.no_grad():
             return model(images)
 
     def gradient(zero: bool) -> torch.Tensor:
-        with mode.subnormal_weights_zeroed(model, enabled=zero):
+        with runtime.subnormal_weights_zeroed(model, enabled=zero):
             xi = x.clone().requires_grad_(True)
             loss = nn.functional.cross_entropy(model(xi), y)
             return torch.autograd.grad(loss, xi)[0]
 
-    def square(zero: bool):  # through Attack.run, which follows mode.ZERO_SUBNORMALS
-        saved, mode.ZERO_SUBNORMALS = mode.ZERO_SUBNORMALS, zero
+    def square(zero: bool):  # through Attack.run in fast_runtime, which follows runtime.ZERO_SUBNORMALS
+        saved, runtime.ZERO_SUBNORMALS = runtime.ZERO_SUBNORMALS, zero
         try:
-            return create_attack("square", threat, queries=args.queries).run(model, x, y, torch.Generator().manual_seed(0))
+            with robustlab_runtime(model, x):
+                return create_attack("square", threat, queries=args.queries).run(model, x, y, torch.Generator().manual_seed(0))
         finally:
-            mode.ZERO_SUBNORMALS = saved
+            runtime.ZERO_SUBNORMALS = saved
 
     same_logits = {name: torch.equal(forward(images, True), forward(images, False))
                    for name, images in (("test images", x), ("sign noise", noisy))}

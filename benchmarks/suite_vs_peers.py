@@ -65,7 +65,7 @@ from benchmarks.common import (  # noqa: E402
     write_report,
 )
 from robustlab.attacks.suites import SUITES  # noqa: E402
-from robustlab.bench import ResultsStore  # noqa: E402
+from robustlab.eval.store import ResultsStore  # noqa: E402
 from robustlab.eval.runner import EvalOptions, evaluate  # noqa: E402
 from robustlab.data import ImageDataset  # noqa: E402
 from robustlab.threat import ThreatModel  # noqa: E402

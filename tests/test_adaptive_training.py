@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from robustlab.errors import RobustlabError
 from robustlab.models import create_model
-from robustlab.models.mode import eval_mode
+from robustlab.models.runtime import eval_mode
 from robustlab.seeding import make_generator
 from robustlab.threat import ThreatModel
 from robustlab.training import TrainConfig, create_objective, fosc, inner, train

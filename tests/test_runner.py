@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sqlite3
 
@@ -15,8 +16,8 @@ from robustlab.report.html import write_report
 from robustlab.eval.runner import EvalOptions, evaluate
 from robustlab.eval.store import ResultsStore
 from robustlab.errors import RobustlabError
-from robustlab.models import mode
-from robustlab.models.mode import channels_last
+from robustlab.models import runtime
+from robustlab.models.runtime import channels_last, fast_runtime
 from robustlab.threat import ThreatModel
 
 LINF = ThreatModel("linf", 0.1)
@@ -272,7 +273,7 @@ def test_channels_last_gives_the_same_results_and_the_model_back(digits_model, d
     with ResultsStore(tmp_path / "r.db") as store:
         runs = {}
         for flag in (True, False):
-            monkeypatch.setattr(mode, "FAST_LAYOUT", flag)
+            monkeypatch.setattr(runtime, "FAST_LAYOUT", flag)
             res = evaluate(digits_model, data, attacks, store, options=options)
             runs[flag] = (res.summary["robust_accuracy"], [(r.robust, r.broken_by) for r in store.samples(res.run_id)],
                           store.get_run(res.run_id)["model_info"]["channels_last"])
@@ -283,18 +284,26 @@ def test_channels_last_gives_the_same_results_and_the_model_back(digits_model, d
     assert all(t.is_contiguous() for t in digits_model.state_dict().values())
 
 
-def test_attacks_run_channels_last_and_give_the_model_back(digits_model, digits_test, monkeypatch):
+def test_attacks_run_channels_last_in_fast_runtime_and_it_gives_the_model_back(digits_model, digits_test, monkeypatch):
     x, y = digits_test.x[:64], digits_test.y[:64]
     conv = next(m for m in digits_model.modules() if isinstance(m, nn.Conv2d) and m.in_channels > 1)
     seen = []
     hook = conv.register_forward_pre_hook(lambda m, args: seen.append(m.weight.is_contiguous()))
     results = {}
     for flag in (True, False):
-        monkeypatch.setattr(mode, "FAST_LAYOUT", flag)
+        monkeypatch.setattr(runtime, "FAST_LAYOUT", flag)
         seen.clear()
-        results[flag] = create_attack("pgd", LINF, steps=5).run(digits_model, x, y, torch.Generator().manual_seed(0))
-        assert not all(seen) if flag else all(seen)  # channels-last weights during the attack, or not
+        with fast_runtime(digits_model, x) as info:
+            assert info == {"channels_last": flag, "subnormal_weights_zeroed": 0}
+            seen.clear()  # the probe's passes
+            results[flag] = create_attack("pgd", LINF, steps=5).run(digits_model, x, y, torch.Generator().manual_seed(0))
+        assert not any(seen) if flag else all(seen)  # channels-last weights during the attack, or not
+        # Outside the context an attack runs the model in the layout it has.
+        seen.clear()
+        alone = create_attack("pgd", LINF, steps=5).run(digits_model, x, y, torch.Generator().manual_seed(0))
+        assert seen and all(seen)
     hook.remove()
+    assert torch.equal(alone.x_adv, results[False].x_adv)
     assert torch.equal(results[True].success, results[False].success)
     # Float rounding differs between layouts: a near-zero gradient coordinate may flip its sign.
     assert (results[True].x_adv - results[False].x_adv).abs().gt(1e-5).float().mean() < 0.01
@@ -303,8 +312,8 @@ def test_attacks_run_channels_last_and_give_the_model_back(digits_model, digits_
 
 def test_subnormal_weights_are_read_as_zero_and_given_back(digits_model, digits_test, tmp_path, monkeypatch):
     """Weights in the subnormal range (what weight decay leaves of dead units) make CPU arithmetic
-    many times slower and change no logit: attacks and evaluations run with them zero and give the
-    caller's tensors back, values and all."""
+    many times slower and change no logit: fast_runtime (which evaluations apply) runs them as zero and
+    gives the caller's tensors back, values and all; an attack alone leaves them as they are."""
     model = copy.deepcopy(digits_model)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -312,28 +321,33 @@ def test_subnormal_weights_are_read_as_zero_and_given_back(digits_model, digits_
             if p.dim() > 1:
                 p[torch.rand(p.shape, generator=gen) < 0.3] = 1e-39
     tensors = list(model.state_dict().values())
-    count = sum(int(mode.subnormals(t).sum()) for t in tensors)
+    count = sum(int(runtime.subnormals(t).sum()) for t in tensors)
     assert count > 1000
     ptrs, values = [t.data_ptr() for t in tensors], [t.clone() for t in tensors]
     zeroed = copy.deepcopy(model)
-    assert mode.zero_subnormals_(zeroed.state_dict().values()) == count
+    assert runtime.zero_subnormals_(zeroed.state_dict().values()) == count
     x, y = digits_test.x[:64], digits_test.y[:64]
     with torch.no_grad():
         assert torch.equal(model(x), zeroed(x))  # the same function, bit for bit
 
-    def square_seeing_subnormals(queries):
-        """Square's result, and the subnormal weight count each layer saw at each of its calls."""
+    def square_seeing_subnormals(queries, fast=True):
+        """Square's result (in fast_runtime, or not), and the subnormal weight count each layer saw at
+        each of its calls."""
         seen = []
-        hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(int(mode.subnormals(m.weight).sum())))
+        hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(int(runtime.subnormals(m.weight).sum())))
                  for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         try:
-            return create_attack("square", LINF, queries=queries).run(model, x, y, torch.Generator().manual_seed(1)), seen
+            with fast_runtime(model, x) if fast else contextlib.nullcontext():
+                seen.clear()  # the probe's passes
+                return create_attack("square", LINF, queries=queries).run(model, x, y, torch.Generator().manual_seed(1)), seen
         finally:
             for h in hooks:
                 h.remove()
 
     result, seen = square_seeing_subnormals(30)
     assert seen and not any(seen)  # none left during the attack
+    _, seen = square_seeing_subnormals(5, fast=False)
+    assert seen and all(seen)  # an attack alone does not touch the weights
     same = create_attack("square", LINF, queries=30).run(zeroed, x, y, torch.Generator().manual_seed(1))
     assert torch.equal(result.x_adv, same.x_adv) and torch.equal(result.success, same.success)
     with ResultsStore(tmp_path / "r.db") as store:
@@ -343,24 +357,26 @@ def test_subnormal_weights_are_read_as_zero_and_given_back(digits_model, digits_
     after = list(model.state_dict().values())
     assert [t.data_ptr() for t in after] == ptrs and all(torch.equal(a, b) for a, b in zip(after, values))
     # Switched off (ROBUSTLAB_ZERO_SUBNORMALS=0), the model runs as given.
-    monkeypatch.setattr(mode, "ZERO_SUBNORMALS", False)
+    monkeypatch.setattr(runtime, "ZERO_SUBNORMALS", False)
     _, seen = square_seeing_subnormals(5)
     assert seen and all(seen)
 
 
-def test_an_attack_on_a_model_that_fails_channels_last_runs_it_as_given(monkeypatch):
+def test_fast_runtime_runs_a_model_that_fails_channels_last_as_given(monkeypatch):
     torch.manual_seed(0)
     model, x = ViewNet(), torch.rand(16, 3, 8, 8)
     y = model(x).argmax(dim=1)
     results = {}
     for flag in (True, False):
-        monkeypatch.setattr(mode, "FAST_LAYOUT", flag)
-        results[flag] = create_attack("pgd", LINF, steps=3).run(model, x, y, torch.Generator().manual_seed(0))
-    # The retry starts from the same random state: the very same attack as without the fast layout.
+        monkeypatch.setattr(runtime, "FAST_LAYOUT", flag)
+        with fast_runtime(model, x) as info:
+            assert info["channels_last"] is False  # the probe found it fails
+            results[flag] = create_attack("pgd", LINF, steps=3).run(model, x, y, torch.Generator().manual_seed(0))
+    # The very same attack as without the fast layout.
     assert torch.equal(results[True].x_adv, results[False].x_adv)
     assert torch.equal(results[True].forwards, results[False].forwards)
     assert all(p.is_contiguous() for p in model.parameters())
-    assert model in mode.UNSAFE  # remembered: the next attack does not try again
+    assert model in runtime.UNSAFE  # remembered: the next attack does not try again
 
 
 def test_channels_last_is_used_only_where_it_is_safe():

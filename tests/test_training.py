@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from robustlab.cli import main
 from robustlab.errors import RobustlabError
 from robustlab.models import create_model
-from robustlab.models.mode import eval_mode
+from robustlab.models.runtime import eval_mode
 from robustlab.seeding import make_generator
 from robustlab.threat import ThreatModel
 from robustlab.training import (

@@ -4,9 +4,10 @@
 (always inside the threat model), per-sample success, and per-sample counts of input gradients and
 forward passes spent. Attacks never change the model's mode or parameters: they run it in eval mode,
 restore the caller's modes afterwards, and differentiate with respect to the input only (no
-parameter gradient is computed or accumulated). On CPU they run a convolutional model channels-last
-(``robustlab.models.mode.channels_last``; as given if it fails so) with subnormal weights read as zero
-(``subnormal_weights_zeroed``), and give back the caller's tensors.
+parameter gradient is computed or accumulated). They run the model in the memory layout and with
+the weights it has: the speed context (channels-last, subnormal weights read as zero) is the
+caller's, :func:`robustlab.models.runtime.fast_runtime`, which the evaluation runner and the CLI apply
+to a whole run.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.nn as nn
 from robustlab.checks import check_images, check_labels, check_logits
 from robustlab.errors import RobustlabError
 from robustlab.losses import get_loss
-from robustlab.models.mode import UNSAFE, channels_last, eval_mode, subnormal_weights_zeroed
+from robustlab.models.runtime import eval_mode
 from robustlab.params import Configurable
 from robustlab.registry import Registry
 from robustlab.threat import NORMS, ThreatModel
@@ -94,8 +95,8 @@ class Attack(Configurable):
         """Attack the batch ``(x, y)`` (``y`` are targets when targeted). Returns an AttackResult."""
         check_images(x)
         y = check_labels(y, x.shape[0])
-        with eval_mode(model), subnormal_weights_zeroed(model):
-            result = self._attack_in_fast_layout(model, x.detach(), y.to(x.device), generator)
+        with eval_mode(model):
+            result = self._attack(model, x.detach(), y.to(x.device), generator)
         # The contract: never outside the threat model (minimum-norm attacks: never outside the box),
         # whatever the algorithm did.
         x_adv = result.x_adv.detach()
@@ -108,25 +109,6 @@ class Attack(Configurable):
 
     def repr_prefix(self) -> str:
         return f"{self.threat}, targeted={self.targeted}, "
-
-    def _attack_in_fast_layout(self, model, x, y, generator) -> AttackResult:
-        """``_attack`` with the model channels-last on CPU (undone on exit). No probe pass, which
-        would be a query the counts leave out: if the model fails in that layout (e.g. it calls
-        ``view`` on an activation) the attack runs again, as given, from the same random state."""
-        state = generator.get_state() if generator is not None else torch.get_rng_state()
-        fast = False
-        try:
-            with channels_last(model, x, probe=False) as fast:
-                return self._attack(model, x, y, generator)
-        except RuntimeError:
-            if not fast:
-                raise
-            UNSAFE.add(model)  # not tried again
-        if generator is not None:
-            generator.set_state(state)
-        else:
-            torch.set_rng_state(state)
-        return self._attack(model, x, y, generator)
 
     # ------------------------------------------------------------------ for subclasses
 

@@ -24,7 +24,7 @@ import torch.nn as nn
 from robustlab.attacks.base import Attack, AttackResult
 from robustlab.checks import check_logits
 from robustlab.errors import RobustlabError
-from robustlab.models.mode import eval_mode
+from robustlab.models.runtime import eval_mode
 from robustlab.predictor import predict
 
 _TENSORS = ("clean_pred", "correct", "robust", "broken_by", "adv_pred", "distance", "min_distance", "gradients",

@@ -25,7 +25,7 @@ import torch.nn as nn
 from robustlab.attacks.base import Attack, AttackResult, register_attack
 from robustlab.checks import check_logits
 from robustlab.errors import RobustlabError
-from robustlab.models.mode import eval_mode
+from robustlab.models.runtime import eval_mode, fast_runtime
 from robustlab.progress import progress as show_progress
 
 
@@ -247,7 +247,8 @@ def perturb_folder(
         x = uint8_images_to_tensor(np.stack([arrays[i] for i in members]), str(src)).to(device)
         with eval_mode(model), torch.no_grad():
             labels = check_logits(model(x), x.shape[0]).argmax(dim=1)
-        result = attack.run(model, x, labels, make_generator(seed, b, device=device))
+        with fast_runtime(model, x):  # the CPU speed context, as the evaluation runner applies it
+            result = attack.run(model, x, labels, make_generator(seed, b, device=device))
         pixels = _to_uint8(result.x_adv, x)
         for k, i in enumerate(members):
             targets[i].parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from robustlab.attacks.base import ATTACKS, Attack, AttackResult, create_attack, register_attack
 from robustlab.errors import RobustlabError
 from robustlab.losses import LOSSES
+from robustlab.models.runtime import fast_runtime
 
 
 def _never_broken(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -156,7 +157,10 @@ class Transfer(Attack):
         base = self.base_attack()
         # Run every step on the surrogate: the base loop sees no sample as broken, so none stops early.
         base.is_success = _never_broken  # type: ignore[method-assign]
-        result = base.run(crafted, x, y, generator)
+        # The surrogate is this attack's own model, so the speed context for it is the attack's
+        # business (the caller's fast_runtime covers the target only); no random draw is spent on it.
+        with fast_runtime(crafted.model, x):
+            result = base.run(crafted, x, y, generator)
         x_adv = self.threat.project(result.x_adv, x)
         logits = self.logits(model, x_adv)
         if surrogate_classes != logits.shape[1]:

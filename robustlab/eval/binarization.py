@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from robustlab.attacks.base import Attack
 from robustlab.eval.sanity import verdict
-from robustlab.models.mode import eval_mode
+from robustlab.models.runtime import eval_mode
 from robustlab.threat import ThreatModel, norms
 
 INNER_POINTS = 32

@@ -30,7 +30,7 @@ from robustlab.eval.protocols import protocol_class
 from robustlab.eval.protocols.adversarial import AdversarialOptions, AdversarialProtocol
 from robustlab.eval.protocols.base import BatchContext, Protocol, Task
 from robustlab.eval.store import ResultsStore
-from robustlab.models.mode import channels_last, eval_mode, full_float32, subnormal_weights_zeroed
+from robustlab.models.runtime import eval_mode, fast_runtime, full_float32
 from robustlab.progress import progress as show_progress
 
 
@@ -174,9 +174,8 @@ def run(
             ) from None
         check_logits(out, probe_x.shape[0], data.num_classes)
     # The fastest memory layout for the whole run (the caller's model is given back as it was).
-    with channels_last(model, probe_x) as fast, subnormal_weights_zeroed(model) as zeroed:
-        info = {**(model_info or {}), **sanity.inspect_model(model, probe_x), "channels_last": fast,
-                "subnormal_weights_zeroed": zeroed}
+    with fast_runtime(model, probe_x) as runtime:
+        info = {**(model_info or {}), **sanity.inspect_model(model, probe_x), **runtime}
         tasks = protocol.plan(len(data), int(np.prod(data.image_shape)))
         card = info.get("card") or {}
         config = {

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from robustlab.checks import check_logits
-from robustlab.models.mode import eval_mode, training_modules
+from robustlab.models.runtime import eval_mode, training_modules
 from robustlab.threat import ThreatModel
 
 

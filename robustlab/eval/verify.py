@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from robustlab.models.mode import eval_mode
+from robustlab.models.runtime import eval_mode
 from robustlab.predictor import predict
 from robustlab.threat import ThreatModel
 

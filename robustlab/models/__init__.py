@@ -8,7 +8,7 @@ from robustlab.models.card import SOURCES, ModelCard
 from robustlab.models.checkpoint import load_checkpoint, save_checkpoint
 from robustlab.models.dual_bn import DualBatchNorm, bn_branch, convert_to_dual_bn, set_bn_branch
 from robustlab.models.loading import LoadedModel, load_model
-from robustlab.models.mode import eval_mode, training_modules
+from robustlab.models.runtime import eval_mode, training_modules
 from robustlab.models.normalize import Normalize
 from robustlab.models.registry import MODELS, create_model, list_models, model_config, register_model
 

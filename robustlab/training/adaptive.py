@@ -77,7 +77,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from robustlab.errors import RobustlabError
-from robustlab.models.mode import eval_mode
+from robustlab.models.runtime import eval_mode
 from robustlab.threat import ThreatModel, norms
 from robustlab.training import inner
 from robustlab.training.objectives import Objective, _accuracy, register_objective

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from robustlab.models.mode import eval_mode
+from robustlab.models.runtime import eval_mode
 from robustlab.threat import ThreatModel, norms
 
 LogitLoss = Callable[[torch.Tensor], torch.Tensor]  # logits (N, K) -> per-sample loss (N,) to maximize

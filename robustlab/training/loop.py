@@ -31,7 +31,7 @@ from robustlab import distributed
 from robustlab.checks import check_logits
 from robustlab.data import Dataset
 from robustlab.errors import RobustlabError
-from robustlab.models.mode import eval_mode, zero_subnormals_
+from robustlab.models.runtime import eval_mode, zero_subnormals_
 from robustlab.progress import progress as show_progress
 from robustlab.seeding import derive_seed, make_generator
 from robustlab.threat import ThreatModel

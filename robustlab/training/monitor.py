@@ -31,7 +31,7 @@ import torch.nn as nn
 from robustlab.attacks import create_attack
 from robustlab.data import Dataset
 from robustlab.errors import RobustlabError
-from robustlab.models.mode import eval_mode
+from robustlab.models.runtime import eval_mode, fast_runtime
 from robustlab.seeding import make_generator
 from robustlab.threat import ThreatModel
 
@@ -58,11 +58,14 @@ def robust_validation(
     """Clean accuracy and, if ``threat`` is given, PGD accuracy (``steps`` steps of 2.5 eps / steps,
     random start, CE) on ``data``: the fraction classified correctly and not broken. Only correctly
     classified points are attacked. The attack's random starts are the same at every call (same
-    seed), so epoch-to-epoch differences are the model's. Eval mode; the caller's modes restored."""
+    seed), so epoch-to-epoch differences are the model's. Eval mode and the CPU speed context
+    (:func:`robustlab.models.runtime.fast_runtime`, as in an evaluation); the caller's modes and
+    tensors restored."""
     device = torch.device(device)
     attack = create_attack("pgd", threat, steps=steps) if threat is not None and threat.eps > 0 else None
     clean = robust = 0
-    with eval_mode(model):
+    probe_x = data.x[: min(len(data), batch_size)].to(device)
+    with eval_mode(model), fast_runtime(model, probe_x):
         for b, _, x, y in data.batches(batch_size):
             x, y = x.to(device), y.to(device)
             with torch.no_grad():

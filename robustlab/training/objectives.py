@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from robustlab.attacks import create_attack
 from robustlab.errors import RobustlabError
 from robustlab.params import Configurable
-from robustlab.models.mode import eval_mode
+from robustlab.models.runtime import eval_mode
 from robustlab.registry import Registry
 from robustlab.threat import ThreatModel
 from robustlab.training import inner

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from robustlab.errors import RobustlabError
-from robustlab.models.mode import eval_mode
+from robustlab.models.runtime import eval_mode
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import TRADES, _accuracy, kl_term, load_teacher, register_objective
 

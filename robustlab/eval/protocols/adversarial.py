@@ -33,7 +33,7 @@ from robustlab.eval.protocols.base import BatchContext, BatchOutput, Protocol, T
 from robustlab.eval.store import Example, ResultsStore, SampleRow
 from robustlab.eval.verify import verify_adversarial
 from robustlab.errors import RobustlabError
-from robustlab.models.mode import eval_mode
+from robustlab.models.runtime import eval_mode
 from robustlab.predictor import predict
 from robustlab.seeding import make_generator
 from robustlab.threat import ThreatModel

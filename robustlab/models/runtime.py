@@ -1,13 +1,20 @@
-"""Evaluate without mutating: eval mode for the duration, the caller's per-module modes restored; a
-faster memory layout, and subnormal weights read as zero, for the duration, the caller's tensors
-restored."""
+"""The runtime a model is evaluated and attacked in, without mutating it: eval mode for the duration
+(the caller's per-module modes restored), and on CPU the speed context :func:`fast_runtime` (a faster
+memory layout and subnormal weights read as zero, for the duration, the caller's tensors restored).
+
+Attacks do not apply the speed context themselves: the evaluation runner and the CLI wrap a whole
+run in :func:`fast_runtime`, and so should a Python user who calls ``attack.run`` directly::
+
+    with fast_runtime(model, x[:64]) as info:   # info: {"channels_last": bool, "subnormal_weights_zeroed": int}
+        result = attack.run(model, x, y, generator)
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import weakref
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -36,26 +43,25 @@ def _channels_last_strides(shape: torch.Size) -> tuple[int, ...]:
     return (c * h * w, 1, w * c, c)
 
 
-# Whether attacks and evaluations may switch a model to channels-last on CPU (see channels_last);
+# Whether fast_runtime may switch a model to channels-last on CPU (see channels_last);
 # ROBUSTLAB_CHANNELS_LAST=0 in the environment, or setting this to False, runs every model as given.
 FAST_LAYOUT = os.environ.get("ROBUSTLAB_CHANNELS_LAST", "1") != "0"
-# Models found not to work channels-last (by a probe, or by an attack that had to fall back).
+# Models found not to work channels-last by a probe (not tried again).
 UNSAFE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 @contextlib.contextmanager
-def channels_last(model: nn.Module, x: torch.Tensor, enabled: bool | None = None, probe: bool = True) -> Iterator[bool]:
+def channels_last(model: nn.Module, x: torch.Tensor, enabled: bool | None = None) -> Iterator[bool]:
     """Run a convolutional model in channels-last memory format for the duration, where that is safe;
     yields whether it does. The caller's tensors are put back on exit (the very same objects).
 
     On CPU, oneDNN convolutions and max-pooling run channels-last much faster than the default
     layout (forward passes about 1.6x, forward + backward about 1.25x for SmallCNN and cifar_cnn on
     the development machine); the numbers are the same up to float rounding. Only 4-D parameters and
-    buffers change layout. With ``probe``, it is used only if a forward pass on ``x`` (a batch of
-    inputs) still works and gives the same logits (models that ``view`` their activations fail in this
-    layout); without, the caller must fall back on its own (``Attack.run`` does: its query counts
-    must not include probes). CUDA and other devices are left alone: their fastest layout depends on
-    dtype and hardware. ``enabled=None`` follows :data:`FAST_LAYOUT`.
+    buffers change layout. It is used only if a forward pass on ``x`` (a batch of inputs; the probe,
+    two forward passes in eval mode) still works and gives the same logits (models that ``view``
+    their activations fail in this layout). CUDA and other devices are left alone: their fastest
+    layout depends on dtype and hardware. ``enabled=None`` follows :data:`FAST_LAYOUT`.
     """
     tensors = [t for t in [*model.parameters(), *model.buffers()] if t.dim() == 4]
     use = ((FAST_LAYOUT if enabled is None else enabled) and model not in UNSAFE
@@ -65,18 +71,17 @@ def channels_last(model: nn.Module, x: torch.Tensor, enabled: bool | None = None
     saved = [(t, t.data) for t in tensors]
     if use:
         with eval_mode(model), torch.no_grad():
-            reference = model(x) if probe else None
+            reference = model(x)
             for t in tensors:
                 # Not .contiguous(): with one channel a tensor counts as channels-last already and
                 # stays as it is, and the convolution it feeds then runs in the default layout.
                 t.data = torch.empty_like(t.data, memory_format=torch.channels_last).copy_(t.data)
-            if probe:
-                try:
-                    out = model(x)
-                    use = (out.shape == reference.shape and torch.allclose(
-                        out, reference, rtol=1e-4, atol=1e-4 * max(1.0, float(reference.abs().max()))))
-                except RuntimeError:  # e.g. view() on a channels-last activation
-                    use = False
+            try:
+                out = model(x)
+                use = (out.shape == reference.shape and torch.allclose(
+                    out, reference, rtol=1e-4, atol=1e-4 * max(1.0, float(reference.abs().max()))))
+            except RuntimeError:  # e.g. view() on a channels-last activation
+                use = False
         if not use:
             UNSAFE.add(model)
             for t, data in saved:
@@ -115,7 +120,7 @@ def zero_subnormals_(tensors: Iterable[torch.Tensor]) -> int:
     return sum(n for _, _, n in found)
 
 
-# Whether attacks and evaluations read subnormal weights as zero (see subnormal_weights_zeroed);
+# Whether fast_runtime reads subnormal weights as zero (see subnormal_weights_zeroed);
 # ROBUSTLAB_ZERO_SUBNORMALS=0 in the environment, or setting this to False, runs every model as given.
 ZERO_SUBNORMALS = os.environ.get("ROBUSTLAB_ZERO_SUBNORMALS", "1") != "0"
 
@@ -146,6 +151,18 @@ def subnormal_weights_zeroed(model: nn.Module, enabled: bool | None = None) -> I
     finally:
         for t, data in saved:
             t.data = data
+
+
+@contextlib.contextmanager
+def fast_runtime(model: nn.Module, probe_x: torch.Tensor) -> Iterator[dict[str, Any]]:
+    """The CPU speed context of an evaluation or of direct attack calls: ``model`` channels-last
+    where a probe forward pass on ``probe_x`` shows that safe (:func:`channels_last`), and its
+    subnormal weights read as zero (:func:`subnormal_weights_zeroed`), for the duration; the caller's
+    tensors are put back on exit. Logits inside equal the model's as given up to float rounding.
+    Yields what was applied:
+    ``{"channels_last": bool, "subnormal_weights_zeroed": int}``."""
+    with channels_last(model, probe_x) as fast, subnormal_weights_zeroed(model) as zeroed:
+        yield {"channels_last": fast, "subnormal_weights_zeroed": zeroed}
 
 
 @contextlib.contextmanager
