@@ -50,7 +50,8 @@ def test_eval_json_contract(checkpoint, tmp_path, capsys):
     assert [a["name"] for a in out["attacks"]] == ["fgsm", "pgd"]
     assert out["attacks"][1]["params"]["alpha"] == 0.02 and out["attacks"][1]["params"]["steps"] == 10
     assert all({"name", "params", "robust_accuracy", "seconds"} <= set(a) for a in out["attacks"])
-    assert out["robust_accuracy"] == out["attacks"][-1]["robust_accuracy"] <= out["attacks"][0]["robust_accuracy"]
+    assert out["ensemble_robust_accuracy"] == out["attacks"][-1]["robust_accuracy"] <= out["attacks"][0]["robust_accuracy"]
+    assert out["robust_accuracy"] <= out["ensemble_robust_accuracy"]  # the worst case over the whole run
     assert out["robust_accuracy"] < out["clean_accuracy"]
     for key in ("clean", "robust"):  # the 95% interval of a proportion on 100 images: a few points either side
         low, high = out["ci95"][key]

@@ -200,8 +200,31 @@ def test_curves_and_sanity_checks_on_a_real_model(digits_model, digits_test, tmp
     steps = res.summary["steps_curve"]
     assert [p["steps"] for p in steps["points"]] == [1, 5, 10, 20]
     verdicts = {c["name"]: c["status"] for c in res.checks}
+    # PGD-20 of the steps curve (other random starts) may break a point PGD-10 left robust: then the
+    # reported number counts it broken, and the worst-case check says so.
+    worst = verdicts.pop("worst-case")
     assert verdicts == {"eval-mode": "pass", "randomized": "pass", "gradients": "pass", "more-steps": "pass",
                         "large-eps": "pass", "black-box": "pass", "verification": "pass", "binarization": "pass"}
+    s = res.summary
+    assert (worst == "pass") == (s["robust_accuracy"] == s["ensemble_robust_accuracy"])
+    assert s["robust_accuracy"] <= s["ensemble_robust_accuracy"]
+
+
+def test_reported_robust_accuracy_is_the_worst_case_of_everything_the_run_computed(digits_model, digits_test, tmp_path):
+    """An ensemble weaker than a setting the run itself computed (FGSM, against the steps curve's PGD)
+    is not reported as more robust than that setting: the headline counts those points broken, and
+    the worst-case check warns (the release reported FGSM's number with every check passing)."""
+    data = digits_test.subset(128)
+    with ResultsStore(tmp_path / "r.db") as store:
+        res = evaluate(digits_model, data, [create_attack("fgsm", LINF), create_attack("pgd", LINF, steps=1)], store,
+                       options=EvalOptions(steps_grid=(20,), sanity=False, batch_size=64))
+        steps20 = store.samples(res.run_id, "steps=20")
+    s = res.summary
+    pgd20 = sum(r.robust for r in steps20) / len(steps20)
+    assert s["ensemble_robust_accuracy"] > pgd20  # the ensemble is the weaker of the two here
+    assert s["robust_accuracy"] <= pgd20
+    (verdict,) = [c for c in res.checks if c["name"] == "worst-case"]
+    assert verdict["status"] == "warn" and "steps=20" in verdict["detail"]
 
 
 class Quantized(nn.Module):

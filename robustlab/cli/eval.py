@@ -92,6 +92,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "threat": s["threat"],
             "clean_accuracy": s["clean_accuracy"],
             "robust_accuracy": s["robust_accuracy"],
+            "ensemble_robust_accuracy": s["ensemble_robust_accuracy"],
             "ci95": s["ci95"],
             "defenses": s.get("defenses", []),
             "attacks": [

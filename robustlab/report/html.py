@@ -236,9 +236,20 @@ def _results(run: dict[str, Any], summary: dict[str, Any]) -> str:
         '<th class="num">seconds</th><th class="num">input gradients</th><th class="num">forward passes</th></tr>'
         + "".join(rows) + "</table>"
         '<p class="muted">Attacks run in order as a worst-case ensemble: each attacks only the samples still robust '
-        "after the previous ones, so the robust accuracy after the last attack is the reported number.</p>"
+        "after the previous ones. The reported robust accuracy is the per-sample worst case over everything the run "
+        "computed inside the ball: the ensemble, and the steps curve and smaller epsilons of the epsilon curve.</p>"
+        + _ensemble_note(summary)
     )
     return "<h2>Results</h2>" + head + table
+
+
+def _ensemble_note(summary: dict[str, Any]) -> str:
+    ensemble, robust = summary.get("ensemble_robust_accuracy"), summary.get("robust_accuracy")
+    if ensemble is None or robust is None or ensemble == robust:
+        return ""
+    return (f'<div class="banner warn"><strong>The ensemble alone left {format_percent(ensemble)} robust</strong>; '
+            f"other attack settings of this run broke more points, so the reported robust accuracy is "
+            f"{format_percent(robust)}. Strengthen the ensemble (see the worst-case check).</div>")
 
 
 def _tasks_table(stats: list[dict[str, Any]]) -> str:

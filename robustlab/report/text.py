@@ -18,6 +18,10 @@ def format_summary(s: dict[str, Any], checks: list[dict[str, str]]) -> str:
     for a in s["attacks"]:
         lines.append(f"  after {a['name']:<10} {100 * a['robust_accuracy']:6.2f}%   ({a['broken']} broken, {a['seconds']:.2f}s)")
     lines.append(f"  robust accuracy  {100 * s['robust_accuracy']:6.2f}%   ({ci_text(s['robust_accuracy'], s['n'])})")
+    ensemble = s.get("ensemble_robust_accuracy")
+    if ensemble is not None and ensemble != s["robust_accuracy"]:
+        lines.append(f"    (the ensemble alone: {100 * ensemble:.2f}%; other attack settings of this run broke more, "
+                     "see the worst-case check)")
     if len(s["eps_curve"]) > 2:
         lines.append("  eps curve: " + ", ".join(f"{p['eps']:g}: {100 * p['robust_accuracy']:.1f}%" for p in s["eps_curve"]))
     for c in checks:

@@ -294,7 +294,14 @@ class AdversarialProtocol(Protocol):
                                              "re-verification and were not counted"))
             else:
                 checks.append(sanity.verdict("verification", "pass", "every counted adversarial example was re-verified"))
-        computed = metric.compute()
+        ensemble = metric.compute()
+        worst, extra = worst_case(store, run, main, threat["eps"])
+        computed = worst.compute()
+        if checks is not None:
+            checks.append(worst_case_verdict(extra, ensemble["robust_accuracy"], computed["robust_accuracy"]))
+        if eps_curve and extra:
+            eps_curve = [{**p, "robust_accuracy": computed["robust_accuracy"]} if p["eps"] == threat["eps"] else p
+                         for p in eps_curve]
         summary = {
             "run_id": run_id,
             "protocol": cls.name,
@@ -305,6 +312,7 @@ class AdversarialProtocol(Protocol):
             "threat": threat,
             "clean_accuracy": computed["clean_accuracy"],
             "robust_accuracy": computed["robust_accuracy"],
+            "ensemble_robust_accuracy": ensemble["robust_accuracy"],
             "ci95": computed["ci95"],
             "attacks": per_attack,
             "eps_curve": eps_curve,
@@ -325,6 +333,41 @@ class AdversarialProtocol(Protocol):
         config = run["config"]
         eps = float(config["eps"])
         return (run["dataset"], cls.name, config["norm"], round(eps, 8)), ""
+
+
+def worst_case(store: ResultsStore, run: dict[str, Any], main: list[SampleRow],
+               eps: float) -> tuple[RobustAccuracy, dict[str, int]]:
+    """Robust accuracy as the per-sample worst case over everything the run computed inside the main
+    ball: a point the ensemble left robust counts as broken when another task at the same epsilon (the
+    steps curve) or a smaller one of the same norm (the epsilon curve) broke it, with a verified
+    example. Returns the metric and, per task, how many such points it broke."""
+    robust = {r.sample_index for r in main if r.robust}
+    extra: dict[str, int] = {}
+    broken: set[int] = set()
+    for t in run["tasks"]:
+        if t["task"] == "main" or t["kind"] not in ("steps", "eps") or t["eps"] > eps:
+            continue
+        hit = {r.sample_index for r in store.samples(run["run_id"], t["task"])
+               if r.clean_correct and not r.robust and r.broken_by is not None} & robust
+        if hit:
+            extra[t["task"]] = len(hit)
+            broken |= hit
+    metric = RobustAccuracy().update([r.clean_correct for r in main],
+                                     [r.robust and r.sample_index not in broken for r in main],
+                                     [r.broken_by for r in main])
+    return metric, extra
+
+
+def worst_case_verdict(extra: dict[str, int], ensemble: float | None, worst: float | None) -> dict[str, str]:
+    """Any setting the run computed that breaks points the ensemble left robust shows the ensemble is
+    too weak (the reported number counts those points broken)."""
+    if not extra:
+        return sanity.verdict("worst-case", "pass", "no other attack setting of the run broke a point the ensemble "
+                              "left robust")
+    where = ", ".join(f"{task}: {k}" for task, k in extra.items())
+    return sanity.verdict("worst-case", "warn", f"other attack settings of this run broke points the ensemble left "
+                          f"robust ({where}): the ensemble alone gave {100 * ensemble:.2f}%, the reported robust "
+                          f"accuracy {100 * worst:.2f}% counts them broken; strengthen the ensemble")
 
 
 def _randomized(model: nn.Module) -> bool:
