@@ -7,9 +7,10 @@ gradients give a false sense of security").
 - :class:`Pipeline`: a defense (preprocessing) followed by the model, as one ``nn.Module``, so every
   attack sees, and differentiates through, the whole defended system.
 
-EOT (expectation over transformation) for randomized defenses is the ``eot`` parameter of the
-gradient helper :meth:`robustlab.attacks.base.Attack.loss_and_grad`; the attacks that take
-gradients expose it where it applies.
+EOT (expectation over transformation) for randomized defenses is the shared loop
+:func:`robustlab.attacks.base.eot_gradient` (behind :meth:`robustlab.attacks.base.Attack.loss_and_grad`
+and APGD's evaluations); the attacks that take gradients expose its draws as an ``eot`` parameter
+where it applies.
 
 Example, a quantizing defense attacked with straight-through gradients::
 
