@@ -399,7 +399,7 @@ def test_fast_runtime_runs_a_model_that_fails_channels_last_as_given(monkeypatch
     assert torch.equal(results[True].x_adv, results[False].x_adv)
     assert torch.equal(results[True].forwards, results[False].forwards)
     assert all(p.is_contiguous() for p in model.parameters())
-    assert model in runtime.UNSAFE  # remembered: the next attack does not try again
+    assert model in runtime.UNSAFE  # remembered: the next fast_runtime does not try again
 
 
 def test_channels_last_is_used_only_where_it_is_safe():

@@ -23,13 +23,13 @@ the clean image, to rank the target classes.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from robustlab.attacks.base import Attack, AttackResult, register_attack
+from robustlab.attacks.active import Active
+from robustlab.attacks.base import Attack, AttackResult, eot_gradient, register_attack
 from robustlab.checks import check_logits
 from robustlab.errors import RobustlabError
 from robustlab.losses import cross_entropy, dlr
@@ -100,27 +100,8 @@ class APGDBase(Attack):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(logits, per-sample objective, input gradient of the objective or None), each averaged over
         ``eot`` passes. Parameters get no gradient: autograd is asked for the input's only."""
-        eot = self.params["eot"]
-        logits = value = g = None
-        for _ in range(eot):
-            if grad:
-                x_req = x.detach().requires_grad_(True)
-                with torch.enable_grad():
-                    out = check_logits(model(x_req), x.shape[0])
-                    val = objective(out, labels)
-                    (gi,) = torch.autograd.grad(val.sum(), x_req)
-                g = gi if g is None else g + gi
-            else:
-                with torch.no_grad():
-                    out = check_logits(model(x), x.shape[0])
-                    val = objective(out, labels)
-            out, val = out.detach(), val.detach()
-            logits = out if logits is None else logits + out
-            value = val if value is None else value + val
-        if eot > 1:
-            logits, value = logits / eot, value / eot
-            g = g / eot if g is not None else None
-        return logits, value, g
+        return eot_gradient(lambda z: check_logits(model(z), x.shape[0]), lambda out: objective(out, labels), x,
+                            self.params["eot"], grad=grad)
 
     def _l1_step(self, g: torch.Tensor, step: torch.Tensor, frac: torch.Tensor, x_cur: torch.Tensor) -> torch.Tensor:
         """The sparse L1 step: ``step`` (L1 norm, per sample) spread evenly over the coordinates with
@@ -149,7 +130,7 @@ class APGDBase(Attack):
         labels: torch.Tensor,
         objective: Objective,
         generator: torch.Generator | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> Active:
         """One APGD run of ``steps`` iterations from a random start on the batch ``x0``.
 
         ``y0`` are the labels success is judged on (true labels, or targets if ``self.targeted``),
@@ -160,21 +141,17 @@ class APGDBase(Attack):
         steps, eot, rho = p["steps"], p["eot"], p["rho"]
         m = x0.shape[0]
         dev = x0.device
-        out_x = x0.clone()
-        out_success = torch.zeros(m, dtype=torch.bool, device=dev)
-        out_grads = torch.zeros(m, dtype=torch.long, device=dev)
-        out_forwards = torch.zeros(m, dtype=torch.long, device=dev)
-        out_value = torch.full((m,), -math.inf, device=dev)
+        run = Active(x0)
         l1 = threat.norm == "l1"
         ckpts = set(l1_checkpoints(steps) if l1 else checkpoints(steps))
         eps = threat.eps
 
         x_cur = threat.random_init(x0, generator)
         logits, f, g = self._evaluate(model, x_cur, labels, objective, grad=True)
-        n_grads = n_forwards = eot
+        run.spend(gradients=eot, forwards=eot)
         # Per-sample state; rows leave together when their sample is broken.
         s = {
-            "pos": torch.arange(m, device=dev), "x0": x0, "y0": y0, "labels": labels,
+            "x0": x0, "y0": y0, "labels": labels,
             "x_cur": x_cur, "x_prev": x_cur, "g": g,
             "x_best": x_cur, "g_best": g, "f_best": f, "f_prev": f,
             "step": torch.full((m,), (L1_INITIAL_STEP if l1 else INITIAL_STEP) * eps, dtype=x0.dtype, device=dev),
@@ -200,22 +177,12 @@ class APGDBase(Attack):
                 s["x_prev"], s["x_cur"] = x_cur, z
                 last = k == steps
                 logits, f, g = self._evaluate(model, z, s["labels"], objective, grad=not last)
-                n_forwards += eot
-                n_grads += 0 if last else eot
+                run.spend(gradients=0 if last else eot, forwards=eot)
                 s["g"] = g
-            done = self.is_success(logits, s["y0"])
-            if bool(done.any()):
-                hit = s["pos"][done]
-                out_x[hit] = s["x_cur"][done]
-                out_success[hit] = True
-                out_grads[hit] = n_grads
-                out_forwards[hit] = n_forwards
-                out_value[hit] = f[done]
-                keep = ~done
-                if not bool(keep.any()):
-                    return out_x, out_success, out_grads, out_forwards, out_value
-                s = {key: (v[keep] if v is not None else None) for key, v in s.items()}
-                f = f[keep]
+            if run.retire(self.is_success(logits, s["y0"]), s["x_cur"], f):
+                if not run:
+                    return run
+                s, f = run.kept(s, f)
             if k == 0:
                 continue
             s["n_up"] += f > s["f_prev"]
@@ -255,12 +222,8 @@ class APGDBase(Attack):
                 s["reduced"], s["f_ckpt"] = reduce, s["f_best"]
                 s["n_up"] = torch.zeros_like(s["n_up"])
                 last_ckpt = k
-        pos = s["pos"]
-        out_x[pos] = s["x_best"]
-        out_grads[pos] = n_grads
-        out_forwards[pos] = n_forwards
-        out_value[pos] = s["f_best"]
-        return out_x, out_success, out_grads, out_forwards, out_value
+        run.close(s["x_best"], value=s["f_best"])
+        return run
 
     # ------------------------------------------------------------------ the attack
 
@@ -268,47 +231,21 @@ class APGDBase(Attack):
         raise NotImplementedError
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator) -> AttackResult:
-        state = RunOutcome.start(x)
+        found = Active(x)
         if self.threat.eps == 0:
             # Nothing to search: one evaluation of the clean images.
             logits, _, _ = self._evaluate(model, x, y, self._objective(), grad=False)
-            state.forwards += self.params["eot"]
-            state.success = self.is_success(logits, y)
-            return state.result()
+            found.forwards += self.params["eot"]
+            found.success = self.is_success(logits, y)
+            return found.result()
         objective = self._objective()
         for _ in range(self.params["restarts"]):
-            idx = (~state.success).nonzero(as_tuple=True)[0]
+            idx = found.unbroken()
             if idx.numel() == 0:
                 break
             y0 = y[idx]
-            state.merge(idx, *self._run(model, x[idx], y0, y0, objective, generator))
-        return state.result()
-
-
-class RunOutcome:
-    """Per-sample bookkeeping over several runs: success and its point, or the best-loss point."""
-
-    def __init__(self, x_adv, success, gradients, forwards, value) -> None:
-        self.x_adv, self.success, self.gradients, self.forwards, self.value = x_adv, success, gradients, forwards, value
-
-    @classmethod
-    def start(cls, x: torch.Tensor) -> "RunOutcome":
-        n, dev = x.shape[0], x.device
-        zeros = torch.zeros(n, dtype=torch.long, device=dev)
-        return cls(x.clone(), torch.zeros(n, dtype=torch.bool, device=dev), zeros, zeros.clone(),
-                   torch.full((n,), -math.inf, device=dev))
-
-    def merge(self, idx, x_run, success_run, grads_run, forwards_run, value_run) -> None:
-        self.gradients[idx] += grads_run
-        self.forwards[idx] += forwards_run
-        take = success_run | (value_run > self.value[idx])
-        sel = idx[take]
-        self.x_adv[sel] = x_run[take]
-        self.value[sel] = value_run[take]
-        self.success[idx[success_run]] = True
-
-    def result(self) -> AttackResult:
-        return AttackResult(self.x_adv, self.success, self.gradients, self.forwards)
+            found.merge(idx, self._run(model, x[idx], y0, y0, objective, generator))
+        return found.result()
 
 
 @register_attack
@@ -360,23 +297,23 @@ class APGDT(APGDBase):
         return lambda logits, targets: dlr(logits, targets, True)
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator) -> AttackResult:
-        state = RunOutcome.start(x)
+        found = Active(x)
         eot = self.params["eot"]
         # Rank the classes by the clean logits (this also finds the already misclassified samples).
         logits, _, _ = self._evaluate(model, x, y, lambda out, labels: out[:, 0], grad=False)
-        state.forwards += eot
-        state.success = self.is_success(logits, y)
+        found.forwards += eot
+        found.success = self.is_success(logits, y)
         if logits.shape[1] < 4:
             dlr(logits, y, True)  # raises the clear error about the number of classes
         if self.threat.eps == 0:
-            return state.result()
+            return found.result()
         ranked = logits.argsort(dim=1, descending=True)
         objective = self._objective()
         for rank in range(1, min(self.params["n_target_classes"], logits.shape[1] - 1) + 1):
             for _ in range(self.params["restarts"]):
-                idx = (~state.success).nonzero(as_tuple=True)[0]
+                idx = found.unbroken()
                 if idx.numel() == 0:
-                    return state.result()
+                    return found.result()
                 targets = ranked[idx, rank]
-                state.merge(idx, *self._run(model, x[idx], y[idx], targets, objective, generator))
-        return state.result()
+                found.merge(idx, self._run(model, x[idx], y[idx], targets, objective, generator))
+        return found.result()

@@ -13,7 +13,7 @@ to a whole run.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn as nn
@@ -129,22 +129,50 @@ class Attack(Configurable):
         ``eot > 1`` (expectation over transformation, for randomized models and defenses): the
         gradient and the logits are averaged over ``eot`` forward/backward passes.
         """
-        x = x.detach().requires_grad_(True)
-        grad = logits = None
-        for _ in range(eot):
-            with torch.enable_grad():
-                out = check_logits(model(x), x.shape[0])
-                value = get_loss(loss)(out, y, self.targeted)
-                (g,) = torch.autograd.grad(value.sum(), x)
-            grad = g if grad is None else grad + g
-            logits = out.detach() if logits is None else logits + out.detach()
-        if eot > 1:
-            grad, logits = grad / eot, logits / eot
+        objective = get_loss(loss)
+        logits, _, grad = eot_gradient(
+            lambda z: check_logits(model(z), x.shape[0]), lambda out: objective(out, y, self.targeted), x, eot)
         return logits, grad
 
     def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return check_logits(model(x), x.shape[0])
+
+
+def eot_gradient(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    objective: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    draws: int = 1,
+    grad: bool = True,
+    average: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Expectation over transformation (Athalye et al. 2018), the one loop every attack uses: at
+    ``x``, ``draws`` forward passes (each with its own random draw in a randomized model or defense),
+    the per-sample ``objective`` of each output and, with ``grad``, its input gradient (of the sum
+    over samples; only the input gets a gradient). Returns (output, objective, gradient or None),
+    detached, each summed over the draws in order and, with ``average``, divided by ``draws`` (when
+    more than one)."""
+    out_sum = value_sum = grad_sum = None
+    for _ in range(draws):
+        if grad:
+            x_req = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                out = forward(x_req)
+                value = objective(out)
+                (g,) = torch.autograd.grad(value.sum(), x_req)
+            grad_sum = g if grad_sum is None else grad_sum + g
+        else:
+            with torch.no_grad():
+                out = forward(x)
+                value = objective(out)
+        out, value = out.detach(), value.detach()
+        out_sum = out if out_sum is None else out_sum + out
+        value_sum = value if value_sum is None else value_sum + value
+    if average and draws > 1:
+        out_sum, value_sum = out_sum / draws, value_sum / draws
+        grad_sum = grad_sum / draws if grad_sum is not None else None
+    return out_sum, value_sum, grad_sum
 
 
 ATTACKS: Registry[type[Attack]] = Registry("attack")

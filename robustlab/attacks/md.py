@@ -43,8 +43,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from robustlab.attacks.apgd import INITIAL_STEP, RunOutcome
-from robustlab.attacks.base import Attack, AttackResult, register_attack
+from robustlab.attacks.active import Active
+from robustlab.attacks.apgd import INITIAL_STEP
+from robustlab.attacks.base import Attack, AttackResult, eot_gradient, register_attack
 from robustlab.checks import check_logits
 from robustlab.errors import RobustlabError
 from robustlab.losses import cw_margin
@@ -119,13 +120,9 @@ class _MarginDecomposition(Attack):
         """Logits (detached) and the input gradient of ``term`` (None: a forward pass only). Only the
         input gets a gradient."""
         if term is None:
-            with torch.no_grad():
-                return check_logits(model(x), x.shape[0]), None
-        x_req = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            out = check_logits(model(x_req), x.shape[0])
-            (g,) = torch.autograd.grad(term(out, y, t).sum(), x_req)
-        return out.detach(), g
+            return self.logits(model, x), None
+        logits, _, g = eot_gradient(lambda z: check_logits(model(z), x.shape[0]), lambda out: term(out, y, t), x)
+        return logits, g
 
     def _run(
         self,
@@ -135,7 +132,7 @@ class _MarginDecomposition(Attack):
         t0: torch.Tensor | None,
         first: Term,
         generator: torch.Generator | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> Active:
         """One run of ``steps`` iterations from a random start: ``first`` in stage 1, the margin in
         stage 2. Returns per sample the point (first misclassified iterate, else the largest-margin
         one), success, gradients and forwards spent, and the best margin (the attack's bookkeeping)."""
@@ -143,58 +140,37 @@ class _MarginDecomposition(Attack):
         switch = self.switch_step()
         initial = INITIAL_STEP * threat.eps
         m, dev = x0.shape[0], x0.device
-        out_x = x0.clone()
-        out_success = torch.zeros(m, dtype=torch.bool, device=dev)
-        out_grads = torch.zeros(m, dtype=torch.long, device=dev)
-        out_forwards = torch.zeros(m, dtype=torch.long, device=dev)
-        out_value = torch.full((m,), -math.inf, device=dev)
-        pos = torch.arange(m, device=dev)
+        run = Active(x0)
         x_cur = threat.random_init(x0, generator, radius="uniform")
         x_best, v_best = x_cur, torch.full((m,), -math.inf, device=dev)
-        n_grads = n_forwards = 0
         for i in range(steps + 1):
             last = i == steps
             term = None if last else (first if i < switch else margin)
             logits, g = self._evaluate(model, x_cur, y0, t0, term)
-            n_forwards += 1
-            n_grads += 0 if last else 1
+            run.spend(gradients=0 if last else 1, forwards=1)
             value = cw_margin(logits, y0)
             better = value > v_best
             v_best = torch.where(better, value, v_best)
             x_best = torch.where(better.view(-1, *[1] * (x0.dim() - 1)), x_cur, x_best)
-            done = self.is_success(logits, y0)
-            if bool(done.any()):
-                hit = pos[done]
-                out_x[hit] = x_cur[done]
-                out_success[hit] = True
-                out_grads[hit] = n_grads
-                out_forwards[hit] = n_forwards
-                out_value[hit] = value[done]
-                keep = ~done
-                if not bool(keep.any()):
-                    return out_x, out_success, out_grads, out_forwards, out_value
-                pos, x0, y0, x_cur = pos[keep], x0[keep], y0[keep], x_cur[keep]
-                x_best, v_best = x_best[keep], v_best[keep]
-                t0 = t0[keep] if t0 is not None else None
-                g = g[keep] if g is not None else None
+            if run.retire(self.is_success(logits, y0), x_cur, value):
+                if not run:
+                    return run
+                x0, y0, x_cur, x_best, v_best, t0, g = run.kept(x0, y0, x_cur, x_best, v_best, t0, g)
             if last:
                 break
             step = threat.steepest_step(g, cosine_step(i, steps, switch, initial))
             x_cur = threat.project(x_cur + step, x0)
-        out_x[pos] = x_best
-        out_grads[pos] = n_grads
-        out_forwards[pos] = n_forwards
-        out_value[pos] = v_best
-        return out_x, out_success, out_grads, out_forwards, out_value
+        run.close(x_best, value=v_best)
+        return run
 
-    def _runs(self, model, x, y, t, state: RunOutcome, generator) -> bool:
+    def _runs(self, model, x, y, t, found: Active, generator) -> bool:
         """All restarts (one target, or none), each on the samples still robust. False: none left."""
         for r in range(self.params["restarts"]):
-            idx = (~state.success).nonzero(as_tuple=True)[0]
+            idx = found.unbroken()
             if idx.numel() == 0:
                 return False
             first = true_term if r % 2 == 0 else other_term
-            state.merge(idx, *self._run(model, x[idx], y[idx], None if t is None else t[idx], first, generator))
+            found.merge(idx, self._run(model, x[idx], y[idx], None if t is None else t[idx], first, generator))
         return True
 
 
@@ -207,14 +183,14 @@ class MD(_MarginDecomposition):
     name = "md"
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator) -> AttackResult:
-        state = RunOutcome.start(x)
+        found = Active(x)
         if self.threat.eps == 0:  # nothing to search: one evaluation of the clean images
             logits, _ = self._evaluate(model, x, y, None, None)
-            state.forwards += 1
-            state.success = self.is_success(logits, y)
-            return state.result()
-        self._runs(model, x, y, None, state, generator)
-        return state.result()
+            found.forwards += 1
+            found.success = self.is_success(logits, y)
+            return found.result()
+        self._runs(model, x, y, None, found, generator)
+        return found.result()
 
 
 @register_attack
@@ -233,17 +209,17 @@ class MDMT(_MarginDecomposition):
             raise RobustlabError(f"attack 'md-mt': n_target_classes must be >= 1, got {got}")
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator) -> AttackResult:
-        state = RunOutcome.start(x)
+        found = Active(x)
         # Rank the classes on the clean images (this also finds the already misclassified samples).
         logits, _ = self._evaluate(model, x, y, None, None)
-        state.forwards += 1
-        state.success = self.is_success(logits, y)
+        found.forwards += 1
+        found.success = self.is_success(logits, y)
         if logits.shape[1] < 2:
             raise RobustlabError("attack 'md-mt' needs at least 2 classes")
         if self.threat.eps == 0:
-            return state.result()
+            return found.result()
         ranked = logits.argsort(dim=1, descending=True)
         for rank in range(1, min(self.params["n_target_classes"], logits.shape[1] - 1) + 1):
-            if not self._runs(model, x, y, ranked[:, rank], state, generator):
+            if not self._runs(model, x, y, ranked[:, rank], found, generator):
                 break
-        return state.result()
+        return found.result()

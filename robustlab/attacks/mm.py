@@ -37,7 +37,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from robustlab.attacks.apgd import APGDBase, Objective, RunOutcome
+from robustlab.attacks.active import Active
+from robustlab.attacks.apgd import APGDBase, Objective
 from robustlab.attacks.base import AttackResult, register_attack
 from robustlab.errors import RobustlabError
 
@@ -74,21 +75,21 @@ class MinimumMargin(APGDBase):
         return target_margin
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator) -> AttackResult:
-        state = RunOutcome.start(x)
+        found = Active(x)
         # Rank the classes on the clean images (this also finds the already misclassified samples).
         logits, _, _ = self._evaluate(model, x, y, lambda out, labels: out[:, 0], grad=False)
-        state.forwards += self.params["eot"]
-        state.success = self.is_success(logits, y)
+        found.forwards += self.params["eot"]
+        found.success = self.is_success(logits, y)
         if logits.shape[1] < 2:
             raise RobustlabError("attack 'mm' needs at least 2 classes")
         if self.threat.eps == 0:
-            return state.result()
+            return found.result()
         ranked = logits.argsort(dim=1, descending=True)
         for rank in range(1, min(self.params["targets"], logits.shape[1] - 1) + 1):
             for _ in range(self.params["restarts"]):
-                idx = (~state.success).nonzero(as_tuple=True)[0]
+                idx = found.unbroken()
                 if idx.numel() == 0:
-                    return state.result()
+                    return found.result()
                 pair = torch.stack([ranked[idx, rank], y[idx]], dim=1)
-                state.merge(idx, *self._run(model, x[idx], y[idx], pair, target_margin, generator))
-        return state.result()
+                found.merge(idx, self._run(model, x[idx], y[idx], pair, target_margin, generator))
+        return found.result()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from robustlab.attacks.active import Active
 from robustlab.attacks.base import Attack, AttackResult, register_attack
 from robustlab.errors import RobustlabError
 from robustlab.losses import LOSSES
@@ -45,34 +46,21 @@ class PGD(Attack):
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator) -> AttackResult:
         p = self.params
-        n = x.shape[0]
-        x_best = x.clone()
-        success = torch.zeros(n, dtype=torch.bool, device=x.device)
-        grads = torch.zeros(n, dtype=torch.long, device=x.device)
-        forwards = torch.zeros(n, dtype=torch.long, device=x.device)
+        found = Active(x)
         alpha = self.step_size()
         for _ in range(p["restarts"]):
-            idx = (~success).nonzero(as_tuple=True)[0]
-            if idx.numel() == 0:
+            if not found.restart():
                 break
-            x0, y0 = x[idx], y[idx]
+            x0, y0 = x[found.pos], y[found.pos]
             # Random start: uniform radius (a volume-uniform L2/L1 start sits on the sphere and is weaker).
             x_cur = self.threat.random_init(x0, generator, radius="uniform") if p["random_start"] else x0.clone()
             momentum = torch.zeros_like(x0) if self.decay else None
             for _step in range(p["steps"]):
                 logits, g = self.loss_and_grad(model, x_cur, y0, p["loss"])
-                grads[idx] += 1
-                forwards[idx] += 1
-                done = self.is_success(logits, y0)
-                if bool(done.any()):
-                    hit = idx[done]
-                    x_best[hit] = x_cur[done]
-                    success[hit] = True
-                    keep = ~done
-                    idx, x0, y0, x_cur, g = idx[keep], x0[keep], y0[keep], x_cur[keep], g[keep]
-                    if momentum is not None:
-                        momentum = momentum[keep]
-                    if idx.numel() == 0:
+                found.spend(gradients=1, forwards=1)
+                if found.retire(self.is_success(logits, y0), x_cur):
+                    x0, y0, x_cur, g, momentum = found.kept(x0, y0, x_cur, g, momentum)
+                    if not found:
                         break
                 if momentum is not None:
                     l1 = g.flatten(1).abs().sum(dim=1).clamp_min(1e-12).view(-1, *[1] * (g.dim() - 1))
@@ -80,14 +68,13 @@ class PGD(Attack):
                     g = momentum
                 step = self.threat.steepest_step(g, alpha, x_cur, p["l1_sparsity"])
                 x_cur = self.threat.project(x_cur + step, x0)
-            if idx.numel() == 0:
+            if not found:
                 break
             # The last iterate has not been evaluated yet.
             done = self.is_success(self.logits(model, x_cur), y0)
-            forwards[idx] += 1
-            x_best[idx] = x_cur
-            success[idx] = done
-        return AttackResult(x_best, success, grads, forwards)
+            found.spend(forwards=1)
+            found.close(x_cur, success=done)
+        return found.result()
 
 
 @register_attack

@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn as nn
 
+from robustlab.attacks.active import Active
 from robustlab.attacks.base import Attack, AttackResult, register_attack
 from robustlab.errors import RobustlabError
 from robustlab.losses import LOSSES, get_loss
@@ -110,35 +111,25 @@ class ScoreBasedAttack(Attack):
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator) -> AttackResult:
         p = self.params
-        n = x.shape[0]
-        x_best = x.clone()
-        success = torch.zeros(n, dtype=torch.bool, device=x.device)
-        queries = torch.zeros(n, dtype=torch.long, device=x.device)
+        found = Active(x)
         per_step = 2 * p["samples"] + 1
-        idx = torch.arange(n, device=x.device)
         x0, y0 = x, y
         x_cur = self.threat.random_init(x, generator, radius="uniform") if p["random_start"] else x.clone()
         state = self._init_state(x0)
         for t in range(p["steps"]):
             logits, grad = self.estimate_gradient(model, x_cur, y0, generator)
-            queries[idx] += per_step
-            done = self.is_success(logits, y0)
-            if bool(done.any()):
-                x_best[idx[done]] = x_cur[done]
-                success[idx[done]] = True
-                keep = ~done
-                idx, x0, y0, x_cur, grad = idx[keep], x0[keep], y0[keep], x_cur[keep], grad[keep]
-                state = {k: v[keep] for k, v in state.items()}
-                if idx.numel() == 0:
+            found.spend(forwards=per_step)
+            if found.retire(self.is_success(logits, y0), x_cur):
+                x0, y0, x_cur, grad, state = found.kept(x0, y0, x_cur, grad, state)
+                if not found:
                     break
             x_cur = self._step(x_cur, x0, grad, state, t)
-        if idx.numel():
+        if found:
             # The last point has not been looked at yet: one query each.
             done = self.is_success(self.logits(model, x_cur), y0)
-            queries[idx] += 1
-            x_best[idx] = x_cur
-            success[idx] = done
-        return AttackResult(x_best, success, torch.zeros_like(queries), queries)
+            found.spend(forwards=1)
+            found.close(x_cur, success=done)
+        return found.result()
 
 
 @register_attack

@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn as nn
 
+from robustlab.attacks.active import Active
 from robustlab.attacks.base import Attack, AttackResult, register_attack
 from robustlab.checks import check_logits
 from robustlab.errors import RobustlabError
@@ -120,33 +121,23 @@ class Square(Attack):
             raise RobustlabError(f"attack 'square': p_init must be in (0, 1], got {self.params['p_init']}")
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator) -> AttackResult:
-        n, dev = x.shape[0], x.device
-        x_adv = x.clone()
-        success = torch.zeros(n, dtype=torch.bool, device=dev)
-        forwards = torch.zeros(n, dtype=torch.long, device=dev)
-        best = torch.full((n,), -math.inf, device=dev)
+        found = Active(x)
         with torch.no_grad():
             if self.threat.eps == 0:
                 # Nothing to search: one query of the clean images.
-                success = self.is_success(check_logits(model(x), n), y)
-                return AttackResult(x_adv, success, torch.zeros_like(forwards), forwards + 1)
+                found.success = self.is_success(check_logits(model(x), x.shape[0]), y)
+                found.forwards += 1
+                return found.result()
             for _ in range(self.params["restarts"]):
-                idx = (~success).nonzero(as_tuple=True)[0]
+                idx = found.unbroken()
                 if idx.numel() == 0:
                     break
-                x_run, ok, spent, margin = self._run(model, x[idx], y[idx], generator)
-                forwards[idx] += spent
-                take = ok | (margin > best[idx])
-                x_adv[idx[take]] = x_run[take]
-                best[idx[take]] = margin[take].to(best.dtype)
-                success[idx[ok]] = True
-        return AttackResult(x_adv, success, torch.zeros_like(forwards), forwards)
+                found.merge(idx, self._run(model, x[idx], y[idx], generator))
+        return found.result()
 
     # ------------------------------------------------------------------ one run
 
-    def _run(
-        self, model: nn.Module, x0: torch.Tensor, y0: torch.Tensor, gen: torch.Generator | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _run(self, model: nn.Module, x0: torch.Tensor, y0: torch.Tensor, gen: torch.Generator | None) -> Active:
         """One run on the batch: per sample the point (first success, else the best margin),
         success, queries spent and the best margin.
 
@@ -163,12 +154,8 @@ class Square(Attack):
         l2 = threat.norm == "l2"
         targeted = self.targeted
 
-        out_x = x0.reshape(m, d).clone()
-        out_ok = torch.zeros(m, dtype=torch.bool, device=dev)
-        out_q = torch.full((m,), queries, dtype=torch.long, device=dev)
-        out_margin = torch.empty(m, device=dev)
-
         x0f = x0.reshape(m, d)
+        run = Active(x0f)  # flat points
         buf_x = torch.empty_like(x0f)  # the query, rows [:m] in use
         buf_d = torch.empty_like(x0f) if l2 else None  # L2: its perturbation
         if l2:
@@ -182,12 +169,13 @@ class Square(Attack):
             x_minus = threat.project(x0f - eps, x0f)
             stripes = torch.rand(m, c, 1, w, generator=gen, device=dev) < 0.5
             xbf = torch.where(stripes, x_plus.view(m, c, h, w), x_minus.view(m, c, h, w)).reshape(m, d)
+            dbf = norm_best = None
         logits = check_logits(model(xbf.view(m, c, h, w)), m)
+        run.spend(forwards=1)
         margin_best = cw_margin(logits, y0, targeted)
         done = self.is_success(logits, y0)
         xn = xbf  # the latest query
         dn = dbf if l2 else None  # L2: its perturbation
-        pos = torch.arange(m, device=dev)
 
         sizes = square_sizes(queries, self.params["p_init"], h, w, threat.norm)
         tables = _Tables(c, h, w, dev, x0.dtype)
@@ -203,6 +191,7 @@ class Square(Attack):
                 else:
                     self._linf_step(xbf, x_plus, x_minus, tables.get(s), s, u, xn, h, w)
                 logits = model(xn.view(m, c, h, w))
+                run.spend(forwards=1)
                 margin = cw_margin(logits, y0, targeted)
                 better = margin > margin_best
                 rows = better.nonzero(as_tuple=True)[0]
@@ -212,25 +201,16 @@ class Square(Attack):
                     dbf[rows] = dn[rows]
                     norm_best[rows] = norm_new[rows]
                 done = self.is_success(logits, y0)
-            if bool(done.any()):
-                hit = pos[done]
-                out_x[hit] = xn[done]
-                out_ok[hit] = True
-                out_q[hit] = q
-                out_margin[hit] = margin_best[done].to(out_margin.dtype)
-                keep = ~done
-                m = int(keep.sum())
+            if run.retire(done, xn, margin_best):
+                m = len(run)
                 if m == 0:
-                    return out_x.view(-1, c, h, w), out_ok, out_q, out_margin
-                pos, x0f, y0, margin_best = pos[keep], x0f[keep], y0[keep], margin_best[keep]
-                xbf = xbf[keep]
-                if l2:
-                    dbf, norm_best = dbf[keep], norm_best[keep]
-                else:
-                    x_plus, x_minus = x_plus[keep], x_minus[keep]
-        out_x[pos] = xbf
-        out_margin[pos] = margin_best.to(out_margin.dtype)
-        return out_x.view(-1, c, h, w), out_ok, out_q, out_margin
+                    break
+                x0f, y0, margin_best, xbf, dbf, norm_best, x_plus, x_minus = run.kept(
+                    x0f, y0, margin_best, xbf, dbf, norm_best, x_plus, x_minus)
+        if run:
+            run.close(xbf, value=margin_best)
+        run.x_adv = run.x_adv.view(-1, c, h, w)
+        return run
 
     # ------------------------------------------------------------------ Linf
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from robustlab.attacks.base import Attack, AttackResult, register_attack
+from robustlab.attacks.base import Attack, AttackResult, eot_gradient, register_attack
 from robustlab.checks import check_logits
 from robustlab.errors import RobustlabError
 from robustlab.models.runtime import eval_mode, fast_runtime
@@ -132,17 +132,16 @@ class SSP(Attack):
         own = network is model
         with eval_mode(network), torch.no_grad():
             clean = features(x).detach()
+
+        def distortion(out: torch.Tensor) -> torch.Tensor:
+            return (out - clean).flatten(1).square().mean(dim=1)
+
         alpha = self.step_size()
         x_cur = self.threat.random_init(x, generator, radius="uniform") if p["random_start"] else x.clone()
         with eval_mode(network):
             for _ in range(p["steps"]):
-                grad = torch.zeros_like(x)
-                for _ in range(p["eot"]):
-                    x_req = x_cur.detach().requires_grad_(True)
-                    with torch.enable_grad():
-                        distortion = (features(x_req) - clean).flatten(1).square().mean(dim=1)
-                        (g,) = torch.autograd.grad(distortion.sum(), x_req)
-                    grad += g
+                # The gradient summed over the draws (its scale does not matter to a steepest step).
+                _, _, grad = eot_gradient(features, distortion, x_cur, p["eot"], average=False)
                 x_cur = self.threat.project(x_cur + self.threat.steepest_step(grad, alpha, x_cur), x)
         # One call: the target's predictions on the clean and the perturbed images.
         logits = self.logits(model, torch.cat([x, x_cur]))

@@ -7,9 +7,10 @@ gradients give a false sense of security").
 - :class:`Pipeline`: a defense (preprocessing) followed by the model, as one ``nn.Module``, so every
   attack sees, and differentiates through, the whole defended system.
 
-EOT (expectation over transformation) for randomized defenses is the ``eot`` parameter of the
-attacks that take gradients. A registered defense (:mod:`robustlab.defenses.base`) uses these
-pieces itself; they stay public for defenses written in Python.
+EOT (expectation over transformation) for randomized defenses is the shared loop
+:func:`robustlab.attacks.base.eot_gradient`; the attacks that take gradients expose its draws as an
+``eot`` parameter. A registered defense (:mod:`robustlab.defenses.base`) uses these pieces itself;
+they stay public for defenses written in Python.
 
 Example, a quantizing defense attacked with straight-through gradients::
 
