@@ -64,7 +64,7 @@ def robust_validation(
     device = torch.device(device)
     attack = create_attack("pgd", threat, steps=steps) if threat is not None and threat.eps > 0 else None
     clean = robust = 0
-    probe_x = data.x[: min(len(data), batch_size)].to(device)
+    probe_x = data.batch(range(min(len(data), batch_size)))[0].to(device)
     with eval_mode(model), fast_runtime(model, probe_x):
         for b, _, x, y in data.batches(batch_size):
             x, y = x.to(device), y.to(device)
