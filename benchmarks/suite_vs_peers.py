@@ -94,7 +94,8 @@ def run_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
         ("apgd-t", torchattacks.APGDT(model, norm="Linf", eps=eps, steps=100, n_restarts=1, n_classes=10, seed=seed)),
         ("fab-t", torchattacks.FAB(model, norm="Linf", eps=eps, steps=100, n_restarts=1, multi_targeted=True,
                                    n_classes=10, seed=seed)),
-        ("square", torchattacks.Square(model, norm="Linf", eps=eps, n_queries=5000, n_restarts=1, seed=seed)),
+        ("square", torchattacks.Square(model, norm="Linf", eps=eps, n_queries=5000, n_restarts=1, seed=seed,
+                                       resc_schedule=False)),
     ]
     c0, w0 = time.process_time(), time.perf_counter()
     robust = predict(model, x) == y

@@ -331,7 +331,8 @@ def test_registry_and_defaults():
     assert apgd.params == {"steps": 100, "restarts": 1, "eot": 1, "rho": 0.75} and apgd.kind == "white-box"
     assert create_attack("apgd-t", threat).params["n_target_classes"] == 9
     square = create_attack("square", threat)
-    assert square.params == {"queries": 5000, "p_init": 0.8, "restarts": 1} and square.kind == "score-based"
+    assert square.params == {"queries": 5000, "p_init": 0.8, "restarts": 1, "rescale_schedule": True}
+    assert square.kind == "score-based"
     assert create_attack("square", threat).config()["kind"] == "score-based"
 
 

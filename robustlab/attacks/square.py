@@ -5,8 +5,9 @@ A score-based attack: it sees only the model's logits, never a gradient, so grad
 stop it. Random search over localized square-shaped updates at the boundary of the ball; an update is
 kept when it increases the margin loss ``max_{j != y} z_j - z_y``. The side of the squares is
 ``sqrt(p * H * W)`` pixels, where the fraction ``p`` starts at ``p_init`` and is halved after
-iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000 of a 10,000-query budget (rescaled to the
-budget at hand, see ``square_fraction``).
+iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000 of a 10,000-query budget, rescaled to the
+budget at hand (``rescale_schedule``, the default) or, as AutoAttack's standard protocol runs it with
+5000 queries, not (see ``square_fraction``).
 
 Every sample draws its own square position, signs and pattern, so a sample's result does not depend
 on the other samples of the batch. Queries are forward passes and are counted per sample exactly: the
@@ -32,15 +33,16 @@ from robustlab.threat import norms
 SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
 
-def square_fraction(i: int, queries: int, p_init: float) -> float:
+def square_fraction(i: int, queries: int, p_init: float, rescale: bool = True) -> float:
     """The fraction ``p`` of the image a square covers at iteration ``i`` (0-based, counting the
     queries after the initial one) of a run with a budget of ``queries``: ``p_init`` halved once for
-    every point of ``SCHEDULE`` that ``i * 10000 / queries`` has passed."""
-    it = (i * 10000) // queries
+    every point of ``SCHEDULE`` that ``i * 10000 / queries`` (``i`` itself without ``rescale``) has
+    passed."""
+    it = (i * 10000) // queries if rescale else i
     return p_init / 2 ** sum(it > t for t in SCHEDULE)
 
 
-def square_sizes(queries: int, p_init: float, h: int, w: int, norm: str) -> list[int]:
+def square_sizes(queries: int, p_init: float, h: int, w: int, norm: str, rescale: bool = True) -> list[int]:
     """Side of the square, in pixels, at every iteration of a run (``queries - 1`` iterations).
 
     linf: ``round(sqrt(p * h * w))``, at least 1; l2: at least 3 and odd (the L2 update pattern is
@@ -49,7 +51,7 @@ def square_sizes(queries: int, p_init: float, h: int, w: int, norm: str) -> list
     out = []
     cap = min(h, w)
     for i in range(max(queries - 1, 0)):
-        s = int(round(math.sqrt(square_fraction(i, queries, p_init) * h * w)))
+        s = int(round(math.sqrt(square_fraction(i, queries, p_init, rescale) * h * w)))
         if norm == "l2":
             s = max(s, 3)
             s += 1 - s % 2
@@ -105,13 +107,15 @@ class Square(Attack):
 
     queries: forward passes per sample and run, the initial point included; p_init: the fraction of
     the image the first squares cover (0.8 as published; the schedule halves it over the run);
-    restarts: runs from new random initial points, each only on samples not yet broken.
+    restarts: runs from new random initial points, each only on samples not yet broken;
+    rescale_schedule: stretch the square-size schedule (defined for 10,000 queries) to ``queries``
+    (False: use it as defined, as the reference AutoAttack protocol does with its 5000 queries).
     """
 
     name = "square"
     kind = "score-based"
     norms = ("linf", "l2")
-    defaults = {"queries": 5000, "p_init": 0.8, "restarts": 1}
+    defaults = {"queries": 5000, "p_init": 0.8, "restarts": 1, "rescale_schedule": True}
 
     def validate(self) -> None:
         super().validate()
@@ -177,7 +181,7 @@ class Square(Attack):
         xn = xbf  # the latest query
         dn = dbf if l2 else None  # L2: its perturbation
 
-        sizes = square_sizes(queries, self.params["p_init"], h, w, threat.norm)
+        sizes = square_sizes(queries, self.params["p_init"], h, w, threat.norm, self.params["rescale_schedule"])
         tables = _Tables(c, h, w, dev, x0.dtype)
         n_rand = 5 + c if l2 else 3 + c
         for q in range(1, queries + 1):  # q: queries spent so far by each sample still in the batch

@@ -197,7 +197,7 @@ def run(
         run_id, resumed = None, False
         if main:
             store.ensure_sample_table(protocol.sample_table, protocol.sample_columns)
-            run_id = store.find_resumable(protocol.name, config) if resume else None
+            run_id = store.find_resumable(protocol.name, config, type(protocol).normalize_config) if resume else None
             resumed = run_id is not None
             if resume and not resumed:
                 log("no unfinished run with this configuration in the store; starting a new run")

@@ -19,7 +19,7 @@ import uuid
 from dataclasses import astuple, dataclass, fields, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -291,14 +291,19 @@ class ResultsStore:
                 )
         return run_id
 
-    def find_resumable(self, protocol: str, config: dict[str, Any]) -> str | None:
-        """The newest unfinished run of ``protocol`` with exactly this configuration, if any."""
-        row = self.db.execute(
-            "SELECT run_id FROM runs WHERE protocol = ? AND config_hash = ? AND status != 'complete'"
-            " ORDER BY created DESC, rowid DESC",
-            (protocol, config_hash(config)),
-        ).fetchone()
-        return row[0] if row else None
+    def find_resumable(self, protocol: str, config: dict[str, Any],
+                       normalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> str | None:
+        """The newest unfinished run of ``protocol`` with exactly this configuration, if any.
+        ``normalize`` brings a stored configuration up to date (parameters added to a component
+        since, with the defaults that keep its old behaviour) before comparing."""
+        wanted = config_hash(config)
+        rows = self.db.execute(
+            "SELECT run_id, config_hash, config FROM runs WHERE protocol = ? AND status != 'complete'"
+            " ORDER BY created DESC, rowid DESC", (protocol,)).fetchall()
+        for run_id, stored_hash, stored in rows:
+            if stored_hash == wanted or (normalize is not None and config_hash(normalize(json.loads(stored))) == wanted):
+                return run_id
+        return None
 
     def resolve_run(self, run: str) -> str:
         """A run id from a full id, a unique prefix, or ``latest``."""

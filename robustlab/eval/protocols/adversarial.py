@@ -229,6 +229,17 @@ class AdversarialProtocol(Protocol):
     # ------------------------------------------------------------------ numbers from the store
 
     @classmethod
+    def normalize_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """Attack parameters added since a run was stored take their defaults (which keep the old
+        behaviour), so a run of an earlier release resumes."""
+        attacks = []
+        for a in config.get("attacks", []):
+            if a.get("name") in ATTACKS:
+                a = {**a, "params": {**ATTACKS.get(a["name"]).defaults, **a["params"]}}
+            attacks.append(a)
+        return {**config, "attacks": attacks}
+
+    @classmethod
     def summarize(cls, store: ResultsStore, run: dict[str, Any], checks: list[dict[str, str]] | None = None) -> dict[str, Any]:
         """The run's summary from the store alone (finished or not); with ``checks``, append the
         verdicts that the stored curves give (steps, large-eps, black-box, verification)."""

@@ -119,6 +119,11 @@ class Protocol:
         return []
 
     @classmethod
+    def normalize_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """A stored configuration as this release would write it (for resuming older runs)."""
+        return config
+
+    @classmethod
     def summarize(cls, store: ResultsStore, run: dict[str, Any], checks: list[dict[str, str]] | None = None) -> dict[str, Any]:
         raise NotImplementedError
 
