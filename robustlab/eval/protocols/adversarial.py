@@ -154,10 +154,6 @@ class AdversarialProtocol(Protocol):
             if self.options.reuse and task.kind == "eps":
                 self._reuse(state, ctx)
         threat = ensemble.threat
-        task_key = zlib.crc32(task.name.encode())
-
-        def generator_for(ai: int) -> torch.Generator:
-            return make_generator(ctx.seed, task_key, ctx.batch_index, ai, device=ctx.device)
 
         def check(m: nn.Module, xs: torch.Tensor, x_adv: torch.Tensor, ys: torch.Tensor):
             gen = ctx.generator(state.attacks_done, 1) if _randomized(m) else None
@@ -166,7 +162,7 @@ class AdversarialProtocol(Protocol):
         keep = ctx.keep_examples
         save = (lambda s: ctx.save(s.to_bytes(keep))) if ctx.save is not None else None
         if not (self.options.reuse and task.kind == "eps" and _all_minimum_norm(ensemble.attacks)):
-            ensemble.run_state(model, x, y, state, generator_for, check, ctx.status, save, SAVE_SECONDS)
+            ensemble.run_state(model, x, y, state, ctx.generator, check, ctx.status, save, SAVE_SECONDS)
         else:  # the curve from the main task's minimal norms: nothing to attack
             state.costs = [{"seconds": 0.0, "gradients": 0, "forwards": 0} for _ in ensemble.attacks]
             state.attacks_done = len(ensemble.attacks)
