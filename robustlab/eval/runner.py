@@ -26,7 +26,6 @@ from robustlab.data import Dataset
 from robustlab.defenses import AttackerNeeds, DefendedModel
 from robustlab.errors import RobustlabError
 from robustlab.eval import sanity
-from robustlab.eval.protocols import protocol_class
 from robustlab.eval.protocols.adversarial import AdversarialOptions, AdversarialProtocol
 from robustlab.eval.protocols.base import BatchContext, Protocol, Task
 from robustlab.eval.store import ResultsStore
@@ -219,7 +218,7 @@ def run(
         result = None
         if main:
             checks = protocol.final_checks(model, probe_x, probe_y, info, seed, device)
-            summary = protocol_class(protocol.name).summarize(store, {**store.get_run(run_id), "status": "complete"}, checks)
+            summary = type(protocol).summarize(store, {**store.get_run(run_id), "status": "complete"}, checks)
             store.finish_run(run_id, summary, checks)
             result = RunResult(run_id, summary, checks, resumed)
         return distributed.broadcast(result)
@@ -258,7 +257,8 @@ def _run_tasks(model, data, protocol, tasks: list[Task], store, run_id, seed, bs
                     store.save_partial(run_id, name, b, state)
 
                 def done_rows(name: str, start: int = start, stop: int = stop) -> list[Any]:
-                    return [r for r in store.samples(run_id, name) if start <= r.sample_index < stop]
+                    return [r for r in store.sample_rows(protocol.sample_table, run_id, name)
+                            if start <= r["sample_index"] < stop]
 
                 # One process: a batch killed between two of its steps goes on from the last one done,
                 # and a task may read what other tasks found (with several, only rank 0 holds the store).

@@ -198,13 +198,13 @@ class AdversarialProtocol(Protocol):
                    and (t.params["eps"] <= eps or (minimum_norm and t.kind == "main"))]
         for t in sources:
             for r in ctx.done_rows(t.name):
-                i = r.sample_index - ctx.start
+                i = r["sample_index"] - ctx.start
                 if not state.robust[i]:
                     continue
-                if r.broken_by is not None and r.distance is not None and r.distance <= eps:
-                    d, by, pred = r.distance, r.broken_by, r.adv_pred
-                elif minimum_norm and t.kind == "main" and r.min_distance is not None and r.min_distance <= eps:
-                    d, by, pred = r.min_distance, 0, r.adv_pred
+                if r["broken_by"] is not None and r["distance"] is not None and r["distance"] <= eps:
+                    d, by, pred = r["distance"], r["broken_by"], r["adv_pred"]
+                elif minimum_norm and t.kind == "main" and r["min_distance"] is not None and r["min_distance"] <= eps:
+                    d, by, pred = r["min_distance"], 0, r["adv_pred"]
                 else:
                     continue
                 state.robust[i] = False

@@ -74,7 +74,8 @@ class BatchContext:
     # save one (None: this run cannot, e.g. under torchrun)
     saved: bytes | None = None
     save: Callable[[bytes], None] | None = None
-    # rows of other tasks already in the store for this batch, by task name (None: not available)
+    # this protocol's stored rows (by column name) of another task, for this batch's samples (None: not
+    # available, e.g. under torchrun)
     done_rows: Callable[[str], list[Any]] | None = None
 
     def generator(self, *keys: int) -> torch.Generator:
