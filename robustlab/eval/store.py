@@ -2,11 +2,12 @@
 outcomes, and a few adversarial examples for the report gallery.
 
 Every run belongs to a protocol (adversarial, certified, corruption, zero-shot) whose configuration
-is the run's ``config``; per-sample outcomes go to that protocol's own table. A run is split into tasks (the main evaluation, each point of an epsilon or steps curve, each sanity
-check) and each task into batches. A batch's per-sample rows and its "done" mark are written in one
-transaction, so a run killed at any moment resumes from the batches that are done, with no sample lost
-or counted twice. A batch whose ensemble runs long also keeps its state between two attacks
-(``partial_batches``, see ``robustlab.eval.partial``) until its rows replace it.
+is the run's ``config``; per-sample outcomes go to that protocol's own table. A run is split into
+tasks (the main evaluation, each point of an epsilon or steps curve, each sanity check) and each task
+into batches. A batch's per-sample rows and its "done" mark are written in one transaction, so a run
+killed at any moment resumes from the batches that are done, with no sample lost or counted twice. A
+batch that runs long also keeps its state between two of its steps (``partial_batches``: opaque bytes
+of the protocol's, e.g. ``robustlab.attacks.ensemble.EnsembleState``) until its rows replace it.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ CREATE TABLE IF NOT EXISTS partial_batches (
     run_id TEXT NOT NULL,
     task TEXT NOT NULL,
     batch_index INTEGER NOT NULL,
-    state BLOB NOT NULL,                 -- a batch between two of its steps (robustlab.eval.partial), .npz bytes
+    state BLOB NOT NULL,                 -- a batch between two of its steps (the protocol's bytes)
     saved TEXT NOT NULL,
     PRIMARY KEY (run_id, task, batch_index)
 );
