@@ -174,16 +174,21 @@ def test_a_batch_killed_between_attacks_goes_on_from_the_last_one_done(digits_mo
     assert resumed.summary["robust_accuracy"] == full.summary["robust_accuracy"]
 
 
-def test_resume_without_unfinished_run_starts_new_and_finished_runs_are_not_resumed(digits_model, digits_test, tmp_path):
+def test_resume_without_unfinished_run_starts_new_and_a_finished_run_is_given_back(digits_model, digits_test, tmp_path):
     data = digits_test.subset(32)
     messages = []
     with ResultsStore(tmp_path / "r.db") as store:
         a = evaluate(digits_model, data, [create_attack("fgsm", LINF)], store, options=FAST, resume=True,
                      log=messages.append)
-        b = evaluate(digits_model, data, [create_attack("fgsm", LINF)], store, options=FAST, resume=True)
-        assert a.run_id != b.run_id and not b.resumed
-        assert a.summary["robust_accuracy"] == b.summary["robust_accuracy"]  # same seed, same numbers
-    assert any("starting a new run" in m for m in messages)
+        assert any("starting a new run" in m for m in messages)
+        # --resume of a finished run: no second copy of it, its stored result instead.
+        b = evaluate(digits_model, data, [create_attack("fgsm", LINF)], store, options=FAST, resume=True,
+                     log=messages.append)
+        assert b.run_id == a.run_id and b.summary == a.summary and len(store.list_runs()) == 1
+        assert any("already complete" in m for m in messages)
+        # Without --resume the same configuration is a new run, with the same numbers (same seed).
+        c = evaluate(digits_model, data, [create_attack("fgsm", LINF)], store, options=FAST)
+        assert c.run_id != a.run_id and c.summary["robust_accuracy"] == a.summary["robust_accuracy"]
 
 
 def test_curves_and_sanity_checks_on_a_real_model(digits_model, digits_test, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Sequence
 
 from robustlab.cli import demo, eval, leaderboard, perturb, report, train, zoo
@@ -20,8 +21,18 @@ __all__ = ["DEFAULT_DB", "build_parser", "main"]
 COMMANDS = (train, eval, report, leaderboard, perturb, zoo, demo)
 
 
+# What a Ctrl-C leaves behind, per command.
+INTERRUPTED = {
+    "eval": "finished batches are saved in the results store, continue with --resume",
+    "train": "the training state is saved after every finished epoch, continue from the last one with --resume",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from robustlab import __version__
+
     p = argparse.ArgumentParser(prog="robustlab", description="Measure and improve adversarial robustness.")
+    p.add_argument("--version", action="version", version=f"robustlab {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.add_parser(sub)
@@ -36,8 +47,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say(f"robustlab: error: {exc}")
         return 2
     except KeyboardInterrupt:
-        _say("robustlab: interrupted; finished batches are saved, continue with --resume")
+        _say(f"robustlab: interrupted; {INTERRUPTED.get(args.command, 'nothing was saved')}")
         return 130
+    except BrokenPipeError:  # the reader went away (`robustlab zoo show X | head`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except Exception as exc:  # an unexpected failure: short message unless debugging
         if os.environ.get("ROBUSTLAB_DEBUG"):
             raise

@@ -32,6 +32,9 @@ def _floats(text: str) -> list[float]:
     out = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         value = parse_value(part)
+        num, slash, den = part.partition("/")
+        if slash and parse_value(den.strip()) == 0:
+            raise RobustlabError(f"{part!r} divides by zero")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RobustlabError(f"{part!r} in {text!r} is not a number")
         out.append(float(value))
@@ -80,3 +83,15 @@ def _require_db(db: str) -> None:
     if not Path(db).is_file():
         raise RobustlabError(f"no results store at {db}; run `robustlab eval ... --db {db}` first")
 
+
+
+def _threat(norm: str, eps: float):
+    """The threat model of ``--norm`` / ``--eps``; a linf radius wider than the [0, 1] box (every image
+    reachable, usually a 0..255 value given where pixel units are meant) is refused."""
+    from robustlab.threat import ThreatModel
+
+    threat = ThreatModel(norm, eps)
+    if threat.norm == "linf" and threat.eps > threat.upper - threat.lower:
+        raise RobustlabError(f"--eps {eps:g} under linf is wider than the [0, 1] pixel box, so every image is "
+                             "reachable; epsilons are in [0, 1] pixel units (8/255, not 8)")
+    return threat

@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from robustlab.cli.common import DEFAULT_DB, _argument_type, _device, _floats, _number, _say, _steps_grid
+from robustlab.cli.common import DEFAULT_DB, _argument_type, _device, _floats, _number, _say, _steps_grid, _threat
 from robustlab.errors import RobustlabError
 
 if TYPE_CHECKING:
@@ -34,17 +34,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from robustlab.models import load_model
     from robustlab.models.dual_bn import current_bn_branch
     from robustlab.report.text import format_summary
-    from robustlab.threat import ThreatModel
 
     from robustlab.defenses import build_defenses
 
-    threat = ThreatModel(args.norm, args.eps)
+    threat = _threat(args.norm, args.eps)
     attacks = build_attacks(args.attack or ["pgd"], threat)
     build_defenses(args.defense or [])  # bad names or parameters fail before anything is loaded
     if args.n is not None and args.n < 1:
         raise RobustlabError(f"--n must be >= 1, got {args.n}")
     data = load_dataset(args.data, args.split, root=args.data_root)
     if args.n:
+        if args.n > len(data):
+            _say(f"robustlab: note: --n {args.n} is more than the {len(data)} images of {data.name}:{data.split}; "
+                 f"using all {len(data)}")
         data = data.subset(args.n)
     device = _device(args.device)
     with warnings.catch_warnings(record=True) as caught:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from robustlab.cli.common import _argument_type, _device, _number, _say
+from robustlab.cli.common import _argument_type, _device, _number, _say, _threat
 from robustlab.errors import RobustlabError
 
 
@@ -13,9 +13,8 @@ def cmd_perturb(args: argparse.Namespace) -> int:
     from robustlab.attacks.ssp import perturb_folder
     from robustlab.cli.eval import apply_card_defenses
     from robustlab.models import load_model
-    from robustlab.threat import ThreatModel
 
-    attacks = build_attacks([args.attack], ThreatModel(args.norm, args.eps))
+    attacks = build_attacks([args.attack], _threat(args.norm, args.eps))
     if len(attacks) != 1:
         raise RobustlabError("perturb takes one attack, not a suite")
     device = _device(args.device)

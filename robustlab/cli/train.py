@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from robustlab.cli.common import _argument_type, _device, _floats, _number, _say
+from robustlab.cli.common import _argument_type, _device, _floats, _number, _say, _threat
 from robustlab.errors import RobustlabError
 
 
@@ -18,7 +18,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from robustlab.params import parse_spec
     from robustlab.data import load_dataset
     from robustlab.models import ModelCard, convert_to_dual_bn, create_model, save_checkpoint, set_bn_branch
-    from robustlab.threat import ThreatModel
     from robustlab.training import (
         OBJECTIVES,
         TrainConfig,
@@ -35,7 +34,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     say = _say if distributed.is_main() else (lambda msg: None)
     name, params = parse_spec(args.recipe, "recipe")
     recipe = OBJECTIVES.get(name)
-    threat = ThreatModel(args.norm, args.eps) if args.eps is not None else None
+    threat = _threat(args.norm, args.eps) if args.eps is not None else None
     if recipe.adversarial and threat is None:
         raise RobustlabError(f"recipe {name!r} trains against a threat model: give --eps (and --norm, default linf)")
     _check_train_flags(args, name, recipe)
@@ -49,6 +48,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = load_dataset(args.data, "train", root=args.data_root)
     test = load_dataset(args.data, "test", root=args.data_root)
     if args.n:
+        if args.n > len(data):
+            _say(f"robustlab: note: --n {args.n} is more than the {len(data)} images of {data.name}:{data.split}; "
+                 f"using all {len(data)}")
         data = data.subset(args.n)
     unlabeled = None
     if args.unlabeled:

@@ -9,6 +9,7 @@ protocol, store)`` any protocol.
 
 from __future__ import annotations
 
+import json
 import platform
 import sys
 from dataclasses import dataclass, field
@@ -199,6 +200,11 @@ def run(
             run_id = store.find_resumable(protocol.name, config, type(protocol).normalize_config) if resume else None
             resumed = run_id is not None
             if resume and not resumed:
+                done = store.find_resumable(protocol.name, config, type(protocol).normalize_config, complete=True)
+                if done is not None:  # nothing to resume: the run is finished, give its result again
+                    log(f"run {done} with this configuration is already complete; its result:")
+                    stored = store.get_run(done)
+                    return distributed.broadcast(RunResult(done, stored["summary"], stored["checks"], resumed=True))
                 log("no unfinished run with this configuration in the store; starting a new run")
             if run_id is None:
                 run_id = store.create_run(protocol.name, config, environment(device),
@@ -219,6 +225,7 @@ def run(
         if main:
             checks = protocol.final_checks(model, probe_x, probe_y, info, seed, device)
             summary = type(protocol).summarize(store, {**store.get_run(run_id), "status": "complete"}, checks)
+            summary = json.loads(json.dumps(summary))  # exactly as the store holds it (lists, not tuples)
             store.finish_run(run_id, summary, checks)
             result = RunResult(run_id, summary, checks, resumed)
         return distributed.broadcast(result)

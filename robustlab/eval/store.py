@@ -293,14 +293,15 @@ class ResultsStore:
         return run_id
 
     def find_resumable(self, protocol: str, config: dict[str, Any],
-                       normalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> str | None:
-        """The newest unfinished run of ``protocol`` with exactly this configuration, if any.
-        ``normalize`` brings a stored configuration up to date (parameters added to a component
-        since, with the defaults that keep its old behaviour) before comparing."""
+                       normalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                       complete: bool = False) -> str | None:
+        """The newest unfinished (with ``complete``: finished) run of ``protocol`` with exactly this
+        configuration, if any. ``normalize`` brings a stored configuration up to date (parameters
+        added to a component since, with the defaults that keep its old behaviour) before comparing."""
         wanted = config_hash(config)
         rows = self.db.execute(
-            "SELECT run_id, config_hash, config FROM runs WHERE protocol = ? AND status != 'complete'"
-            " ORDER BY created DESC, rowid DESC", (protocol,)).fetchall()
+            f"SELECT run_id, config_hash, config FROM runs WHERE protocol = ? AND status {'=' if complete else '!='}"
+            " 'complete' ORDER BY created DESC, rowid DESC", (protocol,)).fetchall()
         for run_id, stored_hash, stored in rows:
             if stored_hash == wanted or (normalize is not None and config_hash(normalize(json.loads(stored))) == wanted):
                 return run_id

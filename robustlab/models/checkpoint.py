@@ -152,6 +152,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike[str], card: ModelC
     tmp = weights.with_name(weights.name + ".tmp")
     builder = {"entry_point": card.entry_point} if card.entry_point else {"architecture": card.architecture}
     save_file(tensors, str(tmp), metadata={"format": "pt", "source": card.source, **builder})
+    os.chmod(tmp, _file_mode())  # safetensors writes 0600; weights are shared like any other file
     os.replace(tmp, weights)
     card = dataclasses.replace(card, sha256=sha256_file(weights))
     text = json.dumps(card.to_dict(), indent=2) + "\n"
@@ -159,6 +160,13 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike[str], card: ModelC
     tmp_card.write_text(text, encoding="utf-8")
     os.replace(tmp_card, card_path(weights))
     return weights
+
+
+def _file_mode() -> int:
+    """The mode a new file gets under the process's umask (0644 under the usual 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def read_card(path: str | os.PathLike[str]) -> ModelCard:
