@@ -101,3 +101,13 @@ def test_checkpoints_respect_the_umask(tmp_path):
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert stat.S_IMODE(path.with_suffix(".json").stat().st_mode) == 0o644
+
+
+def test_an_architecture_for_another_image_size_is_one_line(tmp_path, capsys):
+    """smallcnn is built for 28x28 MNIST; the embedded digits are 8x8: said before training starts."""
+    out = tmp_path / "x.safetensors"
+    assert main(["train", "--model", "smallcnn", "--data", "digits", "--epochs", "1", "--n", "50",
+                 "--out", str(out)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("robustlab:")]
+    assert len(err) == 1 and "built for 28x28 images; digits has 1x8x8 images" in err[0]
+    assert not out.exists()

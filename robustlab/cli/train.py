@@ -88,6 +88,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     model = create_model(args.model, num_classes=data.num_classes, in_channels=data.image_shape[0])
+    _probe(model, data, args.model)
     dual_bn = None
     if recipe.needs_dual_bn:  # clean and adversarial BatchNorm branches; validation and test use --bn's
         dual_bn = {"test_branch": args.bn or "clean"}
@@ -143,6 +144,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         _say(f"weight average (EMA): clean test accuracy {100 * ema_acc:.2f}%")
         print(ema_path)
     return 0
+
+
+def _probe(model, data, name: str) -> None:
+    """One forward pass on two training images before anything is trained or written: an architecture
+    built for another image size fails here with the size it expects."""
+    import torch
+
+    from robustlab.models import model_config
+
+    x, _ = data.batch(range(min(2, len(data))))
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except RuntimeError as exc:
+        expected = model_config(name).get("input_size")
+        size = f" built for {expected[0]}x{expected[1]} images" if expected else ""
+        c, h, w = data.image_shape
+        raise RobustlabError(f"--model {name} is{size}; {data.name} has {c}x{h}x{w} images and the model fails on them "
+                             f"({str(exc).splitlines()[0]}); choose an architecture for this data") from None
+    finally:
+        model.train()
 
 
 def _check_train_flags(args: argparse.Namespace, name: str, recipe: Any) -> None:
