@@ -1,6 +1,12 @@
 """The adversarial protocol gives the per-sample outcomes and summary of the release before the
-evaluation core (b9ac979), bit for bit: tests/golden/record.json was written by that release
-(tests/golden/make_golden.py) from the weights beside it."""
+evaluation core (b9ac979): tests/golden/record.json was written by that release
+(tests/golden/make_golden.py) from the weights beside it.
+
+Every outcome (predictions, which attack broke a point, counts) must be identical. Floats (norms of
+the perturbations found) are compared to a relative 1e-5: float32 arithmetic depends on the CPU's
+vector kernels, and an iterative attack carries the rounding of every step. The release itself, run on
+another machine (2026-12-06), gave norms up to 1.6e-6 (relative) away from the ones it recorded, with
+every outcome identical. A real change of an attack moves norms by far more."""
 
 from __future__ import annotations
 
@@ -40,10 +46,19 @@ def _same_summary(expected, got, path="summary"):
         for i, (a, b) in enumerate(zip(expected, got)):
             _same_summary(a, b, f"{path}[{i}]")
     else:
-        assert got == expected, f"{path}: {got!r} != release {expected!r}"
+        assert _same(got, expected), f"{path}: {got!r} != release {expected!r}"
 
 
-def test_adversarial_protocol_matches_the_release_bit_for_bit(golden, tmp_path):
+def _same(got, expected) -> bool:
+    """Equal, with floats to a relative 1e-5 (see the module docstring); lists element by element."""
+    if isinstance(expected, list):
+        return isinstance(got, list) and len(got) == len(expected) and all(map(_same, got, expected))
+    if isinstance(expected, float) and not isinstance(got, bool) and isinstance(got, (int, float)):
+        return got == pytest.approx(expected, rel=1e-5, abs=1e-12)
+    return got == expected
+
+
+def test_adversarial_protocol_matches_the_release(golden, tmp_path):
     model = load_model(str(GOLDEN / "digits_cnn.safetensors")).model.eval()
     data = load_dataset("digits", "test").subset(N)
     threat = ThreatModel(*THREAT)
@@ -58,7 +73,7 @@ def test_adversarial_protocol_matches_the_release_bit_for_bit(golden, tmp_path):
         torch.set_num_threads(saved)
     assert set(got["tasks"]) == set(golden["tasks"])
     for task, rows in golden["tasks"].items():
-        assert got["tasks"][task] == rows, f"task {task}: per-sample outcomes differ from the release"
+        assert _same(got["tasks"][task], rows), f"task {task}: per-sample outcomes differ from the release"
     # The one deliberate change since the release: the reported robust accuracy is the per-sample worst
     # case over everything the run computed inside the main ball (here the steps curve's PGD broke
     # points the ensemble left robust); the ensemble's own number is the release's.
