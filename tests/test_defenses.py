@@ -122,3 +122,23 @@ def test_defended_evaluation_is_adaptive_recorded_and_resumes_identically(digits
         assert resumed.resumed
         assert [(r.clean_correct, r.robust, r.adv_pred) for r in store.samples(resumed.run_id)] == full_rows
     assert resumed.summary["robust_accuracy"] == full.summary["robust_accuracy"]
+
+
+@pytest.mark.parametrize("name", ["pgd", "bim", "mifgsm", "fgsm"])
+def test_gradient_attacks_average_over_the_defense_draws(digits_model, batch, name):
+    """Every gradient attack made adaptive to a randomized defense averages each gradient over the
+    defense's draws: eot forward/backward passes per step, counted as such."""
+    from robustlab.eval.runner import adaptive_attacks
+
+    x, y = batch
+    defended = apply_defenses(digits_model, ["noise:sigma=0.05,draws=3"])
+    (attack,) = adaptive_attacks([create_attack(name, LINF, **({} if name == "fgsm" else {"steps": 2}))], defended.needs())
+    assert attack.params["eot"] == 3
+    calls = []
+    defended.model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    result = attack.run(defended, x, y, torch.Generator().manual_seed(0))
+    assert int(result.gradients.max()) == 3 * (1 if name == "fgsm" else 2)
+    # 3 passes per gradient step on every sample still attacked, plus the last checks
+    assert sum(calls) >= 3 * len(x)
+    with pytest.raises(RobustlabError, match="eot must be >= 1"):
+        create_attack(name, LINF, eot=0)

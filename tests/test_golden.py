@@ -20,7 +20,7 @@ import torch
 GOLDEN = Path(__file__).parent / "golden"
 sys.path.insert(0, str(GOLDEN))
 
-from golden_spec import ATTACKS, N, OPTIONS, THREAT, record  # noqa: E402
+from golden_spec import ATTACKS, N, OPTIONS, THREAT, record, same  # noqa: E402
 
 from robustlab.attacks import create_attack  # noqa: E402
 from robustlab.data import load_dataset  # noqa: E402
@@ -46,16 +46,8 @@ def _same_summary(expected, got, path="summary"):
         for i, (a, b) in enumerate(zip(expected, got)):
             _same_summary(a, b, f"{path}[{i}]")
     else:
-        assert _same(got, expected), f"{path}: {got!r} != release {expected!r}"
+        assert same(got, expected), f"{path}: {got!r} != release {expected!r}"
 
-
-def _same(got, expected) -> bool:
-    """Equal, with floats to a relative 1e-5 (see the module docstring); lists element by element."""
-    if isinstance(expected, list):
-        return isinstance(got, list) and len(got) == len(expected) and all(map(_same, got, expected))
-    if isinstance(expected, float) and not isinstance(got, bool) and isinstance(got, (int, float)):
-        return got == pytest.approx(expected, rel=1e-5, abs=1e-12)
-    return got == expected
 
 
 def test_adversarial_protocol_matches_the_release(golden, tmp_path):
@@ -73,7 +65,7 @@ def test_adversarial_protocol_matches_the_release(golden, tmp_path):
         torch.set_num_threads(saved)
     assert set(got["tasks"]) == set(golden["tasks"])
     for task, rows in golden["tasks"].items():
-        assert _same(got["tasks"][task], rows), f"task {task}: per-sample outcomes differ from the release"
+        assert same(got["tasks"][task], rows), f"task {task}: per-sample outcomes differ from the release"
     # The one deliberate change since the release: the reported robust accuracy is the per-sample worst
     # case over everything the run computed inside the main ball (here the steps curve's PGD broke
     # points the ensemble left robust); the ensemble's own number is the release's.

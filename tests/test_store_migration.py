@@ -16,7 +16,7 @@ import pytest
 GOLDEN = Path(__file__).parent / "golden"
 sys.path.insert(0, str(GOLDEN))
 
-from golden_spec import ATTACKS, N, OPTIONS, THREAT, record  # noqa: E402
+from golden_spec import ATTACKS, N, OPTIONS, THREAT, record, same  # noqa: E402
 
 from robustlab.attacks import create_attack  # noqa: E402
 from robustlab.data import load_dataset  # noqa: E402
@@ -90,7 +90,7 @@ def test_interrupted_run_of_an_old_store_resumes_to_the_release_numbers(old_stor
                           options=EvalOptions(**OPTIONS), resume=True)
         assert result.resumed and result.run_id == ids["digits_cnn_interrupted"]
         got = record(store, result.run_id, result.summary, result.checks)
-    assert got["tasks"] == golden["tasks"]
+    assert same(got["tasks"], golden["tasks"])
     assert result.summary["ensemble_robust_accuracy"] == golden["summary"]["robust_accuracy"]
 
 
