@@ -1,0 +1,130 @@
+"""Input-transformation defenses: each equals its reference operation (libjpeg through PIL, scipy's
+filters), randomized ones are reproducible from the generator, and the adaptive attack each declares
+(BPDA with the differentiable JPEG, EOT) does what a non-adaptive one cannot."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from robustlab.attacks import create_attack
+from robustlab.defenses import apply_defenses, create_defense
+from robustlab.defenses.filters import gaussian_filter, median_filter
+from robustlab.defenses.jpeg import _LUMA, differentiable_jpeg, quantization_table, real_jpeg
+from robustlab.defenses.randomized import total_variation_minimize
+from robustlab.errors import RobustlabError
+from robustlab.predictor import predict
+from robustlab.threat import ThreatModel
+
+
+def _smooth_rgb(n: int = 8, size: int = 32) -> torch.Tensor:
+    """Natural-ish RGB images: smooth random fields (JPEG and filters behave as on photos)."""
+    g = torch.Generator().manual_seed(0)
+    low = torch.rand(n, 3, size // 4, size // 4, generator=g)
+    return torch.nn.functional.interpolate(low, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def test_jpeg_is_libjpeg_and_its_surrogate_is_close_and_has_gradients():
+    x = _smooth_rgb()
+    pil = []
+    for im in (x * 255).round().byte().permute(0, 2, 3, 1).numpy():
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, "JPEG", quality=60)
+        pil.append(np.array(Image.open(buf)))
+    assert torch.equal((real_jpeg(x, 60) * 255).round().byte(), torch.tensor(np.stack(pil)).permute(0, 3, 1, 2))
+    assert torch.equal(quantization_table(_LUMA, 50), torch.tensor(_LUMA, dtype=torch.float32).view(8, 8))
+    changed = (real_jpeg(x, 60) - x).abs().mean()
+    gap = (differentiable_jpeg(x, 60) - real_jpeg(x, 60)).abs().mean()
+    assert gap < changed / 2 and gap < 2 / 255
+    x_req = x.clone().requires_grad_(True)
+    differentiable_jpeg(x_req, 60).sum().backward()
+    assert x_req.grad.abs().sum() > 0
+    gray = x[:, :1]
+    assert (differentiable_jpeg(gray, 60) - real_jpeg(gray, 60)).abs().mean() < 2 / 255
+
+
+@pytest.mark.parametrize("size", [2, 3, 5])
+def test_median_is_scipys(size):
+    x = torch.rand(2, 3, 9, 11, dtype=torch.float64)
+    ref = ndimage.median_filter(x.numpy(), size=(1, 1, size, size), mode="reflect")
+    assert np.array_equal(median_filter(x, size).numpy(), ref)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.5])
+def test_gaussian_blur_is_scipys(sigma):
+    x = torch.rand(2, 1, 12, 10, dtype=torch.float64)
+    ref = ndimage.gaussian_filter(x.numpy(), sigma=(0, 0, sigma, sigma), mode="reflect")
+    assert np.allclose(gaussian_filter(x, sigma).numpy(), ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["resize-pad", "crop-rescale", "tv-min"])
+def test_randomized_transforms_are_reproducible_and_vary(name):
+    d = create_defense(name)
+    assert d.randomized and d.draws > 1
+    x = _smooth_rgb(4)
+    a = d.transform(x, torch.Generator().manual_seed(1))
+    b = d.transform(x, torch.Generator().manual_seed(1))
+    c = d.transform(x, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+
+
+def test_resize_pad_shrinks_onto_a_black_canvas_and_crop_rescale_zooms():
+    x = torch.ones(16, 1, 30, 30)
+    out = create_defense("resize-pad", max_scale=1.5).transform(x, torch.Generator().manual_seed(0))
+    covered = out.flatten(1).mean(1)  # the image's share of the canvas: (1/scale)^2 for scale in [1, 1.5]
+    assert covered.min() > (1 / 1.5) ** 2 - 0.05 and covered.max() <= 1 and covered.std() > 0.01
+    ramp = torch.linspace(0, 1, 30).view(1, 1, 1, 30).expand(4, 1, 30, 30).contiguous()
+    zoomed = create_defense("crop-rescale", crop=0.5).transform(ramp, torch.Generator().manual_seed(0))
+    spread = zoomed[..., -1] - zoomed[..., 0]  # a crop of half the width spans half the ramp
+    assert torch.allclose(spread, torch.full_like(spread, 0.5), atol=0.05)
+
+
+def test_tv_minimization_lowers_total_variation_and_keeps_kept_pixels():
+    x = (_smooth_rgb(2) + 0.1 * torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    keep = torch.ones_like(x)
+    z = total_variation_minimize(x, keep, weight=0.03, steps=40)
+
+    def tv(t):
+        return (t[..., 1:, :] - t[..., :-1, :]).abs().sum() + (t[..., 1:] - t[..., :-1]).abs().sum()
+
+    assert tv(z) < 0.8 * tv(x)
+    assert (z - x).abs().mean() < 0.1
+
+
+def test_bad_parameters_are_one_line():
+    for name, params, match in [("jpeg", {"quality": 0}, "quality must be in 1..100"),
+                                ("median", {"size": 1}, "size must be in 2..9"),
+                                ("gaussian-blur", {"sigma": 0}, "sigma must be in"),
+                                ("resize-pad", {"max_scale": 1.0}, "max_scale must be in"),
+                                ("crop-rescale", {"crop": 1.0}, "crop must be in"),
+                                ("tv-min", {"drop": 1.0}, "drop must be in")]:
+        with pytest.raises(RobustlabError, match=match):
+            create_defense(name, **params)
+    with pytest.raises(RobustlabError, match="grayscale or RGB"):
+        real_jpeg(torch.rand(1, 2, 8, 8), 75)
+
+
+def test_bpda_with_the_differentiable_jpeg_breaks_what_the_identity_surrogate_leaves(digits_model, digits_test):
+    """On the digits model behind JPEG at quality 30: PGD through BPDA with the differentiable JPEG
+    leaves no more points robust than with the identity surrogate, and both far fewer than the clean
+    accuracy (the defense is broken by the adaptive attack)."""
+    x, y = digits_test.x[:96], digits_test.y[:96]
+    defended = apply_defenses(digits_model, ["jpeg:quality=30"])
+    threat = ThreatModel("linf", 0.15)
+    clean = (predict(defended, x) == y).float().mean()
+    attack = create_attack("pgd", threat, steps=20)
+    adv = attack.run(defended, x, y, torch.Generator().manual_seed(0)).x_adv
+    robust = (predict(defended, adv) == y).float().mean()
+    identity = apply_defenses(digits_model, ["jpeg:quality=30"])
+    identity.defenses[0].surrogate = lambda t: t
+    adv_id = attack.run(identity, x, y, torch.Generator().manual_seed(0)).x_adv
+    robust_id = (predict(defended, adv_id) == y).float().mean()
+    assert clean > 0.85
+    assert robust < 0.5 * clean
+    assert robust <= robust_id + 0.03
