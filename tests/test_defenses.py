@@ -142,3 +142,29 @@ def test_gradient_attacks_average_over_the_defense_draws(digits_model, batch, na
     assert sum(calls) >= 3 * len(x)
     with pytest.raises(RobustlabError, match="eot must be >= 1"):
         create_attack(name, LINF, eot=0)
+
+
+def test_defended_run_reports_non_adaptive_beside_adaptive_and_the_worst_case(digits_model, digits_test, tmp_path):
+    """A defense with masked gradients (JPEG): the non-adaptive attack (zero gradients through the
+    codec) and the transfer from the undefended model leave far more points robust than PGD through
+    BPDA with the differentiable JPEG. The headline is the per-sample worst case over all three, the
+    non-adaptive numbers are shown beside it, and the masking checks flag the non-adaptive evaluation."""
+    data = digits_test.subset(96)
+    defended = apply_defenses(digits_model, ["jpeg:quality=30"])
+    attacks = [create_attack("pgd", ThreatModel("linf", 0.15), steps=20)]
+    with ResultsStore(tmp_path / "r.db") as store:
+        result = evaluate(defended, data, attacks, store, options=EvalOptions(steps_grid=(), batch_size=48, seed=0))
+        run = store.get_run(result.run_id)
+        rows = {t: {r.sample_index: r.robust for r in store.samples(result.run_id, t)}
+                for t in ("main", "non-adaptive", "transfer")}
+    s = result.summary
+    naive = s["non_adaptive"]
+    assert naive["robust_accuracy"] > s["ensemble_robust_accuracy"] + 0.3
+    assert naive["transfer_robust_accuracy"] > s["ensemble_robust_accuracy"] + 0.2
+    worst = sum(all(rows[t][i] for t in rows) for i in rows["main"]) / len(rows["main"])
+    assert s["robust_accuracy"] == pytest.approx(worst) and s["robust_accuracy"] <= s["ensemble_robust_accuracy"]
+    checks = {c["name"]: c for c in result.checks}
+    assert checks["adaptive-gap"]["status"] == "fail" and "overestimates robustness" in checks["adaptive-gap"]["detail"]
+    assert checks["non-adaptive gradients"]["status"] != "pass"
+    assert checks["gradients"]["status"] == "pass"  # the adaptive attacker's gradients are fine
+    assert run["config"]["non_adaptive"] == [attacks[0].config()]

@@ -130,20 +130,30 @@ class DefendedModel(Predictor):
         """Where ``forward``'s random draws come from (None: the global generator)."""
         self.generator = generator
 
-    def _apply(self, x: torch.Tensor, generator: torch.Generator | None, attacker: bool) -> torch.Tensor:
+    def _apply(self, x: torch.Tensor, generator: torch.Generator | None, view: str) -> torch.Tensor:
+        """The defenses on ``x``: ``view`` "adaptive" (BPDA with each surrogate where declared),
+        "naive" (the real transforms, a non-differentiable one passing a zero gradient: what an
+        attacker who ignores the defense differentiates) or "predict" (the real transforms)."""
         for d in self.defenses:
-            if attacker and not d.differentiable:
-                x = BPDA(lambda t, d=d: d.transform(t, generator), d.surrogate)(x)
+            if view != "predict" and not d.differentiable:
+                backward = d.surrogate if view == "adaptive" else _zero_gradient
+                x = BPDA(lambda t, d=d: d.transform(t, generator), backward)(x)
             else:
                 x = d.transform(x, generator)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(self._apply(x, self.generator, attacker=True))
+        return self.model(self._apply(x, self.generator, "adaptive"))
 
     def forward_with(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         with torch.no_grad():
-            return check_logits(self.model(self._apply(x, generator, attacker=False)), x.shape[0])
+            return check_logits(self.model(self._apply(x, generator, "predict")), x.shape[0])
+
+    def naive(self) -> nn.Module:
+        """The attacker's view of one who treats the defended model as a plain one (what a defense's
+        authors evaluated): gradients of the real pipeline, one random draw per pass, no BPDA (a
+        non-differentiable step passes a zero gradient). Its predictions are the defended model's."""
+        return _NaiveView(self)
 
     def needs(self) -> AttackerNeeds:
         return AttackerNeeds(
@@ -162,3 +172,25 @@ def apply_defenses(model: nn.Module, specs: list[str | dict[str, Any]]) -> nn.Mo
     if not specs:
         return model
     return DefendedModel(model, build_defenses(specs))
+
+
+def _zero_gradient(x: torch.Tensor) -> torch.Tensor:
+    """A BPDA surrogate whose gradient is zero: how a non-differentiable step looks to autograd."""
+    return x * 0
+
+
+class _NaiveView(Predictor):
+    """See :meth:`DefendedModel.naive`."""
+
+    def __init__(self, defended: DefendedModel) -> None:
+        super().__init__()
+        self.defended = defended
+        self.randomized = defended.randomized
+        self.draws = defended.draws
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.defended
+        return d.model(d._apply(x, d.generator, "naive"))
+
+    def forward_with(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        return self.defended.forward_with(x, generator)

@@ -104,12 +104,15 @@ def evaluate(
     claimed success is re-verified. Results go to ``store`` batch by batch; with ``resume=True`` an
     unfinished run of the same configuration is continued instead of starting a new one.
     A :class:`~robustlab.defenses.DefendedModel` is attacked adaptively (:func:`adaptive_attacks`)
-    and its defenses are recorded with the run. Other keyword arguments are :func:`run`'s.
+    and its defenses are recorded with the run; the attacks as given also run non-adaptively (on the
+    defended model as if it were plain, and transferred from the undefended model), and the reported
+    robust accuracy is the per-sample worst case over all of them. Other keyword arguments are :func:`run`'s.
     """
     options = options or EvalOptions()
     if not attacks:
         raise RobustlabError("give at least one attack")
     defenses = None
+    given = list(attacks)
     if isinstance(model, DefendedModel):  # attack it adaptively, and record what was done
         needs = model.needs()
         attacks = adaptive_attacks(attacks, needs)
@@ -121,7 +124,7 @@ def evaluate(
                                     "the randomized defense")
             kwargs.get("log", lambda msg: None)(f"robustlab: warning: {info['not_adaptive']}")
         kwargs["model_info"] = info
-    protocol = AdversarialProtocol(attacks, options.adversarial(), defenses)
+    protocol = AdversarialProtocol(attacks, options.adversarial(), defenses, naive_attacks=given if defenses else None)
     return run(model, data, protocol, store, seed=options.seed, batch_size=options.batch_size,
                examples=options.examples, extra=options.extra, **kwargs)
 

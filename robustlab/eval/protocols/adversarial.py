@@ -45,6 +45,7 @@ STRENGTH_PARAMS = ("steps", "queries")
 # was last saved (quick batches are never saved half-done: redoing them costs less than the writes).
 SAVE_SECONDS = 60.0
 _CLEAN_KEY = 0xC1EA  # generator key of the clean prediction (attacks use their index)
+NON_ADAPTIVE = ("non-adaptive", "transfer")  # task kinds of a defended model's non-adaptive attacks
 
 
 def default_steps_grid(steps: int) -> tuple[int, ...]:
@@ -78,12 +79,17 @@ class AdversarialProtocol(Protocol):
     sample_table = "adversarial_samples"
 
     def __init__(self, attacks: list[Attack], options: AdversarialOptions | None = None,
-                 defenses: list[dict[str, Any]] | None = None) -> None:
+                 defenses: list[dict[str, Any]] | None = None, naive_attacks: list[Attack] | None = None) -> None:
+        """``attacks``: the ensemble (made adaptive to ``defenses`` by the caller); ``naive_attacks``
+        (defended models): the attacks as given, run as if the model were undefended (the
+        ``non-adaptive`` task) and on the undefended base model, checked on the defended one
+        (``transfer``)."""
         self.ensemble = WorstCaseEnsemble(attacks)  # checks one threat model, untargeted
         self.attacks = self.ensemble.attacks
         self.threat: ThreatModel = self.ensemble.threat
         self.options = options or AdversarialOptions()
         self.defenses = list(defenses or [])
+        self.naive_attacks = list(naive_attacks or []) if self.defenses else []
         self.tasks: list[Task] = []
 
     # ------------------------------------------------------------------ configuration and plan
@@ -101,6 +107,8 @@ class AdversarialProtocol(Protocol):
         # Keys that only appear when used keep the configuration (and its hash) of earlier runs.
         if self.defenses:
             config["defenses"] = self.defenses
+        if self.naive_attacks:
+            config["non_adaptive"] = [a.config() for a in self.naive_attacks]
         if o.reuse:
             config["reuse"] = True
         return config
@@ -116,6 +124,10 @@ class AdversarialProtocol(Protocol):
             return Task(name, kind, size, {"eps": t.eps, "steps": steps}, WorstCaseEnsemble(members))
 
         tasks = [task("main", "main", threat, attacks, n)]
+        if self.naive_attacks:  # what the defense's authors would have measured, beside the adaptive number
+            for name, view in (("non-adaptive", "naive"), ("transfer", "base")):
+                tasks.append(Task(name, name, n, {"eps": threat.eps, "steps": None, "view": view},
+                                  WorstCaseEnsemble(self.naive_attacks)))
         for eps in sorted(set(float(e) for e in o.eps_grid)):
             if eps != threat.eps:
                 t = threat.with_eps(eps)
@@ -154,15 +166,18 @@ class AdversarialProtocol(Protocol):
             if self.options.reuse and task.kind == "eps":
                 self._reuse(state, ctx)
         threat = ensemble.threat
+        view = task.params.get("view")
+        attacked = model.naive() if view == "naive" else model.model if view == "base" else model
 
         def check(m: nn.Module, xs: torch.Tensor, x_adv: torch.Tensor, ys: torch.Tensor):
-            gen = ctx.generator(state.attacks_done, 1) if _randomized(m) else None
-            return verify_adversarial(m, xs, x_adv, ys, threat, gen)
+            # claims are verified on the (defended) model under evaluation, whatever the attack saw
+            gen = ctx.generator(state.attacks_done, 1) if _randomized(model) else None
+            return verify_adversarial(model, xs, x_adv, ys, threat, gen)
 
         keep = ctx.keep_examples
         save = (lambda s: ctx.save(s.to_bytes(keep))) if ctx.save is not None else None
         if not (self.options.reuse and task.kind == "eps" and _all_minimum_norm(ensemble.attacks)):
-            ensemble.run_state(model, x, y, state, ctx.generator, check, ctx.status, save, SAVE_SECONDS)
+            ensemble.run_state(attacked, x, y, state, ctx.generator, check, ctx.status, save, SAVE_SECONDS)
         else:  # the curve from the main task's minimal norms: nothing to attack
             state.costs = [{"seconds": 0.0, "gradients": 0, "forwards": 0} for _ in ensemble.attacks]
             state.attacks_done = len(ensemble.attacks)
@@ -219,6 +234,9 @@ class AdversarialProtocol(Protocol):
         checks = sanity.mode_verdicts(info)
         if self.options.sanity:
             checks.append(sanity.gradient_verdict(model, probe_x, probe_y))
+            if self.naive_attacks:  # the non-adaptive attacker's gradients: masked ones are flagged here
+                verdict = sanity.gradient_verdict(model.naive(), probe_x, probe_y)
+                checks.append({**verdict, "name": "non-adaptive gradients"})
             checks.append(run_binarization(model, self.attacks, probe_x, probe_y, seed, device))
         return checks
 
@@ -296,7 +314,11 @@ class AdversarialProtocol(Protocol):
             checks.append(blackbox_verdict(per_attack, metric.clean))
         rejected = sum(b["rejected"] for b in batches.values())
         if checks is not None:
-            if rejected:
+            if rejected and config.get("defenses"):  # attacks see a view of the defense, so expected
+                checks.append(sanity.verdict("verification", "pass", f"{rejected} examples adversarial to the "
+                                             "attacker's view (BPDA surrogate, single draws, or the undefended model) "
+                                             "were not adversarial to the defended model and were not counted"))
+            elif rejected:
                 checks.append(sanity.verdict("verification", "warn", f"{rejected} claimed adversarial examples failed "
                                              "re-verification and were not counted"))
             else:
@@ -331,6 +353,12 @@ class AdversarialProtocol(Protocol):
         }
         if config.get("defenses"):
             summary["defenses"] = config["defenses"]
+        naive = {t["kind"]: accuracy(t) for t in run["tasks"] if t["kind"] in NON_ADAPTIVE}
+        if naive:
+            summary["non_adaptive"] = {"robust_accuracy": naive.get("non-adaptive"),
+                                       "transfer_robust_accuracy": naive.get("transfer")}
+            if checks is not None:
+                checks.append(adaptive_gap_verdict(naive, ensemble["robust_accuracy"], n))
         if partial:
             summary.update(done=n, partial=True)
         return summary
@@ -352,7 +380,7 @@ def worst_case(store: ResultsStore, run: dict[str, Any], main: list[SampleRow],
     extra: dict[str, int] = {}
     broken: set[int] = set()
     for t in run["tasks"]:
-        if t["task"] == "main" or t["kind"] not in ("steps", "eps") or t["eps"] > eps:
+        if t["task"] == "main" or t["kind"] not in ("steps", "eps", *NON_ADAPTIVE) or t["eps"] > eps:
             continue
         hit = {r.sample_index for r in store.samples(run["run_id"], t["task"])
                if r.clean_correct and not r.robust and r.broken_by is not None} & robust
@@ -363,6 +391,23 @@ def worst_case(store: ResultsStore, run: dict[str, Any], main: list[SampleRow],
                                      [r.robust and r.sample_index not in broken for r in main],
                                      [r.broken_by for r in main])
     return metric, extra
+
+
+def adaptive_gap_verdict(naive: dict[str, float | None], adaptive: float | None, n: int) -> dict[str, str]:
+    """A defended model: the non-adaptive attacks (as its authors would have run them) leaving more
+    points robust than the adaptive ones is the signature of gradient masking; the reported number is
+    the per-sample worst case over all of them."""
+    white = naive.get("non-adaptive")
+    if white is None or adaptive is None:
+        return sanity.verdict("adaptive-gap", "warn", "not computed: the non-adaptive or the adaptive attacks are unfinished")
+    gap = white - adaptive
+    detail = (f"non-adaptive attacks leave {100 * white:.2f}% robust, adaptive ones {100 * adaptive:.2f}%"
+              + (f", transfer from the undefended model {100 * naive['transfer']:.2f}%" if naive.get("transfer") is not None else ""))
+    if gap * n <= max(1, n // 100):
+        return sanity.verdict("adaptive-gap", "pass", detail)
+    return sanity.verdict("adaptive-gap", "fail" if gap > 0.05 else "warn",
+                          detail + f": the non-adaptive evaluation overestimates robustness by {100 * gap:.2f} points "
+                          "(its gradients are masked or averaged away); only the adaptive number counts")
 
 
 def worst_case_verdict(extra: dict[str, int], ensemble: float | None, worst: float | None) -> dict[str, str]:
