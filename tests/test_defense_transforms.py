@@ -128,3 +128,45 @@ def test_bpda_with_the_differentiable_jpeg_breaks_what_the_identity_surrogate_le
     assert clean > 0.85
     assert robust < 0.5 * clean
     assert robust <= robust_id + 0.03
+
+
+def test_thermometer_encodes_levels_and_its_relaxation_agrees_on_the_grid():
+    t = create_defense("thermometer", levels=4)
+    x = torch.tensor([0.0, 0.2, 0.26, 0.5, 0.99, 1.0]).view(1, 1, 1, 6)
+    code = t.transform(x)[0, :, 0]
+    assert code.shape == (4, 6) and t.output_channels(3) == 12
+    assert code.sum(0).tolist() == [0, 1, 2, 2, 4, 4]  # how many of the thresholds 0, 1/4, 2/4, 3/4 each exceeds
+    grid = torch.arange(9, dtype=torch.float32).view(1, 1, 1, 9) / 8
+    assert torch.equal(t.surrogate(grid[..., ::2]), t.transform(grid[..., ::2]))  # equal at multiples of 1/4
+
+
+def test_defended_model_moves_between_devices():
+    """nn.Module.to() runs Module._apply: a defended model must not shadow it."""
+    from robustlab.models import create_model
+
+    defended = apply_defenses(create_model("digits_cnn", num_classes=10), ["jpeg"]).to("cpu").float()
+    assert defended(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_train_behind_thermometer_then_eval_applies_it_adaptively(tmp_path):
+    """`train --defense thermometer` builds the architecture for the encoded channels and records the
+    defense in the card; `eval` applies it from the card, attacks through the relaxation (BPDA), and
+    flags the non-adaptive attacker's zero gradients. No transfer task: the base model takes codes."""
+    import json
+
+    from robustlab.cli import main
+    from robustlab.eval import ResultsStore
+
+    ckpt = tmp_path / "th.safetensors"
+    assert main(["train", "--model", "digits_cnn", "--data", "digits", "--n", "600", "--epochs", "3",
+                 "--defense", "thermometer:levels=8", "--out", str(ckpt)]) == 0
+    card = json.loads(ckpt.with_suffix(".json").read_text())
+    assert card["source"] == "defended" and card["in_channels"] == 8
+    assert card["defense"] == [{"name": "thermometer", "params": {"levels": 8}}]
+    db = tmp_path / "r.db"
+    assert main(["eval", "--model", str(ckpt), "--data", "digits", "--n", "60", "--norm", "linf", "--eps", "0.1",
+                 "--attack", "pgd:steps=5", "--no-sanity", "--db", str(db), "--json"]) == 0
+    with ResultsStore(db) as store:
+        (run,) = store.list_runs()
+        tasks = {t["task"] for t in store.get_run(run["run_id"])["tasks"]}
+    assert "non-adaptive" in tasks and "transfer" not in tasks

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise RobustlabError(f"recipe {name!r} trains against a threat model: give --eps (and --norm, default linf)")
     _check_train_flags(args, name, recipe)
     objective = create_objective(name, threat, **params)
+    from robustlab.defenses import DefendedModel, build_defenses
+
+    defenses = build_defenses(args.defense or [])  # bad names or parameters fail before any data is loaded
     if args.n is not None and args.n < 1:
         raise RobustlabError(f"--n must be >= 1, got {args.n}")
     device = _device(args.device)
@@ -87,7 +91,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         say(f"  epoch {r['epoch']}: loss {r['loss']:.4f}{val} ({r['seconds']:.1f}s)")
 
     torch.manual_seed(args.seed)
-    model = create_model(args.model, num_classes=data.num_classes, in_channels=data.image_shape[0])
+    channels = data.image_shape[0]
+    for d in defenses:  # an encoding in front (thermometer) changes what the architecture takes
+        channels = d.output_channels(channels)
+    base = create_model(args.model, num_classes=data.num_classes, in_channels=channels)
+    # With --defense the model trains behind the defenses (attacks in adversarial recipes go through
+    # them adaptively: BPDA where declared); the checkpoint holds the model, its card the defenses.
+    model = DefendedModel(base, defenses) if defenses else base
     _probe(model, data, args.model)
     dual_bn = None
     if recipe.needs_dual_bn:  # clean and adversarial BatchNorm branches; validation and test use --bn's
@@ -118,7 +128,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         card = ModelCard.for_architecture(
             args.model,
             num_classes=data.num_classes,
-            in_channels=data.image_shape[0],
+            in_channels=channels,
             dataset=f"{data.name}:train[{len(data)}]",
             training={"recipe": name, "recipe_params": objective.config()["params"],
                       "threat": threat.to_dict() if threat else None, **config.to_dict(),
@@ -132,15 +142,20 @@ def cmd_train(args: argparse.Namespace) -> int:
             notes=f"clean accuracy measured on {test.name}:test ({len(test)} images)"
             + (f"; robust accuracy: PGD-{args.val_steps} on the {val_n} held-out training images" if robust else ""),
         )
+        if defenses:
+            card = dataclasses.replace(card, source="defended", defense=[d.config() for d in defenses])
         return card, acc
 
+    def weights(net: torch.nn.Module) -> torch.nn.Module:
+        return net.model if isinstance(net, DefendedModel) else net
+
     card, acc = card_for(model, summary.get("final_val", {}), {})
-    path = save_checkpoint(model.cpu(), out, card)
+    path = save_checkpoint(weights(model).cpu(), out, card)
     _say(f"clean test accuracy {100 * acc:.2f}% after {seconds:.1f}s")
     print(path)
     if history.ema is not None:
         ema_card, ema_acc = card_for(history.ema, summary.get("ema_val", {}), {"weights": "ema"})
-        ema_path = save_checkpoint(history.ema.cpu(), out.with_name(out.stem + "_ema.safetensors"), ema_card)
+        ema_path = save_checkpoint(weights(history.ema).cpu(), out.with_name(out.stem + "_ema.safetensors"), ema_card)
         _say(f"weight average (EMA): clean test accuracy {100 * ema_acc:.2f}%")
         print(ema_path)
     return 0
@@ -192,6 +207,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "BatchNorm), rst (teacher=PATH), uat (with --unlabeled), mma (max-margin) and dynamic-at (FOSC-stopped "
                         "PGD); e.g. trades:beta=6,steps=10 "
                         "(default standard)")
+    t.add_argument("--defense", action="append", metavar="NAME[:key=value,...]",
+                   help="train the model behind this defense (repeat: applied in order); the card records it, so "
+                        "evaluation applies it; an encoding (thermometer) builds the architecture for its channels")
     t.add_argument("--norm", default="linf", help="threat model norm: linf, l2 or l1 (default linf)")
     t.add_argument("--eps", type=_argument_type(_number),
                    help="threat model radius in [0, 1] pixel units (fractions like 8/255 work); needed by adversarial "

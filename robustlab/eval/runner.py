@@ -124,7 +124,10 @@ def evaluate(
                                     "the randomized defense")
             kwargs.get("log", lambda msg: None)(f"robustlab: warning: {info['not_adaptive']}")
         kwargs["model_info"] = info
-    protocol = AdversarialProtocol(attacks, options.adversarial(), defenses, naive_attacks=given if defenses else None)
+    # a transfer from the undefended model needs one that takes the images as they are (no encoding)
+    transfer = defenses is not None and all(d.output_channels(1) == 1 for d in model.defenses)
+    protocol = AdversarialProtocol(attacks, options.adversarial(), defenses, naive_attacks=given if defenses else None,
+                                   transfer=transfer)
     return run(model, data, protocol, store, seed=options.seed, batch_size=options.batch_size,
                examples=options.examples, extra=options.extra, **kwargs)
 

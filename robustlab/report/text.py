@@ -22,6 +22,12 @@ def format_summary(s: dict[str, Any], checks: list[dict[str, str]]) -> str:
     if ensemble is not None and ensemble != s["robust_accuracy"]:
         lines.append(f"    (the ensemble alone: {100 * ensemble:.2f}%; other attack settings of this run broke more, "
                      "see the worst-case check)")
+    naive = s.get("non_adaptive")
+    if naive:  # a defended model: what non-adaptive attacks would have reported, beside the headline
+        parts = [f"{100 * v:.2f}% {what}" for what, v in (("attacking it as a plain model", naive.get("robust_accuracy")),
+                 ("transferred from the undefended model", naive.get("transfer_robust_accuracy"))) if v is not None]
+        if parts:
+            lines.append(f"  non-adaptive     {'; '.join(parts)} (not the robust accuracy: see adaptive-gap)")
     if len(s["eps_curve"]) > 2:
         lines.append("  eps curve: " + ", ".join(f"{p['eps']:g}: {100 * p['robust_accuracy']:.1f}%" for p in s["eps_curve"]))
     for c in checks:

@@ -79,10 +79,12 @@ class AdversarialProtocol(Protocol):
     sample_table = "adversarial_samples"
 
     def __init__(self, attacks: list[Attack], options: AdversarialOptions | None = None,
-                 defenses: list[dict[str, Any]] | None = None, naive_attacks: list[Attack] | None = None) -> None:
+                 defenses: list[dict[str, Any]] | None = None, naive_attacks: list[Attack] | None = None,
+                 transfer: bool = True) -> None:
         """``attacks``: the ensemble (made adaptive to ``defenses`` by the caller); ``naive_attacks``
         (defended models): the attacks as given, run as if the model were undefended (the
-        ``non-adaptive`` task) and on the undefended base model, checked on the defended one
+        ``non-adaptive`` task) and, with ``transfer`` (the base model takes the images as they are:
+        no encoding in front), on the undefended base model, checked on the defended one
         (``transfer``)."""
         self.ensemble = WorstCaseEnsemble(attacks)  # checks one threat model, untargeted
         self.attacks = self.ensemble.attacks
@@ -90,6 +92,7 @@ class AdversarialProtocol(Protocol):
         self.options = options or AdversarialOptions()
         self.defenses = list(defenses or [])
         self.naive_attacks = list(naive_attacks or []) if self.defenses else []
+        self.transfer = transfer
         self.tasks: list[Task] = []
 
     # ------------------------------------------------------------------ configuration and plan
@@ -125,7 +128,7 @@ class AdversarialProtocol(Protocol):
 
         tasks = [task("main", "main", threat, attacks, n)]
         if self.naive_attacks:  # what the defense's authors would have measured, beside the adaptive number
-            for name, view in (("non-adaptive", "naive"), ("transfer", "base")):
+            for name, view in (("non-adaptive", "naive"), ("transfer", "base"))[:2 if self.transfer else 1]:
                 tasks.append(Task(name, name, n, {"eps": threat.eps, "steps": None, "view": view},
                                   WorstCaseEnsemble(self.naive_attacks)))
         for eps in sorted(set(float(e) for e in o.eps_grid)):
