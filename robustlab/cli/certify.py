@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from robustlab.cli.common import (
     _argument_type,

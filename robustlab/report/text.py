@@ -35,8 +35,9 @@ def format_certified(s: dict[str, Any], checks: list[dict[str, str]], title: str
     noise = s["noise"]
     params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in noise["params"].items())
     st = s["settings"]
-    lines = [f"{title} (n={s['n']}), smoothing {noise['name']} ({params}), {s['norm']} radii; "
-             f"n0={st['n0']}, n={st['n_draws']}, alpha={st['alpha']:g}"]
+    head = (f"{title} (n={s['n']}), smoothing {noise['name']} ({params}), {s['norm']} radii; "
+            f"n0={st['n0']}, n={st['n_draws']}, alpha={st['alpha']:g}")
+    lines = [head]
     for r, a in s["certified_accuracy"].items():
         lines.append(f"  certified accuracy at radius {r:>5}  {100 * a:6.2f}%   ({ci_text(a, s['n'])})")
     lines.append(f"  average certified radius (ACR) {s['acr']:.4f}; abstained on {100 * s['abstain_rate']:.1f}%")
