@@ -86,7 +86,7 @@ def _write_samples(path: Path, rows: list[Any]) -> None:
         writer = csv.writer(fh)
         if not rows:
             return
-        names = [k for k in rows[0].keys() if k not in ("run_id", "task")]
+        names = [k for k in rows[0].keys() if k not in ("run_id", "task")]  # noqa: SIM118 (an sqlite3.Row)
         writer.writerow(names)
         for r in rows:
             writer.writerow(["" if r[k] is None else r[k] for k in names])
