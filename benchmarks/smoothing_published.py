@@ -51,7 +51,7 @@ OUT = RESULTS / "smoothing_published"
 
 
 def checkpoint(dataset: str, sigma: float) -> Path:
-    return CACHE / f"smooth_{dataset}_{sigma:g}.safetensors"
+    return CACHE / f"smooth_{dataset}_{sigma}.safetensors"
 
 
 def cmd_train(args) -> None:
