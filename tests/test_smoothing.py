@@ -306,3 +306,44 @@ def test_the_attack_check_passes_sound_certificates_and_flags_lying_ones(tmp_pat
     # the empirical accuracy at 0.5 is at least the certified accuracy there (here: the true one)
     emp = honest.summary["empirical"]
     assert emp["empirical_accuracy"] >= emp["certified_accuracy"] and emp["gap"] >= 0
+
+
+# ---------------------------------------------------------------------- training recipes
+
+
+def test_noise_recipe_trains_on_the_certification_noise(digits_model, digits_test):
+    from robustlab.training import create_objective
+
+    x, y = digits_test.x[:32], digits_test.y[:32]
+    recipe = create_objective("noise", sigma=0.5)
+    loss, logs = recipe(digits_model, x, y, torch.Generator().manual_seed(7))
+    noisy = create_noise("gaussian", sigma=0.5).perturb(x, torch.Generator().manual_seed(7))
+    expected = nn.functional.cross_entropy(digits_model(noisy), y)
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+    assert set(logs) == {"noisy_acc"}
+    with pytest.raises(RobustlabError, match="sigma must be > 0"):
+        create_objective("noise", sigma=0.0)
+
+
+def test_smoothadv_ascends_the_soft_smoothed_loss_inside_the_ball(digits_model, digits_test):
+    from robustlab.threat import ThreatModel
+    from robustlab.training import create_objective
+
+    x, y = digits_test.x[:16], digits_test.y[:16]
+    threat = ThreatModel("l2", 0.5)
+    recipe = create_objective("smoothadv", threat, sigma=0.25, m=4, steps=4)
+    draws = recipe._draws(x, torch.Generator().manual_seed(1))
+    x_adv = recipe._attack(digits_model, x, y, draws, None)
+    assert bool(threat.contains(x_adv, x).all())
+
+    def soft_loss(z):
+        logits = digits_model(z.repeat_interleave(4, dim=0) + draws)
+        p = torch.softmax(logits, dim=1).view(16, 4, -1).mean(dim=1)
+        return -p.gather(1, y[:, None]).log().sum()
+
+    with torch.no_grad():
+        assert float(soft_loss(x_adv)) > float(soft_loss(x))
+    loss, logs = recipe(digits_model, x, y, torch.Generator().manual_seed(2))  # eval mode: the shared model's BN stays
+    assert torch.isfinite(loss) and "adv_noisy_acc" in logs
+    with pytest.raises(RobustlabError, match="attacks in L2"):
+        create_objective("smoothadv", ThreatModel("linf", 0.1))
