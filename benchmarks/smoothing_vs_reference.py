@@ -150,8 +150,8 @@ def main() -> None:
     shim = TorchOnCPU()
     ref.torch = shim
     model, dataset, name = load_model(args.model)
-    x_all, y_all = load_split(dataset, "test")
-    x, y = x_all[: args.images], y_all[: args.images]
+    x_all, _ = load_split(dataset, "test")
+    x = x_all[: args.images]
     k = args.images
     noise = create_noise("gaussian", sigma=args.sigma)
     ours = SmoothedClassifier(model, noise, 10, n0=args.n0, n=args.n, alpha=args.alpha, batch_size=args.batch)
