@@ -225,6 +225,10 @@ def test_summary_is_the_metric_of_the_rows(tmp_path):
     with ResultsStore(tmp_path / "s.db") as store:
         res = certify(model, data, OPTIONS, store, progress=False)
         rows = store.sample_rows("certified_samples", res.run_id)
+        key, title = CertifiedProtocol.leaderboard_group(store.get_run(res.run_id))
+    assert key == ("halfspace", "certified", "gaussian", 0.25) and "σ = 0.25 (l2)" in title
+    columns = dict(CertifiedProtocol.leaderboard_columns(res.summary))
+    assert list(columns)[0] == "ACR" and columns["ACR"] == res.summary["acr"]
     radii = [r["radius"] if r["prediction"] != ABSTAIN and r["correct"] else 0.0 for r in rows]
     assert res.summary["acr"] == pytest.approx(sum(radii) / len(rows))
     at = sum(1 for r in rows if r["correct"] and r["radius"] is not None and r["radius"] >= 0.1) / len(rows)
