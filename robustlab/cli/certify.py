@@ -28,6 +28,8 @@ from robustlab.cli.common import (
 from robustlab.errors import RobustlabError
 
 NOISE_CHOICES = ("gaussian", "laplace", "uniform", "ablation")
+RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
+ABLATION_RADII = (0.0, 1.0, 2.0, 5.0, 10.0)  # pixels
 
 
 def _smoothing(args: argparse.Namespace, model, data, store, device, info: dict[str, Any]):
@@ -54,7 +56,8 @@ def _smoothing(args: argparse.Namespace, model, data, store, device, info: dict[
         _say(f"robustlab: warning: {message}")
     options = CertifiedOptions(
         noise=args.noise, noise_params=params, n0=args.n0, n=args.n, alpha=args.alpha, noise_batch=args.noise_batch,
-        radii=tuple(args.radii), attack_n=0 if args.no_attack_check else args.attack_n,
+        radii=tuple(args.radii if args.radii is not None else ABLATION_RADII if args.noise == "ablation" else RADII),
+        attack_n=0 if args.no_attack_check else args.attack_n,
         attack_steps=args.attack_steps, attack_draws=args.attack_draws, attack_radius=args.attack_radius,
     )
     with warnings.catch_warnings():
@@ -112,8 +115,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="failure probability of each certificate (default 0.001)")
     c.add_argument("--noise-batch", type=int, default=400, help="noisy images per forward pass (default 400)")
     c.add_argument("--batch-size", type=int, default=16, help="images per stored batch, the unit of resume (default 16)")
-    c.add_argument("--radii", type=_argument_type(_floats), default=[0.0, 0.25, 0.5, 0.75, 1.0],
-                   help="radii at which certified accuracy is reported (default 0,0.25,0.5,0.75,1)")
+    c.add_argument("--radii", type=_argument_type(_floats),
+                   help="radii at which certified accuracy is reported (default 0,0.25,0.5,0.75,1; ablation: "
+                   "0,1,2,5,10 pixels)")
     c.add_argument("--attack-n", type=int, default=100,
                    help="the first N images get the attack check: certificates attacked inside their radius, and "
                    "empirical accuracy at --attack-radius (default 100)")

@@ -164,12 +164,12 @@ class CertifiedProtocol(Protocol):
     def _empirical(self, smooth: SmoothedClassifier, x: torch.Tensor, label: int, pred: int, r: float,
                    seed: int, index: int) -> tuple[int | None, int | None]:
         rho = self.options.attack_radius
+        if self.noise.norm not in ("l2", "l1"):
+            return None, None  # no attack in this norm: nothing empirical to say
         if pred != label:
             return 0, None
         if r >= rho:
             return 1, None  # robust at rho by its certificate
-        if self.noise.norm not in ("l2", "l1"):
-            return None, None  # no attack in this norm
         adv_pred, _ = self._attack(smooth, x, label, rho, seed, index, _EMP_ATTACK)
         return int(adv_pred == label), adv_pred
 
