@@ -15,6 +15,7 @@ FORBIDDEN = {
     **{name: {"attacks", "defenses", "training", "eval", "report", "cli", "demo"} for name in LOW},
     "attacks": {"defenses", "training", "eval", "report", "cli", "demo"},
     "defenses": {"attacks", "training", "eval", "report", "cli", "demo"},
+    "certify": {"attacks", "defenses", "training", "eval", "report", "cli", "demo"},
     "training": {"defenses", "eval", "report", "cli", "demo"},
     "eval": {"report", "cli", "training", "demo"},
     "report": {"cli", "training", "demo"},

@@ -95,3 +95,53 @@ def _threat(norm: str, eps: float):
         raise RobustlabError(f"--eps {eps:g} under linf is wider than the [0, 1] pixel box, so every image is "
                              "reachable; epsilons are in [0, 1] pixel units (8/255, not 8)")
     return threat
+
+
+# ---------------------------------------------------------------------- options several commands share
+
+def add_model_data_options(p: argparse.ArgumentParser, samples_flag: str = "--n") -> None:
+    """--model, --data, --split, --data-root, the sample count (``samples_flag``), --device, --seed."""
+    p.add_argument("--model", required=True, help="registry name, checkpoint path, or file.py:function / module:function")
+    p.add_argument("--data", required=True, help="data set name (digits, mnist, cifar10, ...) or folder")
+    p.add_argument("--split", default="test", help="data split (default test)")
+    p.add_argument("--data-root", help="folder with the data set files (default: $ROBUSTLAB_DATA or ./data)")
+    p.add_argument(samples_flag, dest="samples", type=int, help="use the first N images of the split, in order")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw of the run (default 0)")
+
+
+def add_store_options(p: argparse.ArgumentParser) -> None:
+    """--db, --resume, --json."""
+    p.add_argument("--db", default=DEFAULT_DB, help=f"results store (SQLite), default {DEFAULT_DB}")
+    p.add_argument("--resume", action="store_true", help="continue an unfinished run with the same configuration")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def load_data(args: argparse.Namespace):
+    """The data set of ``--data``/``--split``/``--data-root``, cut to the first ``args.samples``."""
+    from robustlab.data import load_dataset
+
+    if args.samples is not None and args.samples < 1:
+        raise RobustlabError(f"the number of images must be >= 1, got {args.samples}")
+    data = load_dataset(args.data, args.split, root=args.data_root)
+    if args.samples:
+        if args.samples > len(data):
+            _say(f"robustlab: note: {args.samples} images asked for, but {data.name}:{data.split} has {len(data)}; "
+                 f"using all {len(data)}")
+        data = data.subset(args.samples)
+    return data
+
+
+def load_model_on(spec: str, device):
+    """A model loaded from ``spec`` onto ``device`` (loader warnings said on stderr)."""
+    import warnings
+
+    from robustlab.models import load_model
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_model(spec, device=device)
+    for w in caught:
+        _say(f"robustlab: warning: {w.message}")
+    loaded.model.to(device)
+    return loaded

@@ -3,8 +3,9 @@ ranges, randomness from (seed, task, batch, ...), resume from the batches done (
 batch's saved partial state), sharding across torchrun ranks, the results store, progress. What a
 batch does, and how its rows become numbers, is the protocol's (``robustlab.eval.protocols``).
 
-``evaluate(model, data, attacks, store)`` runs the adversarial protocol; ``run(model, data,
-protocol, store)`` any protocol.
+``evaluate(model, data, attacks, store)`` runs the adversarial protocol; ``certify(model, data,
+options, store)`` the certified one (randomized smoothing); ``run(model, data, protocol, store)`` any
+protocol.
 """
 
 from __future__ import annotations
@@ -12,16 +13,18 @@ from __future__ import annotations
 import json
 import platform
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 import robustlab
 from robustlab import distributed
 from robustlab.attacks.base import Attack
+from robustlab.certify.smoothing import check_base_model
 from robustlab.checks import check_logits
 from robustlab.data import Dataset
 from robustlab.defenses import AttackerNeeds, DefendedModel
@@ -29,10 +32,10 @@ from robustlab.errors import RobustlabError
 from robustlab.eval import sanity
 from robustlab.eval.protocols.adversarial import AdversarialOptions, AdversarialProtocol
 from robustlab.eval.protocols.base import BatchContext, Protocol, Task
+from robustlab.eval.protocols.certified import CertifiedOptions, CertifiedProtocol
 from robustlab.eval.store import ResultsStore
 from robustlab.models.runtime import eval_mode, fast_runtime, full_float32
 from robustlab.progress import progress as show_progress
-
 
 _MODEL_DRAWS = 0xD5AE5  # generator key of a randomized model's own draws
 
@@ -130,6 +133,26 @@ def evaluate(
                                    transfer=transfer)
     return run(model, data, protocol, store, seed=options.seed, batch_size=options.batch_size,
                examples=options.examples, extra=options.extra, **kwargs)
+
+
+def certify(
+    model: nn.Module,
+    data: Dataset,
+    options: CertifiedOptions | None,
+    store: ResultsStore | None,
+    *,
+    seed: int = 0,
+    batch_size: int = 16,
+    **kwargs: Any,
+) -> RunResult:
+    """Certify the smoothing of the base classifier ``model`` on ``data`` (randomized smoothing with
+    ``options``: noise, n0, n, alpha, the attack check) into ``store``. ``batch_size`` images per
+    stored batch (the unit of resume); the noisy copies go through the model ``options.noise_batch``
+    at a time. A base model with BatchNorm in training mode is refused. Other keyword arguments are
+    :func:`run`'s."""
+    check_base_model(model)
+    protocol = CertifiedProtocol(options, data.num_classes)
+    return run(model, data, protocol, store, seed=seed, batch_size=batch_size, examples=0, **kwargs)
 
 
 def adaptive_attacks(attacks: list[Attack], needs: AttackerNeeds) -> list[Attack]:

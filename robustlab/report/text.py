@@ -33,3 +33,24 @@ def format_summary(s: dict[str, Any], checks: list[dict[str, str]]) -> str:
     for c in checks:
         lines.append(f"  [{c['status']}] {c['name']}: {c['detail']}")
     return "\n".join(lines)
+
+
+def format_certified(s: dict[str, Any], checks: list[dict[str, str]], title: str) -> str:
+    """A certified run's summary as ``robustlab certify`` prints it: certified accuracy per radius
+    with its 95% interval, ACR, abstentions, the attack check, then one line per check."""
+    noise = s["noise"]
+    params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in noise["params"].items())
+    st = s["settings"]
+    head = (f"{title} (n={s['n']}), smoothing {noise['name']} ({params}), {s['norm']} radii; "
+            f"n0={st['n0']}, n={st['n_draws']}, alpha={st['alpha']:g}")
+    lines = [head]
+    for r, a in s["certified_accuracy"].items():
+        lines.append(f"  certified accuracy at radius {r:>5}  {100 * a:6.2f}%   ({ci_text(a, s['n'])})")
+    lines.append(f"  average certified radius (ACR) {s['acr']:.4f}; abstained on {100 * s['abstain_rate']:.1f}%")
+    emp = s.get("empirical")
+    if emp:
+        lines.append(f"  at radius {emp['radius']:g} on the first {emp['checked']}: certified {100 * emp['certified_accuracy']:.1f}%, "
+                     f"empirical (attack) {100 * emp['empirical_accuracy']:.1f}%, gap {100 * emp['gap']:.1f} points")
+    for c in checks:
+        lines.append(f"  [{c['status']}] {c['name']}: {c['detail']}")
+    return "\n".join(lines)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from robustlab.errors import RobustlabError
 from robustlab.eval.protocols.adversarial import AdversarialProtocol
+from robustlab.eval.protocols.certified import CertifiedOptions, CertifiedProtocol
 from robustlab.eval.protocols.base import BatchContext, BatchOutput, Protocol, Task
 
-PROTOCOLS: dict[str, type[Protocol]] = {AdversarialProtocol.name: AdversarialProtocol}
+PROTOCOLS: dict[str, type[Protocol]] = {AdversarialProtocol.name: AdversarialProtocol,
+                                        CertifiedProtocol.name: CertifiedProtocol}
 
 
 def protocol_class(name: str) -> type[Protocol]:
@@ -17,4 +19,4 @@ def protocol_class(name: str) -> type[Protocol]:
     return PROTOCOLS[name]
 
 
-__all__ = ["PROTOCOLS", "AdversarialProtocol", "BatchContext", "BatchOutput", "Protocol", "Task", "protocol_class"]
+__all__ = ["PROTOCOLS", "AdversarialProtocol", "CertifiedOptions", "CertifiedProtocol", "BatchContext", "BatchOutput", "Protocol", "Task", "protocol_class"]

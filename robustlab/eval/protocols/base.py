@@ -132,3 +132,9 @@ class Protocol:
     def leaderboard_group(cls, run: dict[str, Any]) -> tuple[tuple, str]:
         """(key, title): runs with the same key are compared with each other."""
         return (run["dataset"], cls.name), f"{run['dataset']} · {cls.name}"
+
+    @classmethod
+    def leaderboard_columns(cls, summary: dict[str, Any]) -> list[tuple[str, Any]]:
+        """The protocol's own columns of a leaderboard row, (name, value), the one runs are ranked by
+        first (default: none)."""
+        return []
