@@ -397,6 +397,10 @@ def write_report(store: ResultsStore, run: str, out_dir: str | Path, *, gallery_
     run_id = info["run_id"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if info["protocol"] == "corruption":  # its own page: table, error-vs-severity plot, gallery
+        from robustlab.report.corruption import write_corruption_report
+
+        return write_corruption_report(store, info, out)
 
     rows = store.samples(run_id, "main")
     partial = info.get("summary") is None

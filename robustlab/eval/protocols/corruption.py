@@ -28,7 +28,7 @@ from robustlab.corruptions import CORRUPTIONS, SEVERITIES, create_corruption
 from robustlab.errors import RobustlabError
 from robustlab.eval.metrics import CorruptionError, wilson_interval
 from robustlab.eval.protocols.base import BatchContext, BatchOutput, Protocol, Task
-from robustlab.eval.store import ResultsStore
+from robustlab.eval.store import Example, ResultsStore
 from robustlab.models.runtime import eval_mode
 from robustlab.predictor import is_randomized, predict
 
@@ -159,13 +159,18 @@ class CorruptionProtocol(Protocol):
         """The task's images for this batch (corrupted with the generator of seed, task and batch, or
         read from disk), predicted."""
         t0 = time.perf_counter()
+        clean = x
         x, y = ctx.task.work.read(x, y, ctx)
         with eval_mode(model):
             gen = ctx.generator(_PREDICT_KEY) if is_randomized(model) else None
             pred = predict(model, x, gen)
         rows = [(ctx.start + i, int(lab), int(p), int(lab == p)) for i, (lab, p) in enumerate(zip(y.tolist(), pred.tolist()))]
         cost = {"seconds": time.perf_counter() - t0, "gradients": 0, "forwards": int(x.shape[0])}
-        return BatchOutput(rows, [cost])
+        # the first image of every task, clean and corrupted, for the report's gallery
+        examples = []
+        if ctx.batch_index == 0 and len(rows):
+            examples = [Example(ctx.start, int(y[0]), int(pred[0]), clean[0].cpu().numpy(), x[0].cpu().numpy())]
+        return BatchOutput(rows, [cost], examples=examples)
 
     # ------------------------------------------------------------------ numbers from the store
 
@@ -188,7 +193,8 @@ class CorruptionProtocol(Protocol):
         clean_n = done.get(CLEAN, 0)
         clean_acc = None if result["clean_error"] is None else 1 - result["clean_error"]
         per = []
-        for c in result["mean_error"]:
+        order = list(config.get("corruptions") or [])
+        for c in sorted(result["mean_error"], key=lambda c: (order.index(c) if c in order else len(order), c)):
             per.append({
                 "corruption": c, "errors": {str(s): e for s, e in result["errors"][c].items()},
                 "mean_error": result["mean_error"][c], "ce": result.get("ce", {}).get(c),
