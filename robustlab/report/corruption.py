@@ -161,10 +161,10 @@ def write_corruption_report(store: ResultsStore, info: dict[str, Any], out: Path
                 f"mean corruption error {format_percent(summary['mean_corruption_error'])} (no baseline)")
     body = [
         f"<h1>Corruption robustness: {html.escape(str(info['model']))}</h1>",
-        f"<p>{html.escape(info['dataset'])}:{html.escape(info['split'])}, n = {info['n']}, seed {info['seed']}, run "
-        f"<code>{info['run_id']}</code>{' — <strong>partial</strong>' if partial else ''}</p>",
-        f"<p>Clean error {format_percent(summary['clean_error'])}; {headline}. CE_c = Σ_s E_s,c / Σ_s E^base_s,c; "
-        "relative CE subtracts each model's clean error first (Hendrycks &amp; Dietterich, 2019).</p>",
+        (f"<p>{html.escape(info['dataset'])}:{html.escape(info['split'])}, n = {info['n']}, seed {info['seed']}, run "
+        f"<code>{info['run_id']}</code>{' — <strong>partial</strong>' if partial else ''}</p>"),
+        (f"<p>Clean error {format_percent(summary['clean_error'])}; {headline}. CE_c = Σ_s E_s,c / Σ_s E^base_s,c; "
+        "relative CE subtracts each model's clean error first (Hendrycks &amp; Dietterich, 2019).</p>"),
         "<h2>Per corruption</h2>", table,
         "<h2>Error vs severity</h2>", img(plot_error_vs_severity(summary), "error vs severity"),
         "<h2>Gallery</h2>", img(plot_corruption_gallery(gallery_tiles(store, info)), "one image under every corruption"),
