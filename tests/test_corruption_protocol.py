@@ -167,3 +167,49 @@ def test_precorrupted_slices_run_like_generated_ones(digits_model, digits_test, 
         res = run(digits_model, data, CorruptionProtocol.precorrupted(stored, with_clean=True), store, batch_size=64)
         assert _rows(store, res.run_id, "test_noise:5") == gen_rows
         assert res.summary["clean_error"] == gen.summary["clean_error"]
+
+
+def test_released_layouts_load_as_data_sets(tmp_path):
+    """ImageNet-C folders (corruption/severity/class/image), MNIST-C folders and CIFAR-10-C files,
+    written small here, load as (corruption, severity) slices and as plain data sets."""
+    import numpy as np
+    from PIL import Image
+
+    from robustlab.data import load_dataset
+    from robustlab.data.corrupted import load_corrupted
+
+    rng = np.random.default_rng(0)
+    inet = tmp_path / "ImageNet-C"
+    for c in ("fog", "snow"):
+        for s in (1, 2):
+            for k, wnid in enumerate(("n01440764", "n01443537")):
+                (inet / c / str(s) / wnid).mkdir(parents=True)
+                for i in range(2):
+                    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(
+                        inet / c / str(s) / wnid / f"img{i}.png")
+    stored = load_corrupted("imagenet_c", tmp_path)
+    assert stored.keys == [("fog", 1), ("fog", 2), ("snow", 1), ("snow", 2)]
+    fog2 = load_dataset("imagenet-c", "fog:2", root=tmp_path)
+    assert len(fog2) == 4 and fog2.classes == ["n01440764", "n01443537"] and fog2.labels.tolist() == [0, 0, 1, 1]
+    first = np.array(Image.open(inet / "fog" / "2" / "n01440764" / "img0.png"))
+    assert torch.equal(fog2.batch(range(1))[0][0], torch.from_numpy(first).permute(2, 0, 1).float() / 255)
+    with pytest.raises(RobustlabError, match="give the severity as split fog:S"):
+        load_dataset("imagenet_c", "fog", root=tmp_path)
+
+    mc = tmp_path / "mnist_c" / "fog"
+    mc.mkdir(parents=True)
+    np.save(mc / "test_images.npy", rng.integers(0, 255, (6, 28, 28, 1), dtype=np.uint8))
+    np.save(mc / "test_labels.npy", np.arange(6) % 10)
+    m = load_dataset("mnist_c", "fog", root=tmp_path)
+    assert len(m) == 6 and m.image_shape == (1, 28, 28) and m.labels.tolist() == list(range(6))
+
+    c10 = tmp_path / "CIFAR-10-C"
+    c10.mkdir()
+    images = rng.integers(0, 255, (15, 32, 32, 3), dtype=np.uint8)
+    np.save(c10 / "gaussian_noise.npy", images)
+    np.save(c10 / "labels.npy", np.tile(np.array([3, 1, 4]), 5))
+    s4 = load_dataset("cifar10_c", "gaussian_noise:4", root=tmp_path)
+    assert len(s4) == 3 and s4.labels.tolist() == [3, 1, 4] and s4.classes[3] == "cat"
+    assert torch.equal(s4.batch(range(3))[0], torch.from_numpy(images[9:12]).permute(0, 3, 1, 2).float() / 255)
+    with pytest.raises(RobustlabError, match="no 'fog' at severity 1"):
+        load_corrupted("cifar10_c", tmp_path).slice("fog", 1)

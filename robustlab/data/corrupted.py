@@ -167,10 +167,8 @@ def _npy_set(name: str, folder: Path, names: list[str], classes: list[str] | Non
     labels = np.load(folder / "labels.npy", allow_pickle=False)
     first = np.load(folder / f"{names[0]}.npy", mmap_mode="r", allow_pickle=False)
     total = first.shape[0]
-    if total % 5 and len(labels) != total:
-        raise RobustlabError(f"{folder / (names[0] + '.npy')}: {total} images is not 5 severities of equal size")
-    per = total // 5 if total % 5 == 0 else total
-    levels = 5 if total % 5 == 0 else 1
+    levels = _levels(folder, labels, total)
+    per = total // levels
     if len(labels) not in (total, per):
         raise RobustlabError(f"{folder / 'labels.npy'}: {len(labels)} labels for {total} images per corruption")
     y = torch.as_tensor(np.asarray(labels[:per], dtype=np.int64))
@@ -184,6 +182,23 @@ def _npy_set(name: str, folder: Path, names: list[str], classes: list[str] | Non
 
     keys = [(c, s) for c in names for s in range(1, levels + 1)]
     return CorruptedDataset(name, "npy", str(folder), keys, part)
+
+
+def _levels(folder: Path, labels: np.ndarray, total: int) -> int:
+    """How many severities each file stacks: what ``corrupt.json`` (written by robustlab) says, else 5
+    when the file splits into five blocks with the same labels (CIFAR-10-C), else 1."""
+    manifest = folder / "corrupt.json"
+    if manifest.is_file():
+        import json
+
+        return len(json.loads(manifest.read_text())["severities"])
+    if total % 5 == 0 and len(labels) == total:
+        blocks = np.asarray(labels).reshape(5, total // 5)
+        if (blocks == blocks[0]).all():
+            return 5
+    if len(labels) * 5 == total:
+        return 5
+    return 1
 
 
 def _mnist_set(name: str, folder: Path, names: list[str], classes: list[str] | None) -> CorruptedDataset:
