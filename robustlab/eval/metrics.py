@@ -209,6 +209,46 @@ def baseline_from_summary(summary: dict[str, Any]) -> dict[str, dict[int, float]
 
 
 @dataclass
+class FlipRate(Metric):
+    """Stability under perturbation sequences (ImageNet-P): per perturbation the flip probability FP
+    (flipped frame pairs / pairs) and the mean top-5 distance uT5D; against a baseline's numbers the
+    flip rate FR = FP / FP_base, mFR (mean FR) and mT5D (mean of uT5D / uT5D_base), as in Hendrycks &
+    Dietterich (2019). ``update(perturbation, flips, t5d, pairs)`` with per-sequence counts."""
+
+    counts: dict[str, list[int]] = field(default_factory=dict)  # perturbation -> [pairs, flips, t5d sum]
+
+    def update(self, perturbation: str, flips: Iterable[int], t5d: Iterable[int], pairs: Iterable[int]) -> FlipRate:
+        cell = self.counts.setdefault(perturbation, [0, 0, 0])
+        for f, d, p in zip(flips, t5d, pairs):
+            cell[0] += int(p)
+            cell[1] += int(f)
+            cell[2] += int(d)
+        return self
+
+    def merge(self, other: FlipRate) -> FlipRate:
+        out = FlipRate({k: list(v) for k, v in self.counts.items()})
+        for k, v in other.counts.items():
+            cell = out.counts.setdefault(k, [0, 0, 0])
+            for i in range(3):
+                cell[i] += v[i]
+        return out
+
+    def compute(self, baseline: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
+        """``baseline``: another model's ``per_perturbation`` (flip_probability and t5d per perturbation)."""
+        per = {k: {"pairs": p, "flip_probability": f / p, "t5d": d / p} for k, (p, f, d) in self.counts.items() if p}
+        result: dict[str, Any] = {"per_perturbation": per,
+                                  "mean_flip_probability": sum(v["flip_probability"] for v in per.values()) / len(per)
+                                  if per else None}
+        if baseline:
+            fr = {k: v["flip_probability"] / baseline[k]["flip_probability"] for k, v in per.items()
+                  if k in baseline and baseline[k]["flip_probability"] > 0}
+            t5 = {k: v["t5d"] / baseline[k]["t5d"] for k, v in per.items() if k in baseline and baseline[k]["t5d"] > 0}
+            result.update(flip_rate=fr, mfr=sum(fr.values()) / len(fr) if fr else None,
+                          t5d_ratio=t5, mt5d=sum(t5.values()) / len(t5) if t5 else None)
+        return result
+
+
+@dataclass
 class ZeroShotAccuracy(Metric):
     """Clean and robust zero-shot accuracy per data set and their average over data sets.
     ``update(dataset, clean_correct, robust)``."""
