@@ -114,11 +114,11 @@ def plasma_fractal(n: int, mapsize: int, wibbledecay: float, generator: torch.Ge
     MNIST-C): ``mapsize`` a power of two, roughness falling by ``wibbledecay`` per level."""
     if mapsize & (mapsize - 1):
         raise ValueError(f"mapsize must be a power of two, got {mapsize}")
-    m = torch.zeros((n, mapsize, mapsize), dtype=torch.float64, device=device)
+    m = torch.zeros((n, mapsize, mapsize), dtype=torch.float32, device=device)
     step, wibble = mapsize, 100.0
 
     def wibbled(a: torch.Tensor) -> torch.Tensor:
-        u = torch.rand(a.shape, generator=generator, device=device, dtype=torch.float64)
+        u = torch.rand(a.shape, generator=generator, device=device)
         return a / 4 + wibble * (u * 2 * wibble - wibble)
 
     while step >= 2:
