@@ -103,3 +103,19 @@ def test_flip_rate_against_a_baseline():
     assert out["mfr"] == pytest.approx(1.25) and out["mt5d"] == pytest.approx((0.5 + 1.0) / 2)
     merged = FlipRate().update("a", [1], [2], [10]).merge(FlipRate().update("a", [0], [0], [10]))
     assert merged.counts == {"a": [20, 1, 2]}
+
+
+def test_stability_over_a_data_set_with_a_baseline(images):
+    from robustlab.data import ImageDataset
+    from robustlab.eval.stability import perturbation_stability
+
+    data = ImageDataset("toy", "test", images * 0.9, torch.zeros(4, dtype=torch.long), [str(i) for i in range(10)])
+    model = _Brightness()
+    model.register_parameter("p", torch.nn.Parameter(torch.zeros(1)))  # a device to run on
+    a = perturbation_stability(model, data, ("brightness", "rotate"), frames=40, batch_size=4)
+    b = perturbation_stability(model, data, ("brightness", "rotate"), frames=40, batch_size=2,
+                               baseline=a["per_perturbation"])
+    # brightness rises through 0.5 mean: each image flips once in 39 pairs (deterministic: no batch effect)
+    assert a["per_perturbation"]["brightness"]["flip_probability"] == pytest.approx(1 / 39)
+    assert b["per_perturbation"]["brightness"] == a["per_perturbation"]["brightness"]
+    assert b["flip_rate"]["brightness"] == pytest.approx(1.0)

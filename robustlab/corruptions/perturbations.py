@@ -14,7 +14,8 @@ sequences, whose frames are independent draws on the same image, where x_t is co
 FR_p = FP_p / FP_p(baseline), mFR its mean over perturbations. The top-5 distance between frames
 is d = sum_{i=1..5} |min(i, 6) - min(sigma(i), 6)| with sigma(i) the rank in the earlier frame of the
 class ranked i-th in the later one (the paper's sum over j of 1(1 <= j - 1 <= 5)); uT5D is its mean,
-mT5D its baseline-normalized mean (:class:`robustlab.eval.metrics.FlipRate` holds the counts).
+mT5D its baseline-normalized mean (:class:`robustlab.eval.metrics.FlipRate` holds the counts;
+:func:`robustlab.eval.stability.perturbation_stability` runs a model over a data set).
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ class SnowP(Perturbation):
 
     def start(self, x, generator):
         n, _, h, w = x.shape
-        extra = int(math.ceil(self.params["step"] * _size(x) * self.params["frames"])) + 1
+        extra = math.ceil(self.params["step"] * _size(x) * self.params["frames"]) + 1
         layer = torch.randn((n, 1, h + extra, w), generator=generator, device=x.device) * 0.3 + 0.1
         layer = torch.where(layer > 0.5, layer, torch.zeros_like(layer))
         return ops.gaussian_blur(layer, 0.5), extra
@@ -154,7 +155,7 @@ class SnowP(Perturbation):
     def frame(self, x, t, state, generator):
         layer, extra = state
         h = x.shape[-2]
-        off = int(round(self.params["step"] * _size(x) * t))
+        off = round(self.params["step"] * _size(x) * t)
         top = extra - off - 1
         flakes = layer[:, :, top: top + h]
         base = 0.8 * x + 0.2 * torch.maximum(x, x * 1.5 + 0.5)
@@ -292,28 +293,3 @@ def sequence_stability(model: torch.nn.Module, x: torch.Tensor, perturbation: Pe
     pairs = torch.full_like(flips, perturbation.params["frames"] - 1)
     return {"flips": flips, "t5d": t5d, "pairs": pairs}
 
-
-def perturbation_stability(model: torch.nn.Module, data: Any, names: list[str] | tuple[str, ...] = PERTURBATION_SUITE,
-                           *, frames: int = 31, seed: int = 0, batch_size: int = 64,
-                           baseline: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
-    """FP, uT5D (and against ``baseline``: FR, mFR, mT5D) of ``model`` on ``data`` (a Dataset) under
-    each perturbation of ``names``, sequences of ``frames`` frames, batch by batch, each batch's
-    draws from (seed, perturbation, batch)."""
-    import zlib
-
-    from robustlab.eval.metrics import FlipRate
-    from robustlab.models.runtime import eval_mode
-    from robustlab.seeding import make_generator
-
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    metric = FlipRate()
-    with eval_mode(model):
-        for name in names:
-            p = create_perturbation(name, frames=frames)
-            for b, start in enumerate(range(0, len(data), batch_size)):
-                x, _ = data.batch(range(start, min(start + batch_size, len(data))))
-                gen = make_generator(seed, zlib.crc32(name.encode()), b, device=device)
-                out = sequence_stability(model, x.to(device), p, gen)
-                metric.update(name, out["flips"].tolist(), out["t5d"].tolist(), out["pairs"].tolist())
-    return metric.compute(baseline)
