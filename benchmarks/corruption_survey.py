@@ -108,6 +108,7 @@ def main() -> None:
     p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--db", default=str(ROOT / "benchmarks" / ".cache" / "corruption_survey.db"))
     p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--note", action="append", default=[], help="a line for the results file (e.g. how a model was trained)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "corruption_survey.txt"))
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -132,6 +133,7 @@ def main() -> None:
                                       8 / 255, args.robust_n, args.batch_size, log)
                 out += [(f"## CIFAR-10: the 15 ImageNet-C corruptions at severities 1-5 (32 px tables), first "
                         f"{len(cdata)} test images of the shared subset, seed 0"), *lines, "", *notes, ""]
+    out += [f"# {note}" for note in args.note]
     out.append(f"# wall time {time.time() - t0:.0f} s")
     text = "\n".join(out) + "\n"
     print(text)
