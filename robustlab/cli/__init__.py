@@ -11,20 +11,21 @@ import os
 import sys
 from collections.abc import Sequence
 
-from robustlab.cli import certify, demo, eval, leaderboard, perturb, report, train, zoo
+from robustlab.cli import certify, corrupt, demo, eval, leaderboard, perturb, report, train, zoo
 from robustlab.cli.common import DEFAULT_DB, _say
 from robustlab.errors import RobustlabError
 
 __all__ = ["DEFAULT_DB", "build_parser", "main"]
 
 # One module per command, in the order `robustlab --help` lists them.
-COMMANDS = (train, eval, certify, report, leaderboard, perturb, zoo, demo)
+COMMANDS = (train, eval, certify, corrupt, report, leaderboard, perturb, zoo, demo)
 
 
 # What a Ctrl-C leaves behind, per command.
 INTERRUPTED = {
     "eval": "finished batches are saved in the results store, continue with --resume",
     "certify": "finished batches are saved in the results store, continue with --resume",
+    "corrupt": "finished batches are saved (files: run the same command again; evaluations: add --resume)",
     "train": "the training state is saved after every finished epoch, continue from the last one with --resume",
 }
 

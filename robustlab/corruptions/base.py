@@ -36,6 +36,7 @@ class Corruption(Configurable):
     suite_name: ClassVar[str] = ""
     family: ClassVar[str] = ""
     randomized: ClassVar[bool] = False
+    severities: ClassVar[tuple[int, ...]] = SEVERITIES  # the levels it has (MNIST-C's: one)
     tables: ClassVar[dict[int, tuple]] = {}
 
     def validate(self) -> None:

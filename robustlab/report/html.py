@@ -392,7 +392,14 @@ def _certified_page(store: ResultsStore, info: dict[str, Any], out: Path) -> dic
 
 
 # protocol -> the function that writes its report (the adversarial page is write_report's own)
-PAGES = {"certified": _certified_page}
+def _corruption_page(store: ResultsStore, info: dict, out: Path) -> dict[str, Path]:
+    """A corruption run's page: table, error-vs-severity plot, gallery."""
+    from robustlab.report.corruption import write_corruption_report
+
+    return write_corruption_report(store, info, out)
+
+
+PAGES = {"certified": _certified_page, "corruption": _corruption_page}
 
 
 def _write_samples_csv(path: Path, rows: list[SampleRow], attack_names: dict[int, str]) -> None:

@@ -6,9 +6,9 @@ from robustlab.errors import RobustlabError
 from robustlab.eval.protocols.adversarial import AdversarialProtocol
 from robustlab.eval.protocols.certified import CertifiedOptions, CertifiedProtocol
 from robustlab.eval.protocols.base import BatchContext, BatchOutput, Protocol, Task
+from robustlab.eval.protocols.corruption import CorruptionProtocol
 
-PROTOCOLS: dict[str, type[Protocol]] = {AdversarialProtocol.name: AdversarialProtocol,
-                                        CertifiedProtocol.name: CertifiedProtocol}
+PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (AdversarialProtocol, CertifiedProtocol, CorruptionProtocol)}
 
 
 def protocol_class(name: str) -> type[Protocol]:
@@ -19,4 +19,5 @@ def protocol_class(name: str) -> type[Protocol]:
     return PROTOCOLS[name]
 
 
-__all__ = ["PROTOCOLS", "AdversarialProtocol", "CertifiedOptions", "CertifiedProtocol", "BatchContext", "BatchOutput", "Protocol", "Task", "protocol_class"]
+__all__ = ["PROTOCOLS", "AdversarialProtocol", "BatchContext", "BatchOutput", "CertifiedOptions", "CertifiedProtocol",
+           "CorruptionProtocol", "Protocol", "Task", "protocol_class"]
