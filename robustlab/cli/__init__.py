@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sqlite3
 import sys
 from collections.abc import Sequence
 
@@ -53,8 +54,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
+    except OSError as exc:
+        line = _os_error_line(exc)
+        if line is None:
+            return _internal(exc)
+        _say(f"robustlab: error: {line}")
+        return 2
+    except sqlite3.OperationalError as exc:  # the store became unwritable while a command ran
+        if "readonly" not in str(exc):
+            return _internal(exc)
+        _say(f"robustlab: error: cannot write the results store {getattr(args, 'db', '')}: permission denied "
+             f"(SQLite said: {exc})")
+        return 2
     except Exception as exc:  # an unexpected failure: short message unless debugging
-        if os.environ.get("ROBUSTLAB_DEBUG"):
-            raise
-        _say(f"robustlab: internal error: {type(exc).__name__}: {exc} (set ROBUSTLAB_DEBUG=1 for the traceback)")
-        return 1
+        return _internal(exc)
+
+
+def _internal(exc: BaseException) -> int:
+    """An unexpected failure: one line, or the traceback with ROBUSTLAB_DEBUG=1."""
+    if os.environ.get("ROBUSTLAB_DEBUG"):
+        raise exc
+    _say(f"robustlab: internal error: {type(exc).__name__}: {exc} (set ROBUSTLAB_DEBUG=1 for the traceback)")
+    return 1
+
+
+def _os_error_line(exc: OSError) -> str | None:
+    """One line for a file the user can fix (permissions, a read-only file system, a missing folder):
+    it names the path. None for other OS errors."""
+    import errno
+
+    what = {errno.EACCES: "permission denied", errno.EPERM: "permission denied (operation not permitted)",
+            errno.EROFS: "permission denied (read-only file system)", errno.ENOSPC: "no space left on the device",
+            errno.ENOENT: "no such file or folder", errno.ENOTDIR: "a part of the path is not a folder",
+            errno.EISDIR: "is a folder, not a file"}.get(exc.errno)
+    if what is None or exc.filename is None:
+        return None
+    return f"{exc.filename}: {what}"

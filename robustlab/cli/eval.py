@@ -72,13 +72,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     # Under torchrun: every rank attacks its share of the batches; rank 0 owns the store and prints.
     distributed.init_from_env()
-    store = ResultsStore(args.db) if distributed.is_main() else None
+    store = ResultsStore(args.db, readonly=False) if distributed.is_main() else None
     try:
         result = evaluate(model, data, attacks, store, model_name=args.model, model_info=info, options=options,
                           resume=args.resume, device=device, log=_say)
     finally:
         if store is not None:
-            store.close()
+            store.discard_if_unused()  # a run that failed before it began leaves no empty store behind
     if not distributed.is_main():
         return 0
     s = result.summary

@@ -18,9 +18,12 @@ def cmd_perturb(args: argparse.Namespace) -> int:
     if len(attacks) != 1:
         raise RobustlabError("perturb takes one attack, not a suite")
     device = _device(args.device)
-    model = apply_card_defenses(load_model(args.model, device=device))
+    loaded = load_model(args.model, device=device)
+    model = apply_card_defenses(loaded)
+    size = (loaded.card.preprocessing.get("input_size") if loaded.card else None) or None
     result = perturb_folder(attacks[0], model, args.images, args.out, image_size=args.image_size,
-                            batch_size=args.batch_size, seed=args.seed)
+                            batch_size=args.batch_size, seed=args.seed, model_desc=f"--model {args.model}",
+                            input_size=size)
     _say(f"{len(result.files)} images written to {args.out}; the model's prediction changed on "
          f"{100 * result.change_rate:.1f}% of them")
     return 0

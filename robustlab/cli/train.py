@@ -149,20 +149,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _probe(model, data, name: str) -> None:
     """One forward pass on two training images before anything is trained or written: an architecture
     built for another image size fails here with the size it expects."""
-    import torch
-
     from robustlab.models import model_config
+    from robustlab.models.probe import probe_model
 
     x, _ = data.batch(range(min(2, len(data))))
     try:
-        with torch.no_grad():
-            model.eval()(x)
-    except RuntimeError as exc:
-        expected = model_config(name).get("input_size")
-        size = f" built for {expected[0]}x{expected[1]} images" if expected else ""
-        c, h, w = data.image_shape
-        raise RobustlabError(f"--model {name} is{size}; {data.name} has {c}x{h}x{w} images and the model fails on them "
-                             f"({str(exc).splitlines()[0]}); choose an architecture for this data") from None
+        probe_model(model, x, model_desc=f"--model {name}", data_desc=data.name,
+                    input_size=model_config(name).get("input_size"), advice="; choose an architecture for this data")
     finally:
         model.train()
 

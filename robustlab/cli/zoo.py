@@ -51,7 +51,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
         from robustlab.eval.store import ResultsStore
 
         _require_db(args.db)
-        with ResultsStore(args.db) as store:
+        with ResultsStore(args.db, readonly=True) as store:
             run = store.get_run(args.run)
         if run["status"] != "complete":
             raise RobustlabError(f"run {run['run_id']} is not complete; finish it with --resume first")

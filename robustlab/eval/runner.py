@@ -22,7 +22,6 @@ import torch.nn as nn
 import robustlab
 from robustlab import distributed
 from robustlab.attacks.base import Attack
-from robustlab.checks import check_logits
 from robustlab.data import Dataset
 from robustlab.defenses import AttackerNeeds, DefendedModel
 from robustlab.errors import RobustlabError
@@ -30,7 +29,8 @@ from robustlab.eval import sanity
 from robustlab.eval.protocols.adversarial import AdversarialOptions, AdversarialProtocol
 from robustlab.eval.protocols.base import BatchContext, Protocol, Task
 from robustlab.eval.store import ResultsStore
-from robustlab.models.runtime import eval_mode, fast_runtime, full_float32
+from robustlab.models.probe import probe_model
+from robustlab.models.runtime import fast_runtime, full_float32
 from robustlab.progress import progress as show_progress
 
 
@@ -165,19 +165,13 @@ def run(
 
     # Probe the model before anything is written: bad models fail here with a clear message.
     probe_x, probe_y = _batch(data, 0, min(len(data), batch_size), device)
-    with eval_mode(model), torch.no_grad():
-        try:
-            out = model(probe_x)
-        except (RuntimeError, ValueError, TypeError) as exc:
-            raise RobustlabError(
-                f"the model failed on a batch of shape {tuple(probe_x.shape)} from {data.name}: {exc}"
-            ) from None
-        check_logits(out, probe_x.shape[0], data.num_classes)
+    card = (model_info or {}).get("card") or {}
+    probe_model(model, probe_x, model_desc=f"the model {model_name}", data_desc=f"{data.name}:{data.split}",
+                num_classes=data.num_classes, input_size=(card.get("preprocessing") or {}).get("input_size"))
     # The fastest memory layout for the whole run (the caller's model is given back as it was).
     with fast_runtime(model, probe_x) as runtime:
         info = {**(model_info or {}), **sanity.inspect_model(model, probe_x), **runtime}
         tasks = protocol.plan(len(data), int(np.prod(data.image_shape)))
-        card = info.get("card") or {}
         config = {
             "model": model_name,
             "model_sha256": card.get("sha256"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import sqlite3
 import uuid
 from dataclasses import astuple, dataclass, fields, is_dataclass
@@ -183,16 +184,31 @@ def _from_npy(blob: bytes) -> np.ndarray:
 class ResultsStore:
     """A SQLite results store. Use as a context manager or call ``close()``.
 
-    Opening a store written by an older robustlab migrates it in place (one transaction); a store
-    written by a newer one is refused before anything is written to it.
+    ``readonly``: True opens the file read-only (SQLite's ``mode=ro``; ``immutable=1`` as well when
+    there is no journal beside it and its folder is not writable, e.g. shared results on a read-only
+    mount), for commands that only read (report, zoo add --run); False opens it for writing (eval) and
+    says in one line when the file or its folder cannot be written; None (the default) writes where it
+    can and reads only where it cannot. Opening a store written by an older robustlab migrates it in
+    place (one transaction) when it can be written; a store written by a newer one is refused before
+    anything is written to it.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, readonly: bool | None = None) -> None:
         self.path = Path(path)
+        self.created = False  # this object created the file (see discard_if_unused)
         if self.path.exists() and self.path.is_dir():
             raise RobustlabError(f"results store {self.path} is a directory; give a file path such as runs.db")
-        if self.path.parent and not self.path.parent.exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        if readonly is None:
+            readonly = self.path.is_file() and _write_problem(self.path) is not None
+        self.readonly = readonly
+        if readonly:
+            self._open_readonly()
+            return
+        problem = _write_problem(self.path)
+        if problem is not None:
+            raise RobustlabError(problem)
+        self.created = not self.path.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30)
             self.db.row_factory = sqlite3.Row
@@ -200,6 +216,58 @@ class ResultsStore:
             tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         except sqlite3.DatabaseError as exc:
             raise RobustlabError(f"{self.path} is not a robustlab results store (SQLite said: {exc})") from None
+        version = self._check_tables(tables)
+        try:
+            self.db.execute("PRAGMA journal_mode = WAL")
+            self.db.execute("PRAGMA synchronous = NORMAL")
+            if version is not None and version < SCHEMA_VERSION:
+                self._migrate(version)
+            self.db.executescript(_SCHEMA)
+            if version is None:
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        except sqlite3.OperationalError as exc:
+            self.db.close()
+            if "readonly" in str(exc) or "unable to open" in str(exc):
+                raise RobustlabError(f"cannot write the results store {self.path}: permission denied "
+                                     f"(SQLite said: {exc})") from None
+            raise
+
+    def _open_readonly(self) -> None:
+        """Connect with ``mode=ro`` (plus ``immutable=1`` where nothing can be writing it: no journal
+        beside it and its folder not writable); the schema must be this one (migrating needs writing)."""
+        if not self.path.is_file():
+            raise RobustlabError(f"no results store at {self.path}")
+        journal = any(Path(f"{self.path}{s}").exists() for s in ("-wal", "-journal"))
+        folder_writable = os.access(self.path.parent, os.W_OK | os.X_OK)
+        uri = self.path.resolve().as_uri()
+        tries = ["mode=ro"] if folder_writable or journal else []
+        if not journal:
+            tries.append("mode=ro&immutable=1")
+        last: Exception | None = None
+        for query in tries:
+            try:
+                self.db = sqlite3.connect(f"{uri}?{query}", uri=True, isolation_level=None, timeout=30)
+                self.db.row_factory = sqlite3.Row
+                tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                break
+            except sqlite3.DatabaseError as exc:
+                last = exc
+        else:
+            if isinstance(last, sqlite3.OperationalError) and not os.access(self.path, os.R_OK):
+                raise RobustlabError(f"cannot read the results store {self.path}: permission denied") from None
+            raise RobustlabError(f"{self.path} is not a robustlab results store (SQLite said: {last})") from None
+        version = self._check_tables(tables)
+        if version is not None and version < SCHEMA_VERSION:
+            self.db.close()
+            if _write_problem(self.path) is None:  # it can be written: migrate it, then read
+                self.__init__(self.path, readonly=False)
+                return
+            raise RobustlabError(f"{self.path} was written by an older robustlab (schema {version}; this one reads "
+                                 f"{SCHEMA_VERSION}) and cannot be written here, so it cannot be migrated: copy it "
+                                 f"to a folder you can write (cp {self.path} results.db) and use the copy")
+
+    def _check_tables(self, tables: set[str]) -> int | None:
+        """The store's schema version after refusing what is no robustlab store or is newer than this."""
         if tables and "runs" not in tables:
             self.db.close()
             raise RobustlabError(f"{self.path} is an SQLite file but not a robustlab results store")
@@ -208,13 +276,21 @@ class ResultsStore:
             self.db.close()
             raise RobustlabError(f"{self.path} was written by a newer robustlab (schema {version}; this one reads up "
                                  f"to {SCHEMA_VERSION}); upgrade robustlab. The file was not changed.")
-        self.db.execute("PRAGMA journal_mode = WAL")
-        self.db.execute("PRAGMA synchronous = NORMAL")
-        if version is not None and version < SCHEMA_VERSION:
-            self._migrate(version)
-        self.db.executescript(_SCHEMA)
-        if version is None:
-            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        return version
+
+    def _require_writable(self) -> None:
+        if self.readonly:
+            raise RobustlabError(_write_problem(self.path) or f"cannot write the results store {self.path}: it was "
+                                 "opened read-only")
+
+    def discard_if_unused(self) -> None:
+        """Close, and delete the file (with its WAL files) if this object created it and it holds no
+        run: a command that failed before its first run leaves no empty store behind."""
+        empty = self.created and self.db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 0
+        self.close()
+        if empty:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
 
     def _schema_version(self, tables: set[str]) -> int | None:
         """The schema a store was written with (None: a new, empty file)."""
@@ -273,6 +349,7 @@ class ResultsStore:
 
         ``attacks``: one dict per attack (name, params, targeted, minimum_norm), in the order they run.
         """
+        self._require_writable()
         run_id = uuid.uuid4().hex[:12]
         with self._transaction():
             self.db.execute(
@@ -346,6 +423,7 @@ class ResultsStore:
 
     def finish_run(self, run_id: str, summary: dict[str, Any], checks: list[dict[str, Any]]) -> None:
         """Mark a run complete with its summary and sanity-check verdicts."""
+        self._require_writable()
         with self._transaction():
             self.db.execute(
                 "UPDATE runs SET status = 'complete', finished = ?, summary = ?, checks = ? WHERE run_id = ?",
@@ -353,12 +431,14 @@ class ResultsStore:
             )
 
     def set_status(self, run_id: str, status: str) -> None:
+        self._require_writable()
         self.db.execute("UPDATE runs SET status = ? WHERE run_id = ?", (status, run_id))
 
     # ------------------------------------------------------------------ tasks and batches
 
     def add_task(self, run_id: str, task: str, kind: str, n: int, params: dict[str, Any]) -> None:
         """Declare a task of a run (idempotent: a resumed run declares its tasks again)."""
+        self._require_writable()
         self.db.execute("INSERT OR IGNORE INTO tasks VALUES (?, ?, ?, ?, ?)",
                         (run_id, task, kind, int(n), json.dumps(params, sort_keys=True)))
 
@@ -368,6 +448,7 @@ class ResultsStore:
 
     def save_partial(self, run_id: str, task: str, batch_index: int, state: bytes) -> None:
         """Keep the state of a batch between two of its steps (replacing any saved before)."""
+        self._require_writable()
         self.db.execute("INSERT OR REPLACE INTO partial_batches VALUES (?, ?, ?, ?, ?)",
                         (run_id, task, int(batch_index), state, _now()))
 
@@ -380,6 +461,7 @@ class ResultsStore:
     def ensure_sample_table(self, table: str, columns: Sequence[tuple[str, str]]) -> None:
         """Create a protocol's per-sample table if missing: (run_id, task, sample_index) and ``columns``
         (name, SQL type) after them."""
+        self._require_writable()
         if not table.replace("_", "").isalnum():
             raise ValueError(f"bad table name {table!r}")
         cols = "".join(f", {name} {sql}" for name, sql in columns)
@@ -400,6 +482,7 @@ class ResultsStore:
         """Write one finished batch atomically: its per-sample rows into the protocol's ``table`` (each
         row a dataclass or tuple in the table's column order, sample_index first), its examples and the
         done mark (and drop its saved partial state)."""
+        self._require_writable()
         values = [(run_id, task, *(astuple(r) if is_dataclass(r) else tuple(r))) for r in rows]
         with self._transaction():
             self.db.execute("DELETE FROM partial_batches WHERE run_id = ? AND task = ? AND batch_index = ?",
@@ -477,3 +560,27 @@ class _Tx:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _write_problem(path: Path) -> str | None:
+    """Why the store at ``path`` cannot be written (or created), as one sentence; None if it can.
+    (os.access answers for this process: a read-only mount or an immutable file stops root too.)"""
+    folder = path.parent if str(path.parent) else Path(".")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"cannot create the results store {path}: {existing} is not a folder"
+    if not path.exists():
+        if not os.access(existing, os.W_OK | os.X_OK):
+            return f"cannot create the results store {path}: permission denied (the folder {existing} is not writable)"
+        return None
+    if not os.access(path, os.R_OK):
+        return f"cannot read the results store {path}: permission denied"
+    if not os.access(path, os.W_OK):
+        return (f"cannot write the results store {path}: permission denied (the file is read-only; report and "
+                "leaderboard can still read it)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return (f"cannot write the results store {path}: permission denied (its folder {folder} is not writable, "
+                "and SQLite writes a journal beside the file)")
+    return None
