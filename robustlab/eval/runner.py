@@ -1,6 +1,7 @@
 """The evaluation runner: what every protocol shares. Tasks split into batches of fixed sample
 ranges, randomness from (seed, task, batch, ...), resume from the batches done (and from a long
-batch's saved partial state), sharding across torchrun ranks, the results store, progress. What a
+batch's saved partial state), one process per run at a time (a lease in the store, renewed after
+every batch), sharding across torchrun ranks, the results store, progress. What a
 batch does, and how its rows become numbers, is the protocol's (``robustlab.eval.protocols``).
 
 ``evaluate(model, data, attacks, store)`` runs the adversarial protocol; ``run(model, data,
@@ -204,24 +205,29 @@ def run(
                 run_id = store.create_run(protocol.name, config, environment(device),
                                           {**info, "processes": distributed.world_size()}, protocol.attack_records())
             else:
+                store.acquire_lease(run_id)  # refused while another live process works on it
                 log(f"resuming run {run_id}")
                 store.set_status(run_id, "running")
             for t in tasks:
                 store.add_task(run_id, t.name, t.kind, t.n, t.params)
 
         try:
-            _run_tasks(model, data, protocol, tasks, store, run_id, seed, batch_size, examples, device, progress)
-        except BaseException:
+            try:
+                _run_tasks(model, data, protocol, tasks, store, run_id, seed, batch_size, examples, device, progress)
+            except BaseException:
+                if main:
+                    store.set_status(run_id, "interrupted")
+                raise
+            result = None
             if main:
-                store.set_status(run_id, "interrupted")
-            raise
-        result = None
-        if main:
-            checks = protocol.final_checks(model, probe_x, probe_y, info, seed, device)
-            summary = type(protocol).summarize(store, {**store.get_run(run_id), "status": "complete"}, checks)
-            summary = json.loads(json.dumps(summary))  # exactly as the store holds it (lists, not tuples)
-            store.finish_run(run_id, summary, checks)
-            result = RunResult(run_id, summary, checks, resumed)
+                checks = protocol.final_checks(model, probe_x, probe_y, info, seed, device)
+                summary = type(protocol).summarize(store, {**store.get_run(run_id), "status": "complete"}, checks)
+                summary = json.loads(json.dumps(summary))  # exactly as the store holds it (lists, not tuples)
+                store.finish_run(run_id, summary, checks)
+                result = RunResult(run_id, summary, checks, resumed)
+        finally:
+            if main:
+                store.release_lease(run_id)
         return distributed.broadcast(result)
 
 
@@ -256,6 +262,7 @@ def _run_tasks(model, data, protocol, tasks: list[Task], store, run_id, seed, bs
 
                 def save(state: bytes, name: str = task.name, b: int = b) -> None:
                     store.save_partial(run_id, name, b, state)
+                    store.heartbeat(run_id)
 
                 def done_rows(name: str, start: int = start, stop: int = stop) -> list[Any]:
                     return [r for r in store.sample_rows(protocol.sample_table, run_id, name)
@@ -283,5 +290,6 @@ def _run_tasks(model, data, protocol, tasks: list[Task], store, run_id, seed, bs
                 if kept:
                     kept = kept[: max(0, examples - store.count_examples(run_id, name))]
                 store.write_batch(run_id, name, b, rows, costs, rejected, kept, table=protocol.sample_table)
+                store.heartbeat(run_id)
                 bar.set_postfix_str(name)
                 bar.update(1)

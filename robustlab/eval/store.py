@@ -16,7 +16,9 @@ import hashlib
 import io
 import json
 import os
+import socket
 import sqlite3
+import time
 import uuid
 from dataclasses import astuple, dataclass, fields, is_dataclass
 from datetime import datetime, timezone
@@ -28,6 +30,7 @@ import numpy as np
 from robustlab.errors import RobustlabError
 
 SCHEMA_VERSION = 2
+LEASE_STALE_SECONDS = 600.0  # a lease without a heartbeat for this long is taken over
 
 # Generic tables: every protocol's runs, tasks and batches. Per-sample outcomes live in one table per
 # protocol (``<protocol>_samples``, declared by the protocol, see ``ensure_sample_table``); the
@@ -102,6 +105,14 @@ CREATE TABLE IF NOT EXISTS adversarial_samples (
     forwards INTEGER NOT NULL,           -- forward passes spent on this sample
     min_distance REAL,                   -- smallest verified misclassifying perturbation found, any norm
     PRIMARY KEY (run_id, task, sample_index)
+);
+CREATE TABLE IF NOT EXISTS leases (    -- which process works on a run now (one at a time)
+    run_id TEXT PRIMARY KEY,
+    pid INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    started TEXT NOT NULL,
+    heartbeat TEXT NOT NULL,             -- renewed after every batch; stale after LEASE_STALE_SECONDS
+    token TEXT NOT NULL                  -- the holder's ResultsStore object
 );
 CREATE TABLE IF NOT EXISTS examples (
     run_id TEXT NOT NULL,
@@ -196,6 +207,7 @@ class ResultsStore:
     def __init__(self, path: str | Path, readonly: bool | None = None) -> None:
         self.path = Path(path)
         self.created = False  # this object created the file (see discard_if_unused)
+        self._token = uuid.uuid4().hex  # identifies this object's leases
         if self.path.exists() and self.path.is_dir():
             raise RobustlabError(f"results store {self.path} is a directory; give a file path such as runs.db")
         if readonly is None:
@@ -361,6 +373,7 @@ class ResultsStore:
                     json.dumps(environment), json.dumps(model_info, default=str),
                 ),
             )
+            self._take_lease(run_id)
             for i, attack in enumerate(attacks):
                 self.db.execute(
                     "INSERT INTO attacks VALUES (?, ?, ?, ?, ?, ?)",
@@ -368,6 +381,51 @@ class ResultsStore:
                      None if attack.get("minimum_norm") is None else int(bool(attack["minimum_norm"]))),
                 )
         return run_id
+
+    # ------------------------------------------------------------------ leases
+
+    def acquire_lease(self, run_id: str) -> None:
+        """Make this process the only one working on ``run_id`` (``create_run`` does it for a new run).
+        Refused, in one line saying who holds it and since when, while another process's lease is
+        live; a lease whose process is gone (same host) or that had no heartbeat for
+        :data:`LEASE_STALE_SECONDS` (any host) is taken over."""
+        self._require_writable()
+        with self._transaction():
+            row = self.db.execute("SELECT * FROM leases WHERE run_id = ?", (run_id,)).fetchone()
+            if row is not None and row["token"] != self._token and _lease_live(row):
+                age = _seconds_since(row["heartbeat"])
+                raise RobustlabError(
+                    f"run {run_id} in {self.path} is being worked on by process {row['pid']} on {row['host']} since "
+                    f"{row['started']} (last heartbeat {age:.0f} s ago); two processes never work on one run: wait "
+                    f"for it to end, or stop it (its lease lapses when it dies, or after "
+                    f"{LEASE_STALE_SECONDS / 60:.0f} minutes without a heartbeat)")
+            self._take_lease(run_id)
+
+    def _take_lease(self, run_id: str) -> None:
+        now = _now()
+        self.db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?, ?)",
+                        (run_id, os.getpid(), socket.gethostname(), now, now, self._token))
+
+    def heartbeat(self, run_id: str) -> None:
+        """Renew this process's lease on ``run_id``; a lease taken over meanwhile (this process was
+        silent past :data:`LEASE_STALE_SECONDS`) stops it with one line."""
+        cur = self.db.execute("UPDATE leases SET heartbeat = ? WHERE run_id = ? AND token = ?",
+                              (_now(), run_id, self._token))
+        if cur.rowcount == 0:
+            raise RobustlabError(f"run {run_id} in {self.path} was taken over by another process while this one was "
+                                 f"silent for more than {LEASE_STALE_SECONDS / 60:.0f} minutes; stopping")
+
+    def release_lease(self, run_id: str) -> None:
+        """Give up this process's lease on ``run_id`` (nothing if it holds none)."""
+        if not self.readonly:
+            self.db.execute("DELETE FROM leases WHERE run_id = ? AND token = ?", (run_id, self._token))
+
+    def lease(self, run_id: str) -> dict[str, Any] | None:
+        """The lease on ``run_id`` (pid, host, started, heartbeat), or None."""
+        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'leases'").fetchone():
+            return None
+        row = self.db.execute("SELECT pid, host, started, heartbeat FROM leases WHERE run_id = ?", (run_id,)).fetchone()
+        return dict(row) if row else None
 
     def find_resumable(self, protocol: str, config: dict[str, Any],
                        normalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
@@ -560,6 +618,27 @@ class _Tx:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _seconds_since(stamp: str) -> float:
+    return time.time() - datetime.fromisoformat(stamp).timestamp()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _lease_live(row: sqlite3.Row) -> bool:
+    """A lease counts while its heartbeat is recent and (on this host) its process exists."""
+    if _seconds_since(row["heartbeat"]) > LEASE_STALE_SECONDS:
+        return False
+    return row["host"] != socket.gethostname() or _pid_alive(int(row["pid"]))
 
 
 def _write_problem(path: Path) -> str | None:
