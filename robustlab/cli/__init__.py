@@ -25,7 +25,8 @@ COMMANDS = (train, eval, report, leaderboard, perturb, zoo, demo)
 # What a Ctrl-C leaves behind, per command.
 INTERRUPTED = {
     "eval": "finished batches are saved in the results store, continue with --resume",
-    "train": "the training state is saved after every finished epoch, continue from the last one with --resume",
+    "train": "the training state is saved after every finished epoch and every --save-every-minutes inside one; "
+             "continue from the last one with --resume",
 }
 
 
@@ -47,8 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RobustlabError as exc:
         _say(f"robustlab: error: {exc}")
         return 2
-    except KeyboardInterrupt:
-        _say(f"robustlab: interrupted; {INTERRUPTED.get(args.command, 'nothing was saved')}")
+    except KeyboardInterrupt as exc:  # a command may say exactly what it saved (the exception's text)
+        _say(f"robustlab: interrupted; {str(exc) or INTERRUPTED.get(args.command, 'nothing was saved')}")
         return 130
     except BrokenPipeError:  # the reader went away (`robustlab zoo show X | head`): stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)

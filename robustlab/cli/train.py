@@ -93,9 +93,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if recipe.needs_dual_bn:  # clean and adversarial BatchNorm branches; validation and test use --bn's
         dual_bn = {"test_branch": args.bn or "clean"}
         set_bn_branch(convert_to_dual_bn(model), dual_bn["test_branch"])
+    if args.save_every_minutes < 0:
+        raise RobustlabError(f"--save-every-minutes must be >= 0, got {args.save_every_minutes:g}")
     t0 = time.perf_counter()
-    history = train(model, data, config, objective, device=device, on_epoch=report, val_data=val_data,
-                    threat=threat, checkpoint_dir=state_dir, resume=args.resume, unlabeled=unlabeled)
+    try:
+        history = train(model, data, config, objective, device=device, on_epoch=report, val_data=val_data,
+                        threat=threat, checkpoint_dir=state_dir, resume=args.resume, unlabeled=unlabeled,
+                        save_every=60 * args.save_every_minutes)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_what_was_saved(state_dir, args.save_every_minutes)) from None
     seconds = time.perf_counter() - t0
     if not distributed.is_main():
         return 0
@@ -160,6 +166,26 @@ def _probe(model, data, name: str) -> None:
         model.train()
 
 
+def _what_was_saved(state_dir: Path, minutes: float) -> str:
+    """What a Ctrl-C leaves behind: the last saved training state, or that there is none yet."""
+    import json
+
+    from robustlab.training.state import STATE_FILE
+
+    try:
+        meta = json.loads((state_dir / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return (f"nothing was saved yet (the training state goes to {state_dir} every {minutes:g} minutes and at the "
+                "end of epoch 1)")
+    within = meta.get("within")
+    where = f"epoch {meta['epoch']}"
+    if within:
+        where = f"epoch {meta['epoch'] + 1}, batch {within['batch']} of {meta.get('steps_per_epoch', '?')}"
+        return (f"the training state at {where} (saved {meta.get('saved', '')}) is in {state_dir}; "
+                "continue from there with --resume")
+    return f"the training state after {where} (saved {meta.get('saved', '')}) is in {state_dir}; continue with --resume"
+
+
 def _check_train_flags(args: argparse.Namespace, name: str, recipe: Any) -> None:
     """Flags that only some recipes take: refuse them elsewhere, and require what a recipe needs."""
     if args.unlabeled and not recipe.uses_unlabeled:
@@ -216,9 +242,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto")
     t.add_argument("--out", required=True, help="checkpoint path (.safetensors; the card goes beside it as .json)")
-    t.add_argument("--checkpoint-dir", help="where the training state is saved after every epoch (default: OUT "
-                                            "without suffix + .train)")
+    t.add_argument("--checkpoint-dir", help="where the training state is saved after every epoch and every "
+                                            "--save-every-minutes (default: OUT without suffix + .train)")
     t.add_argument("--resume", action="store_true", help="continue a killed run from its saved training state")
+    t.add_argument("--save-every-minutes", type=float, default=5.0, metavar="M",
+                   help="also save the training state inside an epoch every M minutes, so a run killed in a long "
+                        "epoch resumes from there (to the same weights); 0: after every batch (default 5)")
     t.add_argument("--unlabeled", metavar="SPEC",
                    help="extra unlabeled images for rst/uat: a data set NAME[:SPLIT] (labels ignored; default split "
                         "train; read from --data-root) or a folder of images")
