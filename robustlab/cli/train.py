@@ -32,6 +32,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Under torchrun: data-parallel training, every rank holds the same weights; rank 0 writes and prints.
     distributed.init_from_env()
     say = _say if distributed.is_main() else (lambda msg: None)
+    from robustlab.models import MODELS
+
+    MODELS.get(args.model)  # an unknown architecture is said before any data is loaded
     name, params = parse_spec(args.recipe, "recipe")
     recipe = OBJECTIVES.get(name)
     threat = _threat(args.norm, args.eps) if args.eps is not None else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import platform
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -32,6 +33,7 @@ from robustlab.eval.protocols.base import BatchContext, Protocol, Task
 from robustlab.eval.store import ResultsStore
 from robustlab.models.probe import probe_model
 from robustlab.models.runtime import fast_runtime, full_float32
+from robustlab.progress import TimeLeft
 from robustlab.progress import progress as show_progress
 
 
@@ -247,9 +249,28 @@ def _run_tasks(model, data, protocol, tasks: list[Task], store, run_id, seed, bs
     todo = distributed.broadcast(todo)
     world, me = distributed.world_size(), distributed.rank()
     bar = show_progress(total=len(todo), desc="evaluating", unit="batch", enabled=False if me else progress)
+
+    def size(i: int, b: int) -> int:
+        return min(bs, tasks[i].n - b * bs)
+
+    # The time left, from the work left: per task, its batches left times the seconds per sample its
+    # batches (else its kind's) took, batches done before a resume included; the rest is said unknown.
+    eta = TimeLeft()
+    for i, b in todo:
+        eta.plan(tasks[i].name, size(i, b), tasks[i].kind)
+    if distributed.is_main():
+        n_of = {t.name: t.n for t in tasks}
+        for name, b, seconds in store.batch_seconds(run_id):
+            if name in n_of:
+                eta.measured(name, min(bs, n_of[name] - b * bs), seconds)
+    if hasattr(bar, "time_left"):
+        bar.time_left = eta.text
     with bar:
         for first in range(0, len(todo), world):
             round_ = todo[first : first + world]
+            started = time.perf_counter()
+            for i, b in round_:
+                eta.start(tasks[i].name, size(i, b))
             mine = None
             if me < len(round_):
                 i, b = round_[me]
@@ -283,6 +304,8 @@ def _run_tasks(model, data, protocol, tasks: list[Task], store, run_id, seed, bs
                 out = protocol.run_batch(model, x, y, ctx)
                 mine = (out.rows, out.costs, out.rejected, out.examples)
             results = distributed.gather(mine)
+            for i, b in round_:
+                eta.done(tasks[i].name, size(i, b), (time.perf_counter() - started) / len(round_))
             if not distributed.is_main():
                 continue
             for (i, b), (rows, costs, rejected, kept) in zip(round_, results):

@@ -579,6 +579,12 @@ class ResultsStore:
         return {r[0]: {"batches": r[1], "rejected": r[2]} for r in self.db.execute(
             "SELECT task, COUNT(*), COALESCE(SUM(rejected), 0) FROM batches WHERE run_id = ? GROUP BY task", (run_id,))}
 
+    def batch_seconds(self, run_id: str) -> list[tuple[str, int, float]]:
+        """Every done batch of a run: (task, batch index, seconds it took, all its steps together)."""
+        return [(task, b, sum(float(c.get("seconds", 0.0)) for c in json.loads(costs)))
+                for task, b, costs in self.db.execute(
+                    "SELECT task, batch_index, costs FROM batches WHERE run_id = ?", (run_id,))]
+
     def attack_costs(self, run_id: str, task: str = "main") -> list[dict[str, float]]:
         """Per attack (step) of a task: seconds, gradients and forwards, summed over its batches."""
         total: list[dict[str, float]] = []
