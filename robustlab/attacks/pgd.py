@@ -30,6 +30,7 @@ class PGD(Attack):
     name = "pgd"
     defaults = {"steps": 10, "alpha": None, "restarts": 1, "random_start": True, "loss": "ce", "l1_sparsity": 0.95}
     choices = {"loss": tuple(LOSSES)}
+    norm_params = {"l1_sparsity": ("l1",)}
     decay = 0.0  # momentum on the L1-normalized gradient (MI-FGSM); 0 for plain PGD
 
     def validate(self) -> None:
@@ -114,6 +115,7 @@ class FGSM(Attack):
     name = "fgsm"
     defaults = {"loss": "ce", "l1_sparsity": 0.95}
     choices = {"loss": tuple(LOSSES)}
+    norm_params = {"l1_sparsity": ("l1",)}
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator) -> AttackResult:
         _, g = self.loss_and_grad(model, x, y, self.params["loss"])
