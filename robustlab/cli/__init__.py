@@ -12,14 +12,14 @@ import sqlite3
 import sys
 from collections.abc import Sequence
 
-from robustlab.cli import demo, eval, leaderboard, perturb, report, train, zoo
+from robustlab.cli import demo, eval, leaderboard, listing, perturb, report, train, zoo
 from robustlab.cli.common import DEFAULT_DB, _say
 from robustlab.errors import RobustlabError
 
 __all__ = ["DEFAULT_DB", "build_parser", "main"]
 
 # One module per command, in the order `robustlab --help` lists them.
-COMMANDS = (train, eval, report, leaderboard, perturb, zoo, demo)
+COMMANDS = (train, eval, report, leaderboard, perturb, zoo, listing, demo)
 
 
 # What a Ctrl-C leaves behind, per command.
