@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from robustlab.cli import demo, eval, leaderboard, listing, perturb, report, train, zoo
-from robustlab.cli.common import DEFAULT_DB, _say
+from robustlab.cli.common import DEFAULT_DB, _say, fill_shared_help
 from robustlab.errors import RobustlabError
 
 __all__ = ["DEFAULT_DB", "build_parser", "main"]
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.add_parser(sub)
+    fill_shared_help(p)
     return p
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from robustlab.cli.common import _argument_type, _device, _number, _say, _threat
+from robustlab.cli.common import MODEL_HELP, _argument_type, _device, _number, _say, _threat
 from robustlab.errors import RobustlabError
 
 
@@ -32,7 +32,7 @@ def cmd_perturb(args: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     pt = sub.add_parser("perturb", help="perturb every image of a folder (no labels needed), e.g. with the "
                         "label-free ssp attack, and write the results as PNG")
-    pt.add_argument("--model", required=True, help="the model whose predictions are attacked")
+    pt.add_argument("--model", required=True, help=f"{MODEL_HELP}; its predictions are attacked")
     pt.add_argument("--attack", default="ssp", metavar="NAME[:key=value,...]",
                     help="default ssp (feature-space, label-free); any untargeted attack works")
     pt.add_argument("--norm", required=True)

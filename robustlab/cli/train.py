@@ -203,9 +203,9 @@ def _check_train_flags(args: argparse.Namespace, name: str, recipe: Any) -> None
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train a model (standard or adversarial recipes) and save a checkpoint with its card")
-    t.add_argument("--model", required=True, help="architecture name (see robustlab.models.list_models)")
-    t.add_argument("--data", required=True, help="data set name, e.g. digits, mnist, cifar10")
-    t.add_argument("--data-root", help="folder with the data set files (default: $ROBUSTLAB_DATA or ./data)")
+    t.add_argument("--model", required=True, help="architecture to train, by name (`robustlab list models`)")
+    t.add_argument("--data", required=True)
+    t.add_argument("--data-root")
     t.add_argument("--n", "--num-examples", dest="n", type=int,
                    help="train on the first N training images (under torchrun write --num-examples)")
     t.add_argument("--recipe", default="standard", metavar="NAME[:key=value,...]",
@@ -218,16 +218,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--eps", type=_argument_type(_number),
                    help="threat model radius in [0, 1] pixel units (fractions like 8/255 work); needed by adversarial "
                         "recipes, and turns on robust validation")
-    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--epochs", type=int, default=10, help="passes over the training data (default %(default)s)")
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=0.05, help="peak learning rate")
-    t.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
-    t.add_argument("--weight-decay", type=float, default=5e-4)
-    t.add_argument("--schedule", default="cosine", choices=["cosine", "constant", "multistep", "cyclic"])
+    t.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"],
+                   help="sgd (Nesterov momentum 0.9) or adam (default %(default)s)")
+    t.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay (default %(default)s)")
+    t.add_argument("--schedule", default="cosine", choices=["cosine", "constant", "multistep", "cyclic"],
+                   help="learning-rate schedule: cosine, constant, multistep (see --milestones) or cyclic "
+                        "(one-cycle) (default %(default)s)")
     t.add_argument("--warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up (epochs)")
     t.add_argument("--milestones", type=_argument_type(_floats), default=[0.5, 0.75],
                    help="multistep: fractions of the run where the rate is multiplied by --gamma (default 0.5,0.75)")
-    t.add_argument("--gamma", type=float, default=0.1)
+    t.add_argument("--gamma", type=float, default=0.1, help="multistep: the factor at each milestone (default %(default)s)")
     t.add_argument("--grad-clip", type=float, help="clip the gradient's global L2 norm to this value")
     t.add_argument("--ema", type=float, nargs="?", const=0.999, metavar="DECAY",
                    help="keep an exponential moving average of the weights (default decay 0.999), saved beside "
