@@ -60,6 +60,10 @@ class Attack(Configurable):
 
     component: ClassVar[str] = "attack"
     norms: ClassVar[tuple[str, ...]] = NORMS
+    # Parameters that apply under some norms only (name -> those norms), e.g. l1_sparsity: ("l1",).
+    norm_params: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # Parameters whose None stands for a value derived from others (name -> the method giving it).
+    derived: ClassVar[dict[str, str]] = {"alpha": "step_size"}
     kind: ClassVar[str] = "white-box"
     minimum_norm: ClassVar[bool] = False
 
@@ -85,6 +89,23 @@ class Attack(Configurable):
     def rebuild(self, **params: Any) -> "Attack":
         """This attack with these parameters (same threat model and targeting)."""
         return type(self)(self.threat, targeted=self.targeted, **params)
+
+    def shown_params(self) -> dict[str, Any]:
+        """The parameters as reports show them. The rule: a parameter that does not apply under this
+        threat model's norm (``norm_params``) is left out; a None that stands for a derived value
+        (``derived``, e.g. ``alpha`` from ``step_size()``) is shown as that value (4 significant
+        digits); any other None (the attack's own choice, e.g. a default layer) is left out."""
+        out: dict[str, Any] = {}
+        for key, value in self.params.items():
+            if self.threat.norm not in self.norm_params.get(key, (self.threat.norm,)):
+                continue
+            if value is None:
+                method = getattr(self, self.derived.get(key, ""), None)
+                if not callable(method):
+                    continue
+                value = float(f"{float(method()):.4g}")
+            out[key] = value
+        return out
 
     def with_threat(self, threat: ThreatModel) -> "Attack":
         return type(self)(threat, targeted=self.targeted, **self.params)

@@ -33,6 +33,7 @@ class PGD(Attack):
     defaults = {"steps": 10, "alpha": None, "restarts": 1, "random_start": True, "loss": "ce", "l1_sparsity": 0.95,
                 "eot": 1}
     choices = {"loss": tuple(LOSSES)}
+    norm_params = {"l1_sparsity": ("l1",)}
     decay = 0.0  # momentum on the L1-normalized gradient (MI-FGSM); 0 for plain PGD
 
     def validate(self) -> None:
@@ -120,6 +121,7 @@ class FGSM(Attack):
     name = "fgsm"
     defaults = {"loss": "ce", "l1_sparsity": 0.95, "eot": 1}
     choices = {"loss": tuple(LOSSES)}
+    norm_params = {"l1_sparsity": ("l1",)}
 
     def validate(self) -> None:
         super().validate()

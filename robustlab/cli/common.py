@@ -12,6 +12,40 @@ from robustlab.errors import RobustlabError
 
 DEFAULT_DB = "results.db"
 
+MODEL_HELP = ("the model: a checkpoint X.safetensors (its card X.json beside it), zoo:NAME (a model of the local zoo, "
+              "see `robustlab zoo list`), a registry architecture (random weights; `robustlab list models`), or "
+              "file.py:function / module:function returning an nn.Module")
+
+# Help of the options several commands share, one text each: an option a command adds without its own
+# help gets this one (see fill_shared_help); anything else needs its own (tests/test_cli_help.py).
+SHARED_HELP = {
+    "--db": f"results store, one SQLite file (default {DEFAULT_DB}); commands that only read it open it read-only",
+    "--device": "cpu, cuda, cuda:N, or auto (default: cuda when available, else cpu)",
+    "--seed": "seed of every random draw (random starts, data order); the same seed gives the same numbers "
+              "(default %(default)s)",
+    "--batch-size": "images per batch (default %(default)s)",
+    "--data": "data set: a name from `robustlab list datasets` (digits is embedded; mnist, fashion_mnist, cifar10, "
+              "cifar100, svhn are read from --data-root), or imagefolder with --data-root a folder of class folders",
+    "--split": "the split to use: test (default) or train (svhn also has extra)",
+    "--data-root": "folder with the data set files (default: $ROBUSTLAB_DATA or ./data)",
+    "--norm": "threat model norm: linf, l2 or l1",
+    "--eps": "threat model radius in [0, 1] pixel units (fractions like 8/255 work)",
+}
+
+
+def fill_shared_help(parser: argparse.ArgumentParser) -> None:
+    """Give every option of ``parser`` and its subcommands that has no help of its own the shared text
+    of :data:`SHARED_HELP`."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                fill_shared_help(sub)
+        elif not action.help:
+            for option in action.option_strings:
+                if option in SHARED_HELP:
+                    action.help = SHARED_HELP[option]
+                    break
+
 
 def _argument_type(convert):
     """Turn a converter's RobustlabError into argparse's own error (usage line, exit status 2)."""

@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from robustlab.cli.common import DEFAULT_DB, _argument_type, _device, _floats, _number, _say, _steps_grid, _threat
+from robustlab.cli.common import DEFAULT_DB, MODEL_HELP, _argument_type, _device, _floats, _number, _say, _steps_grid, _threat
 from robustlab.errors import RobustlabError
 
 if TYPE_CHECKING:
@@ -72,13 +72,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     # Under torchrun: every rank attacks its share of the batches; rank 0 owns the store and prints.
     distributed.init_from_env()
-    store = ResultsStore(args.db) if distributed.is_main() else None
+    store = ResultsStore(args.db, readonly=False) if distributed.is_main() else None
     try:
         result = evaluate(model, data, attacks, store, model_name=args.model, model_info=info, options=options,
                           resume=args.resume, device=device, log=_say)
     finally:
         if store is not None:
-            store.close()
+            store.discard_if_unused()  # a run that failed before it began leaves no empty store behind
     if not distributed.is_main():
         return 0
     s = result.summary
@@ -115,7 +115,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="evaluate clean and robust accuracy under an attack ensemble")
-    e.add_argument("--model", required=True, help="registry name, checkpoint path, or file.py:function / module:function")
+    e.add_argument("--model", required=True, help=MODEL_HELP)
     e.add_argument("--data", required=True)
     e.add_argument("--split", default="test")
     e.add_argument("--data-root")
@@ -123,8 +123,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="evaluate the first N examples of the split, in order (under torchrun, whose own "
                    "parser takes --n for its --nnodes, write --num-examples)")
     e.add_argument("--batch-size", type=int, default=128)
-    e.add_argument("--norm", required=True, help="linf, l2 or l1")
-    e.add_argument("--eps", required=True, type=_argument_type(_number), help="radius in [0, 1] pixel units (fractions like 8/255 work)")
+    e.add_argument("--norm", required=True)
+    e.add_argument("--eps", required=True, type=_argument_type(_number))
     e.add_argument("--eps-grid", type=_argument_type(_floats), help="comma-separated epsilons for the robustness curve")
     e.add_argument("--steps-grid", type=_argument_type(_steps_grid), default=None,
                    help="strengths (iterations, or queries for black-box attacks) for the attack-strength curve "
@@ -134,7 +134,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "ensemble file (.txt: one spec per line, .json: a list); default pgd")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="auto")
-    e.add_argument("--db", default=DEFAULT_DB, help=f"results store (SQLite), default {DEFAULT_DB}")
+    e.add_argument("--db", default=DEFAULT_DB)
     e.add_argument("--resume", action="store_true", help="continue an unfinished run with the same configuration")
     e.add_argument("--no-sanity", action="store_true", help="skip the gradient-masking sanity checks")
     e.add_argument("--defense", action="append", metavar="NAME[:key=value,...]",

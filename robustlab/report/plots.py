@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from robustlab.eval.metrics import wilson_interval
+from robustlab.threat import format_eps  # noqa: F401  (the one epsilon format; used here and re-exported)
 
 _NORM_NAMES = {"linf": "L∞", "l2": "L2", "l1": "L1"}
 _DPI = 100
@@ -43,18 +44,6 @@ def ci_text(p: float | None, n: int | None) -> str:
 def norm_name(norm: str) -> str:
     """``linf -> 'L∞'``, ``l2 -> 'L2'``; unknown norms are returned as given."""
     return _NORM_NAMES.get(str(norm).lower(), str(norm))
-
-
-def format_eps(norm: str, eps: float) -> str:
-    """An epsilon as people write it: short decimals as they are (``0.3``), linf radii that are a multiple
-    of 1/255 (or 0.5/255) as ``8/255 (0.03137)``, anything else with 4 significant digits."""
-    eps = float(eps)
-    if eps == 0 or float(f"{eps:.3g}") == eps:
-        return f"{eps:g}"
-    k = eps * 255.0
-    if str(norm).lower() == "linf" and abs(2 * k - round(2 * k)) < 1e-6:
-        return f"{round(2 * k) / 2:g}/255 ({eps:.4g})"
-    return f"{eps:.4g}"
 
 
 # ---------------------------------------------------------------------- figure plumbing

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from robustlab.report.plots import ci_text
+from robustlab.threat import format_eps
 
 
 def format_summary(s: dict[str, Any], checks: list[dict[str, str]]) -> str:
@@ -12,7 +13,7 @@ def format_summary(s: dict[str, Any], checks: list[dict[str, str]]) -> str:
     ``robustlab eval`` prints: accuracies in percent with their 95% intervals, one line per attack,
     the epsilon curve when it has more than two points, then one line per check."""
     lines = [
-        f"{s['model']} on {s['dataset']}:{s['split']} (n={s['n']}), {s['threat']['norm']} eps={s['threat']['eps']:g}",
+        f"{s['model']} on {s['dataset']}:{s['split']} (n={s['n']}), {s['threat']['norm']} eps={format_eps(s['threat']['norm'], s['threat']['eps'])}",
         f"  clean accuracy   {100 * s['clean_accuracy']:6.2f}%   ({ci_text(s['clean_accuracy'], s['n'])})",
     ]
     for a in s["attacks"]:
@@ -29,7 +30,9 @@ def format_summary(s: dict[str, Any], checks: list[dict[str, str]]) -> str:
         if parts:
             lines.append(f"  non-adaptive     {'; '.join(parts)} (not the robust accuracy: see adaptive-gap)")
     if len(s["eps_curve"]) > 2:
-        lines.append("  eps curve: " + ", ".join(f"{p['eps']:g}: {100 * p['robust_accuracy']:.1f}%" for p in s["eps_curve"]))
+        norm = s["threat"]["norm"]
+        lines.append("  eps curve: " + ", ".join(f"{format_eps(norm, p['eps'])}: {100 * p['robust_accuracy']:.1f}%"
+                                                 for p in s["eps_curve"]))
     for c in checks:
         lines.append(f"  [{c['status']}] {c['name']}: {c['detail']}")
     return "\n".join(lines)
