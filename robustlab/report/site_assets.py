@@ -112,6 +112,11 @@ SCRIPT = r"""
   [search, group, ranked].forEach(function (el) {
     if (el) { el.addEventListener("input", apply); el.addEventListener("change", apply); }
   });
-  if (search || group || ranked) apply();
+  // On load nothing is filtered yet (unless the browser restored the inputs): only count the rows.
+  if ((search && search.value) || (group && group.value) || (ranked && ranked.checked)) apply();
+  else if (shown) {
+    var n = document.querySelectorAll("table.filterable tbody tr").length;
+    shown.textContent = n + " of " + n + " rows shown";
+  }
 })();
 """
