@@ -179,3 +179,20 @@ def test_cli_help_says_where_it_writes_and_writes_there(store, tmp_path, capsys,
     (tmp_path / "file").write_text("x")
     assert main(["leaderboard", "--db", db, "--site", str(tmp_path / "file")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_cli_declared_strength_is_recorded_and_ranked(tmp_path, capsys):
+    db = str(tmp_path / "r.db")
+    common = ["eval", "--model", "digits_mlp", "--data", "digits", "--n", "20", "--norm", "linf", "--eps", "0.1",
+              "--attack", "fgsm", "--no-sanity", "--steps-grid", "none", "--db", db]
+    assert main([*common, "--stronger-than", "standard: a stand-in for the paper's adaptive attack"]) == 0
+    assert main([*common, "--seed", "1"]) == 0  # the same model, undeclared: shown, not ranked
+    capsys.readouterr()
+    with ResultsStore(db) as store:
+        (group,) = leaderboard(store)
+    (row,) = group.rows  # one model (random weights: known by its name)
+    assert row.rank == 1 and len(row.runs) == 2
+    assert row.entry.config["declared_strength"] == {"at_least": "standard",
+                                                     "reason": "a stand-in for the paper's adaptive attack"}
+    assert any("declared at least standard" in n for n in row.notes)
+    assert not row.runs[1].full and "weaker than the standard ensemble" in row.runs[1].marks[0]

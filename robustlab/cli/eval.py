@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from robustlab.cli.common import DEFAULT_DB, _argument_type, _device, _floats, _number, _say, _steps_grid, _threat
-from robustlab.cli.inputs import DATA_HELP, MODEL_HELP, add_weights_arguments, check_data_spec, load_data_for_model
+from robustlab.cli.inputs import (
+    DATA_HELP,
+    MODEL_HELP,
+    add_weights_arguments,
+    check_data_spec,
+    declared_strength,
+    load_data_for_model,
+)
 from robustlab.errors import RobustlabError
 
 if TYPE_CHECKING:
@@ -60,6 +67,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = apply_card_defenses(loaded, args.defense)
     info = {"source": loaded.source, "spec": args.model, "card": loaded.card.to_dict() if loaded.card else None}
     extra: dict[str, Any] = {"classes": list(data.classes)}
+    if args.stronger_than:  # recorded in the config: the leaderboard ranks the run with full evaluations
+        extra["declared_strength"] = args.stronger_than
     branch = current_bn_branch(model)
     if branch is not None:  # a dual-BN model: which branch was evaluated is part of the run
         info["bn_branch"] = extra["bn_branch"] = branch
@@ -148,5 +157,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "attacks give the curve from their per-sample norms (fewer attacks; off by default)")
     e.add_argument("--bn", choices=["clean", "adv"],
                    help="for a model with dual batch norm: evaluate this branch (default: the card's test_branch)")
+    e.add_argument("--stronger-than", metavar="SUITE: WHY", type=_argument_type(declared_strength),
+                   help="declare this attack list at least as strong as a suite (standard, rand) and say why, e.g. "
+                   "'standard: the paper's adaptive attack, 1000 steps'; the leaderboard then ranks the run among full "
+                   "evaluations (with the reason shown) although it does not run that suite")
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     e.set_defaults(func=cmd_eval)

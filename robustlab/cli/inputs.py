@@ -29,6 +29,19 @@ def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
                         "registry names); must match the weights")
 
 
+def declared_strength(text: str) -> dict[str, str]:
+    """``--stronger-than 'standard: why'`` -> {"at_least": "standard", "reason": "why"}."""
+    from robustlab.attacks.suites import SUITES
+    from robustlab.errors import RobustlabError
+
+    suite, sep, reason = text.partition(":")
+    suite, reason = suite.strip(), reason.strip()
+    if not sep or not reason:
+        raise RobustlabError(f"write SUITE: WHY (e.g. 'standard: 1000-step adaptive PGD'), got {text!r}")
+    SUITES.get(suite)  # the clear unknown-name error
+    return {"at_least": suite, "reason": reason}
+
+
 def check_data_spec(spec: str) -> None:
     """Fail on an unknown data set name or a missing folder before a model is loaded."""
     from robustlab.data import DATASETS
