@@ -80,6 +80,10 @@ def _page(title: str, body: str, depth: int) -> str:
     )
 
 
+def _plural(n: int, what: str) -> str:
+    return f"{n:,} {what}{'' if n == 1 else 's'}"
+
+
 def _num_cell(value: float | None, text: str, cls: str = "num") -> str:
     v = "" if value is None else repr(float(value)) if isinstance(value, float) else str(value)
     return f'<td class="{cls}" data-v="{v}">{_e(text)}</td>'
@@ -152,7 +156,8 @@ def robustbench_record(model: ModelEntry, row: LeaderboardRow, group: Leaderboar
         "model_id": model.model_id, "weights_sha256": model.sha256, "defenses": model.defenses,
         "bn_branch": model.bn_branch, "aliases": model.names, "group": group.title, "protocol": group.protocol,
         "split": entry.split, "rank": row.rank, "full_evaluation": entry.full, "run_id": entry.run_id,
-        "n": entry.n, "attacks": entry.config.get("attacks") or [], "threat": threat or None,
+        "n": entry.n, "attacks": [{"name": a.get("name"), "params": a.get("params")} for a in entry.config.get("attacks") or []],
+        "threat": threat or None,
         "metrics": entry.metrics, "ci95": entry.summary.get("ci95"), "runs": [r.run_id for r in row.runs],
     }
     return record
@@ -168,7 +173,9 @@ def _curves(summary: dict[str, Any]) -> list[str]:
         points = value.get("points") if isinstance(value, dict) else value
         if not isinstance(points, list) or len(points) < 2 or not all(isinstance(p, dict) for p in points):
             continue
-        numeric = [k for k, v in points[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if any(not isinstance(v, (int, float)) or isinstance(v, bool) for p in points for v in p.values()):
+            continue  # records of things (per-attack rows), not points of a curve
+        numeric = list(points[0])
         ys = [k for k in numeric if k.endswith("accuracy")]
         xs = [k for k in numeric if k not in ys]
         if not ys or not xs or not all(isinstance(p.get(xs[0]), (int, float)) and isinstance(p.get(ys[0]), (int, float))
@@ -192,7 +199,7 @@ def _scatter(group: LeaderboardGroup, prefix: str) -> str:
               for r in group.rows if r.entry.metrics.get(x) is not None and r.entry.metrics.get(y) is not None]
     if not points:
         return ""
-    return svg.scatter(points, f"{len(points)} models (filled: ranked)", column_label(x), column_label(y))
+    return svg.scatter(points, f"{_plural(len(points), 'model')} (filled: ranked)", column_label(x), column_label(y))
 
 
 # ---------------------------------------------------------------------- pages
@@ -210,8 +217,9 @@ def _notes_cells(entry: RunEntry) -> str:
 def _index(board: Leaderboard, reports: set[str], store_name: str) -> str:
     groups = board.groups
     body = ['<h1>robustlab leaderboard</h1>',
-            (f'<p class="muted">{len(board.models)} models, {sum(len(m.runs) for m in board.models.values())} complete '
-            f"runs in {len(groups)} comparable settings, from results store <code>{_e(store_name)}</code>. "
+            (f'<p class="muted">{_plural(len(board.models), "model")}, '
+            f"{_plural(sum(len(m.runs) for m in board.models.values()), 'complete run')} in "
+            f"{_plural(len(groups), 'comparable setting')}, from results store <code>{_e(store_name)}</code>. "
             "A model is identified by the sha256 of its weights and its defenses, whatever name it was run under. "
             "Only full evaluations are ranked (the protocol's standard strength, e.g. at least the standard attack "
             "ensemble, on as many samples as the group's largest such run); weaker ones are listed below them, "
@@ -228,7 +236,7 @@ def _index(board: Leaderboard, reports: set[str], store_name: str) -> str:
         ranked = sum(r.rank is not None for r in group.rows)
         heads = "".join(f'<th class="num" data-first="descending">{_e(column_label(c))}</th>' for c in group.columns)
         body.append(f'<section class="group" data-group="g{i}" id="g{i}"><h2>{_e(group.title)}</h2>'
-                    f'<p class="muted">{len(group.rows)} models, {ranked} ranked; protocol {_e(group.protocol)}, '
+                    f'<p class="muted">{_plural(len(group.rows), "model")}, {ranked} ranked; protocol {_e(group.protocol)}, '
                     f"split {_e(group.split)}, full evaluations use n = {group.full_n:,}.</p>")
         body.append(f'<div class="plots">{_scatter(group, "")}</div>')
         body.append(f'<div class="wrap"><table class="sortable filterable board" id="table-g{i}"><thead><tr>'
@@ -367,5 +375,6 @@ def write_site(store: ResultsStore, out_dir: str | Path, *, reports: bool = True
             rows.append(record)
         everything.append({"title": group.title, "protocol": group.protocol, "dataset": group.dataset,
                            "split": group.split, "columns": list(group.columns), "full_n": group.full_n, "rows": rows})
-    _write(out / "leaderboard.json", json.dumps({"groups": everything}, indent=2, default=str) + "\n")
+    # (one line: the C encoder; an indented dump of a large store's takes seconds)
+    _write(out / "leaderboard.json", json.dumps({"groups": everything}, default=str) + "\n")
     return result
