@@ -176,6 +176,8 @@ def test_cli_help_says_where_it_writes_and_writes_there(store, tmp_path, capsys,
     assert (tmp_path / "leaderboard" / "index.html").is_file() and "leaderboard/index.html" in err
     assert main(["leaderboard", "--db", db, "--no-site"]) == 0
     assert "cifar10 · L∞ ε = 8/255" in capsys.readouterr().out
+    assert main(["leaderboard", "--db", db, "--out", "lb.html"]) == 2  # the single page of earlier releases
+    assert "--site DIR" in capsys.readouterr().err
     (tmp_path / "file").write_text("x")
     assert main(["leaderboard", "--db", db, "--site", str(tmp_path / "file")]) == 2
     assert "is not a folder" in capsys.readouterr().err

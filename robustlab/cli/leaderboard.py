@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from robustlab.cli.common import DEFAULT_DB, _require_db, _say
+from robustlab.errors import RobustlabError
 
 DEFAULT_SITE = "leaderboard"
 
@@ -16,6 +17,9 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     from robustlab.report.leaderboard import format_leaderboard, leaderboard
     from robustlab.report.site import write_site
 
+    if args.out is not None:
+        raise RobustlabError(f"--out is gone: the leaderboard is a site now; write it with --site DIR "
+                             f"(DIR/index.html is the page --out {args.out} was)")
     _require_db(args.db)
     with ResultsStore(args.db) as store:
         print(format_leaderboard(leaderboard(store)))
@@ -40,4 +44,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="only print the ranking, write no files")
     lb.add_argument("--no-reports", action="store_true",
                     help="do not write each run's report into SITE/runs/ (faster for large stores)")
+    lb.add_argument("--out", help=argparse.SUPPRESS)  # the single page of earlier releases: says where to look
     lb.set_defaults(func=cmd_leaderboard)
