@@ -227,8 +227,12 @@ def test_summary_is_the_metric_of_the_rows(tmp_path):
         rows = store.sample_rows("certified_samples", res.run_id)
         key, title = CertifiedProtocol.leaderboard_group(store.get_run(res.run_id))
     assert key == ("halfspace", "certified", "gaussian", 0.25) and "σ = 0.25 (l2)" in title
-    columns = dict(CertifiedProtocol.leaderboard_columns(res.summary))
-    assert list(columns)[0] == "ACR" and columns["ACR"] == res.summary["acr"]
+    from robustlab.report.leaderboard import columns_of, metric_of
+
+    columns = columns_of(CertifiedProtocol, [res.summary])
+    assert columns[0] == "acr" and metric_of(res.summary, "acr") == res.summary["acr"]
+    assert "certified_accuracy@0.1" in columns
+    assert metric_of(res.summary, "certified_accuracy@0.1") == res.summary["certified_accuracy"]["0.1"]
     radii = [r["radius"] if r["prediction"] != ABSTAIN and r["correct"] else 0.0 for r in rows]
     assert res.summary["acr"] == pytest.approx(sum(radii) / len(rows))
     at = sum(1 for r in rows if r["correct"] and r["radius"] is not None and r["radius"] >= 0.1) / len(rows)

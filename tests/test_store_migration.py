@@ -70,7 +70,7 @@ def test_old_store_migrates_and_reports_the_same_numbers(old_store, tmp_path):
     assert doc["summary"]["robust_accuracy"] == golden["summary"]["robust_accuracy"]
     page = paths["html"].read_text()
     assert f"{100 * golden['summary']['robust_accuracy']:.2f}%" in page
-    assert [(g.dataset, g.norm, g.eps) for g in groups] == [("digits", "linf", 0.1)]
+    assert [(g.dataset, g.title) for g in groups] == [("digits", "digits · L∞ ε = 0.1")]
     assert [r.run_id for r in groups[0].rows] == [ids["digits_cnn_golden"]]
     assert groups[0].rows[0].robust_accuracy == golden["summary"]["robust_accuracy"]
     assert "INCOMPLETE RUN" in partial["html"].read_text()

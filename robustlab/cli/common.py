@@ -13,8 +13,14 @@ from robustlab.errors import RobustlabError
 DEFAULT_DB = "results.db"
 
 MODEL_HELP = ("the model: a checkpoint X.safetensors (its card X.json beside it), zoo:NAME (a model of the local zoo, "
-              "see `robustlab zoo list`), a registry architecture (random weights; `robustlab list models`), or "
-              "file.py:function / module:function returning an nn.Module")
+              "see `robustlab zoo list`), torchvision:NAME / timm:NAME / robustbench:NAME with --weights FILE, "
+              "file.py:function / module:function returning an nn.Module, or a registry architecture "
+              "(`robustlab list models`; random weights unless --weights)")
+DATA_HELP = ("data set: a name from `robustlab list datasets` (digits is embedded; mnist, fashion_mnist, cifar10, "
+             "cifar100, svhn are read from --data-root), an image folder path (./DIR/<class>/*.png; a path with a "
+             "slash), or imagenet-val:DIR (ImageNet-style <wnid> folders; labels in the order of a "
+             "LOC_synset_mapping.txt / synsets.txt / imagenet_class_index.json found in DIR or its parent). Folders "
+             "are streamed and resized/cropped as the model's card says")
 
 # Help of the options several commands share, one text each: an option a command adds without its own
 # help gets this one (see fill_shared_help); anything else needs its own (tests/test_cli_help.py).
@@ -24,8 +30,7 @@ SHARED_HELP = {
     "--seed": "seed of every random draw (random starts, data order); the same seed gives the same numbers "
               "(default %(default)s)",
     "--batch-size": "images per batch (default %(default)s)",
-    "--data": "data set: a name from `robustlab list datasets` (digits is embedded; mnist, fashion_mnist, cifar10, "
-              "cifar100, svhn are read from --data-root), or imagefolder with --data-root a folder of class folders",
+    "--data": DATA_HELP,
     "--split": "the split to use: test (default) or train (svhn also has extra)",
     "--data-root": "folder with the data set files (default: $ROBUSTLAB_DATA or ./data)",
     "--norm": "threat model norm: linf, l2 or l1",

@@ -8,7 +8,24 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from robustlab.cli.common import DEFAULT_DB, MODEL_HELP, _argument_type, _device, _floats, _number, _say, _steps_grid, _threat
+from robustlab.cli.common import (
+    DATA_HELP,
+    DEFAULT_DB,
+    MODEL_HELP,
+    _argument_type,
+    _device,
+    _floats,
+    _number,
+    _say,
+    _steps_grid,
+    _threat,
+)
+from robustlab.cli.inputs import (
+    add_weights_arguments,
+    check_data_spec,
+    declared_strength,
+    load_data_for_model,
+)
 from robustlab.errors import RobustlabError
 
 if TYPE_CHECKING:
@@ -28,7 +45,6 @@ def apply_card_defenses(loaded: LoadedModel, extra: list[str] | None = None) -> 
 def cmd_eval(args: argparse.Namespace) -> int:
     from robustlab import distributed
     from robustlab.attacks import build_attacks
-    from robustlab.data import load_dataset
     from robustlab.eval.runner import EvalOptions, evaluate
     from robustlab.eval.store import ResultsStore
     from robustlab.models import load_model
@@ -42,22 +58,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     build_defenses(args.defense or [])  # bad names or parameters fail before anything is loaded
     if args.n is not None and args.n < 1:
         raise RobustlabError(f"--n must be >= 1, got {args.n}")
-    data = load_dataset(args.data, args.split, root=args.data_root)
+    check_data_spec(args.data)
+    device = _device(args.device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_model(args.model, device=device, bn_branch=args.bn, weights=args.weights,
+                            num_classes=args.num_classes)
+    for w in caught:
+        _say(f"robustlab: warning: {w.message}")
+    data = load_data_for_model(args.data, args.split, args.data_root, loaded.card)
     if args.n:
         if args.n > len(data):
             _say(f"robustlab: note: --n {args.n} is more than the {len(data)} images of {data.name}:{data.split}; "
                  f"using all {len(data)}")
         data = data.subset(args.n)
-    device = _device(args.device)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        loaded = load_model(args.model, device=device, bn_branch=args.bn)
-    for w in caught:
-        _say(f"robustlab: warning: {w.message}")
     loaded.model.to(device)
     model = apply_card_defenses(loaded, args.defense)
     info = {"source": loaded.source, "spec": args.model, "card": loaded.card.to_dict() if loaded.card else None}
     extra: dict[str, Any] = {"classes": list(data.classes)}
+    if args.stronger_than:  # recorded in the config: the leaderboard ranks the run with full evaluations
+        extra["declared_strength"] = args.stronger_than
     branch = current_bn_branch(model)
     if branch is not None:  # a dual-BN model: which branch was evaluated is part of the run
         info["bn_branch"] = extra["bn_branch"] = branch
@@ -116,7 +136,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="evaluate clean and robust accuracy under an attack ensemble")
     e.add_argument("--model", required=True, help=MODEL_HELP)
-    e.add_argument("--data", required=True)
+    add_weights_arguments(e)
+    e.add_argument("--data", required=True, help=DATA_HELP)
     e.add_argument("--split", default="test")
     e.add_argument("--data-root")
     e.add_argument("--n", "--num-examples", dest="n", type=int,
@@ -145,5 +166,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "attacks give the curve from their per-sample norms (fewer attacks; off by default)")
     e.add_argument("--bn", choices=["clean", "adv"],
                    help="for a model with dual batch norm: evaluate this branch (default: the card's test_branch)")
+    e.add_argument("--stronger-than", metavar="SUITE: WHY", type=_argument_type(declared_strength),
+                   help="declare this attack list at least as strong as a suite (standard, rand) and say why, e.g. "
+                   "'standard: the paper's adaptive attack, 1000 steps'; the leaderboard then ranks the run among full "
+                   "evaluations (with the reason shown) although it does not run that suite")
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     e.set_defaults(func=cmd_eval)

@@ -26,6 +26,7 @@ import torch.nn as nn
 from robustlab.attacks import ATTACKS
 from robustlab.attacks.base import Attack, create_attack
 from robustlab.attacks.ensemble import EnsembleState, WorstCaseEnsemble
+from robustlab.attacks.suites import SUITES
 from robustlab.eval import sanity
 from robustlab.eval.binarization import binarization_test
 from robustlab.eval.metrics import RobustAccuracy
@@ -41,6 +42,8 @@ from robustlab.threat import ThreatModel
 LARGE_EPS_SAMPLES = 200
 BINARIZATION_SAMPLES = 10
 STRENGTH_PARAMS = ("steps", "queries")
+# Parameters that make an attack stronger as they grow (compared against the reference ensemble).
+STRENGTH_KEYS = ("steps", "queries", "restarts", "eot", "n_target_classes")
 # Save a batch's state after an attack once this many seconds have passed since the batch began or
 # was last saved (quick batches are never saved half-done: redoing them costs less than the writes).
 SAVE_SECONDS = 60.0
@@ -366,11 +369,36 @@ class AdversarialProtocol(Protocol):
             summary.update(done=n, partial=True)
         return summary
 
+    leaderboard_columns = ("robust_accuracy", "clean_accuracy")
+
     @classmethod
     def leaderboard_group(cls, run: dict[str, Any]) -> tuple[tuple, str]:
         config = run["config"]
         eps = float(config["eps"])
         return (run["dataset"], cls.name, config["norm"], round(eps, 8)), ""
+
+    @classmethod
+    def leaderboard_strength(cls, run: dict[str, Any]) -> list[str]:
+        """A full evaluation runs at least the reference ensemble (``standard``; ``rand`` for a
+        randomized model): each of its attacks, at least as strong (steps, restarts, EOT draws, queries,
+        target classes), in any order and with any attacks added. A run may instead declare a stronger
+        ensemble in its config: ``declared_strength = {"at_least": "standard", "reason": "..."}``."""
+        config = cls.normalize_config(run["config"])
+        reference = "rand" if (run.get("model_info") or {}).get("randomized") else "standard"
+        declared = config.get("declared_strength")
+        if isinstance(declared, dict) and declared.get("at_least") == reference:
+            return []
+        threat = ThreatModel(config["norm"], float(config["eps"]))
+        ran = config.get("attacks") or []
+        missing = []
+        for ref in SUITES.get(reference)(threat):
+            need = {k: v for k, v in ref.params.items() if k in STRENGTH_KEYS}
+            same = [a.get("params") or {} for a in ran if a.get("name") == ref.name]
+            if any(all(_number(p.get(k)) >= v for k, v in need.items()) for p in same):
+                continue
+            short = [f"{k} {p.get(k)} < {v}" for p in same[:1] for k, v in need.items() if _number(p.get(k)) < v]
+            missing.append(f"{ref.name} ({', '.join(short)})" if short else ref.name)
+        return [f"weaker than the {reference} ensemble: lacks {', '.join(missing)}"] if missing else []
 
 
 def worst_case(store: ResultsStore, run: dict[str, Any], main: list[SampleRow],
@@ -423,6 +451,11 @@ def worst_case_verdict(extra: dict[str, int], ensemble: float | None, worst: flo
     return sanity.verdict("worst-case", "warn", f"other attack settings of this run broke points the ensemble left "
                           f"robust ({where}): the ensemble alone gave {100 * ensemble:.2f}%, the reported robust "
                           f"accuracy {100 * worst:.2f}% counts them broken; strengthen the ensemble")
+
+
+def _number(value: Any) -> float:
+    """A recorded strength parameter as a number (missing or not a number: 0, weaker than any)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
 def _randomized(model: nn.Module) -> bool:

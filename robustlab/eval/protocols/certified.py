@@ -245,6 +245,9 @@ class CertifiedProtocol(Protocol):
             checks.append(lie_verdict(lie, config["norm"]))
         return summary
 
+    # ranked by ACR, then certified accuracy per radius; fewer abstentions break ties
+    leaderboard_columns = ("acr", "certified_accuracy", "-abstain_rate")
+
     @classmethod
     def leaderboard_group(cls, run: dict[str, Any]) -> tuple[tuple, str]:
         """(dataset, noise, scale): certificates under different noises or scales are not comparable.
@@ -255,15 +258,6 @@ class CertifiedProtocol(Protocol):
         return ((run["dataset"], cls.name, noise["name"], float(scale)),
                 f"{run['dataset']} · certified · {noise['name']} {label} = {scale:g} ({run['config']['norm']})")
 
-    @classmethod
-    def leaderboard_columns(cls, summary: dict[str, Any]) -> list[tuple[str, Any]]:
-        """The certified columns of a leaderboard row (name, value), the ranking one (ACR) first."""
-        cols: list[tuple[str, Any]] = [("ACR", summary.get("acr"))]
-        cols += [(f"cert. acc. r={t}", a) for t, a in (summary.get("certified_accuracy") or {}).items()]
-        cols.append(("abstain", summary.get("abstain_rate")))
-        lie = summary.get("lie_check") or {}
-        cols.append(("contradicted", f"{lie.get('contradicted', 0)}/{lie.get('attacked', 0)}"))
-        return cols
 
 
 def lie_check(rows: list[Any], alpha: float) -> dict[str, Any]:
