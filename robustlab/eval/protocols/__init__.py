@@ -5,8 +5,10 @@ from __future__ import annotations
 from robustlab.errors import RobustlabError
 from robustlab.eval.protocols.adversarial import AdversarialProtocol
 from robustlab.eval.protocols.base import BatchContext, BatchOutput, Protocol, Task
+from robustlab.eval.protocols.verified import VerifiedProtocol
 
-PROTOCOLS: dict[str, type[Protocol]] = {AdversarialProtocol.name: AdversarialProtocol}
+PROTOCOLS: dict[str, type[Protocol]] = {AdversarialProtocol.name: AdversarialProtocol,
+                                         VerifiedProtocol.name: VerifiedProtocol}
 
 
 def protocol_class(name: str) -> type[Protocol]:
@@ -17,4 +19,5 @@ def protocol_class(name: str) -> type[Protocol]:
     return PROTOCOLS[name]
 
 
-__all__ = ["PROTOCOLS", "AdversarialProtocol", "BatchContext", "BatchOutput", "Protocol", "Task", "protocol_class"]
+__all__ = ["PROTOCOLS", "AdversarialProtocol", "BatchContext", "BatchOutput", "Protocol", "Task", "VerifiedProtocol",
+           "protocol_class"]

@@ -1,0 +1,1 @@
+"""Certified robustness: verified bounds by bound propagation (``robustlab.certify.ibp``)."""
