@@ -217,3 +217,21 @@ def test_verified_accuracy_merges_like_one_pass():
     assert a.merge(b) == whole
     c = whole.compute()
     assert c["verified_accuracy"] == 0.6 and c["empirical_robust_accuracy"] == 0.6 and c["lies"] == 1
+
+
+def test_run_from_cli_arguments_and_text_summary(tmp_path, digits_test):
+    from argparse import Namespace
+
+    from robustlab.eval.protocols.verified import run_from_args
+    from robustlab.report.verified import format_verified
+
+    torch.manual_seed(0)
+    model = create_model("digits_mlp", hidden=(32,)).eval()
+    args = Namespace(method="ibp", eps=0.01, norm="l2", attack_steps=5, seed=0, batch_size=50, model="m", resume=False)
+    with ResultsStore(tmp_path / "r.db") as store:
+        result = run_from_args(args, model, digits_test.subset(60), store, torch.device("cpu"), {})
+    s = result.summary
+    assert s["method"] == "ibp" and s["threat"] == {"norm": "l2", "eps": 0.01} and s["n"] == 60
+    assert s["soundness_attack"]["params"]["steps"] == 5 and s["lies"] == 0
+    text = format_verified(s, result.checks, "m on digits:test")
+    assert "verified by ibp" in text and "PGD-5 accuracy" in text and "[pass] soundness" in text

@@ -168,3 +168,16 @@ def protocol_from_args(args: Any) -> VerifiedProtocol:
     steps = getattr(args, "attack_steps", None)
     return VerifiedProtocol(method=args.method, eps=args.eps, norm=getattr(args, "norm", None) or "linf",
                             attack_steps=50 if steps is None else steps)
+
+
+def run_from_args(args: Any, model: nn.Module, data: Any, store: ResultsStore, device: torch.device,
+                  info: dict[str, Any]) -> Any:
+    """``robustlab certify --method ibp|crown-ibp``: the verified run the parsed arguments ask for
+    (``seed``, ``batch_size``, ``model``, ``resume`` as every run command has them), as a
+    :class:`~robustlab.eval.runner.RunResult`."""
+    from robustlab.eval.runner import run  # the runner imports the protocols
+
+    return run(model, data, protocol_from_args(args), store, seed=getattr(args, "seed", 0),
+               batch_size=getattr(args, "batch_size", None) or 128, model_name=getattr(args, "model", "model"),
+               model_info=info, resume=bool(getattr(args, "resume", False)), device=device)
+
