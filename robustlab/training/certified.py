@@ -11,10 +11,15 @@ logits, 0 for the true class). Epsilon grows linearly from 0 to the threat model
 the ramp. The model must be a chain the bounds support (``robustlab.certify.ibp``), without
 BatchNorm or dropout (in training mode their outputs depend on the batch or on draws).
 
-Published MNIST settings: Gowal et al. train at a larger epsilon than they test (0.4 for 0.3, 0.2 for
-0.1), 2k clean steps then a 10k-step ramp of ~60 epochs, kappa 1 -> 0.5; Zhang et al. 200 epochs with
-the ramp over epochs 10-60 (fractions 0.05-0.3), kappa 1 -> 0 (also 0 -> 0), beta 1 -> 0. The defaults
-here are those fractions and kappas; short runs want a ramp that ends well before the run does.
+Published MNIST settings: Gowal et al. train at a larger epsilon than they test (0.4 for 0.3, 0.2
+for 0.1); their reference code (google-deepmind/interval-bound-propagation, examples/train.py) runs
+60k steps of batch 100 with 2k clean steps and a 10k-step ramp (fractions 0.033 .. 0.2), Adam 1e-3
+(1e-4 from step 15k, 1e-5 from 25k), kappa 1 -> 0.5. Zhang et al.'s code (huanzhang12/CROWN-IBP,
+config/mnist_dm-large_0.4.json): 200 epochs of batch 256, Adam 5e-4 (/10 at epochs 130 and 190),
+the ramp over epochs 10-61 (fractions 0.05 .. 0.3), beta 1 -> 0, final kappa 0.5 by default (the
+paper also trains with kappa ending at 0). The defaults here: the ramp fractions 0.05 .. 0.3; kappa
+1 -> 0.5 for ``ibp``, 1 -> 0 for ``crown-ibp``. Short runs want a ramp that ends well before the run
+does.
 """
 
 from __future__ import annotations
