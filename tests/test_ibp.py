@@ -235,3 +235,10 @@ def test_run_from_cli_arguments_and_text_summary(tmp_path, digits_test):
     assert s["soundness_attack"]["params"]["steps"] == 5 and s["lies"] == 0
     text = format_verified(s, result.checks, "m on digits:test")
     assert "verified by ibp" in text and "PGD-5 accuracy" in text and "[pass] soundness" in text
+    # A model the method cannot bound is refused before anything is stored.
+    args.method = "crown-ibp"
+    pooled = create_model("digits_cnn")
+    with ResultsStore(tmp_path / "r2.db") as store:
+        with pytest.raises(RobustlabError, match=r"^crown-ibp cannot bound layer 3 'net.pool1' \(MaxPool2d\)"):
+            run_from_args(args, pooled, digits_test.subset(10), store, torch.device("cpu"), {})
+        assert store.list_runs() == []

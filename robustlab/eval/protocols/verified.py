@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from robustlab.attacks.base import create_attack
-from robustlab.certify.ibp import METHODS, check_ball, verify
+from robustlab.certify.ibp import CROWN_LAYERS, IBP_LAYERS, METHODS, check_ball, layers_of, verify
 from robustlab.errors import RobustlabError
 from robustlab.eval import sanity
 from robustlab.eval.metrics import VerifiedAccuracy
@@ -56,6 +56,12 @@ class VerifiedProtocol(Protocol):
             raise RobustlabError("the soundness attack needs steps >= 0 (0: no attack) and restarts >= 1")
         self.attack = (create_attack("pgd", self.threat, steps=attack_steps, restarts=attack_restarts)
                        if attack_steps > 0 and self.eps > 0 else None)
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise RobustlabError naming the first layer the method cannot bound (in eval mode, as
+        the run evaluates it)."""
+        with eval_mode(model):
+            layers_of(model, CROWN_LAYERS if self.method == "crown-ibp" else IBP_LAYERS, self.method)
 
     def config(self) -> dict[str, Any]:
         return {"method": self.method, "norm": self.norm, "eps": self.eps,
@@ -177,7 +183,9 @@ def run_from_args(args: Any, model: nn.Module, data: Any, store: ResultsStore, d
     :class:`~robustlab.eval.runner.RunResult`."""
     from robustlab.eval.runner import run  # the runner imports the protocols
 
-    return run(model, data, protocol_from_args(args), store, seed=getattr(args, "seed", 0),
+    protocol = protocol_from_args(args)
+    protocol.check_model(model)  # an unsupported layer is refused before the run is stored
+    return run(model, data, protocol, store, seed=getattr(args, "seed", 0),
                batch_size=getattr(args, "batch_size", None) or 128, model_name=getattr(args, "model", "model"),
                model_info=info, resume=bool(getattr(args, "resume", False)), device=device)
 
