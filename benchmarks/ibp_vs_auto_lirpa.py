@@ -80,8 +80,8 @@ def networks() -> list[tuple[str, nn.Module, torch.Tensor]]:
     out.append(("digits_mlp (random)", create_model("digits_mlp").eval(), torch.rand(64, 1, 8, 8, generator=gen)))
     torch.manual_seed(1)
     out.append(("dm_small (random)", create_model("dm_small").eval(), torch.rand(64, 1, 28, 28, generator=gen)))
-    trained = CACHE / "ibp_mnist_ibp-0.4.safetensors"
-    if trained.is_file():
+    trained = max(CACHE.glob("ibp_mnist_ibp-0.4*.safetensors"), default=None, key=lambda p: p.stat().st_mtime)
+    if trained is not None:
         from safetensors.torch import load_file
 
         from robustlab.data import load_dataset
