@@ -1,4 +1,5 @@
-"""Certified robustness: randomized smoothing (``smoothing``, noises in ``noise``)."""
+"""Certified robustness: randomized smoothing (``smoothing``, noises in ``noise``) and verified bounds by
+bound propagation (``ibp``: interval bounds and CROWN-IBP)."""
 
 from robustlab.certify.noise import NOISES, Noise, create_noise, register_noise
 from robustlab.certify.smoothing import (

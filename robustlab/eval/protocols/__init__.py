@@ -7,8 +7,10 @@ from robustlab.eval.protocols.adversarial import AdversarialProtocol
 from robustlab.eval.protocols.certified import CertifiedOptions, CertifiedProtocol
 from robustlab.eval.protocols.base import BatchContext, BatchOutput, Protocol, Task
 from robustlab.eval.protocols.corruption import CorruptionProtocol
+from robustlab.eval.protocols.verified import VerifiedProtocol
 
-PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (AdversarialProtocol, CertifiedProtocol, CorruptionProtocol)}
+PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (AdversarialProtocol, CertifiedProtocol, CorruptionProtocol,
+                                                            VerifiedProtocol)}
 
 
 def protocol_class(name: str) -> type[Protocol]:
@@ -20,4 +22,4 @@ def protocol_class(name: str) -> type[Protocol]:
 
 
 __all__ = ["PROTOCOLS", "AdversarialProtocol", "BatchContext", "BatchOutput", "CertifiedOptions", "CertifiedProtocol",
-           "CorruptionProtocol", "Protocol", "Task", "protocol_class"]
+           "CorruptionProtocol", "Protocol", "Task", "VerifiedProtocol", "protocol_class"]
