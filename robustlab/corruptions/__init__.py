@@ -1,5 +1,28 @@
-"""Common corruptions (ImageNet-C / CIFAR-10-C / MNIST-C style): see :mod:`robustlab.corruptions.base`."""
+"""Common corruptions (ImageNet-C / CIFAR-10-C / MNIST-C style): see :mod:`robustlab.corruptions.base`.
 
-from robustlab.corruptions.base import CORRUPTIONS, SEVERITIES, Corruption, create_corruption, register_corruption, suite
+The 15 ImageNet-C corruptions and the 4 extra ones are registered here in the published order
+(that order is what :func:`suite` lists).
+"""
+
+from robustlab.corruptions.base import (
+    CORRUPTIONS,
+    SEVERITIES,
+    Corruption,
+    create_corruption,
+    register_corruption,
+    suite,
+)
+from robustlab.corruptions.noise import (
+    GaussianNoise,
+    ImpulseNoise,
+    ShotNoise,
+    SpeckleNoise,
+)
+
+IMAGENET_C = (GaussianNoise, ShotNoise, ImpulseNoise)
+IMAGENET_C_EXTRA = (SpeckleNoise,)
+
+for _cls in IMAGENET_C + IMAGENET_C_EXTRA:
+    register_corruption(_cls)
 
 __all__ = ["CORRUPTIONS", "SEVERITIES", "Corruption", "create_corruption", "register_corruption", "suite"]

@@ -1,0 +1,299 @@
+"""Batched torch building blocks of the corruptions: padding, Gaussian and 2-D filters, motion blur,
+linear zoom and box resizing as index/weight tables, HSV, plasma fractals, random draws.
+
+Every function takes and returns float batches (N, C, H, W) (or (N, H, W) maps where said) on the
+input's device. Border modes name what the reference code used: ``edge`` (scipy/skimage
+``nearest``), ``symmetric`` (scipy ``reflect``: ``d c b a | a b c d``) and ``reflect101`` (OpenCV's
+default border and torch's ``reflect``: ``d c b | a b c d``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+# A source of uniform numbers in [0, 1): shape -> float64 tensor. The corruptions draw through one so
+# a fidelity check can feed them the numbers another implementation drew.
+Draw = Callable[[tuple[int, ...]], torch.Tensor]
+
+
+def uniform_draw(generator: torch.Generator | None, device: torch.device) -> Draw:
+    """Uniform [0, 1) numbers from ``generator`` (on the generator's device), moved to ``device``."""
+    gen_device = generator.device if generator is not None else device
+
+    def draw(shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.rand(shape, generator=generator, device=gen_device, dtype=torch.float64).to(device)
+
+    return draw
+
+
+def normal(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device,
+           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normal numbers from ``generator``, on ``device``."""
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+def border_index(length: int, before: int, after: int, mode: str, device: torch.device) -> torch.Tensor:
+    """Indices into an axis of ``length`` that pad it by ``before``/``after`` samples (any amount)."""
+    i = torch.arange(-before, length + after, device=device)
+    if mode == "edge" or length == 1:
+        return i.clamp(0, length - 1)
+    if mode == "symmetric":
+        m = i.remainder(2 * length)
+        return torch.where(m >= length, 2 * length - 1 - m, m)
+    if mode == "reflect101":
+        m = i.remainder(2 * length - 2)
+        return torch.where(m >= length, 2 * length - 2 - m, m)
+    raise ValueError(f"unknown border mode {mode!r}")
+
+
+def pad_axis(x: torch.Tensor, dim: int, before: int, after: int, mode: str) -> torch.Tensor:
+    if before == 0 and after == 0:
+        return x
+    return x.index_select(dim, border_index(x.shape[dim], before, after, mode, x.device))
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    """scipy.ndimage's Gaussian taps: radius ``int(truncate * sigma + 0.5)``, normalized (float64)."""
+    radius = int(truncate * sigma + 0.5)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()
+
+
+def correlate_axis(x: torch.Tensor, taps: torch.Tensor, dim: int, mode: str) -> torch.Tensor:
+    """Correlate the last two axes' ``dim`` (-2 rows, -1 columns) of (N, C, H, W) with 1-D ``taps``
+    centred on the middle tap."""
+    r = (taps.numel() - 1) // 2
+    if r == 0:
+        return x * taps[0].item()
+    n, c, h, w = x.shape
+    xp = pad_axis(x, dim, r, r, mode)
+    xp = xp.reshape(n * c, 1, xp.shape[-2], xp.shape[-1])
+    k = taps.to(x.device, x.dtype)
+    weight = k.view(1, 1, -1, 1) if dim == -2 else k.view(1, 1, 1, -1)
+    return F.conv2d(xp, weight).reshape(n, c, h, w)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float, mode: str = "edge", truncate: float = 4.0) -> torch.Tensor:
+    """skimage.filters.gaussian / scipy gaussian_filter on each channel (default border ``edge``)."""
+    if sigma <= 0:
+        return x
+    taps = gaussian_kernel1d(sigma, truncate)
+    return correlate_axis(correlate_axis(x, taps, -2, mode), taps, -1, mode)
+
+
+def filter2d(x: torch.Tensor, kernel: torch.Tensor, mode: str = "reflect101") -> torch.Tensor:
+    """OpenCV filter2D (correlation, anchor at the centre) of each channel with an odd 2-D kernel."""
+    kh, kw = kernel.shape
+    n, c, h, w = x.shape
+    xp = pad_axis(pad_axis(x, -2, kh // 2, kh // 2, mode), -1, kw // 2, kw // 2, mode)
+    out = F.conv2d(xp.reshape(n * c, 1, h + kh - 1, w + kw - 1), kernel.to(x.device, x.dtype).view(1, 1, kh, kw))
+    return out.reshape(n, c, h, w)
+
+
+def box3(x: torch.Tensor) -> torch.Tensor:
+    """OpenCV ``blur(x, (3, 3))``: the mean over each 3x3 window, border reflect101."""
+    return filter2d(x, torch.full((3, 3), 1.0 / 9.0))
+
+
+def cv_gaussian_taps(ksize: int, sigma: float) -> torch.Tensor:
+    """OpenCV getGaussianKernel(ksize, sigma) for sigma > 0."""
+    t = torch.arange(ksize, dtype=torch.float64) - (ksize - 1) / 2
+    k = torch.exp(-(t ** 2) / (2 * sigma * sigma))
+    return k / k.sum()
+
+
+def disk_kernel(radius: float, alias_blur: float) -> torch.Tensor:
+    """The defocus kernel of ImageNet-C: a disk of ``radius`` on a grid of at least 17x17, smoothed by
+    a 3x3 (5x5 above radius 8) Gaussian of ``alias_blur`` (border reflect101), cropped to its support."""
+    half = 8 if radius <= 8 else int(radius)
+    t = torch.arange(-half, half + 1, dtype=torch.float64)
+    disk = ((t.view(-1, 1) ** 2 + t.view(1, -1) ** 2) <= radius ** 2).double()
+    disk = disk / disk.sum()
+    taps = cv_gaussian_taps(3 if radius <= 8 else 5, alias_blur)
+    k = correlate_axis(correlate_axis(disk.view(1, 1, *disk.shape), taps, -2, "reflect101"), taps, -1, "reflect101")
+    k = k[0, 0]
+    nz = torch.nonzero(k.abs() > 0)
+    r = int((nz - half).abs().max()) if nz.numel() else 0
+    return k[half - r:half + r + 1, half - r:half + r + 1].float()
+
+
+def shift_sample(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """``out[n, :, i, j] = x[n, :, clamp(i - dy[n]), clamp(j - dx[n])]``: each image moved by its
+    own integer offset, the border pixels repeated."""
+    n, c, h, w = x.shape
+    rows = (torch.arange(h, device=x.device).view(1, h) - dy.view(n, 1)).clamp(0, h - 1)
+    cols = (torch.arange(w, device=x.device).view(1, w) - dx.view(n, 1)).clamp(0, w - 1)
+    x = x.gather(2, rows.view(n, 1, h, 1).expand(n, c, h, w))
+    return x.gather(3, cols.view(n, 1, 1, w).expand(n, c, h, w))
+
+
+def motion_blur(x: torch.Tensor, radius: int, sigma: float, angles: torch.Tensor) -> torch.Tensor:
+    """Motion blur with a one-sided Gaussian line kernel (the kernel form of ImageMagick's
+    ``-motion-blur radius x sigma + angle`` that imagecorruptions uses): ``2 * radius + 1`` copies of
+    the image shifted along ``angles`` (degrees, one per image), weighted ``exp(-i^2 / 2 sigma^2)``
+    (normalized); a copy shifted past the image's size is dropped."""
+    n, _, h, w = x.shape
+    width = 2 * radius + 1
+    taps = torch.exp(-(torch.arange(width, dtype=torch.float64) ** 2) / (2 * sigma * sigma))
+    taps = taps / taps.sum()
+    rad = torch.deg2rad(angles.to(torch.float64))
+    p0, p1 = width * torch.sin(rad), width * torch.cos(rad)
+    hyp = torch.hypot(p0, p1)
+    out = torch.zeros_like(x)
+    alive = torch.ones(n, dtype=torch.bool, device=x.device)
+    for i in range(width):
+        dy = -torch.ceil(i * p0 / hyp - 0.5).long()
+        dx = -torch.ceil(i * p1 / hyp - 0.5).long()
+        alive &= (dy.abs() < h) & (dx.abs() < w)
+        weight = (taps[i].item() * alive.to(x.dtype)).view(n, 1, 1, 1)
+        out += weight * shift_sample(x, dy, dx)
+    return out
+
+
+def linear_taps(positions: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two-tap linear interpolation at fractional ``positions`` inside [0, length - 1]."""
+    i0 = positions.floor().clamp(0, length - 1)
+    frac = (positions - i0).to(torch.float32)
+    i0 = i0.long()
+    return i0, (i0 + 1).clamp(max=length - 1), frac
+
+
+def resample_axis(x: torch.Tensor, dim: int, taps: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Linear resampling of axis ``dim`` (-2 or -1) with taps from :func:`linear_taps`."""
+    i0, i1, frac = taps
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    f = frac.to(x.device, x.dtype).view(shape)
+    return x.index_select(dim, i0.to(x.device)) * (1 - f) + x.index_select(dim, i1.to(x.device)) * f
+
+
+def clipped_zoom_taps(length: int, zoom: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ImageNet-C's ``clipped_zoom`` along one axis: crop the centre ``ceil(length / zoom)`` samples,
+    zoom them with scipy's ``zoom(order=1)`` (corners aligned) and keep the centre ``length``."""
+    crop = math.ceil(length / zoom)
+    top = (length - crop) // 2
+    out = round(crop * zoom)
+    trim = (out - length) // 2
+    o = torch.arange(trim, trim + length, dtype=torch.float64)
+    src = o * ((crop - 1) / (out - 1)) if out > 1 else torch.zeros_like(o)
+    return linear_taps(top + src, length)
+
+
+def clipped_zoom(x: torch.Tensor, zoom: float) -> torch.Tensor:
+    """Zoom (N, C, H, W) about its centre by ``zoom`` >= 1, keeping the size."""
+    h, w = x.shape[-2:]
+    return resample_axis(resample_axis(x, -2, clipped_zoom_taps(h, zoom)), -1, clipped_zoom_taps(w, zoom))
+
+
+def pil_box_matrix(in_size: int, out_size: int) -> torch.Tensor:
+    """Pillow's BOX resampling from ``in_size`` to ``out_size`` samples as an (out, in) matrix."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 0.5 * filterscale
+    m = torch.zeros(out_size, in_size, dtype=torch.float64)
+    for o in range(out_size):
+        center = (o + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        for i in range(lo, hi):
+            t = (i - center + 0.5) / filterscale
+            if -0.5 <= t < 0.5:
+                m[o, i] = 1.0
+        m[o] /= m[o].sum()
+    return m
+
+
+def box_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Pillow ``resize(size, Image.BOX)`` of (N, C, H, W) to ``size`` = (height, width)."""
+    h, w = x.shape[-2:]
+    if (h, w) == tuple(size):
+        return x
+    mh = pil_box_matrix(h, size[0]).to(x.device, x.dtype)
+    mw = pil_box_matrix(w, size[1]).to(x.device, x.dtype)
+    return torch.matmul(torch.matmul(mh, x), mw.T)
+
+
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)
+
+
+def to_gray(x: torch.Tensor, weights: tuple[float, float, float] = GRAY_WEIGHTS) -> torch.Tensor:
+    """Luma (N, 1, H, W) of RGB (N, 3, H, W) (OpenCV's RGB2GRAY weights); a grey batch is returned."""
+    if x.shape[1] == 1:
+        return x
+    r, g, b = x.unbind(1)
+    return (weights[0] * r + weights[1] * g + weights[2] * b).unsqueeze(1)
+
+
+def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    """skimage.color.rgb2hsv of (N, 3, H, W): hue, saturation, value in [0, 1]."""
+    r, g, b = x.unbind(1)
+    v = x.amax(1)
+    delta = v - x.amin(1)
+    safe_v = torch.where(v == 0, torch.ones_like(v), v)
+    s = torch.where(v == 0, torch.zeros_like(v), delta / safe_v)
+    safe_d = torch.where(delta == 0, torch.ones_like(delta), delta)
+    h = (g - b) / safe_d
+    h = torch.where(g == v, 2.0 + (b - r) / safe_d, h)
+    h = torch.where(b == v, 4.0 + (r - g) / safe_d, h)
+    h = torch.remainder(h / 6.0, 1.0)
+    h = torch.where(delta == 0, torch.zeros_like(h), h)
+    return torch.stack([h, s, v], 1)
+
+
+def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    """skimage.color.hsv2rgb of (N, 3, H, W)."""
+    h, s, v = hsv.unbind(1)
+    h6 = h * 6.0
+    hi = torch.floor(h6)
+    f = h6 - hi
+    hi = hi.long().remainder(6)
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    table = torch.stack([
+        torch.stack([v, t, p], 1), torch.stack([q, v, p], 1), torch.stack([p, v, t], 1),
+        torch.stack([p, q, v], 1), torch.stack([t, p, v], 1), torch.stack([v, p, q], 1),
+    ], 0)  # (6, N, 3, H, W)
+    return table.gather(0, hi.unsqueeze(0).unsqueeze(2).expand(1, -1, 3, -1, -1))[0]
+
+
+def plasma_fractal(n: int, mapsize: int, decay: float, draw: Draw, device: torch.device) -> torch.Tensor:
+    """``n`` diamond-square height maps (n, mapsize, mapsize) in [0, 1] (ImageNet-C's fog): each
+    midpoint is the mean of its neighbours plus ``wibble * U(-wibble, wibble)``, ``wibble`` starting at
+    100 and divided by ``decay`` per level."""
+    m = torch.zeros(n, mapsize, mapsize, dtype=torch.float64, device=device)
+    step = mapsize
+    wibble = 100.0
+
+    def wibbled_mean(a: torch.Tensor) -> torch.Tensor:
+        return a / 4 + wibble * (wibble * (2 * draw(tuple(a.shape)) - 1))
+
+    while step >= 2:
+        half = step // 2
+        corners = m[:, 0::step, 0::step]
+        acc = corners + corners.roll(-1, 1)
+        acc = acc + acc.roll(-1, 2)
+        m[:, half::step, half::step] = wibbled_mean(acc)
+        centre = m[:, half::step, half::step]
+        corners = m[:, 0::step, 0::step]
+        lt = centre + centre.roll(1, 1) + corners + corners.roll(-1, 2)
+        m[:, 0::step, half::step] = wibbled_mean(lt)
+        tt = centre + centre.roll(1, 2) + corners + corners.roll(-1, 1)
+        m[:, half::step, 0::step] = wibbled_mean(tt)
+        step //= 2
+        wibble /= decay
+    m = m - m.amin((1, 2), keepdim=True)
+    return m / m.amax((1, 2), keepdim=True)
+
+
+def next_power_of_2(v: int) -> int:
+    return 1 if v <= 1 else 2 ** (v - 1).bit_length()
+
+
+def quantize_floor(x: torch.Tensor) -> torch.Tensor:
+    """``np.uint8(x * 255) / 255``: the truncation to 8 bits the reference code does mid-way."""
+    return torch.floor(x.clamp(0, 1) * 255.0) / 255.0
