@@ -12,6 +12,13 @@ from robustlab.corruptions.base import (
     register_corruption,
     suite,
 )
+from robustlab.corruptions.blur import (
+    DefocusBlur,
+    GaussianBlur,
+    GlassBlur,
+    MotionBlur,
+    ZoomBlur,
+)
 from robustlab.corruptions.noise import (
     GaussianNoise,
     ImpulseNoise,
@@ -19,8 +26,8 @@ from robustlab.corruptions.noise import (
     SpeckleNoise,
 )
 
-IMAGENET_C = (GaussianNoise, ShotNoise, ImpulseNoise)
-IMAGENET_C_EXTRA = (SpeckleNoise,)
+IMAGENET_C = (GaussianNoise, ShotNoise, ImpulseNoise, DefocusBlur, GlassBlur, MotionBlur, ZoomBlur)
+IMAGENET_C_EXTRA = (SpeckleNoise, GaussianBlur)
 
 for _cls in IMAGENET_C + IMAGENET_C_EXTRA:
     register_corruption(_cls)

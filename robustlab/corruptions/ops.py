@@ -9,6 +9,7 @@ default border and torch's ``reflect``: ``d c b | a b c d``).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -65,26 +66,36 @@ def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
     return k / k.sum()
 
 
-def correlate_axis(x: torch.Tensor, taps: torch.Tensor, dim: int, mode: str) -> torch.Tensor:
-    """Correlate the last two axes' ``dim`` (-2 rows, -1 columns) of (N, C, H, W) with 1-D ``taps``
-    centred on the middle tap."""
+def axis_matrix(length: int, taps: torch.Tensor, mode: str) -> torch.Tensor:
+    """The (length, length) matrix of a correlation with odd 1-D ``taps`` along an axis padded by
+    ``mode`` (any kernel size, the border folded back in)."""
     r = (taps.numel() - 1) // 2
-    if r == 0:
-        return x * taps[0].item()
-    n, c, h, w = x.shape
-    xp = pad_axis(x, dim, r, r, mode)
-    xp = xp.reshape(n * c, 1, xp.shape[-2], xp.shape[-1])
-    k = taps.to(x.device, x.dtype)
-    weight = k.view(1, 1, -1, 1) if dim == -2 else k.view(1, 1, 1, -1)
-    return F.conv2d(xp, weight).reshape(n, c, h, w)
+    src = border_index(length, r, r, mode, torch.device("cpu"))
+    rows = torch.arange(length).view(-1, 1).expand(length, taps.numel())
+    cols = src.unfold(0, taps.numel(), 1)
+    m = torch.zeros(length, length, dtype=torch.float64)
+    m.index_put_((rows.reshape(-1), cols.reshape(-1)), taps.double().repeat(length), accumulate=True)
+    return m
+
+
+@functools.lru_cache(maxsize=128)
+def _gaussian_matrix(length: int, sigma: float, truncate: float, mode: str) -> torch.Tensor:
+    return axis_matrix(length, gaussian_kernel1d(sigma, truncate), mode)
+
+
+def apply_axis(x: torch.Tensor, matrix: torch.Tensor, dim: int) -> torch.Tensor:
+    """``matrix`` (out, in) applied along axis ``dim`` (-2 rows or -1 columns) of (..., H, W)."""
+    m = matrix.to(x.device, x.dtype)
+    return torch.matmul(m, x) if dim == -2 else torch.matmul(x, m.T)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float, mode: str = "edge", truncate: float = 4.0) -> torch.Tensor:
     """skimage.filters.gaussian / scipy gaussian_filter on each channel (default border ``edge``)."""
     if sigma <= 0:
         return x
-    taps = gaussian_kernel1d(sigma, truncate)
-    return correlate_axis(correlate_axis(x, taps, -2, mode), taps, -1, mode)
+    h, w = x.shape[-2:]
+    x = apply_axis(x, _gaussian_matrix(h, float(sigma), truncate, mode), -2)
+    return apply_axis(x, _gaussian_matrix(w, float(sigma), truncate, mode), -1)
 
 
 def filter2d(x: torch.Tensor, kernel: torch.Tensor, mode: str = "reflect101") -> torch.Tensor:
@@ -92,7 +103,8 @@ def filter2d(x: torch.Tensor, kernel: torch.Tensor, mode: str = "reflect101") ->
     kh, kw = kernel.shape
     n, c, h, w = x.shape
     xp = pad_axis(pad_axis(x, -2, kh // 2, kh // 2, mode), -1, kw // 2, kw // 2, mode)
-    out = F.conv2d(xp.reshape(n * c, 1, h + kh - 1, w + kw - 1), kernel.to(x.device, x.dtype).view(1, 1, kh, kw))
+    weight = kernel.to(x.device, x.dtype).view(1, 1, kh, kw).expand(n * c, 1, kh, kw)
+    out = F.conv2d(xp.reshape(1, n * c, h + kh - 1, w + kw - 1), weight, groups=n * c)
     return out.reshape(n, c, h, w)
 
 
@@ -116,8 +128,8 @@ def disk_kernel(radius: float, alias_blur: float) -> torch.Tensor:
     disk = ((t.view(-1, 1) ** 2 + t.view(1, -1) ** 2) <= radius ** 2).double()
     disk = disk / disk.sum()
     taps = cv_gaussian_taps(3 if radius <= 8 else 5, alias_blur)
-    k = correlate_axis(correlate_axis(disk.view(1, 1, *disk.shape), taps, -2, "reflect101"), taps, -1, "reflect101")
-    k = k[0, 0]
+    fold = axis_matrix(disk.shape[0], taps, "reflect101")
+    k = fold @ disk @ fold.T
     nz = torch.nonzero(k.abs() > 0)
     r = int((nz - half).abs().max()) if nz.numel() else 0
     return k[half - r:half + r + 1, half - r:half + r + 1].float()
@@ -189,6 +201,36 @@ def clipped_zoom(x: torch.Tensor, zoom: float) -> torch.Tensor:
     """Zoom (N, C, H, W) about its centre by ``zoom`` >= 1, keeping the size."""
     h, w = x.shape[-2:]
     return resample_axis(resample_axis(x, -2, clipped_zoom_taps(h, zoom)), -1, clipped_zoom_taps(w, zoom))
+
+
+def taps_matrix(taps: tuple[torch.Tensor, torch.Tensor, torch.Tensor], length: int) -> torch.Tensor:
+    """The (out, length) matrix of two-tap linear interpolation taps."""
+    i0, i1, frac = taps
+    rows = torch.arange(len(i0))
+    m = torch.zeros(len(i0), length)
+    m.index_put_((rows, i0), 1 - frac, accumulate=True)
+    m.index_put_((rows, i1), frac, accumulate=True)
+    return m
+
+
+@functools.lru_cache(maxsize=64)
+def _zoom_stack(length: int, zooms: tuple[float, ...]) -> torch.Tensor:
+    return torch.stack([taps_matrix(clipped_zoom_taps(length, z), length) for z in zooms])
+
+
+def zoom_sum(x: torch.Tensor, zooms: tuple[float, ...]) -> torch.Tensor:
+    """The sum of :func:`clipped_zoom` of (N, C, H, W) over ``zooms``: for small images as two matrix
+    products over all zooms at once, for large ones zoom by zoom with two-tap gathers."""
+    h, w = x.shape[-2:]
+    if max(h, w) > 64:
+        out = torch.zeros_like(x)
+        for z in zooms:
+            out += clipped_zoom(x, z)
+        return out
+    rows = _zoom_stack(h, zooms).to(x.device, x.dtype)
+    cols = _zoom_stack(w, zooms).to(x.device, x.dtype)
+    y = torch.einsum("zhk,nckw->nczhw", rows, x)
+    return torch.einsum("nczhw,zvw->nchv", y, cols)
 
 
 def pil_box_matrix(in_size: int, out_size: int) -> torch.Tensor:
