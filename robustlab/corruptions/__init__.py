@@ -25,9 +25,10 @@ from robustlab.corruptions.noise import (
     ShotNoise,
     SpeckleNoise,
 )
+from robustlab.corruptions.weather import Fog, Frost, Snow, Spatter
 
-IMAGENET_C = (GaussianNoise, ShotNoise, ImpulseNoise, DefocusBlur, GlassBlur, MotionBlur, ZoomBlur)
-IMAGENET_C_EXTRA = (SpeckleNoise, GaussianBlur)
+IMAGENET_C = (GaussianNoise, ShotNoise, ImpulseNoise, DefocusBlur, GlassBlur, MotionBlur, ZoomBlur, Snow, Frost, Fog)
+IMAGENET_C_EXTRA = (SpeckleNoise, GaussianBlur, Spatter)
 
 for _cls in IMAGENET_C + IMAGENET_C_EXTRA:
     register_corruption(_cls)

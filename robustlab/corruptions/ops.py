@@ -339,3 +339,69 @@ def next_power_of_2(v: int) -> int:
 def quantize_floor(x: torch.Tensor) -> torch.Tensor:
     """``np.uint8(x * 255) / 255``: the truncation to 8 bits the reference code does mid-way."""
     return torch.floor(x.clamp(0, 1) * 255.0) / 255.0
+
+
+def canny(img: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """OpenCV ``Canny(img, low, high)`` (3x3 Sobel with replicated border, L1 gradient magnitude,
+    non-maximum suppression in four sectors, hysteresis with 8-connectivity) of (N, H, W) maps of
+    8-bit values; returns a bool edge map."""
+    p = pad_axis(pad_axis(img, -2, 1, 1, "edge"), -1, 1, 1, "edge")
+    gx = (p[:, :-2, 2:] + 2 * p[:, 1:-1, 2:] + p[:, 2:, 2:]) - (p[:, :-2, :-2] + 2 * p[:, 1:-1, :-2] + p[:, 2:, :-2])
+    gy = (p[:, 2:, :-2] + 2 * p[:, 2:, 1:-1] + p[:, 2:, 2:]) - (p[:, :-2, :-2] + 2 * p[:, :-2, 1:-1] + p[:, :-2, 2:])
+    mag = gx.abs() + gy.abs()
+    m = F.pad(mag, (1, 1, 1, 1))
+    left, right = m[:, 1:-1, :-2], m[:, 1:-1, 2:]
+    up, down = m[:, :-2, 1:-1], m[:, 2:, 1:-1]
+    ax, ay = gx.abs(), gy.abs() * 32768
+    tg22 = ax * 13573
+    horizontal = ay < tg22
+    vertical = ay > tg22 + ax * 65536
+    same_sign = (gx * gy) >= 0
+    diag_a = torch.where(same_sign, m[:, :-2, :-2], m[:, :-2, 2:])  # previous row, column j - s
+    diag_b = torch.where(same_sign, m[:, 2:, 2:], m[:, 2:, :-2])  # next row, column j + s
+    peak = torch.where(
+        horizontal, (mag > left) & (mag >= right),
+        torch.where(vertical, (mag > up) & (mag >= down), (mag > diag_a) & (mag > diag_b)),
+    )
+    weak = peak & (mag > low)
+    edges = weak & (mag > high)
+    while True:
+        grown = weak & (F.max_pool2d(edges.unsqueeze(1).float(), 3, 1, 1)[:, 0] > 0)
+        if torch.equal(grown, edges):
+            return edges
+        edges = grown
+
+
+def truncated_distance(edges: torch.Tensor, limit: int) -> torch.Tensor:
+    """Euclidean distance (N, H, W) from each pixel to the nearest ``True`` of ``edges``, capped at
+    ``limit`` (exact below it): a column pass then a row pass over windows of ``limit`` pixels."""
+    n, h, w = edges.shape
+    inf = float(limit * limit + 1)
+    col = torch.full((n, h, w), inf, device=edges.device)
+    padded = F.pad(edges.float(), (0, 0, limit, limit))
+    for k in range(limit, -1, -1):
+        hit = (padded[:, limit + k:limit + k + h] + padded[:, limit - k:limit - k + h]) > 0
+        col = torch.where(hit, torch.full_like(col, float(k)), col)
+    sq = torch.where(col >= inf, torch.full_like(col, inf), col * col)
+    best = sq.clone()
+    padded = F.pad(sq, (limit, limit), value=inf)
+    for k in range(1, limit + 1):
+        best = torch.minimum(best, torch.minimum(padded[..., limit + k:limit + k + w], padded[..., limit - k:limit - k + w]) + k * k)
+    return best.sqrt().clamp(max=float(limit))
+
+
+def equalize_hist(img: torch.Tensor) -> torch.Tensor:
+    """OpenCV ``equalizeHist`` of each (H, W) map of (N, H, W) 8-bit values."""
+    n = img.shape[0]
+    flat = img.reshape(n, -1).long()
+    total = flat.shape[1]
+    hist = torch.zeros(n, 256, device=img.device).scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float32))
+    first = (hist > 0).float().argmax(1, keepdim=True)
+    first_count = hist.gather(1, first)
+    cdf = hist.cumsum(1)
+    rest = total - first_count
+    scale = torch.where(rest > 0, 255.0 / rest.clamp(min=1), torch.zeros_like(rest))
+    lut = torch.round((cdf - cdf.gather(1, first)) * scale).clamp(0, 255)
+    lut = torch.where(torch.arange(256, device=img.device).view(1, -1) < first, torch.zeros_like(lut), lut)
+    out = lut.gather(1, flat).reshape(img.shape)
+    return torch.where((rest == 0).view(n, *([1] * (img.dim() - 1))), img, out)
