@@ -19,6 +19,14 @@ from robustlab.corruptions.blur import (
     MotionBlur,
     ZoomBlur,
 )
+from robustlab.corruptions.digital import (
+    Brightness,
+    Contrast,
+    ElasticTransform,
+    JpegCompression,
+    Pixelate,
+    Saturate,
+)
 from robustlab.corruptions.noise import (
     GaussianNoise,
     ImpulseNoise,
@@ -27,8 +35,9 @@ from robustlab.corruptions.noise import (
 )
 from robustlab.corruptions.weather import Fog, Frost, Snow, Spatter
 
-IMAGENET_C = (GaussianNoise, ShotNoise, ImpulseNoise, DefocusBlur, GlassBlur, MotionBlur, ZoomBlur, Snow, Frost, Fog)
-IMAGENET_C_EXTRA = (SpeckleNoise, GaussianBlur, Spatter)
+IMAGENET_C = (GaussianNoise, ShotNoise, ImpulseNoise, DefocusBlur, GlassBlur, MotionBlur, ZoomBlur, Snow, Frost, Fog,
+              Brightness, Contrast, ElasticTransform, Pixelate, JpegCompression)
+IMAGENET_C_EXTRA = (SpeckleNoise, GaussianBlur, Spatter, Saturate)
 
 for _cls in IMAGENET_C + IMAGENET_C_EXTRA:
     register_corruption(_cls)

@@ -40,7 +40,11 @@ def normal(shape: tuple[int, ...], generator: torch.Generator | None, device: to
 
 def border_index(length: int, before: int, after: int, mode: str, device: torch.device) -> torch.Tensor:
     """Indices into an axis of ``length`` that pad it by ``before``/``after`` samples (any amount)."""
-    i = torch.arange(-before, length + after, device=device)
+    return fold_index(torch.arange(-before, length + after, device=device), length, mode)
+
+
+def fold_index(i: torch.Tensor, length: int, mode: str) -> torch.Tensor:
+    """Integer positions ``i`` (any values) mapped into [0, length) by the border ``mode``."""
     if mode == "edge" or length == 1:
         return i.clamp(0, length - 1)
     if mode == "symmetric":
@@ -259,6 +263,25 @@ def box_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     mh = pil_box_matrix(h, size[0]).to(x.device, x.dtype)
     mw = pil_box_matrix(w, size[1]).to(x.device, x.dtype)
     return torch.matmul(torch.matmul(mh, x), mw.T)
+
+
+def sample_bilinear(x: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, mode: str) -> torch.Tensor:
+    """``x`` (N, C, H, W) sampled at fractional rows ``ys`` and columns ``xs`` (N, H', W') by bilinear
+    interpolation, neighbours outside the image taken by the border ``mode``."""
+    n, c, h, w = x.shape
+    y0, x0 = ys.floor(), xs.floor()
+    fy, fx = (ys - y0).to(x.dtype).unsqueeze(1), (xs - x0).to(x.dtype).unsqueeze(1)
+    y0, x0 = y0.long(), x0.long()
+    flat = x.reshape(n, c, h * w)
+    out_shape = (n, c, *ys.shape[1:])
+
+    def tap(yi: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
+        idx = fold_index(yi, h, mode) * w + fold_index(xi, w, mode)
+        return flat.gather(2, idx.reshape(n, 1, -1).expand(n, c, -1)).reshape(out_shape)
+
+    top = tap(y0, x0) * (1 - fx) + tap(y0, x0 + 1) * fx
+    bottom = tap(y0 + 1, x0) * (1 - fx) + tap(y0 + 1, x0 + 1) * fx
+    return top * (1 - fy) + bottom * fy
 
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
