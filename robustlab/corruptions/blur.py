@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from robustlab.corruptions.base import Corruption
-from robustlab.corruptions.ops import (
+from robustlab.corruptions.imaging import (
     Draw,
     disk_kernel,
     filter2d,

@@ -15,7 +15,7 @@ import torch
 from torchvision.io import decode_jpeg, encode_jpeg
 
 from robustlab.corruptions.base import Corruption
-from robustlab.corruptions.ops import (
+from robustlab.corruptions.imaging import (
     box_resize,
     gaussian_blur,
     hsv_to_rgb,

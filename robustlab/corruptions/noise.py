@@ -11,7 +11,7 @@ from typing import ClassVar
 import torch
 
 from robustlab.corruptions.base import Corruption
-from robustlab.corruptions.ops import normal
+from robustlab.corruptions.imaging import normal
 
 
 def _gen_device(x: torch.Tensor, generator: torch.Generator | None) -> torch.device:

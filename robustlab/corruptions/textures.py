@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from robustlab.corruptions.ops import (
+from robustlab.corruptions.imaging import (
     gaussian_blur,
     next_power_of_2,
     plasma_fractal,

@@ -14,7 +14,7 @@ import torch
 
 from robustlab.corruptions import textures
 from robustlab.corruptions.base import Corruption
-from robustlab.corruptions.ops import (
+from robustlab.corruptions.imaging import (
     box3,
     canny,
     clipped_zoom,
