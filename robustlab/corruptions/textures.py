@@ -27,14 +27,16 @@ from robustlab.corruptions.imaging import (
 FILES = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg", "frost6.jpg")
 SOURCES = ("package", "procedural")
 
-# (height, width, RGB mean, RGB spread) of the six photographs (the procedural ones copy them).
-_SHAPES = (
-    (600, 900, (77.7, 149.1, 165.7), (26.9, 16.5, 15.3)),
-    (315, 560, (200.8, 205.4, 214.5), (21.4, 22.1, 22.6)),
-    (315, 560, (200.8, 205.4, 214.5), (21.4, 22.1, 22.6)),
-    (350, 527, (137.6, 152.8, 165.2), (28.5, 28.5, 29.9)),
-    (495, 660, (112.4, 123.4, 134.8), (44.4, 43.3, 41.7)),
-    (323, 485, (71.4, 95.4, 104.5), (35.2, 42.7, 47.4)),
+# RGB mean and spread of the six photographs (each procedural texture copies one); the procedural
+# ones are 320 x 480 (the photographs are 315-600 x 485-900), large enough for 224 px crops.
+_PROCEDURAL_SIZE = (320, 480)
+_STATS = (
+    ((77.7, 149.1, 165.7), (26.9, 16.5, 15.3)),
+    ((200.8, 205.4, 214.5), (21.4, 22.1, 22.6)),
+    ((200.8, 205.4, 214.5), (21.4, 22.1, 22.6)),
+    ((137.6, 152.8, 165.2), (28.5, 28.5, 29.9)),
+    ((112.4, 123.4, 134.8), (44.4, 43.3, 41.7)),
+    ((71.4, 95.4, 104.5), (35.2, 42.7, 47.4)),
 )
 
 
@@ -67,27 +69,27 @@ def frost_textures(source: str) -> tuple[torch.Tensor, ...]:
                 arr = torch.frombuffer(bytearray(im.convert("RGB").tobytes()), dtype=torch.uint8)
                 out.append(arr.view(im.height, im.width, 3).permute(2, 0, 1).float())
         return tuple(out)
-    return tuple(_procedural(i, *shape) for i, shape in enumerate(_SHAPES))
+    return tuple(_procedural(i, *_PROCEDURAL_SIZE, *stats) for i, stats in enumerate(_STATS))
 
 
-def _procedural(index: int, h: int, w: int, mean: tuple, spread: tuple) -> torch.Tensor:
+def _procedural(index: int, height: int, width: int, mean: tuple, spread: tuple) -> torch.Tensor:
+    """One texture, drawn at half resolution and enlarged (bilinear) to ``height`` x ``width``."""
     gen = torch.Generator().manual_seed(9173 + index)
-    draw = uniform_draw(gen, torch.device("cpu"))
-    size = next_power_of_2(max(h, w))
-    ice = torch.zeros(1, 1, h, w, dtype=torch.float64)
-    for level, (sigma, weight) in enumerate(((1.5, 1.0), (3.0, 0.8), (7.0, 0.6), (15.0, 0.4))):
-        noise = torch.randn(1, 1, h, w, generator=gen, dtype=torch.float64)
+    h, w = height // 2, width // 2
+    ice = torch.zeros(1, 1, h, w)
+    for level, (sigma, weight) in enumerate(((0.8, 1.0), (1.5, 0.8), (3.5, 0.6), (7.5, 0.4))):
+        noise = torch.randn(1, 1, h, w, generator=gen)
         band = gaussian_blur(noise, sigma) - gaussian_blur(noise, 2 * sigma)
         band = band / band.std()
-        ridge = torch.exp(-(band / (0.12 + 0.04 * level)) ** 2)
-        ice += weight * ridge
-    ice = gaussian_blur(ice, 0.7)
-    plasma = plasma_fractal(1, size, 2.0, draw, torch.device("cpu"))[:, :h, :w].view(1, 1, h, w)
+        ice += weight * torch.exp(-(band / (0.12 + 0.04 * level)) ** 2)
+    plasma = plasma_fractal(1, next_power_of_2(max(h, w)), 2.0, uniform_draw(gen, torch.device("cpu")),
+                            torch.device("cpu"))[:, :h, :w].view(1, 1, h, w).float()
     base = 0.6 * ice / ice.amax() + 0.4 * plasma
+    base = F.interpolate(base, size=(height, width), mode="bilinear", align_corners=False)[0]
     base = (base - base.mean()) / base.std()
-    m = torch.tensor(mean, dtype=torch.float64).view(3, 1, 1)
-    s = torch.tensor(spread, dtype=torch.float64).view(3, 1, 1)
-    return (m + s * base[0]).clamp(0, 255).float()
+    m = torch.tensor(mean).view(3, 1, 1)
+    s = torch.tensor(spread).view(3, 1, 1)
+    return (m + s * base).clamp(0, 255)
 
 
 @functools.lru_cache(maxsize=16)
