@@ -23,6 +23,8 @@ from robustlab.attacks import boundary  # noqa: F401  (registers boundary)
 from robustlab.attacks import onepixel  # noqa: F401  (registers onepixel)
 from robustlab.attacks import pixle  # noqa: F401  (registers pixle)
 from robustlab.attacks import spatial  # noqa: F401  (registers spatial-grid, spatial-fo)
+from robustlab.attacks import universal  # noqa: F401  (registers uap)
+from robustlab.attacks import patch  # noqa: F401  (registers patch)
 from robustlab.attacks import transfer  # noqa: F401  (registers transfer)
 from robustlab.attacks import ssp  # noqa: F401  (registers ssp)
 from robustlab.attacks.suites import SUITES, build_attacks
