@@ -101,8 +101,8 @@ class SpatialThreat:
         tx = -2 * params[:, 1].to(x.dtype) / w
         ty = -2 * params[:, 2].to(x.dtype) / h
         theta = torch.stack([
-            torch.stack([cos, sin * h / w, tx], dim=1),
-            torch.stack([-sin * w / h, cos, ty], dim=1),
+            torch.stack([cos, -sin * h / w, tx], dim=1),
+            torch.stack([sin * w / h, cos, ty], dim=1),
         ], dim=1)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -90,9 +90,7 @@ class SpatialGrid(_SpatialAttack):
                 if self.targeted:
                     loss = -loss
                 hit = self.is_success(logits.flatten(0, 1), yk.reshape(-1)).view(m, k)
-                # Charge every sample the queries up to its first hit in this chunk.
-                first = torch.where(hit.any(dim=1), hit.float().argmax(dim=1) + 1, torch.full_like(yk[:, 0], k))
-                found.forwards[found.pos] += first
+                found.forwards[found.pos] += k  # every image of the chunk was queried
                 top = loss.argmax(dim=1)
                 better = loss.gather(1, top.view(-1, 1)).squeeze(1) > best_loss[found.pos]
                 rows = found.pos[better]
