@@ -9,7 +9,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "robustlab"
 
-LOW = {"threat", "losses", "predictor", "params", "checks", "registry", "seeding", "errors", "progress",
+LOW = {"threat", "threat_kinds", "losses", "predictor", "params", "checks", "registry", "seeding", "errors", "progress",
        "distributed", "models", "data"}
 FORBIDDEN = {
     **{name: {"attacks", "defenses", "training", "eval", "report", "cli", "demo"} for name in LOW},

@@ -36,12 +36,16 @@ class AttackResult:
       attack's own last forward pass on ``x_adv``; the evaluation runner re-verifies it.
     gradients: (N,) int64, input-gradient evaluations spent on each sample.
     forwards: (N,) int64, forward passes (model queries) spent on each sample, gradient steps included.
+    params: for threat models whose membership the images alone do not show (see
+      :mod:`robustlab.threat_kinds`), per sample what places the point in it (spatial: angle, dx,
+      dy; universal: the one perturbation); None otherwise.
     """
 
     x_adv: torch.Tensor
     success: torch.Tensor
     gradients: torch.Tensor
     forwards: torch.Tensor
+    params: torch.Tensor | None = None
 
 
 class Attack(Configurable):
