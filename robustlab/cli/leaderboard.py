@@ -44,5 +44,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="only print the ranking, write no files")
     lb.add_argument("--no-reports", action="store_true",
                     help="do not write each run's report into SITE/runs/ (faster for large stores)")
-    lb.add_argument("--out", help=argparse.SUPPRESS)  # the single page of earlier releases: says where to look
+    lb.add_argument("--out", help="removed (it wrote one page); says to use --site DIR, whose DIR/index.html is that page")
     lb.set_defaults(func=cmd_leaderboard)
