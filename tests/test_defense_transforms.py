@@ -170,3 +170,35 @@ def test_train_behind_thermometer_then_eval_applies_it_adaptively(tmp_path):
         (run,) = store.list_runs()
         tasks = {t["task"] for t in store.get_run(run["run_id"])["tasks"]}
     assert "non-adaptive" in tasks and "transfer" not in tasks
+
+
+def test_mixup_inference_mixes_with_the_reference_set_and_needs_one(digits_model, digits_test):
+    from robustlab.data import load_dataset
+
+    with pytest.raises(RobustlabError, match="needs its reference set"):
+        create_defense("mixup-inference")
+    with pytest.raises(RobustlabError, match="lam must be in"):
+        create_defense("mixup-inference", reference="digits:train", lam=1.0)
+    mi = create_defense("mixup-inference", reference="digits:train", reference_n=50, lam=0.6, draws=8)
+    x = digits_test.x[:16]
+    out = mi.transform(x, torch.Generator().manual_seed(0))
+    ref = load_dataset("digits", "train").x[:50]
+    rest = (out - 0.6 * x) / 0.4  # what was mixed in: one reference image per input
+    assert all(((ref - r).abs().flatten(1).max(1).values < 1e-5).any() for r in rest)
+    assert torch.equal(out, mi.transform(x, torch.Generator().manual_seed(0)))
+    with pytest.raises(RobustlabError, match="reference images are"):
+        mi.transform(torch.rand(2, 3, 8, 8))
+    defended = apply_defenses(digits_model, [mi.config()])
+    assert defended.randomized and defended.needs().eot == 8
+
+
+def test_mixup_recipe_trains_on_mixed_pairs():
+    from robustlab.training import create_objective
+
+    objective = create_objective("mixup", None, alpha=0.4)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    x, y = torch.rand(8, 1, 2, 2), torch.randint(0, 3, (8,))
+    loss, logs = objective(model.train(), x, y, torch.Generator().manual_seed(0))
+    assert loss.requires_grad and 0 <= float(logs["clean_acc"]) <= 1
+    with pytest.raises(RobustlabError, match="alpha must be > 0"):
+        create_objective("mixup", None, alpha=0)
