@@ -157,6 +157,7 @@ def test_defended_run_reports_non_adaptive_beside_adaptive_and_the_worst_case(di
         run = store.get_run(result.run_id)
         rows = {t: {r.sample_index: r.robust for r in store.samples(result.run_id, t)}
                 for t in ("main", "non-adaptive", "transfer")}
+        page = write_report(store, result.run_id, tmp_path / "rep")["html"].read_text()
     s = result.summary
     naive = s["non_adaptive"]
     assert naive["robust_accuracy"] > s["ensemble_robust_accuracy"] + 0.3
@@ -168,3 +169,8 @@ def test_defended_run_reports_non_adaptive_beside_adaptive_and_the_worst_case(di
     assert checks["non-adaptive gradients"]["status"] != "pass"
     assert checks["gradients"]["status"] == "pass"  # the adaptive attacker's gradients are fine
     assert run["config"]["non_adaptive"] == [attacks[0].config()]
+    from robustlab.report.plots import format_percent
+
+    table = page[page.index("Defended model: adaptive and non-adaptive attacks"):]
+    for value in (naive["robust_accuracy"], naive["transfer_robust_accuracy"], s["robust_accuracy"]):
+        assert format_percent(value) in table

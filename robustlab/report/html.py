@@ -246,6 +246,7 @@ def _results(run: dict[str, Any], summary: dict[str, Any]) -> str:
         "after the previous ones. The reported robust accuracy is the per-sample worst case over everything the run "
         "computed inside the ball: the ensemble, and the steps curve and smaller epsilons of the epsilon curve.</p>"
         + _ensemble_note(summary)
+        + _non_adaptive_table(summary)
     )
     return "<h2>Results</h2>" + head + table
 
@@ -268,6 +269,23 @@ def _shown_params(name: Any, params: Any, norm: str, eps: float, targeted: bool)
 def _params_text(params: dict[str, Any]) -> str:
     """``steps=10, alpha=0.007843, loss=ce``: compact and wrappable (not JSON)."""
     return ", ".join(f"{k}={_json_text(v) if isinstance(v, (dict, list)) else v}" for k, v in params.items())
+
+
+def _non_adaptive_table(summary: dict[str, Any]) -> str:
+    """A defended model: the adaptive number beside what non-adaptive attacks give (what the defense's
+    authors would have printed); the reported robust accuracy is the worst case over all of them."""
+    naive = summary.get("non_adaptive")
+    if not naive:
+        return ""
+    rows = [("adaptive attacks (the ensemble above: BPDA / EOT as the defenses declare)", summary.get("ensemble_robust_accuracy")),
+            ("non-adaptive: the same attacks on the defended model as if it were a plain one", naive.get("robust_accuracy")),
+            ("non-adaptive: transferred from the undefended model", naive.get("transfer_robust_accuracy")),
+            ("reported: the per-sample worst case over all of them", summary.get("robust_accuracy"))]
+    body = "".join(f'<tr><td>{_e(what)}</td><td class="num">{format_percent(v)}</td></tr>' for what, v in rows if v is not None)
+    return ('<h3>Defended model: adaptive and non-adaptive attacks</h3><div class="scroll"><table>'
+            '<tr><th>evaluation</th><th class="num">robust accuracy</th></tr>' + body + "</table></div>"
+            '<p class="muted">Only the worst case counts; a non-adaptive number well above it means the defense masks '
+            "gradients from attackers who ignore it (see the adaptive-gap and non-adaptive-gradients checks).</p>")
 
 
 def _ensemble_note(summary: dict[str, Any]) -> str:
