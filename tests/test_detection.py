@@ -57,3 +57,12 @@ def test_adaptive_attack_evades_the_mahalanobis_detector(digits_model, digits_tr
     assert threat.contains(adaptive, x).all()
     assert before.auc > 0.6 and before.detection_rate > 0.05  # the plain attack is partly detected
     assert after.detection_rate < before.detection_rate / 2 and after.fooled >= before.fooled
+
+
+def test_magnet_autoencoder_scores_off_distribution_images_higher(digits_model, digits_train, digits_test):
+    detector = create_detector("magnet", steps=600).fit(digits_model, digits_train.x[:600], digits_train.y[:600])
+    clean = scores(detector, digits_model, digits_test.x[:100])
+    noise = scores(detector, digits_model, torch.rand(100, *digits_test.x.shape[1:], generator=torch.Generator().manual_seed(0)))
+    assert roc_auc(clean, noise) > 0.95
+    with pytest.raises(RobustlabError, match="not fitted"):
+        create_detector("magnet").score(digits_model, digits_test.x[:2])

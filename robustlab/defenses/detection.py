@@ -10,6 +10,7 @@ Detectors (:data:`DETECTORS`, built by name like every component):
   softmax on the input and on its squeezed versions (bit-depth reduction, median smoothing).
 - ``mahalanobis`` (Lee et al. 2018): the smallest Mahalanobis distance of the penultimate features
   to a class mean, under one covariance shared by the classes, fitted on clean training images.
+- ``magnet`` (Meng & Chen 2017): the reconstruction error of an auto-encoder trained on clean images.
 
 :func:`evaluate_detection` measures, per attack, the ROC area and the detection rate at the clean
 threshold, on the successful adversarial examples. :class:`DetectorAwarePGD`'s loss is the adaptive
@@ -139,6 +140,47 @@ class Mahalanobis(Detector):
         d = features(model, x).unsqueeze(1) - self.means.to(x.device).unsqueeze(0)  # N, K, D
         dist = torch.einsum("nkd,de,nke->nk", d, self.precision.to(x.device), d)
         return dist.min(dim=1).values
+
+
+@DETECTORS.register("magnet")
+class MagNet(Detector):
+    """Reconstruction-based detection (MagNet's detector, Meng & Chen 2017): a small convolutional
+    auto-encoder trained on clean images (``fit``: ``steps`` Adam steps on batches of 128 at ``lr``, L2
+    loss with ``noise`` Gaussian noise on the inputs); the score is the mean absolute reconstruction
+    error."""
+
+    name = "magnet"
+    defaults = {"width": 16, "steps": 2000, "lr": 0.003, "noise": 0.025, "seed": 0}
+    trained = True
+
+    def validate(self) -> None:
+        self.autoencoder: nn.Module | None = None
+
+    def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> "MagNet":
+        p = self.params
+        g = torch.Generator().manual_seed(p["seed"])
+        torch.manual_seed(p["seed"])
+        c, w = x.shape[1], p["width"]
+        ae = nn.Sequential(nn.Conv2d(c, w, 3, padding=1), nn.Sigmoid(), nn.Conv2d(w, w, 3, padding=1), nn.Sigmoid(),
+                           nn.Conv2d(w, c, 3, padding=1), nn.Sigmoid())
+        opt = torch.optim.Adam(ae.parameters(), lr=p["lr"])
+        for _ in range(p["steps"]):
+            batch = x[torch.randint(len(x), (min(128, len(x)),), generator=g)]
+            noisy = (batch + p["noise"] * torch.randn(batch.shape, generator=g)).clamp(0, 1)
+            loss = F.mse_loss(ae(noisy), batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        self.autoencoder = ae.eval()
+        for q in ae.parameters():
+            q.requires_grad_(False)
+        return self
+
+    def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.autoencoder is None:
+            raise RobustlabError("detector 'magnet' is not fitted: call fit(model, clean images, labels) first")
+        ae = self.autoencoder.to(x.device)
+        return (ae(x) - x).abs().flatten(1).mean(dim=1)
 
 
 def scores(detector: Detector, model: nn.Module, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
