@@ -66,3 +66,21 @@ def test_magnet_autoencoder_scores_off_distribution_images_higher(digits_model, 
     assert roc_auc(clean, noise) > 0.95
     with pytest.raises(RobustlabError, match="not fitted"):
         create_detector("magnet").score(digits_model, digits_test.x[:2])
+
+
+def test_lid_detects_plain_pgd_and_falls_to_the_adaptive_attack(digits_model, digits_train, digits_test):
+    """Ma et al.'s LID detector catches much of plain PGD; attacking classifier and detector together
+    (Athalye et al. 2018) brings its detection rate near zero while fooling more points."""
+    model = digits_model
+    detector = create_detector("lid").fit(model, digits_train.x, digits_train.y)
+    x, y = digits_test.x[:200], digits_test.y[:200]
+    tau = threshold_at(scores(detector, model, digits_test.x[200:400]))
+    clean = scores(detector, model, x)
+    threat = ThreatModel("linf", 0.1)
+    plain = create_attack("pgd", threat, steps=20).run(model, x, y, torch.Generator().manual_seed(0)).x_adv
+    before = evaluate_detection(model, detector, x, y, plain, tau, clean, "pgd")
+    adaptive = detector_aware_pgd(model, detector, x, y, threat, tau, steps=50, weight=2.0,
+                                  generator=torch.Generator().manual_seed(0))
+    after = evaluate_detection(model, detector, x, y, adaptive, tau, clean, "adaptive")
+    assert before.auc > 0.8 and before.detection_rate > 0.3
+    assert after.detection_rate < 0.1 and after.fooled > before.fooled

@@ -11,6 +11,8 @@ Detectors (:data:`DETECTORS`, built by name like every component):
 - ``mahalanobis`` (Lee et al. 2018): the smallest Mahalanobis distance of the penultimate features
   to a class mean, under one covariance shared by the classes, fitted on clean training images.
 - ``magnet`` (Meng & Chen 2017): the reconstruction error of an auto-encoder trained on clean images.
+- ``lid`` (Ma et al. 2018): a logistic regression on the local intrinsic dimensionality of every
+  layer's output, trained on clean and noisy vs PGD training images.
 
 :func:`evaluate_detection` measures, per attack, the ROC area and the detection rate at the clean
 threshold, on the successful adversarial examples. :class:`DetectorAwarePGD`'s loss is the adaptive
@@ -181,6 +183,88 @@ class MagNet(Detector):
             raise RobustlabError("detector 'magnet' is not fitted: call fit(model, clean images, labels) first")
         ae = self.autoencoder.to(x.device)
         return (ae(x) - x).abs().flatten(1).mean(dim=1)
+
+
+def layer_features(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The output of every ReLU and Linear layer of ``model`` on ``x``, flattened (LID's layers)."""
+    got: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: got.append(out.flatten(1)))
+             for m in model.modules() if isinstance(m, (nn.ReLU, nn.Linear))]
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not got:
+        raise RobustlabError("detector 'lid' needs a model with ReLU or Linear layers")
+    return got
+
+
+def lid(f: torch.Tensor, reference: torch.Tensor, k: int) -> torch.Tensor:
+    """The maximum-likelihood estimate of local intrinsic dimensionality of each row of ``f`` among
+    its ``k`` nearest rows of ``reference``: -1 / mean_i log(r_i / r_k) (Amsaleg et al. 2015)."""
+    r = torch.cdist(f, reference).clamp_min(1e-12)
+    near = r.topk(k + 1, dim=1, largest=False).values
+    near = near[:, 1:] if torch.isclose(near[:, 0], torch.zeros(())).all() else near[:, :k]  # skip itself
+    return -1.0 / torch.log(near / near[:, -1:]).mean(dim=1).clamp_max(-1e-12)
+
+
+@DETECTORS.register("lid")
+class LID(Detector):
+    """Local intrinsic dimensionality (Ma et al. 2018): the LID of each ReLU / Linear layer's output
+    among ``reference`` clean training images (``k`` neighbours), fed to a logistic regression trained
+    (``fit``) to tell clean and noisy images from PGD examples (Linf ``eps``, ``steps`` steps) of the
+    training images. Score: the regression's logit."""
+
+    name = "lid"
+    defaults = {"k": 20, "reference": 500, "eps": 0.1, "steps": 10, "noise": 0.05, "seed": 0}
+    trained = True
+
+    def validate(self) -> None:
+        self.reference: list[torch.Tensor] | None = None
+        self.weights: torch.Tensor | None = None
+
+    def _vector(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        feats = layer_features(model, x)
+        return torch.stack([lid(f, ref.to(f.device), self.params["k"]) for f, ref in zip(feats, self.reference)], dim=1)
+
+    def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> "LID":
+        from robustlab.attacks import create_attack
+
+        p = self.params
+        g = torch.Generator().manual_seed(p["seed"])
+        order = torch.randperm(len(x), generator=g)
+        ref_idx, train_idx = order[:p["reference"]], order[p["reference"]:p["reference"] + 1000]
+        with torch.no_grad():
+            self.reference = [f.detach() for f in layer_features(model, x[ref_idx])]
+        xt, yt = x[train_idx], y[train_idx]
+        adv = create_attack("pgd", ThreatModel("linf", p["eps"]), steps=p["steps"]).run(model, xt, yt, g).x_adv
+        noisy = (xt + p["noise"] * torch.randn(xt.shape, generator=g)).clamp(0, 1)
+        with torch.no_grad():
+            neg = torch.cat([self._vector(model, xt), self._vector(model, noisy)])
+            pos = self._vector(model, adv)
+        feats = torch.cat([neg, pos])
+        self.mean, self.std = feats.mean(0), feats.std(0).clamp_min(1e-6)
+        z = torch.cat([(feats - self.mean) / self.std, torch.ones(len(feats), 1)], dim=1)
+        target = torch.cat([torch.zeros(len(neg)), torch.ones(len(pos))])
+        w = torch.zeros(z.shape[1], requires_grad=True)
+        opt = torch.optim.LBFGS([w], max_iter=200)
+
+        def closure():
+            opt.zero_grad()
+            loss = F.binary_cross_entropy_with_logits(z @ w, target) + 1e-3 * (w[:-1] ** 2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        self.weights = w.detach()
+        return self
+
+    def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.weights is None:
+            raise RobustlabError("detector 'lid' is not fitted: call fit(model, clean training images, labels) first")
+        v = (self._vector(model, x) - self.mean.to(x.device)) / self.std.to(x.device)
+        return v @ self.weights[:-1].to(x.device) + self.weights[-1].to(x.device)
 
 
 def scores(detector: Detector, model: nn.Module, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
