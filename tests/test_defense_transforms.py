@@ -202,3 +202,22 @@ def test_mixup_recipe_trains_on_mixed_pairs():
     assert loss.requires_grad and 0 <= float(logs["clean_acc"]) <= 1
     with pytest.raises(RobustlabError, match="alpha must be > 0"):
         create_objective("mixup", None, alpha=0)
+
+
+def test_quilting_builds_images_from_library_patches():
+    import torch.nn.functional as F
+
+    from robustlab.data import load_dataset
+
+    with pytest.raises(RobustlabError, match="needs its patch library"):
+        create_defense("quilting")
+    q = create_defense("quilting", library="digits:train", library_patches=3000, patch=2, neighbors=5)
+    x = load_dataset("digits", "test").x[:8]
+    out = q.transform(x, torch.Generator().manual_seed(0))
+    patches = F.unfold(out, 2, stride=2).transpose(1, 2).reshape(-1, 4)
+    assert (torch.cdist(patches, q._patches).min(dim=1).values < 1e-6).all()  # every piece is a library patch
+    assert (out - x).abs().mean() < 0.1  # and a near one
+    assert torch.equal(out, q.transform(x, torch.Generator().manual_seed(0)))
+    assert not torch.equal(out, q.transform(x, torch.Generator().manual_seed(1)))
+    with pytest.raises(RobustlabError, match="3-channel|1-channel"):
+        q.transform(torch.rand(1, 3, 8, 8))
