@@ -110,10 +110,10 @@ def cmd_table(args) -> None:
         arch, n_train, epochs = TRAIN[dataset]
         lines.append(f"## {dataset}: {arch} trained with the noise recipe ({n_train} train images, {epochs} epochs, "
                      "SGD lr 0.05 cosine, batch 128, CPU)")
-        lines.append(f"certified on the first {r0['images']} test images; n0 {r0['n0']}, n {r0['n']}, alpha "
-                     f"{r0['alpha']}; attack check on the first {r0['attack_n']} (empirical accuracy at radius = sigma)")
-        head = "sigma | " + " | ".join(f"r={r:g}" for r in RADII) + " | ACR  | abstain | empirical@sigma (cert.) | " \
-            "contradicted | CPU s"
+        lines.append(f"alpha {r0['alpha']}; attack check on the first attack_n images: empirical accuracy at radius = "
+                     "sigma (certified accuracy on the same images in brackets), certificates contradicted / attacked")
+        head = "sigma | images | n0/n | " + " | ".join(f"r={r:g}" for r in RADII) + " | ACR  | abstain | " \
+            "empirical@sigma (cert.) | contradicted | CPU s | train s (wall)"
         lines.append(head)
         lines.append("-" * len(head))
         for rec in records:
@@ -122,8 +122,9 @@ def cmd_table(args) -> None:
             emp = s.get("empirical") or {}
             empirical = (f"{emp['empirical_accuracy']:.2f} ({emp['certified_accuracy']:.2f})" if emp else "—")
             lie = s["lie_check"]
-            lines.append(f"{rec['sigma']:<5} | {acc} | {s['acr']:.3f} | {s['abstain_rate']:.3f}   | {empirical:<23} | "
-                         f"{lie['contradicted']}/{lie['attacked']:<10} | {rec['cpu_seconds']:.0f}")
+            lines.append(f"{rec['sigma']:<5} | {rec['images']:<6} | {rec['n0']}/{rec['n']} | {acc} | {s['acr']:.3f} | "
+                         f"{s['abstain_rate']:.3f}   | {empirical:<23} | {lie['contradicted']}/{lie['attacked']:<10} | "
+                         f"{rec['cpu_seconds']:<5.0f} | {rec['training'].get('seconds', 0):.0f}")
         if dataset == "cifar10":
             lines.append("Cohen et al. 2019 (ResNet-110, 90 epochs, full CIFAR-10 test set, n = 100,000):")
             for sigma, (acc0, acr) in COHEN_CIFAR.items():
@@ -132,6 +133,8 @@ def cmd_table(args) -> None:
         lines.append("largest radius each n can certify: " + "; ".join(f"sigma {k}: {v.split('up to ')[-1]}"
                                                                       for k, v in max_r.items()))
         lines.append("")
+    if args.note:
+        lines += [args.note, ""]
     lines.append(f"environment: {environment()}")
     text = "\n".join(lines) + "\n"
     print(text)
@@ -150,6 +153,7 @@ def main() -> None:
     ap.add_argument("--attack-n", type=int, default=20)
     ap.add_argument("--attack-steps", type=int, default=10)
     ap.add_argument("--attack-draws", type=int, default=4)
+    ap.add_argument("--note", default="", help="table: a note to append (e.g. training CPU times)")
     args = ap.parse_args()
     {"train": cmd_train, "certify": cmd_certify, "table": cmd_table}[args.step](args)
 

@@ -144,8 +144,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cifar-model", help="a CIFAR-10 checkpoint: time `robustlab certify` at its defaults (claim 4)")
     ap.add_argument("--cifar-images", type=int, default=8)
+    ap.add_argument("--only-cost", action="store_true",
+                    help="run claim 4 alone (needs --cifar-model), into results/smoothing_default_cost.txt")
     args = ap.parse_args()
     set_threads(args.threads)
+    if args.only_cost:
+        text = "\n".join([f"# robustlab certify at its defaults on CIFAR-10 ({environment()})",
+                          *default_cost(args.cifar_model, args.cifar_images)]) + "\n"
+        print(text)
+        (RESULTS / "smoothing_default_cost.txt").write_text(text)
+        return
     ref = load_reference(Path(args.reference))
     shim = TorchOnCPU()
     ref.torch = shim

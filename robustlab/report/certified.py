@@ -57,7 +57,8 @@ def _body(run: dict[str, Any], summary: dict[str, Any], rows: list[Any], partial
     emp = summary.get("empirical")
     parts.append(page._img(plot_certified_curve(
         certified, n, norm, {float(r): a for r, a in acc.items()},
-        (emp["radius"], emp["empirical_accuracy"]) if emp else None, f"{run['model']}, {_noise_text(summary)}"),
+        (emp["radius"], emp["empirical_accuracy"]) if emp else None, f"{run['model']}, {_noise_text(summary)}",
+        summary.get("max_radius")),
         "certified accuracy against radius"))
     table = "".join(f'<tr><td class="num">{page._e(r)}</td><td class="num">{format_percent(a)}</td>'
                     f"<td>{page._e(ci_text(a, n))}</td></tr>" for r, a in acc.items())
@@ -65,7 +66,10 @@ def _body(run: dict[str, Any], summary: dict[str, Any], rows: list[Any], partial
                  "(test sample)</th></tr>" + table + "</table>"
                  '<p class="muted">A sample counts at radius r when the smoothed classifier predicts its label and '
                  "certifies a radius of at least r; each certificate holds with probability at least 1 − alpha "
-                 "(CERTIFY of Cohen et al. 2019).</p>")
+                 "(CERTIFY of Cohen et al. 2019)."
+                 + (f" With n = {st['n_draws']} draws no radius above {summary['max_radius']:.4g} can be certified "
+                    "(n unanimous votes); more draws certify larger radii." if summary.get("max_radius") else "")
+                 + "</p>")
     lie = summary.get("lie_check") or {}
     text = (f"<p>Attack check: PGD with expectation over the noise on the soft smoothed classifier, inside each "
             f"certified radius, on {page._int(lie.get('attacked'))} certificates: <strong>"

@@ -335,11 +335,13 @@ def plot_gallery(examples: Sequence[Any], classes: Sequence[str] | None = None) 
 
 
 def plot_certified_curve(radii: Sequence[float], n: int, norm: str, marks: dict[str, float | None],
-                         empirical: tuple[float, float] | None = None, title_extra: str = "") -> bytes:
+                         empirical: tuple[float, float] | None = None, title_extra: str = "",
+                         max_radius: float | None = None) -> bytes:
     """Certified accuracy (%) against the radius r: the fraction of the ``n`` samples predicted
     correctly with a certified radius >= r, drawn as a step curve from the per-sample ``radii`` of
     the correct, certified samples; ``marks`` (radius -> accuracy) are the reported points;
-    ``empirical`` = (radius, accuracy) of the attack check, drawn as a cross above the curve."""
+    ``empirical`` = (radius, accuracy) of the attack check, drawn as a cross above the curve;
+    ``max_radius``: the largest radius the run's number of draws can certify (a dotted line)."""
     title = f"Certified accuracy vs. {norm_name(norm) if norm != 'l0' else 'L0 (pixels)'} radius"
     if not n:
         return _message_png(title, "no sample has been certified yet")
@@ -361,12 +363,15 @@ def plot_certified_curve(radii: Sequence[float], n: int, norm: str, marks: dict[
     if empirical is not None:
         ax.plot([empirical[0]], [100.0 * empirical[1]], "x", color="#d62728", markersize=10, markeredgewidth=2.5,
                 label="empirical accuracy (attack on the smoothed classifier)")
+    if max_radius is not None and max_radius < top * 1.05:
+        ax.axvline(max_radius, color="#7f7f7f", linestyle=":", linewidth=1.5,
+                   label=f"largest radius these draws can certify ({max_radius:.3g})")
     ax.set_xlabel(f"radius r ({norm_name(norm) if norm != 'l0' else 'pixels changed'}, pixel values in [0, 1])",
                   fontsize=11)
     _style_accuracy_axis(ax)
     ax.set_ylabel("accuracy (% of samples)", fontsize=11)
     ax.set_xlim(-0.02 * top, top * 1.05)
-    ax.legend(loc="best", fontsize=9, framealpha=0.9)
+    ax.legend(loc="lower left", fontsize=9, framealpha=0.9)
     ax.set_title(title + (f"\n{_shorten(title_extra)}" if title_extra else ""), fontsize=12)
     fig.subplots_adjust(left=0.105, right=0.975, bottom=0.115, top=0.86)
     if points:

@@ -239,6 +239,9 @@ class CertifiedProtocol(Protocol):
             "lie_check": lie,
             "empirical": emp,
             "seconds": round(sum(r["seconds"] for r in rows), 3),
+            # the largest radius n draws can certify (n unanimous votes), for the additive noises
+            "max_radius": (max_radius(create_noise(noise["name"], **noise["params"]), config["n_draws"], config["alpha"],
+                                      (1, 1, 1)) if config["norm"] != "l0" else None),
             "settings": {k: config[k] for k in ("n0", "n_draws", "alpha", "noise_batch")},
         }
         if checks is not None:
