@@ -176,12 +176,12 @@ def test_ibp_recipe_steps_lower_the_ibp_loss():
         loss.backward()
         opt.step()
     assert losses[-1] < 0.7 * losses[0]
-    # The schedule: clean before the ramp, epsilon and kappa halfway in the middle of it.
+    # The schedule: clean before the ramp; in its middle epsilon and kappa (1 -> 0.5) are halfway.
     ramped = create_objective("crown-ibp", ThreatModel("linf", 0.2), ramp_start=0.2, ramp_end=0.6)
     ramped.set_progress(0, 0.1)
     assert ramped.current_eps() == 0.0 and "bound_loss" not in ramped(model, x, y)[1]
     ramped.set_progress(0, 0.4)
-    assert ramped.current_eps() == pytest.approx(0.1) and ramped._between("kappa") == pytest.approx(0.5)
+    assert ramped.current_eps() == pytest.approx(0.1) and ramped._between("kappa") == pytest.approx(0.75)
     with pytest.raises(RobustlabError, match="linf or l2 balls"):
         create_objective("ibp", ThreatModel("l1", 1.0))
 
