@@ -19,6 +19,19 @@ from robustlab.errors import RobustlabError
 NORMS = ("linf", "l2", "l1")
 
 
+def format_eps(norm: str | None, eps: float) -> str:
+    """An epsilon as people write it, the one format robustlab prints and reports everywhere: short
+    decimals as they are (``0.3``), linf radii that are a multiple of 1/255 (or 0.5/255) as ``8/255
+    (0.03137)``, anything else with 4 significant digits."""
+    eps = float(eps)
+    if eps == 0 or float(f"{eps:.3g}") == eps:
+        return f"{eps:g}"
+    k = eps * 255.0
+    if str(norm).lower() == "linf" and abs(2 * k - round(2 * k)) < 1e-6:
+        return f"{round(2 * k) / 2:g}/255 ({eps:.4g})"
+    return f"{eps:.4g}"
+
+
 @dataclass(frozen=True)
 class ThreatModel:
     """The set ``{x' : ||x' - x||_p <= eps, lower <= x' <= upper}`` around each clean image ``x``.
@@ -53,7 +66,7 @@ class ThreatModel:
         return ThreatModel(self.norm, eps, self.lower, self.upper)
 
     def __str__(self) -> str:
-        return f"{self.norm} eps={self.eps:g}"
+        return f"{self.norm} eps={format_eps(self.norm, self.eps)}"
 
     # ------------------------------------------------------------------ geometry
 

@@ -14,6 +14,7 @@ images as PNG files with the same names.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,6 @@ import torch
 import torch.nn as nn
 
 from robustlab.attacks.base import Attack, AttackResult, eot_gradient, register_attack
-from robustlab.checks import check_logits
 from robustlab.errors import RobustlabError
 from robustlab.models.runtime import eval_mode, fast_runtime
 from robustlab.progress import progress as show_progress
@@ -195,6 +195,8 @@ def perturb_folder(
     batch_size: int = 64,
     seed: int = 0,
     progress: bool | None = None,
+    model_desc: str = "the model",
+    input_size: Sequence[int] | None = None,
 ) -> FolderResult:
     """Perturb every image in ``in_dir`` (sub-folders included; no labels needed) with ``attack``
     against ``model`` and write each result as ``out_dir/<same relative path>.png``.
@@ -205,9 +207,12 @@ def perturb_folder(
     images stay grey unless the folder also holds RGB images (then all are RGB). Images are read as
     8 bits, so the clean image lies on the 1/255 grid; each pixel's change is rounded towards zero when
     written, so the saved image is still inside the threat model. Randomness: batch ``i`` uses the
-    generator ``make_generator(seed, i)``. Returns a :class:`FolderResult`.
+    generator ``make_generator(seed, i)``. A model that cannot take the images (channels, size: what it
+    is built for, ``input_size`` when known) fails on the first batch with one line naming
+    ``model_desc``. Returns a :class:`FolderResult`.
     """
     from robustlab.data.arrays import uint8_images_to_tensor
+    from robustlab.models.probe import probe_model
     from robustlab.seeding import make_generator
 
     src, dst = Path(in_dir).expanduser().resolve(), Path(out_dir).expanduser().resolve()
@@ -244,8 +249,7 @@ def perturb_folder(
     bar = show_progress(total=len(sources), desc="perturb", unit="image", enabled=progress)
     for b, members in enumerate(batches):
         x = uint8_images_to_tensor(np.stack([arrays[i] for i in members]), str(src)).to(device)
-        with eval_mode(model), torch.no_grad():
-            labels = check_logits(model(x), x.shape[0]).argmax(dim=1)
+        labels = probe_model(model, x, model_desc=model_desc, data_desc=str(src), input_size=input_size).argmax(dim=1)
         with fast_runtime(model, x):  # the CPU speed context, as the evaluation runner applies it
             result = attack.run(model, x, labels, make_generator(seed, b, device=device))
         pixels = _to_uint8(result.x_adv, x)

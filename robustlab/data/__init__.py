@@ -22,6 +22,7 @@ from robustlab.data.transforms import (
 )
 
 # Importing these modules registers their loaders in DATASETS.
+from robustlab.data import corrupted as _corrupted  # noqa: E402,F401
 from robustlab.data import digits as _digits  # noqa: E402,F401
 from robustlab.data import image_folder as _image_folder  # noqa: E402,F401
 from robustlab.data import standard as _standard  # noqa: E402,F401
