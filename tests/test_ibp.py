@@ -242,3 +242,30 @@ def test_run_from_cli_arguments_and_text_summary(tmp_path, digits_test):
         with pytest.raises(RobustlabError, match=r"^crown-ibp cannot bound layer 3 'net.pool1' \(MaxPool2d\)"):
             run_from_args(args, pooled, digits_test.subset(10), store, torch.device("cpu"), {})
         assert store.list_runs() == []
+
+
+def test_certify_cli_ibp_json_store_report_and_errors(tmp_path, capsys):
+    import json
+
+    from robustlab.cli import main
+
+    ckpt = tmp_path / "mlp.safetensors"
+    assert main(["train", "--model", "digits_mlp", "--data", "digits", "--epochs", "2", "--batch-size", "64",
+                 "--out", str(ckpt), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    db = tmp_path / "v.db"
+    base = ["certify", "--model", str(ckpt), "--data", "digits", "--samples", "40", "--db", str(db)]
+    assert main([*base, "--method", "crown-ibp", "--eps", "1/255", "--attack-steps", "5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["method"] == "crown-ibp" and out["threat"]["eps"] == pytest.approx(1 / 255) and out["n"] == 40
+    assert out["lies"] == 0 and out["certified_accuracy"] == {f"{1 / 255:g}": out["verified_accuracy"]}
+    with ResultsStore(db) as store:
+        rows = store.sample_rows("verified_samples", out["run_id"])
+    assert len(rows) == 40 and sum(r["verified"] for r in rows) / 40 == pytest.approx(out["verified_accuracy"])
+    assert main(["report", out["run_id"], "--db", str(db), "--out", str(tmp_path / "rep")]) == 0
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert "Verification report" in page and "No certificate may lie" in page
+    assert main([*base, "--method", "ibp", "--eps", "0.01", "--norm", "l2", "--no-attack-check"]) == 0
+    assert "verified by ibp" in capsys.readouterr().out
+    assert main([*base, "--method", "ibp"]) == 2
+    assert "--method ibp needs --eps E" in capsys.readouterr().err
