@@ -265,7 +265,19 @@ def test_certify_cli_ibp_json_store_report_and_errors(tmp_path, capsys):
     assert main(["report", out["run_id"], "--db", str(db), "--out", str(tmp_path / "rep")]) == 0
     page = (tmp_path / "rep" / "report.html").read_text()
     assert "Verification report" in page and "No certificate may lie" in page
+    assert main([*base, "--method", "crown-ibp", "--eps", "1/255", "--attack-steps", "5", "--samples", "30"]) == 0
     assert main([*base, "--method", "ibp", "--eps", "0.01", "--norm", "l2", "--no-attack-check"]) == 0
     assert "verified by ibp" in capsys.readouterr().out
+    from robustlab.report.leaderboard import build_leaderboard
+
+    with ResultsStore(db) as store:
+        groups = {g.title: g for g in build_leaderboard(store).groups}
+    crown = next(g for t, g in groups.items() if "crown-ibp" in t and "linf" in t)
+    assert crown.columns[0] == "verified_accuracy" and crown.full_n == 40
+    (row,) = crown.rows  # one model, its two runs; the full-size one is its entry, ranked first
+    assert row.rank == 1 and row.n == 40 and len(row.runs) == 2
+    assert row.verified_accuracy == pytest.approx(out["verified_accuracy"])
+    (l2,) = next(g for t, g in groups.items() if "l2" in t).rows
+    assert l2.rank is None and "certificates not checked by an attack" in l2.notes
     assert main([*base, "--method", "ibp"]) == 2
     assert "--method ibp needs --eps E" in capsys.readouterr().err
