@@ -154,12 +154,12 @@ Published MNIST figures (verified test error e; verified accuracy = 100 - e), as
 READMEs state them (the stored copies of the papers this session could search hold only abstracts
 and introductions, so the per-architecture rows for DM-small in Gowal et al.'s MNIST table and in
 Zhang et al.'s Table are NOT quoted here; they are not taken from memory either):
-  Gowal et al. 2018 (arXiv:1810.12715, abstract), their best single model (DM-large):
+  Gowal et al. 2018 (arXiv:1810.12715, abstract), their best single model:
     eps 0.1: 2.23% verified error (97.77% verified accuracy); eps 0.3: 8.05% (91.95%)
-  Zhang et al. 2020 (CROWN-IBP, ICLR 2020, arXiv:1906.06316 abstract), DM-large: eps 0.3: 7.02% (92.98%);
+  Zhang et al. 2020 (CROWN-IBP, ICLR 2020, arXiv:1906.06316 abstract), their best model: eps 0.3: 7.02% (92.98%);
     README of huanzhang12/CROWN-IBP: 7.46% at eps 0.3 (best large model)
   Those runs see 6.0M training images (Gowal et al.'s reference train.py: 60k steps of batch 100) or
-  12M (Zhang et al.'s config: 200 epochs), on a larger model; the runs here see train-n x epochs
+  12M (Zhang et al.'s DM-large config: 200 epochs), on larger models; the runs here see train-n x epochs
   (the line "train:" above) on DM-small."""
 
 if __name__ == "__main__":
