@@ -79,8 +79,8 @@ def test_bad_input_gives_one_clear_line(checkpoint, tmp_path, capsys, extra, mes
 
 def test_unknown_method_is_refused_by_the_parser(checkpoint, capsys):
     with pytest.raises(SystemExit) as exc:
-        main([*CERTIFY, "--model", str(checkpoint), "--sigma", "0.25", "--method", "ibp"])
-    assert exc.value.code == 2 and "invalid choice: 'ibp'" in capsys.readouterr().err
+        main([*CERTIFY, "--model", str(checkpoint), "--sigma", "0.25", "--method", "lipschitz"])
+    assert exc.value.code == 2 and "invalid choice: 'lipschitz'" in capsys.readouterr().err
 
 
 def test_too_few_draws_warns_and_says_the_n_that_can(checkpoint, tmp_path, capsys):

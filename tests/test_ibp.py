@@ -176,12 +176,12 @@ def test_ibp_recipe_steps_lower_the_ibp_loss():
         loss.backward()
         opt.step()
     assert losses[-1] < 0.7 * losses[0]
-    # The schedule: clean before the ramp, epsilon and kappa halfway in the middle of it.
+    # The schedule: clean before the ramp; in its middle epsilon and kappa (1 -> 0.5) are halfway.
     ramped = create_objective("crown-ibp", ThreatModel("linf", 0.2), ramp_start=0.2, ramp_end=0.6)
     ramped.set_progress(0, 0.1)
     assert ramped.current_eps() == 0.0 and "bound_loss" not in ramped(model, x, y)[1]
     ramped.set_progress(0, 0.4)
-    assert ramped.current_eps() == pytest.approx(0.1) and ramped._between("kappa") == pytest.approx(0.5)
+    assert ramped.current_eps() == pytest.approx(0.1) and ramped._between("kappa") == pytest.approx(0.75)
     with pytest.raises(RobustlabError, match="linf or l2 balls"):
         create_objective("ibp", ThreatModel("l1", 1.0))
 
@@ -242,3 +242,42 @@ def test_run_from_cli_arguments_and_text_summary(tmp_path, digits_test):
         with pytest.raises(RobustlabError, match=r"^crown-ibp cannot bound layer 3 'net.pool1' \(MaxPool2d\)"):
             run_from_args(args, pooled, digits_test.subset(10), store, torch.device("cpu"), {})
         assert store.list_runs() == []
+
+
+def test_certify_cli_ibp_json_store_report_and_errors(tmp_path, capsys):
+    import json
+
+    from robustlab.cli import main
+
+    ckpt = tmp_path / "mlp.safetensors"
+    assert main(["train", "--model", "digits_mlp", "--data", "digits", "--epochs", "2", "--batch-size", "64",
+                 "--out", str(ckpt), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    db = tmp_path / "v.db"
+    base = ["certify", "--model", str(ckpt), "--data", "digits", "--samples", "40", "--db", str(db)]
+    assert main([*base, "--method", "crown-ibp", "--eps", "1/255", "--attack-steps", "5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["method"] == "crown-ibp" and out["threat"]["eps"] == pytest.approx(1 / 255) and out["n"] == 40
+    assert out["lies"] == 0 and out["certified_accuracy"] == {f"{1 / 255:g}": out["verified_accuracy"]}
+    with ResultsStore(db) as store:
+        rows = store.sample_rows("verified_samples", out["run_id"])
+    assert len(rows) == 40 and sum(r["verified"] for r in rows) / 40 == pytest.approx(out["verified_accuracy"])
+    assert main(["report", out["run_id"], "--db", str(db), "--out", str(tmp_path / "rep")]) == 0
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert "Verification report" in page and "No certificate may lie" in page
+    assert main([*base, "--method", "crown-ibp", "--eps", "1/255", "--attack-steps", "5", "--samples", "30"]) == 0
+    assert main([*base, "--method", "ibp", "--eps", "0.01", "--norm", "l2", "--no-attack-check"]) == 0
+    assert "verified by ibp" in capsys.readouterr().out
+    from robustlab.report.leaderboard import build_leaderboard
+
+    with ResultsStore(db) as store:
+        groups = {g.title: g for g in build_leaderboard(store).groups}
+    crown = next(g for t, g in groups.items() if "crown-ibp" in t and "linf" in t)
+    assert crown.columns[0] == "verified_accuracy" and crown.full_n == 40
+    (row,) = crown.rows  # one model, its two runs; the full-size one is its entry, ranked first
+    assert row.rank == 1 and row.n == 40 and len(row.runs) == 2
+    assert row.verified_accuracy == pytest.approx(out["verified_accuracy"])
+    (l2,) = next(g for t, g in groups.items() if "l2" in t).rows
+    assert l2.rank is None and "certificates not checked by an attack" in l2.notes
+    assert main([*base, "--method", "ibp"]) == 2
+    assert "--method ibp needs --eps E" in capsys.readouterr().err

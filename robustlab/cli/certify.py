@@ -1,8 +1,9 @@
 """``robustlab certify``: certified robustness of a model, recorded in the results store.
 
 ``--method`` picks how certificates are made; each method is one entry of :data:`METHODS` (a
-function from the parsed arguments to the run's result). Today: ``smoothing`` (randomized
-smoothing: ``--noise``, ``--sigma``, ``--n0``, ``--n``, ``--alpha``).
+function from the parsed arguments to the run's result): ``smoothing`` (randomized smoothing:
+``--noise``, ``--sigma``, ``--n0``, ``--n``, ``--alpha``), ``ibp`` and ``crown-ibp`` (verified bounds by
+bound propagation: ``--eps``, ``--norm``).
 """
 
 from __future__ import annotations
@@ -66,8 +67,17 @@ def _smoothing(args: argparse.Namespace, model, data, store, device, info: dict[
                        model_info=info, resume=args.resume, device=device, log=_say)
 
 
+def _verified(args: argparse.Namespace, model, data, store, device, info: dict[str, Any]):
+    from robustlab.eval.protocols.verified import run_from_args
+
+    if args.eps is None:
+        raise RobustlabError(f"--method {args.method} needs --eps E (radius of the {args.norm} ball, [0, 1] pixel units)")
+    steps = 0 if args.no_attack_check else args.attack_steps
+    return run_from_args(argparse.Namespace(**{**vars(args), "attack_steps": steps}), model, data, store, device, info)
+
+
 # --method NAME -> the function that runs it: (args, model, data, store, device, model_info) -> RunResult
-METHODS: dict[str, Callable[..., Any]] = {"smoothing": _smoothing}
+METHODS: dict[str, Callable[..., Any]] = {"smoothing": _smoothing, "ibp": _verified, "crown-ibp": _verified}
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
@@ -83,6 +93,8 @@ def cmd_certify(args: argparse.Namespace) -> int:
     with ResultsStore(args.db) as store:
         result = METHODS[args.method](args, loaded.model, data, store, device, info)
     s = result.summary
+    if s.get("protocol") == "verified":
+        return _print_verified(args, data, result)
     if args.json:
         out = {
             "run_id": result.run_id, "db": str(Path(args.db)), "resumed": result.resumed, "model": args.model,
@@ -98,11 +110,32 @@ def cmd_certify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_verified(args: argparse.Namespace, data, result) -> int:
+    from robustlab.report.verified import format_verified
+
+    s = result.summary
+    if args.json:
+        keys = ("method", "threat", "n", "clean_accuracy", "verified_accuracy", "empirical_robust_accuracy", "gap",
+                "lies", "ci95", "median_margin_lower", "soundness_attack")
+        out = {"run_id": result.run_id, "db": str(Path(args.db)), "resumed": result.resumed, "model": args.model,
+               "dataset": data.name, "split": data.split, **{k: s.get(k) for k in keys},
+               "certified_accuracy": {f"{s['threat']['eps']:g}": s["verified_accuracy"]}, "checks": result.checks}
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_verified(s, result.checks, f"{args.model} on {data.name}:{data.split}"))
+        print(f"run {result.run_id} in {args.db}; `robustlab report {result.run_id} --db {args.db}` writes the report")
+    return 0
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    c = sub.add_parser("certify", help="certified robustness (randomized smoothing) into the results store")
+    c = sub.add_parser("certify", help="certified robustness (randomized smoothing, IBP, CROWN-IBP) into the results store")
     add_model_data_options(c, samples_flag="--samples")
     c.add_argument("--method", default="smoothing", choices=sorted(METHODS),
-                   help="how certificates are made (default smoothing: randomized smoothing)")
+                   help="how certificates are made (default smoothing: randomized smoothing; ibp, crown-ibp: verified "
+                   "bounds by interval / CROWN-IBP bound propagation at --eps)")
+    c.add_argument("--eps", type=_argument_type(_number),
+                   help="ibp, crown-ibp: radius of the ball to verify, in [0, 1] pixel units (e.g. 0.1 or 2/255)")
+    c.add_argument("--norm", default="linf", choices=("linf", "l2"), help="ibp, crown-ibp: the ball's norm (default linf)")
     c.add_argument("--noise", default="gaussian", choices=NOISE_CHOICES,
                    help="smoothing noise: gaussian (L2 radii), laplace or uniform (L1), ablation (L0, in pixels)")
     c.add_argument("--sigma", type=_argument_type(_number),
@@ -121,7 +154,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--attack-n", type=int, default=100,
                    help="the first N images get the attack check: certificates attacked inside their radius, and "
                    "empirical accuracy at --attack-radius (default 100)")
-    c.add_argument("--attack-steps", type=int, default=20, help="PGD steps of the attack check (default 20)")
+    c.add_argument("--attack-steps", type=int, default=20,
+                   help="PGD steps of the attack check (default 20; ibp, crown-ibp attack every correct image at --eps)")
     c.add_argument("--attack-draws", type=int, default=8,
                    help="noise draws per step in the attacked soft smoothed classifier (default 8)")
     c.add_argument("--attack-radius", type=float, default=0.5, help="radius of the empirical accuracy (default 0.5)")

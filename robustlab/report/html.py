@@ -449,7 +449,14 @@ def _corruption_page(store: ResultsStore, info: dict, out: Path) -> dict[str, Pa
     return write_corruption_report(store, info, out)
 
 
-PAGES = {"certified": _certified_page, "corruption": _corruption_page}
+def _verified_page(store: ResultsStore, info: dict, out: Path) -> dict[str, Path]:
+    """A verified run's page (IBP / CROWN-IBP bounds, the PGD soundness check)."""
+    from robustlab.report.verified import write_verified_report
+
+    return write_verified_report(store, info, out)
+
+
+PAGES = {"certified": _certified_page, "corruption": _corruption_page, "verified": _verified_page}
 
 
 def _write_samples_csv(path: Path, rows: list[SampleRow], attack_names: dict[int, str]) -> None:
