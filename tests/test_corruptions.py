@@ -143,7 +143,7 @@ def test_frost_textures_are_recorded_and_work_without_the_package(monkeypatch):
     assert "imagecorruptions" in one_line_error(lambda: create_corruption("frost:textures=package"))
 
 
-def test_glass_blur_swaps_are_the_sequential_sweep_exactly():
+def test_glass_blur_moves_are_the_sequential_sweep_exactly():
     rng = np.random.default_rng(0)
     for h, w, d in ((12, 15, 1), (14, 13, 2)):
         x = torch.from_numpy(rng.integers(0, 256, (2, 3, h, w)).astype(np.float32))
@@ -157,8 +157,8 @@ def test_glass_blur_swaps_are_the_sequential_sweep_exactly():
                     for j in range(w - d, d, -1):
                         dx, dy = off[n, k].tolist()
                         k += 1
-                        a, b = ref[n, :, i, j].clone(), ref[n, :, i + dy, j + dx].clone()
-                        ref[n, :, i, j], ref[n, :, i + dy, j + dx] = b, a
+                        # the reference's "swap" of NumPy views: (h, w) takes the value at (h', w')
+                        ref[n, :, i, j], ref[n, :, i + dy, j + dx] = ref[n, :, i + dy, j + dx], ref[n, :, i, j]
         assert torch.equal(glass_swap(x, d, offsets), ref)
 
 
