@@ -10,7 +10,9 @@ default border and torch's ``reflect``: ``d c b | a b c d``).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -145,37 +147,41 @@ def disk_kernel(radius: float, alias_blur: float) -> torch.Tensor:
     return k[half - r:half + r + 1, half - r:half + r + 1].float()
 
 
-def shift_sample(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
-    """``out[n, :, i, j] = x[n, :, clamp(i - dy[n]), clamp(j - dx[n])]``: each image moved by its
-    own integer offset, the border pixels repeated."""
-    n, c, h, w = x.shape
-    rows = (torch.arange(h, device=x.device).view(1, h) - dy.view(n, 1)).clamp(0, h - 1)
-    cols = (torch.arange(w, device=x.device).view(1, w) - dx.view(n, 1)).clamp(0, w - 1)
-    index = (rows.view(n, h, 1) * w + cols.view(n, 1, w)).view(n, 1, h * w).expand(n, c, h * w)
-    return x.reshape(n, c, h * w).gather(2, index).view(n, c, h, w)
-
-
 def motion_blur(x: torch.Tensor, radius: int, sigma: float, angles: torch.Tensor) -> torch.Tensor:
     """Motion blur with a one-sided Gaussian line kernel (the kernel form of ImageMagick's
     ``-motion-blur radius x sigma + angle`` that imagecorruptions uses): ``2 * radius + 1`` copies of
     the image shifted along ``angles`` (degrees, one per image), weighted ``exp(-i^2 / 2 sigma^2)``
-    (normalized); a copy shifted past the image's size is dropped."""
-    n, _, h, w = x.shape
+    (normalized), border pixels repeated; a copy shifted past the image's size is dropped.
+
+    The images are sorted by angle and padded once by the largest shift; for each copy, the images
+    that share its shift are consecutive, so each run of them adds one slice of the padded batch."""
+    n, _c, h, w = x.shape
     width = 2 * radius + 1
     taps = torch.exp(-(torch.arange(width, dtype=torch.float64) ** 2) / (2 * sigma * sigma))
-    taps = taps / taps.sum()
-    rad = torch.deg2rad(angles.to(torch.float64))
+    taps = (taps / taps.sum()).tolist()
+    order = torch.argsort(angles.to(torch.float64).cpu())
+    rad = torch.deg2rad(angles.to(torch.float64).cpu()[order]).view(n, 1)
     p0, p1 = width * torch.sin(rad), width * torch.cos(rad)
     hyp = torch.hypot(p0, p1)
+    i = torch.arange(width, dtype=torch.float64).view(1, -1)
+    dy = -torch.ceil(i * p0 / hyp - 0.5).long()  # (N, width), in angle order
+    dx = -torch.ceil(i * p1 / hyp - 0.5).long()
+    alive = ((dy.abs() < h) & (dx.abs() < w)).long().cumprod(1).bool()
+    py = int(dy.abs().where(alive, 0).max())
+    px = int(dx.abs().where(alive, 0).max())
+    order_dev = order.to(x.device)
+    xp = pad_axis(pad_axis(x.index_select(0, order_dev), -2, py, py, "edge"), -1, px, px, "edge")
     out = torch.zeros_like(x)
-    alive = torch.ones(n, dtype=torch.bool, device=x.device)
-    for i in range(width):
-        dy = -torch.ceil(i * p0 / hyp - 0.5).long()
-        dx = -torch.ceil(i * p1 / hyp - 0.5).long()
-        alive &= (dy.abs() < h) & (dx.abs() < w)
-        weight = (taps[i].item() * alive.to(x.dtype)).view(n, 1, 1, 1)
-        out.addcmul_(weight, shift_sample(x, dy, dx))
-    return out
+    key = ((dy + h) * (2 * w + 1) + dx + w).where(alive, -1)
+    for k in range(width):
+        col = key[:, k]
+        starts = [0, *(torch.nonzero(col[1:] != col[:-1]).flatten() + 1).tolist(), n]
+        for a, b in itertools.pairwise(starts):
+            if not alive[a, k]:
+                continue
+            top, left = py - int(dy[a, k]), px - int(dx[a, k])
+            out[a:b].add_(xp[a:b, :, top:top + h, left:left + w], alpha=taps[k])
+    return out.index_select(0, torch.argsort(order_dev))
 
 
 def linear_taps(positions: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -227,8 +233,10 @@ def _zoom_operator(h: int, w: int, zooms: tuple[float, ...], device: str) -> tor
                 cols.append((ri.view(h, 1) * w + cj.view(1, w)).reshape(-1))
                 vals.append((wy.view(h, 1) * wx.view(1, w)).reshape(-1))
     indices = torch.stack([torch.cat(rows), torch.cat(cols)])
-    op = torch.sparse_coo_tensor(indices, torch.cat(vals), (h * w, h * w), check_invariants=False)
-    return op.coalesce().to(device)
+    op = torch.sparse_coo_tensor(indices, torch.cat(vals), (h * w, h * w), check_invariants=False).coalesce()
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore")
+        return op.to_sparse_csr().to(device)
 
 
 def zoom_sum(x: torch.Tensor, zooms: tuple[float, ...]) -> torch.Tensor:
@@ -241,7 +249,7 @@ def zoom_sum(x: torch.Tensor, zooms: tuple[float, ...]) -> torch.Tensor:
             out += clipped_zoom(x, z)
         return out
     op = _zoom_operator(h, w, tuple(zooms), str(x.device)).to(x.dtype)
-    return torch.sparse.mm(op, x.reshape(n * c, h * w).T).T.reshape(n, c, h, w)
+    return (op @ x.reshape(n * c, h * w).T.contiguous()).T.reshape(n, c, h, w)
 
 
 def pil_box_matrix(in_size: int, out_size: int) -> torch.Tensor:
@@ -273,26 +281,19 @@ def box_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def sample_bilinear(x: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, mode: str) -> torch.Tensor:
-    """``x`` (N, C, H, W) sampled at fractional rows ``ys`` and columns ``xs`` (N, H', W') by bilinear
-    interpolation, neighbours outside the image taken by the border ``mode``."""
-    n, c, h, w = x.shape
-    y0, x0 = ys.floor(), xs.floor()
-    fy, fx = (ys - y0).to(x.dtype).unsqueeze(1), (xs - x0).to(x.dtype).unsqueeze(1)
-    y0, x0 = y0.long(), x0.long()
-    top, left = max(0, -int(y0.min())), max(0, -int(x0.min()))
-    rows = border_index(h, top, max(0, int(y0.max()) + 2 - h), mode, x.device) * w  # padded row -> row * w
-    cols = border_index(w, left, max(0, int(x0.max()) + 2 - w), mode, x.device)
-    y0, x0 = y0 + top, x0 + left
-    ya, yb, xa, xb = rows[y0], rows[y0 + 1], cols[x0], cols[x0 + 1]
-    flat = x.reshape(n, c, h * w)
-    out_shape = (n, c, *ys.shape[1:])
-
-    def tap(idx: torch.Tensor) -> torch.Tensor:
-        return flat.gather(2, idx.reshape(n, 1, -1).expand(n, c, -1)).reshape(out_shape)
-
-    top_row = torch.lerp(tap(ya + xa), tap(ya + xb), fx)
-    bottom_row = torch.lerp(tap(yb + xa), tap(yb + xb), fx)
-    return torch.lerp(top_row, bottom_row, fy)
+    """``x`` (N, C, H, W) sampled at fractional rows ``ys`` and columns ``xs`` (N, H', W') in pixels by
+    bilinear interpolation, outside the image by the border ``mode``: ``reflect101`` (OpenCV's
+    default, reflection about the edge pixels: ``grid_sample``'s reflection with corners aligned) or
+    ``symmetric`` (scipy's ``reflect``, about the image edges: reflection without)."""
+    h, w = x.shape[-2:]
+    if mode == "reflect101":
+        grid = torch.stack([xs * (2.0 / (w - 1)) - 1, ys * (2.0 / (h - 1)) - 1], -1)
+    elif mode == "symmetric":
+        grid = torch.stack([(xs + 0.5) * (2.0 / w) - 1, (ys + 0.5) * (2.0 / h) - 1], -1)
+    else:
+        raise ValueError(f"unknown border mode {mode!r}")
+    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="reflection",
+                         align_corners=mode == "reflect101")
 
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
