@@ -96,10 +96,10 @@ def glass_swap(x: torch.Tensor, max_delta: int, offsets: list[torch.Tensor]) -> 
         off = off.to(x.device).long()
         flat = off[..., 1] * w + off[..., 0]
         flat = torch.cat([flat, torch.zeros(n, 1, dtype=torch.long, device=x.device)], 1)
+        sources = pos.unsqueeze(0) + flat[:, seq]  # (N, waves, K): the pixel each step reads
+        targets = pos.unsqueeze(0).expand(n, -1, -1)
         for t in range(pos.shape[0]):
-            a = pos[t].expand(n, -1)
-            b = a + flat[:, seq[t]]
-            perm.scatter_(1, a, perm.gather(1, b))
+            perm.scatter_(1, targets[:, t], perm.gather(1, sources[:, t]))
     index = perm[:, : h * w].unsqueeze(1).expand(n, c, h * w)
     return x.reshape(n, c, h * w).gather(2, index).reshape(n, c, h, w)
 
