@@ -70,6 +70,7 @@ def test_the_nineteen_are_registered_in_the_published_order():
 @pytest.mark.parametrize("name", ALL)
 def test_shape_range_dtype_and_determinism(name):
     x = natural(3, 32).double()
+    before = x.clone()
     for severity in (1, 3, 5):
         c = create_corruption(name, severity)
         a = c(x, gen(7))
@@ -82,6 +83,7 @@ def test_shape_range_dtype_and_determinism(name):
         else:
             assert torch.equal(a, b), "a deterministic corruption must not depend on the generator"
         assert (a - x.float()).abs().mean() > 1e-3, "every severity changes the image"
+    assert torch.equal(x, before), "the input is never modified"
 
 
 @pytest.mark.parametrize("size", [32, 224])
@@ -99,6 +101,13 @@ def test_the_table_follows_the_image_size_or_the_table_parameter():
     assert c.table_entry(32) == 0.10 and c.table_entry(63) == 0.10
     assert c.table_entry(64) == 0.18 and c.table_entry(223) == 0.18 and c.table_entry(500) == 0.38
     assert create_corruption("gaussian_noise:severity=5,table=224").table_entry(32) == 0.38
+
+
+def test_rectangular_images_use_the_shorter_side():
+    x = natural(2, 56)[..., 8:48, :]  # 40 x 56
+    for name in ALL:
+        y = create_corruption(name, 3)(x, gen())
+        assert y.shape == x.shape and torch.isfinite(y).all() and (y - x).abs().mean() > 1e-3, name
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -143,7 +152,7 @@ def test_frost_textures_are_recorded_and_work_without_the_package(monkeypatch):
     assert "imagecorruptions" in one_line_error(lambda: create_corruption("frost:textures=package"))
 
 
-def test_glass_blur_swaps_are_the_sequential_sweep_exactly():
+def test_glass_blur_moves_are_the_sequential_sweep_exactly():
     rng = np.random.default_rng(0)
     for h, w, d in ((12, 15, 1), (14, 13, 2)):
         x = torch.from_numpy(rng.integers(0, 256, (2, 3, h, w)).astype(np.float32))
@@ -157,8 +166,8 @@ def test_glass_blur_swaps_are_the_sequential_sweep_exactly():
                     for j in range(w - d, d, -1):
                         dx, dy = off[n, k].tolist()
                         k += 1
-                        a, b = ref[n, :, i, j].clone(), ref[n, :, i + dy, j + dx].clone()
-                        ref[n, :, i, j], ref[n, :, i + dy, j + dx] = b, a
+                        # the reference's "swap" of NumPy views: (h, w) takes the value at (h', w')
+                        ref[n, :, i, j], ref[n, :, i + dy, j + dx] = ref[n, :, i + dy, j + dx], ref[n, :, i, j]
         assert torch.equal(glass_swap(x, d, offsets), ref)
 
 

@@ -4,7 +4,7 @@ Constants: ImageNet-C (224 px), Tiny-ImageNet-C (64 px), CIFAR-10-C (32 px), fro
 generation scripts (hendrycks/robustness, ImageNet-C/create_c/make_*_c.py). Motion blur uses the
 kernel form of ImageMagick's motion blur that the imagecorruptions package introduced (the reference
 called ImageMagick through Wand). Glass blur performs the reference's sequential sweep of local pixel
-swaps exactly, but many swaps at once: see :func:`glass_swap`.
+moves exactly, but many at once: see :func:`glass_swap`.
 """
 
 from __future__ import annotations
@@ -54,10 +54,11 @@ def _disk(radius: float, alias: float) -> torch.Tensor:
 def _wavefronts(h: int, w: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference's swap positions (rows ``h - d`` down to ``d + 1``, in each row columns ``w - d``
     down to ``d + 1``) grouped into waves that can run at once: wave ``t`` holds the ``k``-th row and
-    ``j``-th column of the sweep with ``2 d k + j = t``. Two swaps touch a common pixel only when both
-    their rows and columns are less than ``2 d`` apart, so swaps in one wave never interact and every
-    earlier swap a swap could interact with is in an earlier wave: running the waves in order gives
-    exactly the sequential result. Returns (waves, K) flat pixel indices and sweep indices, padded
+    ``j``-th column of the sweep with ``2 d k + j = t``. Two steps (each reads one pixel and writes
+    another within ``d`` of it) touch a common pixel only when both their rows and columns are less
+    than ``2 d`` apart, so steps in one wave never interact and every earlier step a step could
+    interact with is in an earlier wave: running the waves in order gives exactly the sequential
+    result. Returns (waves, K) flat pixel indices and sweep indices, padded
     with ``h * w`` and ``-1``."""
     nh, nw = h - 2 * d, w - 2 * d
     k = torch.arange(nh).view(-1, 1)
@@ -78,9 +79,12 @@ def _wavefronts(h: int, w: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def glass_swap(x: torch.Tensor, max_delta: int, offsets: list[torch.Tensor]) -> torch.Tensor:
     """ImageNet-C's local pixel shuffle, one sweep per entry of ``offsets``: the sweep visits pixels
-    from the bottom-right to the top-left and swaps each with the pixel ``(dy, dx)`` away, ``offsets``
-    being (N, S, 2) integers ``(dx, dy)`` in ``[-max_delta, max_delta)``, one per visited pixel in
-    sweep order (S = (H - 2 max_delta) * (W - 2 max_delta)). The swaps run wave by wave
+    from the bottom-right to the top-left and gives each the current value of the pixel ``(dy, dx)``
+    away, ``offsets`` being (N, S, 2) integers ``(dx, dy)`` in ``[-max_delta, max_delta)``, one per
+    visited pixel in sweep order (S = (H - 2 max_delta) * (W - 2 max_delta)). (The reference writes a
+    swap, ``x[h, w], x[h', w'] = x[h', w'], x[h, w]``, but on NumPy views of an (H, W, 3) image that
+    copies: the second assignment writes back the value the first one put there. Its images, and
+    imagecorruptions', were made that way; so are these.) The copies run wave by wave
     (:func:`_wavefronts`) on an index map, then one gather moves the pixels."""
     n, c, h, w = x.shape
     d = max_delta
@@ -92,12 +96,10 @@ def glass_swap(x: torch.Tensor, max_delta: int, offsets: list[torch.Tensor]) -> 
         off = off.to(x.device).long()
         flat = off[..., 1] * w + off[..., 0]
         flat = torch.cat([flat, torch.zeros(n, 1, dtype=torch.long, device=x.device)], 1)
+        sources = pos.unsqueeze(0) + flat[:, seq]  # (N, waves, K): the pixel each step reads
+        targets = pos.unsqueeze(0).expand(n, -1, -1)
         for t in range(pos.shape[0]):
-            a = pos[t].expand(n, -1)
-            b = a + flat[:, seq[t]]
-            va, vb = perm.gather(1, a), perm.gather(1, b)
-            perm.scatter_(1, a, vb)
-            perm.scatter_(1, b, va)
+            perm.scatter_(1, targets[:, t], perm.gather(1, sources[:, t]))
     index = perm[:, : h * w].unsqueeze(1).expand(n, c, h * w)
     return x.reshape(n, c, h * w).gather(2, index).reshape(n, c, h, w)
 
@@ -109,8 +111,8 @@ def glass_offsets(n: int, h: int, w: int, max_delta: int, iterations: int, draw:
 
 
 class GlassBlur(Corruption):
-    """Gaussian blur (sigma ``c[0]``), truncation to 8 bits, ``c[2]`` sweeps of local pixel swaps up to
-    ``c[1]`` pixels away, Gaussian blur again."""
+    """Gaussian blur (sigma ``c[0]``), truncation to 8 bits, ``c[2]`` sweeps of local pixel moves up to
+    ``c[1]`` pixels away (:func:`glass_swap`), Gaussian blur again."""
 
     name = "glass_blur"
     suite_name = "imagenet-c"

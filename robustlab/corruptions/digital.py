@@ -16,11 +16,11 @@ from torchvision.io import decode_jpeg, encode_jpeg
 
 from robustlab.corruptions.base import Corruption
 from robustlab.corruptions.imaging import (
+    add_value,
     box_resize,
     gaussian_blur,
-    hsv_to_rgb,
-    rgb_to_hsv,
     sample_bilinear,
+    scale_saturation,
     uniform_draw,
 )
 
@@ -41,9 +41,7 @@ class Brightness(Corruption):
         c = self.entry(x)
         if x.shape[1] == 1:
             return x + c
-        hsv = rgb_to_hsv(x.clamp(0, 1))
-        hsv[:, 2] = (hsv[:, 2] + c).clamp(0, 1)
-        return hsv_to_rgb(hsv)
+        return add_value(x.clamp(0, 1), c)
 
 
 class Contrast(Corruption):
@@ -105,11 +103,10 @@ def elastic_core(x: torch.Tensor, c: tuple, moves: torch.Tensor, field: torch.Te
     gy, gx = torch.meshgrid(torch.arange(h, dtype=torch.float64, device=x.device),
                             torch.arange(w, dtype=torch.float64, device=x.device), indexing="ij")
     grid = torch.stack([gx, gy, torch.ones_like(gx)], -1).reshape(1, h * w, 3)
-    mapped = torch.matmul(grid, inverse).reshape(n, h, w, 2)
+    mapped = torch.matmul(grid, inverse).reshape(n, h, w, 2).float()
     x = sample_bilinear(x, mapped[..., 1], mapped[..., 0], "reflect101")
-    disp = gaussian_blur(field.to(torch.float64), c[1], mode="symmetric", truncate=3.0) * c[0]
-    disp = disp.to(torch.float32).to(torch.float64)
-    return sample_bilinear(x, gy + disp[:, 1], gx + disp[:, 0], "symmetric")
+    disp = (gaussian_blur(field.to(torch.float64), c[1], mode="symmetric", truncate=3.0) * c[0]).float()
+    return sample_bilinear(x, gy.float() + disp[:, 1], gx.float() + disp[:, 0], "symmetric")
 
 
 class Pixelate(Corruption):
@@ -166,7 +163,5 @@ class Saturate(Corruption):
     def apply(self, x, generator):
         if x.shape[1] == 1:
             return x.clone()
-        c = self.entry(x)
-        hsv = rgb_to_hsv(x.clamp(0, 1))
-        hsv[:, 1] = (hsv[:, 1] * c[0] + c[1]).clamp(0, 1)
-        return hsv_to_rgb(hsv)
+        gain, offset = self.entry(x)
+        return scale_saturation(x.clamp(0, 1), gain, offset)

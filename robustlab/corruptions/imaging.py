@@ -10,7 +10,9 @@ default border and torch's ``reflect``: ``d c b | a b c d``).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -57,9 +59,15 @@ def fold_index(i: torch.Tensor, length: int, mode: str) -> torch.Tensor:
 
 
 def pad_axis(x: torch.Tensor, dim: int, before: int, after: int, mode: str) -> torch.Tensor:
+    """Pad axis ``dim`` (-2 or -1) of a 3-D or 4-D tensor by ``before``/``after`` samples."""
     if before == 0 and after == 0:
         return x
-    return x.index_select(dim, border_index(x.shape[dim], before, after, mode, x.device))
+    length = x.shape[dim]
+    fast = {"edge": "replicate", "reflect101": "reflect"}.get(mode)
+    if fast and x.dim() in (3, 4) and (mode == "edge" or max(before, after) < length) and x.is_floating_point():
+        pads = (before, after, 0, 0) if dim == -1 else (0, 0, before, after)
+        return F.pad(x, pads, mode=fast)
+    return x.index_select(dim, border_index(length, before, after, mode, x.device))
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
@@ -139,37 +147,41 @@ def disk_kernel(radius: float, alias_blur: float) -> torch.Tensor:
     return k[half - r:half + r + 1, half - r:half + r + 1].float()
 
 
-def shift_sample(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
-    """``out[n, :, i, j] = x[n, :, clamp(i - dy[n]), clamp(j - dx[n])]``: each image moved by its
-    own integer offset, the border pixels repeated."""
-    n, c, h, w = x.shape
-    rows = (torch.arange(h, device=x.device).view(1, h) - dy.view(n, 1)).clamp(0, h - 1)
-    cols = (torch.arange(w, device=x.device).view(1, w) - dx.view(n, 1)).clamp(0, w - 1)
-    x = x.gather(2, rows.view(n, 1, h, 1).expand(n, c, h, w))
-    return x.gather(3, cols.view(n, 1, 1, w).expand(n, c, h, w))
-
-
 def motion_blur(x: torch.Tensor, radius: int, sigma: float, angles: torch.Tensor) -> torch.Tensor:
     """Motion blur with a one-sided Gaussian line kernel (the kernel form of ImageMagick's
     ``-motion-blur radius x sigma + angle`` that imagecorruptions uses): ``2 * radius + 1`` copies of
     the image shifted along ``angles`` (degrees, one per image), weighted ``exp(-i^2 / 2 sigma^2)``
-    (normalized); a copy shifted past the image's size is dropped."""
-    n, _, h, w = x.shape
+    (normalized), border pixels repeated; a copy shifted past the image's size is dropped.
+
+    The images are sorted by angle and padded once by the largest shift; for each copy, the images
+    that share its shift are consecutive, so each run of them adds one slice of the padded batch."""
+    n, _c, h, w = x.shape
     width = 2 * radius + 1
     taps = torch.exp(-(torch.arange(width, dtype=torch.float64) ** 2) / (2 * sigma * sigma))
-    taps = taps / taps.sum()
-    rad = torch.deg2rad(angles.to(torch.float64))
+    taps = (taps / taps.sum()).tolist()
+    order = torch.argsort(angles.to(torch.float64).cpu())
+    rad = torch.deg2rad(angles.to(torch.float64).cpu()[order]).view(n, 1)
     p0, p1 = width * torch.sin(rad), width * torch.cos(rad)
     hyp = torch.hypot(p0, p1)
+    i = torch.arange(width, dtype=torch.float64).view(1, -1)
+    dy = -torch.ceil(i * p0 / hyp - 0.5).long()  # (N, width), in angle order
+    dx = -torch.ceil(i * p1 / hyp - 0.5).long()
+    alive = ((dy.abs() < h) & (dx.abs() < w)).long().cumprod(1).bool()
+    py = int(dy.abs().where(alive, 0).max())
+    px = int(dx.abs().where(alive, 0).max())
+    order_dev = order.to(x.device)
+    xp = pad_axis(pad_axis(x.index_select(0, order_dev), -2, py, py, "edge"), -1, px, px, "edge")
     out = torch.zeros_like(x)
-    alive = torch.ones(n, dtype=torch.bool, device=x.device)
-    for i in range(width):
-        dy = -torch.ceil(i * p0 / hyp - 0.5).long()
-        dx = -torch.ceil(i * p1 / hyp - 0.5).long()
-        alive &= (dy.abs() < h) & (dx.abs() < w)
-        weight = (taps[i].item() * alive.to(x.dtype)).view(n, 1, 1, 1)
-        out += weight * shift_sample(x, dy, dx)
-    return out
+    key = ((dy + h) * (2 * w + 1) + dx + w).where(alive, -1)
+    for k in range(width):
+        col = key[:, k]
+        starts = [0, *(torch.nonzero(col[1:] != col[:-1]).flatten() + 1).tolist(), n]
+        for a, b in itertools.pairwise(starts):
+            if not alive[a, k]:
+                continue
+            top, left = py - int(dy[a, k]), px - int(dx[a, k])
+            out[a:b].add_(xp[a:b, :, top:top + h, left:left + w], alpha=taps[k])
+    return out.index_select(0, torch.argsort(order_dev))
 
 
 def linear_taps(positions: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -207,34 +219,37 @@ def clipped_zoom(x: torch.Tensor, zoom: float) -> torch.Tensor:
     return resample_axis(resample_axis(x, -2, clipped_zoom_taps(h, zoom)), -1, clipped_zoom_taps(w, zoom))
 
 
-def taps_matrix(taps: tuple[torch.Tensor, torch.Tensor, torch.Tensor], length: int) -> torch.Tensor:
-    """The (out, length) matrix of two-tap linear interpolation taps."""
-    i0, i1, frac = taps
-    rows = torch.arange(len(i0))
-    m = torch.zeros(len(i0), length)
-    m.index_put_((rows, i0), 1 - frac, accumulate=True)
-    m.index_put_((rows, i1), frac, accumulate=True)
-    return m
-
-
-@functools.lru_cache(maxsize=64)
-def _zoom_stack(length: int, zooms: tuple[float, ...]) -> torch.Tensor:
-    return torch.stack([taps_matrix(clipped_zoom_taps(length, z), length) for z in zooms])
+@functools.lru_cache(maxsize=32)
+def _zoom_operator(h: int, w: int, zooms: tuple[float, ...], device: str) -> torch.Tensor:
+    """Sum over ``zooms`` of :func:`clipped_zoom` as one sparse (H*W, H*W) matrix."""
+    rows, cols, vals = [], [], []
+    out = (torch.arange(h).view(h, 1) * w + torch.arange(w).view(1, w)).reshape(-1)
+    for z in zooms:
+        i0, i1, fy = clipped_zoom_taps(h, z)
+        j0, j1, fx = clipped_zoom_taps(w, z)
+        for ri, wy in ((i0, 1 - fy), (i1, fy)):
+            for cj, wx in ((j0, 1 - fx), (j1, fx)):
+                rows.append(out)
+                cols.append((ri.view(h, 1) * w + cj.view(1, w)).reshape(-1))
+                vals.append((wy.view(h, 1) * wx.view(1, w)).reshape(-1))
+    indices = torch.stack([torch.cat(rows), torch.cat(cols)])
+    op = torch.sparse_coo_tensor(indices, torch.cat(vals), (h * w, h * w), check_invariants=False).coalesce()
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore")
+        return op.to_sparse_csr().to(device)
 
 
 def zoom_sum(x: torch.Tensor, zooms: tuple[float, ...]) -> torch.Tensor:
-    """The sum of :func:`clipped_zoom` of (N, C, H, W) over ``zooms``: for small images as two matrix
-    products over all zooms at once, for large ones zoom by zoom with two-tap gathers."""
-    h, w = x.shape[-2:]
-    if max(h, w) > 64:
+    """The sum of :func:`clipped_zoom` of (N, C, H, W) over ``zooms``: for images up to 64 x 64 one
+    sparse matrix product, for larger ones zoom by zoom with two-tap gathers."""
+    n, c, h, w = x.shape
+    if h * w > 64 * 64:
         out = torch.zeros_like(x)
         for z in zooms:
             out += clipped_zoom(x, z)
         return out
-    rows = _zoom_stack(h, zooms).to(x.device, x.dtype)
-    cols = _zoom_stack(w, zooms).to(x.device, x.dtype)
-    y = torch.einsum("zhk,nckw->nczhw", rows, x)
-    return torch.einsum("nczhw,zvw->nchv", y, cols)
+    op = _zoom_operator(h, w, tuple(zooms), str(x.device)).to(x.dtype)
+    return (op @ x.reshape(n * c, h * w).T.contiguous()).T.reshape(n, c, h, w)
 
 
 def pil_box_matrix(in_size: int, out_size: int) -> torch.Tensor:
@@ -266,22 +281,19 @@ def box_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def sample_bilinear(x: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, mode: str) -> torch.Tensor:
-    """``x`` (N, C, H, W) sampled at fractional rows ``ys`` and columns ``xs`` (N, H', W') by bilinear
-    interpolation, neighbours outside the image taken by the border ``mode``."""
-    n, c, h, w = x.shape
-    y0, x0 = ys.floor(), xs.floor()
-    fy, fx = (ys - y0).to(x.dtype).unsqueeze(1), (xs - x0).to(x.dtype).unsqueeze(1)
-    y0, x0 = y0.long(), x0.long()
-    flat = x.reshape(n, c, h * w)
-    out_shape = (n, c, *ys.shape[1:])
-
-    def tap(yi: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
-        idx = fold_index(yi, h, mode) * w + fold_index(xi, w, mode)
-        return flat.gather(2, idx.reshape(n, 1, -1).expand(n, c, -1)).reshape(out_shape)
-
-    top = tap(y0, x0) * (1 - fx) + tap(y0, x0 + 1) * fx
-    bottom = tap(y0 + 1, x0) * (1 - fx) + tap(y0 + 1, x0 + 1) * fx
-    return top * (1 - fy) + bottom * fy
+    """``x`` (N, C, H, W) sampled at fractional rows ``ys`` and columns ``xs`` (N, H', W') in pixels by
+    bilinear interpolation, outside the image by the border ``mode``: ``reflect101`` (OpenCV's
+    default, reflection about the edge pixels: ``grid_sample``'s reflection with corners aligned) or
+    ``symmetric`` (scipy's ``reflect``, about the image edges: reflection without)."""
+    h, w = x.shape[-2:]
+    if mode == "reflect101":
+        grid = torch.stack([xs * (2.0 / (w - 1)) - 1, ys * (2.0 / (h - 1)) - 1], -1)
+    elif mode == "symmetric":
+        grid = torch.stack([(xs + 0.5) * (2.0 / w) - 1, (ys + 0.5) * (2.0 / h) - 1], -1)
+    else:
+        raise ValueError(f"unknown border mode {mode!r}")
+    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="reflection",
+                         align_corners=mode == "reflect101")
 
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
@@ -295,35 +307,26 @@ def to_gray(x: torch.Tensor, weights: tuple[float, float, float] = GRAY_WEIGHTS)
     return (weights[0] * r + weights[1] * g + weights[2] * b).unsqueeze(1)
 
 
-def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    """skimage.color.rgb2hsv of (N, 3, H, W): hue, saturation, value in [0, 1]."""
-    r, g, b = x.unbind(1)
-    v = x.amax(1)
-    delta = v - x.amin(1)
-    safe_v = torch.where(v == 0, torch.ones_like(v), v)
-    s = torch.where(v == 0, torch.zeros_like(v), delta / safe_v)
-    safe_d = torch.where(delta == 0, torch.ones_like(delta), delta)
-    h = (g - b) / safe_d
-    h = torch.where(g == v, 2.0 + (b - r) / safe_d, h)
-    h = torch.where(b == v, 4.0 + (r - g) / safe_d, h)
-    h = torch.remainder(h / 6.0, 1.0)
-    h = torch.where(delta == 0, torch.zeros_like(h), h)
-    return torch.stack([h, s, v], 1)
+def add_value(x: torch.Tensor, c: float) -> torch.Tensor:
+    """skimage's rgb2hsv, value ``v -> min(v + c, 1)``, hsv2rgb, of RGB (N, 3, H, W) in [0, 1]. With hue
+    and saturation fixed, RGB is linear in the value, so this scales each pixel by ``v' / v`` (black
+    pixels, hue and saturation 0, become grey ``v'``)."""
+    v = x.amax(1, keepdim=True)
+    v_new = (v + c).clamp(0, 1)
+    return torch.where(v > 0, x * (v_new / v.clamp(min=1e-12)), v_new.expand_as(x))
 
 
-def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
-    """skimage.color.hsv2rgb of (N, 3, H, W)."""
-    h, s, v = hsv.unbind(1)
-    h6 = h * 6.0
-    hi = torch.floor(h6)
-    f = h6 - hi
-    hi = hi.long().remainder(6)
-    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
-    table = torch.stack([
-        torch.stack([v, t, p], 1), torch.stack([q, v, p], 1), torch.stack([p, v, t], 1),
-        torch.stack([p, q, v], 1), torch.stack([t, p, v], 1), torch.stack([v, p, q], 1),
-    ], 0)  # (6, N, 3, H, W)
-    return table.gather(0, hi.unsqueeze(0).unsqueeze(2).expand(1, -1, 3, -1, -1))[0]
+def scale_saturation(x: torch.Tensor, gain: float, offset: float) -> torch.Tensor:
+    """skimage's rgb2hsv, saturation ``s -> clip(s gain + offset, 0, 1)``, hsv2rgb, of RGB (N, 3, H, W)
+    in [0, 1]. Hue and value fixed, each channel moves from the value linearly with the saturation:
+    ``v - (s' / s)(v - x)``; grey pixels (hue 0 by convention) become ``(v, v (1 - s'), v (1 - s'))``."""
+    v = x.amax(1, keepdim=True)
+    delta = v - x.amin(1, keepdim=True)
+    s = torch.where(v > 0, delta / v.clamp(min=1e-12), torch.zeros_like(v))
+    s_new = (s * gain + offset).clamp(0, 1)
+    coloured = v - (s_new / s.clamp(min=1e-12)) * (v - x)
+    grey = torch.cat([v, v * (1 - s_new), v * (1 - s_new)], 1)
+    return torch.where(delta > 0, coloured, grey)
 
 
 def plasma_fractal(n: int, mapsize: int, decay: float, draw: Draw, device: torch.device) -> torch.Tensor:
@@ -389,27 +392,38 @@ def canny(img: torch.Tensor, low: float, high: float) -> torch.Tensor:
     weak = peak & (mag > low)
     edges = weak & (mag > high)
     while True:
-        grown = weak & (F.max_pool2d(edges.unsqueeze(1).float(), 3, 1, 1)[:, 0] > 0)
+        grown = weak & _dilate3(edges)
         if torch.equal(grown, edges):
             return edges
         edges = grown
 
 
+def _dilate3(mask: torch.Tensor) -> torch.Tensor:
+    """Binary dilation of (N, H, W) by a 3x3 square (outside counts as False)."""
+    p = F.pad(mask, (1, 1, 1, 1))
+    rows = p[:, :-2] | p[:, 1:-1] | p[:, 2:]
+    return rows[..., :-2] | rows[..., 1:-1] | rows[..., 2:]
+
+
 def truncated_distance(edges: torch.Tensor, limit: int) -> torch.Tensor:
     """Euclidean distance (N, H, W) from each pixel to the nearest ``True`` of ``edges``, capped at
-    ``limit`` (exact below it): a column pass then a row pass over windows of ``limit`` pixels."""
+    ``limit`` (exact below it): the distance along each column to the nearest edge (running maxima of
+    edge positions from both ends), then the minimum over the row window of ``limit`` pixels of
+    ``column distance^2 + offset^2``."""
     n, h, w = edges.shape
-    inf = float(limit * limit + 1)
-    col = torch.full((n, h, w), inf, device=edges.device)
-    padded = F.pad(edges.float(), (0, 0, limit, limit))
-    for k in range(limit, -1, -1):
-        hit = (padded[:, limit + k:limit + k + h] + padded[:, limit - k:limit - k + h]) > 0
-        col = torch.where(hit, torch.full_like(col, float(k)), col)
-    sq = torch.where(col >= inf, torch.full_like(col, inf), col * col)
-    best = sq.clone()
-    padded = F.pad(sq, (limit, limit), value=inf)
-    for k in range(1, limit + 1):
-        best = torch.minimum(best, torch.minimum(padded[..., limit + k:limit + k + w], padded[..., limit - k:limit - k + w]) + k * k)
+    far = float(4 * (h + w + limit))
+    pos = torch.arange(h, device=edges.device, dtype=torch.float32).view(1, h, 1).expand(n, h, w)
+    above = torch.where(edges, pos, torch.full_like(pos, -far)).cummax(1).values
+    below = torch.where(edges, pos, torch.full_like(pos, far)).flip(1).cummin(1).values.flip(1)
+    col = torch.minimum(pos - above, below - pos).clamp(max=float(limit + 1))
+    sq = F.pad(col * col, (limit, limit), value=float((limit + 1) ** 2))
+    offsets = torch.arange(-limit, limit + 1, device=edges.device, dtype=torch.float32) ** 2
+    if h * w <= 64 * 64:
+        best = (sq.unfold(-1, 2 * limit + 1, 1) + offsets).amin(-1)
+    else:
+        best = sq[..., limit:limit + w].clone()
+        for k in range(1, limit + 1):
+            best = torch.minimum(best, torch.minimum(sq[..., limit + k:limit + k + w], sq[..., limit - k:limit - k + w]) + k * k)
     return best.sqrt().clamp(max=float(limit))
 
 
