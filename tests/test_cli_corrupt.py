@@ -118,6 +118,8 @@ def test_evaluates_into_the_store_and_against_a_run(root, tmp_path, capsys):
     assert main(["report", second["run_id"], "--db", db, "--out", str(tmp_path / "rep")]) == 0
     page = (tmp_path / "rep" / "report.html").read_text()
     assert "mnist_fog" in page and page.count("<img") == 2
+    csv_rows = (tmp_path / "rep" / "samples.csv").read_text().splitlines()
+    assert len(csv_rows) == 1 + 4 * 24 and csv_rows[1].startswith("clean,clean,0,0,")
 
 
 def test_stored_set_evaluates_like_the_written_one(root, tmp_path, capsys):

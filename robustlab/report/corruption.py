@@ -5,6 +5,7 @@ the protocol's summary and the examples it stored (the first image of each task)
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import json
 import math
@@ -144,7 +145,8 @@ def gallery_tiles(store: ResultsStore, run: dict[str, Any]) -> list[tuple[str, n
 
 
 def write_corruption_report(store: ResultsStore, info: dict[str, Any], out: Path) -> dict[str, Path]:
-    """``report.html`` (table, plot, gallery) and ``summary.json`` of one corruption run."""
+    """``report.html`` (table, plot, gallery), ``summary.json`` and ``samples.csv`` (one row per task
+    and sample) of one corruption run."""
     partial = info.get("summary") is None
     summary = protocol_class(info["protocol"]).summarize(store, info) if partial else info["summary"]
     header = table_header(summary)
@@ -180,4 +182,12 @@ def write_corruption_report(store: ResultsStore, info: dict[str, Any], out: Path
     document = {"run_id": info["run_id"], "status": info.get("status"), "partial": partial, "summary": summary,
                 "config": info.get("config"), "environment": info.get("environment")}
     summary_path.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
-    return {"html": html_path, "summary": summary_path}
+    samples_path = out / "samples.csv"
+    with open(samples_path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["task", "corruption", "severity", "sample_index", "label", "prediction", "correct"])
+        for t in info["tasks"]:
+            for r in store.sample_rows("corruption_samples", info["run_id"], t["task"]):
+                writer.writerow([t["task"], t["corruption"], t["severity"], r["sample_index"], r["label"],
+                                 r["prediction"], r["correct"]])
+    return {"html": html_path, "summary": summary_path, "samples": samples_path}
