@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from unwritable import unwritable
 
 from robustlab.cli import main
-from unwritable import unwritable
 
 GOLDEN = Path(__file__).parent / "golden"
 CKPT = str(GOLDEN / "digits_cnn.safetensors")
