@@ -11,6 +11,7 @@ import os
 import sqlite3
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from robustlab.cli import certify, corrupt, demo, eval, leaderboard, listing, perturb, report, train, zoo
 from robustlab.cli.common import DEFAULT_DB, _say, fill_shared_help
@@ -32,10 +33,18 @@ INTERRUPTED = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with robustlab's one error line: the usage, then ``robustlab: error: ...`` (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"robustlab: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from robustlab import __version__
 
-    p = argparse.ArgumentParser(prog="robustlab", description="Measure and improve adversarial robustness.")
+    p = _Parser(prog="robustlab", description="Measure and improve adversarial robustness.")
     p.add_argument("--version", action="version", version=f"robustlab {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:

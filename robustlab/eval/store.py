@@ -32,7 +32,8 @@ from robustlab.errors import RobustlabError
 SCHEMA_VERSION = 2
 LEASE_STALE_SECONDS = 600.0  # a lease without a heartbeat for this long is taken over
 
-# Generic tables: every protocol's runs, tasks and batches. Per-sample outcomes live in one table per
+# Generic tables: every protocol's runs, tasks and batches (no ';' inside a comment: the migration splits
+# this text on them). Per-sample outcomes live in one table per
 # protocol (``<protocol>_samples``, declared by the protocol, see ``ensure_sample_table``); the
 # adversarial protocol's is created here so that stores of schema 1 migrate into it.
 _SCHEMA = """
@@ -111,7 +112,7 @@ CREATE TABLE IF NOT EXISTS leases (    -- which process works on a run now (one 
     pid INTEGER NOT NULL,
     host TEXT NOT NULL,
     started TEXT NOT NULL,
-    heartbeat TEXT NOT NULL,             -- renewed after every batch; stale after LEASE_STALE_SECONDS
+    heartbeat TEXT NOT NULL,             -- renewed after every batch, stale after LEASE_STALE_SECONDS
     token TEXT NOT NULL                  -- the holder's ResultsStore object
 );
 CREATE TABLE IF NOT EXISTS examples (
