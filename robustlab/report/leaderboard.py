@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from robustlab.eval.protocols import PROTOCOLS, Protocol
@@ -113,6 +114,11 @@ class LeaderboardGroup:
     columns: tuple[str, ...]
     full_n: int
     rows: list[LeaderboardRow]
+
+    @cached_property
+    def ranked(self) -> int:
+        """How many rows have a rank."""
+        return sum(r.rank is not None for r in self.rows)
 
 
 @dataclass
@@ -362,8 +368,7 @@ def format_leaderboard(groups: list[LeaderboardGroup], max_model_width: int = 40
             parts = [v.rjust(widths[i]) if i in numeric else v.ljust(widths[i]) for i, v in enumerate(values[:ncols])]
             return "  ".join(parts).rstrip()
 
-        ranked = sum(r.rank is not None for r in group.rows)
-        header = (f"{group.title}  ({len(group.rows)} model{'s' if len(group.rows) != 1 else ''}, {ranked} ranked)")
+        header = (f"{group.title}  ({len(group.rows)} model{'s' if len(group.rows) != 1 else ''}, {group.ranked} ranked)")
         out += [header, "=" * len(header), line(heads), "  ".join("-" * widths[i] for i in range(ncols))]
         out += [line(c) for c in cells]
         out.append("")
