@@ -5,8 +5,9 @@ evaluations.
   or weights file) together with the defenses in front of it (and the batch-norm branch of a dual-BN
   model); the names it was evaluated under are its aliases. Without a recorded hash the name is all
   there is, and the entry says so.
-- **Groups.** Runs are comparable when they share the protocol, the split and the protocol's
-  ``leaderboard_group`` key (the adversarial protocol: data set, norm, epsilon).
+- **Groups.** Runs are comparable when they share the protocol, the split, the data's fingerprint
+  (image folders: which files) and the protocol's ``leaderboard_group`` key (the adversarial
+  protocol: data set, norm, epsilon).
 - **Full evaluations rank; weaker ones are shown, marked, never ranked.** A run is a full evaluation
   when its protocol finds nothing missing (``leaderboard_strength``: e.g. at least the standard attack
   ensemble) and it covers as many samples as the largest such run of its group. Each model's entry in
@@ -245,9 +246,10 @@ def build_leaderboard(store: ResultsStore) -> Leaderboard:
                                                           for a in store.get_run(run["run_id"])["attacks"]]}
         protocol = PROTOCOLS[run["protocol"]]
         key, title = protocol.leaderboard_group(run)
-        gkey = json.dumps([run["protocol"], run.get("split", ""), *key], default=str)
+        data = run["config"].get("data_fingerprint")  # image folders: which files (two folders are two data sets)
+        gkey = json.dumps([run["protocol"], run.get("split", ""), data, *key], default=str)
         buckets.setdefault(gkey, []).append((run, gkey))
-        titles.setdefault(gkey, group_title(run, protocol, title))
+        titles.setdefault(gkey, group_title(run, protocol, title) + (f" [files {data[:8]}]" if data else ""))
 
     groups: list[LeaderboardGroup] = []
     for gkey, members in buckets.items():
