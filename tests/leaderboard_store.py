@@ -30,11 +30,12 @@ def add_run(store: ResultsStore, model: str = "net", *, sha: str | None = None, 
             n: int = 20, clean: int = 16, robust: int = 8, dataset: str = "cifar10", split: str = "test",
             norm: str = "linf", eps: float = 8 / 255, defenses: list[dict[str, Any]] | None = None,
             declared: dict[str, Any] | None = None, randomized: bool = False, checks: list[dict] | None = None,
-            fast: bool = False) -> str:
+            fast: bool = False, extra: dict[str, Any] | None = None) -> str:
     configs = attack_configs(attacks, norm, eps)
     config = {"model": model, "model_sha256": sha, "dataset": dataset, "split": split, "n": n, "seed": 0,
               "batch_size": 128, "norm": norm, "eps": eps, "attacks": configs, "eps_grid": [], "steps_grid": [],
               "sanity": False, "classes": [str(i) for i in range(10)]}
+    config.update(extra or {})
     if defenses:
         config["defenses"] = defenses
     if declared:

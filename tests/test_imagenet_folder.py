@@ -15,6 +15,7 @@ import torch
 
 from robustlab.cli import main
 from robustlab.data import load_dataset, transform_for_model
+from robustlab.data.image_folder import data_fingerprint
 from robustlab.errors import RobustlabError
 from robustlab.eval.store import ResultsStore
 from robustlab.models import load_model
@@ -56,6 +57,16 @@ def test_streamed_with_the_models_resize_and_crop(folder):
 def test_class_order_without_a_mapping_and_with_a_wrong_one(folder, tmp_path):
     plain = tmp_path / "plain"
     shutil.copytree(folder, plain / "val")
+    # The files and labels identify the data wherever the folder lies; one file less is other data.
+    shutil.copy(folder.parent / "LOC_synset_mapping.txt", plain)
+    same = transform_for_model({"input_size": [16, 16]})
+    original = data_fingerprint(load_dataset("imagenet-val", root=folder, transform=same, stream=True))
+    assert original is not None and len(original) == 16
+    copy = load_dataset("imagenet-val", root=plain / "val", transform=same, stream=True)
+    assert original == data_fingerprint(copy.subset(8))
+    assert original != data_fingerprint(load_dataset("imagenet-val", root=folder, transform=same, stream=True).subset(7))
+    assert data_fingerprint(load_dataset("digits")) is None
+    (plain / "LOC_synset_mapping.txt").unlink()
     data = load_dataset("imagenet-val", root=plain, transform=transform_for_model({"input_size": [16, 16]}))
     assert data.classes == sorted(COLOURS) and sorted(set(data.labels.tolist())) == [0, 1, 2]
     (plain / "synsets.txt").write_text("n01440764\nn01443537\n")
@@ -90,6 +101,7 @@ def test_cli_torchvision_model_on_an_imagenet_folder(folder, tmp_path, capsys):
         card = run["model_info"]["card"]
         assert run["config"]["model_sha256"] == card["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
         assert card["preprocessing"]["input_size"] == [224, 224] and card["preprocessing"]["resize"] == 256
+        assert len(run["config"]["data_fingerprint"]) == 16  # which files: the leaderboard compares like with like
         (model,) = build_leaderboard(store).models.values()
     assert model.sha256 == card["sha256"]  # the leaderboard knows the model by its weights
     # The same weights under another file name are the same model.

@@ -97,6 +97,11 @@ def test_groups_split_by_data_split_and_threat(store):
         "cifar10 · L∞ ε = 8/255 (0.03137) (val)"]
     assert len(board.models) == 1 and len(board.models[board.groups[0].rows[0].model_id].runs) == 4
     assert all(g.rows[0].rank == 1 for g in board.groups)
+    # Two image folders under one data set name are two data sets.
+    add_run(store, "m", sha=SHA_A, dataset="imagenet-val", extra={"data_fingerprint": "0123456789abcdef"})
+    add_run(store, "m", sha=SHA_A, dataset="imagenet-val", extra={"data_fingerprint": "fedcba9876543210"})
+    folders = [g for g in build_leaderboard(store).groups if g.dataset == "imagenet-val"]
+    assert sorted(g.title[-16:] for g in folders) == ["[files 01234567]", "[files fedcba98]"]
 
 
 class _CorruptionLike(Protocol):

@@ -193,14 +193,23 @@ def test_a_thousand_runs_render_in_under_two_seconds(browser, tmp_path):
     # The best of three loads (on a machine shared with other work one load can be slowed by a second):
     # wall time until the load event (parsed, laid out, script run), and the page's own clock from the
     # start of navigation to a forced layout after it.
-    walls, renders = [], []
+    # Chrome's own count of the page's main-thread CPU seconds says the same without the machine's load.
+    browser.execute_cdp_cmd("Performance.enable", {})
+
+    def thread_time() -> float:
+        metrics = browser.execute_cdp_cmd("Performance.getMetrics", {})["metrics"]
+        return next(m["value"] for m in metrics if m["name"] == "ThreadTime")
+
+    walls, renders, cpus = [], [], []
     for _ in range(3):
         browser.get("about:blank")
+        before = thread_time()
         started = time.perf_counter()
         browser.get(result.index.as_uri())
         walls.append(time.perf_counter() - started)
         renders.append(browser.execute_script("document.body.getBoundingClientRect(); return performance.now();"))
-    wall, rendered = min(walls), min(renders)
+        cpus.append(thread_time() - before)
+    wall, rendered, cpu = min(walls), min(renders), min(cpus)
     rows = browser.execute_script("return document.querySelectorAll('table.board tbody tr').length")
     assert rows == len({(i % 400, i // 400 == 1) for i in range(1000)}) == 800  # one per model and threat model
     assert browser.find_element(By.ID, "shown").text.endswith(f"of {rows} rows shown")
@@ -208,6 +217,7 @@ def test_a_thousand_runs_render_in_under_two_seconds(browser, tmp_path):
     browser.find_elements(By.CSS_SELECTOR, "table.board thead th")[2].click()
     sort = time.perf_counter() - started
     print(f"\n1,000 runs: site written in {build:.2f} s; index loaded in {wall:.2f} s "
-          f"(rendered {rendered / 1000:.2f} s after navigation began), {rows} rows; a sort click {sort:.2f} s")
-    assert wall < 2.0 and rendered < 2000
+          f"(rendered {rendered / 1000:.2f} s after navigation began, {cpu:.2f} s of the page's CPU), {rows} rows; "
+          f"a sort click {sort:.2f} s")
+    assert wall < 2.0 and rendered < 2000 and cpu < 2.0
     assert sort < 2.0

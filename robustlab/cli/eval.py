@@ -45,6 +45,7 @@ def apply_card_defenses(loaded: LoadedModel, extra: list[str] | None = None) -> 
 def cmd_eval(args: argparse.Namespace) -> int:
     from robustlab import distributed
     from robustlab.attacks import build_attacks
+    from robustlab.data.image_folder import data_fingerprint
     from robustlab.eval.runner import EvalOptions, evaluate
     from robustlab.eval.store import ResultsStore
     from robustlab.models import load_model
@@ -76,6 +77,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = apply_card_defenses(loaded, args.defense)
     info = {"source": loaded.source, "spec": args.model, "card": loaded.card.to_dict() if loaded.card else None}
     extra: dict[str, Any] = {"classes": list(data.classes)}
+    fingerprint = data_fingerprint(data)
+    if fingerprint is not None:  # an image folder: which files, so runs on other folders are not compared
+        extra["data_fingerprint"] = fingerprint
     if args.stronger_than:  # recorded in the config: the leaderboard ranks the run with full evaluations
         extra["declared_strength"] = args.stronger_than
     branch = current_bn_branch(model)

@@ -335,3 +335,21 @@ def parse_folder_spec(spec: str) -> tuple[str, Path] | None:
     if "/" in spec and not path.exists():
         raise RobustlabError(f"data folder {spec} does not exist")
     return None
+
+
+def data_fingerprint(data: object) -> str | None:
+    """For a data set read from an image folder (possibly transformed or a subset): 16 hex digits of
+    the sha256 of its files' names (relative to their common folder), labels and sizes, so runs on
+    two different folders are not taken for runs on the same data. None for other data sets."""
+    import hashlib
+    import os
+
+    while not isinstance(data, ImageFolderDataset) and hasattr(data, "source"):
+        data = data.source
+    if not isinstance(data, ImageFolderDataset):
+        return None
+    base = os.path.commonpath([str(f.parent) for f in data.files]) if data.files else ""
+    digest = hashlib.sha256()
+    for f, label, (h, w) in zip(data.files, data.labels.tolist(), data.sizes.tolist()):
+        digest.update(f"{os.path.relpath(f, base)}\t{label}\t{h}x{w}\n".encode())
+    return digest.hexdigest()[:16]

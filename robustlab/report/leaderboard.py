@@ -5,8 +5,9 @@ evaluations.
   or weights file) together with the defenses in front of it (and the batch-norm branch of a dual-BN
   model); the names it was evaluated under are its aliases. Without a recorded hash the name is all
   there is, and the entry says so.
-- **Groups.** Runs are comparable when they share the protocol, the split and the protocol's
-  ``leaderboard_group`` key (the adversarial protocol: data set, norm, epsilon).
+- **Groups.** Runs are comparable when they share the protocol, the split, the data's fingerprint
+  (image folders: which files) and the protocol's ``leaderboard_group`` key (the adversarial
+  protocol: data set, norm, epsilon).
 - **Full evaluations rank; weaker ones are shown, marked, never ranked.** A run is a full evaluation
   when its protocol finds nothing missing (``leaderboard_strength``: e.g. at least the standard attack
   ensemble) and it covers as many samples as the largest such run of its group. Each model's entry in
@@ -23,6 +24,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from robustlab.eval.protocols import PROTOCOLS, Protocol
@@ -113,6 +115,11 @@ class LeaderboardGroup:
     columns: tuple[str, ...]
     full_n: int
     rows: list[LeaderboardRow]
+
+    @cached_property
+    def ranked(self) -> int:
+        """How many rows have a rank."""
+        return sum(r.rank is not None for r in self.rows)
 
 
 @dataclass
@@ -254,9 +261,10 @@ def build_leaderboard(store: ResultsStore) -> Leaderboard:
                                                           for a in store.get_run(run["run_id"])["attacks"]]}
         protocol = PROTOCOLS[run["protocol"]]
         key, title = protocol.leaderboard_group(run)
-        gkey = json.dumps([run["protocol"], run.get("split", ""), *key], default=str)
+        data = run["config"].get("data_fingerprint")  # image folders: which files (two folders are two data sets)
+        gkey = json.dumps([run["protocol"], run.get("split", ""), data, *key], default=str)
         buckets.setdefault(gkey, []).append((run, gkey))
-        titles.setdefault(gkey, group_title(run, protocol, title))
+        titles.setdefault(gkey, group_title(run, protocol, title) + (f" [files {data[:8]}]" if data else ""))
 
     groups: list[LeaderboardGroup] = []
     for gkey, members in buckets.items():
@@ -379,8 +387,7 @@ def format_leaderboard(groups: list[LeaderboardGroup], max_model_width: int = 40
             parts = [v.rjust(widths[i]) if i in numeric else v.ljust(widths[i]) for i, v in enumerate(values[:ncols])]
             return "  ".join(parts).rstrip()
 
-        ranked = sum(r.rank is not None for r in group.rows)
-        header = (f"{group.title}  ({len(group.rows)} model{'s' if len(group.rows) != 1 else ''}, {ranked} ranked)")
+        header = (f"{group.title}  ({len(group.rows)} model{'s' if len(group.rows) != 1 else ''}, {group.ranked} ranked)")
         out += [header, "=" * len(header), line(heads), "  ".join("-" * widths[i] for i in range(ncols))]
         out += [line(c) for c in cells]
         out.append("")

@@ -233,7 +233,7 @@ def _index(board: Leaderboard, reports: set[str], store_name: str) -> str:
                 f'all settings</option>{options}</select><label><input type="checkbox" id="ranked-only"> ranked only'
                 '</label><span id="shown" class="muted"></span></div>')
     for i, group in enumerate(groups):
-        ranked = sum(r.rank is not None for r in group.rows)
+        ranked = group.ranked
         heads = "".join(f'<th class="num" data-first="descending">{_e(column_label(c))}</th>' for c in group.columns)
         body.append(f'<section class="group" data-group="g{i}" id="g{i}"><h2>{_e(group.title)}</h2>'
                     f'<p class="muted">{_plural(len(group.rows), "model")}, {ranked} ranked; protocol {_e(group.protocol)}, '
@@ -267,7 +267,8 @@ def _index(board: Leaderboard, reports: set[str], store_name: str) -> str:
     return _page("robustlab leaderboard", "\n".join(body), 0)
 
 
-def _model_page(model: ModelEntry, board: Leaderboard, reports: set[str]) -> str:
+def _model_page(model: ModelEntry, board: Leaderboard, reports: set[str],
+                rows: dict[tuple[int, str], LeaderboardRow]) -> str:
     card = model.card or {}
     identity = [
         ("model id", f"<code>{_e(model.model_id)}</code>"),
@@ -284,11 +285,11 @@ def _model_page(model: ModelEntry, board: Leaderboard, reports: set[str]) -> str
             identity.append((f"card: {key}", _e(card[key])))
     body = [f"<h1>{_e(model.name)}</h1>",
             '<table class="kv">' + "".join(f"<tr><th>{_e(k)}</th><td>{v}</td></tr>" for k, v in identity) + "</table>"]
-    for group in board.groups:
-        row = next((r for r in group.rows if r.model_id == model.model_id), None)
+    for g, group in enumerate(board.groups):
+        row = rows.get((g, model.model_id))
         if row is None:
             continue
-        rank = f"rank {row.rank} of {sum(r.rank is not None for r in group.rows)}" if row.rank else "not ranked"
+        rank = f"rank {row.rank} of {group.ranked}" if row.rank else "not ranked"
         heads = "".join(f'<th class="num" data-first="descending">{_e(column_label(c))}</th>' for c in group.columns)
         body.append(f'<section class="model-group"><h2>{_e(group.title)}</h2><p>{_e(rank)} · '
                     f'<a class="json" href="../{_e(json_path(row.entry))}">RobustBench-style JSON</a></p>')
@@ -362,8 +363,9 @@ def write_site(store: ResultsStore, out_dir: str | Path, *, reports: bool = True
     all_runs = [e for m in board.models.values() for e in m.runs]
     linked = _write_reports(store, all_runs, out, result, log) if reports else set()
     _write(out / "index.html", _index(board, linked, store.path.name))
+    rows = {(g, row.model_id): row for g, group in enumerate(board.groups) for row in group.rows}
     for model in board.models.values():
-        _write(out / "models" / f"{model.model_id}.html", _model_page(model, board, linked))
+        _write(out / "models" / f"{model.model_id}.html", _model_page(model, board, linked, rows))
         result.model_pages += 1
     everything = []
     for group in board.groups:
