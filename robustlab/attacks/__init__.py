@@ -21,6 +21,8 @@ from robustlab.attacks import nes  # noqa: F401  (registers nes)
 from robustlab.attacks import hopskipjump  # noqa: F401  (registers hopskipjump)
 from robustlab.attacks import transfer  # noqa: F401  (registers transfer)
 from robustlab.attacks import ssp  # noqa: F401  (registers ssp)
+from robustlab.attacks import fmn  # noqa: F401  (registers fmn)
+from robustlab.attacks import ddn  # noqa: F401  (registers ddn)
 from robustlab.attacks.suites import SUITES, build_attacks
 
 __all__ = [
