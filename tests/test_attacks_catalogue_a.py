@@ -116,3 +116,12 @@ def test_registered_and_bad_parameters():
         create_attack("fmn", ThreatModel("l2", 1.0), gamma_init=1.5)
     with pytest.raises(RobustlabError, match="alpha_init"):
         create_attack("ddn", ThreatModel("l2", 1.0), alpha_init=0.0)
+
+
+def test_standard_suite_at_l1_is_autoattack_l1():
+    from robustlab.attacks import build_attacks
+
+    attacks = build_attacks(["standard"], ThreatModel("l1", 12.0))
+    assert [a.name for a in attacks] == ["apgd-ce", "apgd-t"]
+    assert attacks[0].params["restarts"] == 5 and attacks[1].params["n_target_classes"] == 9
+    assert all(a.threat.norm == "l1" for a in attacks)
