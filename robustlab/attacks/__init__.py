@@ -27,6 +27,8 @@ from robustlab.attacks import universal  # noqa: F401  (registers uap)
 from robustlab.attacks import patch  # noqa: F401  (registers patch)
 from robustlab.attacks import transfer  # noqa: F401  (registers transfer)
 from robustlab.attacks import ssp  # noqa: F401  (registers ssp)
+from robustlab.attacks import fmn  # noqa: F401  (registers fmn)
+from robustlab.attacks import ddn  # noqa: F401  (registers ddn)
 from robustlab.attacks.suites import SUITES, build_attacks
 
 __all__ = [

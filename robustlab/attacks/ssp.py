@@ -157,8 +157,8 @@ class SSP(Attack):
 @dataclass
 class FolderResult:
     """What :func:`perturb_folder` wrote: ``files[i]`` (PNG) is the perturbed ``sources[i]``, and
-    ``changed[i]`` says whether the model's prediction differs from its prediction on the source
-    (the attack's own success flag)."""
+    ``changed[i]`` says whether the model's prediction on the written 8-bit image differs from its
+    prediction on the source."""
 
     sources: list[Path]
     files: list[Path]
@@ -253,10 +253,14 @@ def perturb_folder(
         with fast_runtime(model, x):  # the CPU speed context, as the evaluation runner applies it
             result = attack.run(model, x, labels, make_generator(seed, b, device=device))
         pixels = _to_uint8(result.x_adv, x)
+        # What is written is what counts: the 8-bit images, rounded towards the clean ones.
+        written = uint8_images_to_tensor(pixels, str(src)).to(device)
+        with eval_mode(model), torch.no_grad():
+            now = check_logits(model(written), x.shape[0]).argmax(dim=1)
         for k, i in enumerate(members):
             targets[i].parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels[k]).save(targets[i], format="PNG")
-            changed[i] = bool(result.success[k])
+            changed[i] = bool(now[k] != labels[k])
         bar.update(len(members))
     bar.close()
     return FolderResult(sources, targets, changed)

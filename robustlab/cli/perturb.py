@@ -25,8 +25,12 @@ def cmd_perturb(args: argparse.Namespace) -> int:
     result = perturb_folder(attacks[0], model, args.images, args.out, image_size=args.image_size,
                             batch_size=args.batch_size, seed=args.seed, model_desc=f"--model {args.model}",
                             input_size=size)
-    _say(f"{len(result.files)} images written to {args.out}; the model's prediction changed on "
-         f"{100 * result.change_rate:.1f}% of them")
+    n, k = len(result.files), sum(result.changed)
+    _say(f"{n} images written to {args.out}; the model's prediction changed on {k} of them "
+         f"({100 * result.change_rate:.1f}%)")
+    if attacks[0].name == "ssp" and result.change_rate < 0.05:
+        _say("note: ssp is label-free and weak on small models (it distorts features, not the prediction); "
+             "for prediction changes use a label-based attack, e.g. --attack pgd")
     return 0
 
 
