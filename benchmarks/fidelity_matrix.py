@@ -106,6 +106,27 @@ FEW = {"mnist": 5, "cifar10": 3}
 SOME = {"mnist": 20, "cifar10": 10}
 
 ROWS: list[Spec] = [
+    Spec("boundary", "min", "l2", {"queries": 2000}, {"steps": 1700}, n=FEW,
+         note="foolbox Boundary runs steps (1.1 queries each) after its own start search; both counted"),
+    Spec("brendel-bethge", "min", "l2", {"steps": 100, "lr": 0.01}, n=SOME,
+         note="foolbox gets lr / batch size (its trust region scales with the batch, see peers.py)"),
+    Spec("brendel-bethge", "min", "linf", {"steps": 100, "lr": 0.01}, n=SOME,
+         note="foolbox gets lr / batch size (its trust region scales with the batch, see peers.py)"),
+    Spec("brendel-bethge", "min", "l1", {"steps": 100, "lr": 0.01}, n=SOME),
+    Spec("onepixel", "sparse", "linf", {"pixels": 1, "steps": 10, "popsize": 30}, n=SOME),
+    Spec("pixle", "sparse", "linf", {"restarts": 10, "iterations": 10, "x_dimensions": [2, 10], "y_dimensions": [2, 10]},
+         n=SOME),
+    Spec("spatial-grid", "spatial", None, {"angles": 31, "shifts": 5},
+         kind_args={"mnist": {"max_angle": 30, "max_shift": 3}, "cifar10": {"max_angle": 30, "max_shift": 3}}),
+    Spec("spatial-fo", "spatial", None, {"steps": 20},
+         kind_args={"mnist": {"max_angle": 30, "max_shift": 3}, "cifar10": {"max_angle": 30, "max_shift": 3}}),
+    Spec("uap", "universal", None, {"epochs": 5, "batch_size": 32},
+         {"attacker": "fgsm"},
+         kind_args={"mnist": {"base_norm": "linf", "eps": 0.2}, "cifar10": {"base_norm": "linf", "eps": 8 / 255}},
+         n={"mnist": 200, "cifar10": 100}, note=f"fitted on the first {FIT} training images"),
+    Spec("patch", "patch", None, {"epochs": 5, "batch_size": 32, "lr": 0.05, "stride": 2},
+         kind_args={"mnist": {"size": 8}, "cifar10": {"size": 8}},
+         n={"mnist": 200, "cifar10": 100}, note=f"fitted on the first {FIT} training images"),
     Spec("fgsm", "fixed", "linf"),
     Spec("bim", "fixed", "linf", {"steps": 10}),
     Spec("pgd", "fixed", "linf", {"steps": 20}),
@@ -123,32 +144,11 @@ ROWS: list[Spec] = [
     Spec("spsa", "fixed", "linf", {"steps": 10, "samples": 32}, n=SOME),
     Spec("hopskipjump", "min", "l2", {"queries": 1000}, {"steps": 5}, n=FEW,
          note="foolbox HSJ runs iterations, not queries: 5 iterations are ~1000 queries; both counted"),
-    Spec("boundary", "min", "l2", {"queries": 2000}, {"steps": 1700}, n=FEW,
-         note="foolbox Boundary runs steps (1.1 queries each) after its own start search; both counted"),
-    Spec("brendel-bethge", "min", "l2", {"steps": 100, "lr": 0.01}, n=SOME,
-         note="foolbox gets lr / batch size (its trust region scales with the batch, see peers.py)"),
-    Spec("brendel-bethge", "min", "linf", {"steps": 100, "lr": 0.01}, n=SOME,
-         note="foolbox gets lr / batch size (its trust region scales with the batch, see peers.py)"),
-    Spec("brendel-bethge", "min", "l1", {"steps": 100, "lr": 0.01}, n=SOME),
     Spec("fmn", "min", "l2", {"steps": 100}),
     Spec("fmn", "min", "linf", {"steps": 100}),
     Spec("fmn", "min", "l1", {"steps": 100}),
     Spec("ddn", "min", "l2", {"steps": 100}),
     Spec("jsma", "min", "l0", {}, n=SOME),
-    Spec("onepixel", "sparse", "linf", {"pixels": 1, "steps": 10, "popsize": 30}, n=SOME),
-    Spec("pixle", "sparse", "linf", {"restarts": 10, "iterations": 10, "x_dimensions": [2, 10], "y_dimensions": [2, 10]},
-         n=SOME),
-    Spec("spatial-grid", "spatial", None, {"angles": 31, "shifts": 5},
-         kind_args={"mnist": {"max_angle": 30, "max_shift": 3}, "cifar10": {"max_angle": 30, "max_shift": 3}}),
-    Spec("spatial-fo", "spatial", None, {"steps": 20},
-         kind_args={"mnist": {"max_angle": 30, "max_shift": 3}, "cifar10": {"max_angle": 30, "max_shift": 3}}),
-    Spec("uap", "universal", None, {"epochs": 5, "batch_size": 32},
-         {"attacker": "fgsm"},
-         kind_args={"mnist": {"base_norm": "linf", "eps": 0.2}, "cifar10": {"base_norm": "linf", "eps": 8 / 255}},
-         n={"mnist": 200, "cifar10": 100}, note=f"fitted on the first {FIT} training images"),
-    Spec("patch", "patch", None, {"epochs": 5, "batch_size": 32, "lr": 0.05, "stride": 2},
-         kind_args={"mnist": {"size": 8}, "cifar10": {"size": 8}},
-         n={"mnist": 200, "cifar10": 100}, note=f"fitted on the first {FIT} training images"),
 ]
 FIT_IMAGES = FIT
 
@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             saved = torch.load(path, weights_only=False)  # our own files, written by --save-cells
             cells += saved["cells"]
             wall += saved["wall"]
-        keyed = {(c["spec"].attack, c["spec"].norm, c["model"]): c for c in cells}
+        keyed = {(c["spec"].attack, c["spec"].norm, c["model"] if c.get("tools") else "*"): c for c in cells}
         cells = sorted(keyed.values(), key=lambda c: (_spec_index(c["spec"]), MODELS.index(c["model"])
                                                      if c["model"] in MODELS else 99))
         args.models = sorted({c["model"] for c in cells if c.get("tools")}, key=lambda m: MODELS.index(m)
@@ -441,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         for model_key in args.models:
             cell = run_cell(spec, model_key, args.scale, args.seed)
             cells.append(cell)
+            if args.save_cells:  # after every cell: a run cut short keeps what it finished
+                torch.save({"cells": cells, "wall": time.perf_counter() - t0}, args.save_cells)
             if not cell["tools"]:
                 break  # not run: one line says it for every model
     wall = time.perf_counter() - t0
