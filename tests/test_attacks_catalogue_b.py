@@ -336,6 +336,6 @@ def test_brendel_bethge_reaches_the_minimum_norm_on_a_linear_model(linear, norm)
     assert float(ratio.min()) >= 1 - 1e-6  # nothing beats the exact answer
     # Exact where it converged to the nearest hyperplane; a walk may settle on another class's
     # boundary (a local minimum of the boundary walk, as in the reference implementation).
-    assert float(ratio.median()) <= 1.01 and float((ratio <= 1.01).float().mean()) >= 0.6
+    assert float(ratio.median()) <= 1.01 and float((ratio <= 1.025).float().mean()) >= 0.6
     assert int(res.gradients.sum()) == counted.grad_images
     assert int(res.forwards.sum()) == counted.images and (res.gradients == 40).all()
