@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from robustlab.attacks import ATTACKS, create_attack
+from robustlab.attacks.fab import min_norm_to_hyperplane
 from robustlab.attacks.spatial import spatial_grid
 from robustlab.errors import RobustlabError
 from robustlab.eval.structured import evaluate_patch, evaluate_spatial, evaluate_universal
@@ -289,3 +290,52 @@ def test_threat_kinds_round_trip_through_dicts():
         assert threat_from_dict(t.to_dict()) == t
     assert create_attack("patch", PatchThreat(5)).config()["threat"] == {"kind": "patch", "size": 5, "lower": 0.0,
                                                                           "upper": 1.0}
+
+
+# ---------------------------------------------------------------------- Brendel-Bethge
+
+
+@pytest.fixture(scope="module")
+def linear(digits_train):
+    """A linear softmax classifier on the digits (float64), where the smallest misclassifying
+    perturbation is an exact projection onto a hyperplane within the box: (model, 10 correctly
+    classified training images, labels)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).double()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    x, y = digits_train.x.double(), digits_train.y
+    for _ in range(150):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    correct = (predict(model, x) == y).nonzero()[:10, 0]
+    return model, x[correct], y[correct]
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_brendel_bethge_reaches_the_minimum_norm_on_a_linear_model(linear, norm):
+    model, x, y = linear
+    counted = Counting(model)
+    res = create_attack("brendel-bethge", ThreatModel(norm, 1.0), steps=40, lr=0.05).run(counted, x, y, gen(0))
+    assert res.success.all() and (predict(model, res.x_adv) != y).all()
+    assert ((res.x_adv >= 0) & (res.x_adv <= 1)).all()
+    ours = ThreatModel(norm, 1.0).distance(res.x_adv, x)
+    # The exact answer: the smallest projection onto any other class's hyperplane within the box.
+    w = model[1].weight.detach()
+    z = model(x).detach()
+    best = torch.full((len(y),), float("inf"), dtype=torch.float64)
+    for j in range(10):
+        wd = w[j] - w[y]  # (N, 64): the margin z_j - z_y grows along wd
+        d = min_norm_to_hyperplane(wd, z.gather(1, y.view(-1, 1)).squeeze(1) - z[:, j], -x.flatten(1),
+                                   1 - x.flatten(1), norm)
+        reach = ((wd * d).sum(dim=1) - (z.gather(1, y.view(-1, 1)).squeeze(1) - z[:, j])).abs() < 1e-9
+        size = ThreatModel(norm, 1.0).distance(d, torch.zeros_like(d))
+        best = torch.where((j != y) & reach, torch.minimum(best, size), best)
+    ratio = ours / best
+    assert float(ratio.min()) >= 1 - 1e-6  # nothing beats the exact answer
+    # Exact where it converged to the nearest hyperplane; a walk may settle on another class's
+    # boundary (a local minimum of the boundary walk, as in the reference implementation).
+    assert float(ratio.median()) <= 1.01 and float((ratio <= 1.025).float().mean()) >= 0.6
+    assert int(res.gradients.sum()) == counted.grad_images
+    assert int(res.forwards.sum()) == counted.images and (res.gradients == 40).all()

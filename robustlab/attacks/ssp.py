@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from robustlab.attacks.base import Attack, AttackResult, eot_gradient, register_attack
+from robustlab.checks import check_logits
 from robustlab.errors import RobustlabError
 from robustlab.models.runtime import eval_mode, fast_runtime
 from robustlab.progress import progress as show_progress
