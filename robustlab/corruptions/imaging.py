@@ -417,14 +417,12 @@ def truncated_distance(edges: torch.Tensor, limit: int) -> torch.Tensor:
     below = torch.where(edges, pos, torch.full_like(pos, far)).flip(1).cummin(1).values.flip(1)
     col = torch.minimum(pos - above, below - pos).clamp(max=float(limit + 1))
     sq = F.pad(col * col, (limit, limit), value=float((limit + 1) ** 2))
-    offsets = torch.arange(-limit, limit + 1, device=edges.device, dtype=torch.float32) ** 2
-    if h * w <= 64 * 64:
-        best = (sq.unfold(-1, 2 * limit + 1, 1) + offsets).amin(-1)
-    else:
-        best = sq[..., limit:limit + w].clone()
-        for k in range(1, limit + 1):
-            best = torch.minimum(best, torch.minimum(sq[..., limit + k:limit + k + w], sq[..., limit - k:limit - k + w]) + k * k)
-    return best.sqrt().clamp(max=float(limit))
+    best = sq[..., limit:limit + w].clone()
+    pair = torch.empty_like(best)
+    for k in range(1, limit + 1):
+        torch.minimum(sq[..., limit + k:limit + k + w], sq[..., limit - k:limit - k + w], out=pair)
+        torch.minimum(best, pair.add_(k * k), out=best)
+    return best.sqrt_().clamp_(max=float(limit))
 
 
 def equalize_hist(img: torch.Tensor) -> torch.Tensor:
