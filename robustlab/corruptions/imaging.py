@@ -170,17 +170,19 @@ def motion_blur(x: torch.Tensor, radius: int, sigma: float, angles: torch.Tensor
     py = int(dy.abs().where(alive, 0).max())
     px = int(dx.abs().where(alive, 0).max())
     order_dev = order.to(x.device)
-    xp = pad_axis(pad_axis(x.index_select(0, order_dev), -2, py, py, "edge"), -1, px, px, "edge")
+    xp = F.pad(x.index_select(0, order_dev), (px, px, py, py), mode="replicate")
     out = torch.zeros_like(x)
     key = ((dy + h) * (2 * w + 1) + dx + w).where(alive, -1)
+    change = (key[1:] != key[:-1]).T.nonzero().tolist()  # (k, i): image i + 1 starts a new run of copy k
+    cuts: list[list[int]] = [[0] for _ in range(width)]
+    for k, i in change:
+        cuts[k].append(i + 1)
+    dy_l, dx_l, alive_l = dy.T.tolist(), dx.T.tolist(), alive.T.tolist()
     for k in range(width):
-        col = key[:, k]
-        starts = [0, *(torch.nonzero(col[1:] != col[:-1]).flatten() + 1).tolist(), n]
-        for a, b in itertools.pairwise(starts):
-            if not alive[a, k]:
-                continue
-            top, left = py - int(dy[a, k]), px - int(dx[a, k])
-            out[a:b].add_(xp[a:b, :, top:top + h, left:left + w], alpha=taps[k])
+        for a, b in itertools.pairwise([*cuts[k], n]):
+            if alive_l[k][a]:
+                top, left = py - dy_l[k][a], px - dx_l[k][a]
+                out[a:b].add_(xp[a:b, :, top:top + h, left:left + w], alpha=taps[k])
     return out.index_select(0, torch.argsort(order_dev))
 
 
