@@ -183,44 +183,51 @@ def part_a(ic, images: np.ndarray, n_glass: int, seed: int) -> tuple[list[str], 
     return lines, verdicts
 
 
-def errors(model, x: torch.Tensor, y: torch.Tensor) -> float:
+def wrong(model, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """Per image: 1 where the model misclassifies it."""
     with torch.no_grad():
-        wrong = sum(int((model(x[i:i + 250]).argmax(1) != y[i:i + 250]).sum()) for i in range(0, len(y), 250))
-    return 100.0 * wrong / len(y)
+        return np.concatenate([(model(x[i:i + 250]).argmax(1) != y[i:i + 250]).numpy() for i in range(0, len(y), 250)])
 
 
 def part_b(ic, model, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[list[str], list[bool]]:
     images = corruption_peer.to_numpy_images(x)
-    clean = errors(model, x, y)
+    clean = 100 * wrong(model, x, y).mean()
     lines = [(f"B. model error (%) at 32 px: cifar_std on the first {len(y)} CIFAR-10 test images (clean error "
-             f"{clean:.1f}%), mean over severities 1-5; both tools with the ImageNet constants"),
-             (f"{'corruption':18s} {'imagecorruptions':>16s} {'robustlab 224':>13s} {'diff':>6s} {'tol':>4s}  "
-             f"{'robustlab CIFAR-10-C consts':>27s}  verdict")]
+              f"{clean:.1f}%), over severities 1-5; both tools with the ImageNet constants, independent random numbers"),
+             ("   SE: standard error of the paired difference (images x severities); NOISE: |diff| > tol but < 2 SE "
+              "for a corruption whose operation part A matched exactly on replayed random numbers"),
+             (f"{'corruption':18s} {'imagecorruptions':>16s} {'robustlab 224':>13s} {'diff':>6s} {'SE':>5s} {'tol':>4s}  "
+              f"{'robustlab CIFAR-10-C consts':>27s}  verdict")]
     verdicts = []
     np.random.seed(seed)
     for name in suite("all-c"):
         cls = CORRUPTIONS.get(name)
-        peer_err, ours_err, cifar_err = [], [], []
+        peer_w, ours_w, cifar_w = [], [], []
         t0 = time.process_time()
         for severity in range(1, 6):
             peer = np.stack([ic.corrupt(img, severity=severity, corruption_name=name) for img in images])
-            peer_err.append(errors(model, torch.from_numpy(peer).permute(0, 3, 1, 2).float() / 255.0, y))
+            peer_w.append(wrong(model, torch.from_numpy(peer).permute(0, 3, 1, 2).float() / 255.0, y))
             gen = torch.Generator().manual_seed(seed + severity)
-            for table, out in ((224, ours_err), (0, cifar_err)):
+            for table, out in ((224, ours_w), (0, cifar_w)):
                 c = create_corruption({"name": name, "params": {"severity": severity, "table": table}})
                 ours = torch.from_numpy(corruption_peer.to_peer_uint8(c(x, gen))).permute(0, 3, 1, 2).float() / 255.0
-                out.append(errors(model, ours, y))
-        p, o, cc = float(np.mean(peer_err)), float(np.mean(ours_err)), float(np.mean(cifar_err))
+                out.append(wrong(model, ours, y))
+        pw, ow, cw = (np.concatenate(v).astype(float) for v in (peer_w, ours_w, cifar_w))
+        p, o, cc = 100 * pw.mean(), 100 * ow.mean(), 100 * cw.mean()
         diff = o - p
+        se = 100 * (ow - pw).std(ddof=1) / np.sqrt(len(pw))
         if name in DELIBERATE and name != "frost":
             verdict = f"DELIBERATE ({DELIBERATE[name]})"
+        elif not cls.randomized:
+            verdict = "deterministic: see A"
         else:
             ok = abs(diff) <= ERROR_TOL
-            if cls.randomized:
-                verdicts.append(ok)
-            verdict = ("PASS" if ok else "FAIL") + ("" if cls.randomized else " (deterministic: see A)")
-        lines.append(f"{name:18s} {p:16.1f} {o:13.1f} {diff:+6.1f} {ERROR_TOL:4.1f}  {cc:27.1f}  {verdict}")
-        log(f"[B] {name}: peer {p:.1f}  ours {o:.1f}  cifar consts {cc:.1f}  ({time.process_time() - t0:.0f} s CPU)")
+            noise = not ok and name in REPLAY_TOL and abs(diff) < 2 * se
+            verdicts.append(ok or noise)
+            verdict = "PASS" if ok else ("NOISE" if noise else "FAIL")
+        lines.append(f"{name:18s} {p:16.1f} {o:13.1f} {diff:+6.1f} {se:5.1f} {ERROR_TOL:4.1f}  {cc:27.1f}  {verdict}")
+        log(f"[B] {name}: peer {p:.1f}  ours {o:.1f}  diff {diff:+.1f} (SE {se:.1f})  cifar consts {cc:.1f}  "
+            f"({time.process_time() - t0:.0f} s CPU)")
     return lines, verdicts
 
 
@@ -250,7 +257,7 @@ def main() -> None:
         "Deliberate differences: " + "; ".join(f"{k}: {v}" for k, v in DELIBERATE.items()),
         f"{'PASS' if all(ok_a) else 'FAIL'}: {sum(ok_a)}/{len(ok_a)} pixel comparisons within tolerance",
         (f"{'PASS' if all(ok_b) else 'FAIL'}: {sum(ok_b)}/{len(ok_b)} random corruptions within {ERROR_TOL} point of "
-        "the package's error rate (elastic_transform and pixelate excluded: deliberate)"),
+         "the package's error rate or, replayed exactly in A, within sampling noise (elastic_transform: deliberate)"),
     ])
     print(report)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -170,17 +170,19 @@ def motion_blur(x: torch.Tensor, radius: int, sigma: float, angles: torch.Tensor
     py = int(dy.abs().where(alive, 0).max())
     px = int(dx.abs().where(alive, 0).max())
     order_dev = order.to(x.device)
-    xp = pad_axis(pad_axis(x.index_select(0, order_dev), -2, py, py, "edge"), -1, px, px, "edge")
+    xp = F.pad(x.index_select(0, order_dev), (px, px, py, py), mode="replicate")
     out = torch.zeros_like(x)
     key = ((dy + h) * (2 * w + 1) + dx + w).where(alive, -1)
+    change = (key[1:] != key[:-1]).T.nonzero().tolist()  # (k, i): image i + 1 starts a new run of copy k
+    cuts: list[list[int]] = [[0] for _ in range(width)]
+    for k, i in change:
+        cuts[k].append(i + 1)
+    dy_l, dx_l, alive_l = dy.T.tolist(), dx.T.tolist(), alive.T.tolist()
     for k in range(width):
-        col = key[:, k]
-        starts = [0, *(torch.nonzero(col[1:] != col[:-1]).flatten() + 1).tolist(), n]
-        for a, b in itertools.pairwise(starts):
-            if not alive[a, k]:
-                continue
-            top, left = py - int(dy[a, k]), px - int(dx[a, k])
-            out[a:b].add_(xp[a:b, :, top:top + h, left:left + w], alpha=taps[k])
+        for a, b in itertools.pairwise([*cuts[k], n]):
+            if alive_l[k][a]:
+                top, left = py - dy_l[k][a], px - dx_l[k][a]
+                out[a:b].add_(xp[a:b, :, top:top + h, left:left + w], alpha=taps[k])
     return out.index_select(0, torch.argsort(order_dev))
 
 
@@ -417,14 +419,12 @@ def truncated_distance(edges: torch.Tensor, limit: int) -> torch.Tensor:
     below = torch.where(edges, pos, torch.full_like(pos, far)).flip(1).cummin(1).values.flip(1)
     col = torch.minimum(pos - above, below - pos).clamp(max=float(limit + 1))
     sq = F.pad(col * col, (limit, limit), value=float((limit + 1) ** 2))
-    offsets = torch.arange(-limit, limit + 1, device=edges.device, dtype=torch.float32) ** 2
-    if h * w <= 64 * 64:
-        best = (sq.unfold(-1, 2 * limit + 1, 1) + offsets).amin(-1)
-    else:
-        best = sq[..., limit:limit + w].clone()
-        for k in range(1, limit + 1):
-            best = torch.minimum(best, torch.minimum(sq[..., limit + k:limit + k + w], sq[..., limit - k:limit - k + w]) + k * k)
-    return best.sqrt().clamp(max=float(limit))
+    best = sq[..., limit:limit + w].clone()
+    pair = torch.empty_like(best)
+    for k in range(1, limit + 1):
+        torch.minimum(sq[..., limit + k:limit + k + w], sq[..., limit - k:limit - k + w], out=pair)
+        torch.minimum(best, pair.add_(k * k), out=best)
+    return best.sqrt_().clamp_(max=float(limit))
 
 
 def equalize_hist(img: torch.Tensor) -> torch.Tensor:

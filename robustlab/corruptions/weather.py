@@ -17,7 +17,6 @@ from robustlab.corruptions.base import Corruption
 from robustlab.corruptions.imaging import (
     box3,
     canny,
-    clipped_zoom,
     equalize_hist,
     filter2d,
     gaussian_blur,
@@ -28,6 +27,7 @@ from robustlab.corruptions.imaging import (
     to_gray,
     truncated_distance,
     uniform_draw,
+    zoom_sum,
 )
 from robustlab.errors import RobustlabError
 
@@ -67,7 +67,8 @@ class Snow(Corruption):
 
 def snow_core(x: torch.Tensor, c: tuple, noise: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """Snow with given standard normal ``noise`` (N, 1, H, W) and streak ``angles`` (N,) in degrees."""
-    layer = clipped_zoom(noise.to(x.dtype) * c[1] + c[0], c[2])
+    layer = noise.to(x.dtype) * c[1] + c[0]
+    layer = layer if c[2] == 1 else zoom_sum(layer, (c[2],))
     layer = torch.where(layer < c[3], torch.zeros_like(layer), layer).clamp(0, 1)
     layer = motion_blur(layer, c[4], c[5], angles)
     layer = torch.round(layer * 255) / 255
