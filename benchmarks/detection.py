@@ -35,10 +35,10 @@ from robustlab.defenses.detection import (  # noqa: E402
 from robustlab.threat import ThreatModel  # noqa: E402
 
 SETTINGS = {
-    "mnist": ("mnist_std", 0.3, {"squeeze": {"bits": 1, "median": 2}, "mahalanobis": {}, "lid": {"eps": 0.3},
+    "mnist": ("mnist_std", 0.3, {"squeeze": {"bits": 1, "median": 2}, "mahalanobis": {}, "lid": {},
                                  "magnet": {}}),
     "cifar10": ("cifar_std", 8 / 255, {"squeeze": {"bits": 5, "median": 2}, "mahalanobis": {},
-                                       "lid": {"eps": 8 / 255}, "magnet": {}}),
+                                       "lid": {}, "magnet": {}}),
 }
 
 
@@ -57,7 +57,12 @@ def run(dataset: str, n: int) -> list[str]:
              "defended accuracy: PGD / adaptive | fit s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, params in detectors.items():
         t0 = time.perf_counter()
-        detector = create_detector(name, **params).fit(model, x_train[:5000], y_train[:5000])
+        detector = create_detector(name, **params)
+        fit_x, fit_y = x_train[:3000], y_train[:3000]
+        fit_adv = None
+        if name == "lid":  # trained to tell clean and noisy from PGD examples of its training images
+            fit_adv = create_attack("pgd", threat, steps=10).run(model, fit_x, fit_y, torch.Generator().manual_seed(1)).x_adv
+        detector.fit(model, fit_x, fit_y, fit_adv)
         fit_s = time.perf_counter() - t0
         tau = threshold_at(scores(detector, model, calibration), 0.05)
         clean = scores(detector, model, x)

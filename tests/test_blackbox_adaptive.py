@@ -226,7 +226,7 @@ def test_transfer_validation():
     threat = ThreatModel("linf", 0.1)
     with pytest.raises(RobustlabError):
         create_attack("transfer", threat)  # no surrogate
-    for params in ({"base": "spsa"}, {"base": "nosuch"}, {"diverse_input": 1.5}, {"base": "fgsm", "eot": 3}):
+    for params in ({"base": "spsa"}, {"base": "nosuch"}, {"diverse_input": 1.5}, {"base": "fgsm", "restarts": 3}):
         with pytest.raises(RobustlabError):
             create_attack("transfer", threat, surrogate="x.safetensors", **params)
 

@@ -3,6 +3,8 @@ registered later are listed too), each with a one-line description."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from robustlab.cli import main
@@ -59,7 +61,7 @@ def test_a_component_registered_later_is_listed(capsys):
     CORRUPTIONS.register("test-fog")(Fog)
     try:
         assert main(["list", "corruptions"]) == 0
-        assert "test-fog  [weather] Fog made of nothing, for this test" in capsys.readouterr().out
+        assert re.search(r"^test-fog +\[weather\] Fog made of nothing, for this test$", capsys.readouterr().out, re.M)
     finally:
         del CORRUPTIONS._items["test-fog"]
 

@@ -72,7 +72,11 @@ def test_lid_detects_plain_pgd_and_falls_to_the_adaptive_attack(digits_model, di
     """Ma et al.'s LID detector catches much of plain PGD; attacking classifier and detector together
     (Athalye et al. 2018) brings its detection rate near zero while fooling more points."""
     model = digits_model
-    detector = create_detector("lid").fit(model, digits_train.x, digits_train.y)
+    train_adv = create_attack("pgd", ThreatModel("linf", 0.1), steps=10).run(
+        model, digits_train.x, digits_train.y, torch.Generator().manual_seed(1)).x_adv
+    with pytest.raises(RobustlabError, match="adversarial examples of its training images"):
+        create_detector("lid").fit(model, digits_train.x, digits_train.y)
+    detector = create_detector("lid").fit(model, digits_train.x, digits_train.y, train_adv)
     x, y = digits_test.x[:200], digits_test.y[:200]
     tau = threshold_at(scores(detector, model, digits_test.x[200:400]))
     clean = scores(detector, model, x)

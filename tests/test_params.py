@@ -55,7 +55,7 @@ def test_attacks_and_recipes_share_the_base():
     assert list(pgd.config()) == ["name", "params", "threat", "targeted", "kind"]
     assert pgd.with_params(steps=5).params["steps"] == 5 and pgd.with_params(steps=5).threat == threat
     assert repr(pgd) == ("PGD(linf eps=0.1, targeted=False, steps=3, alpha=None, restarts=1, random_start=True, "
-                         "loss='ce', l1_sparsity=0.95)")
+                         "loss='ce', l1_sparsity=0.95, eot=1)")
     with pytest.raises(RobustlabError, match=r"^attack 'pgd' has no parameter stepz; its parameters: alpha, "):
         create_attack("pgd", threat, stepz=3)
     trades = create_objective("trades", threat, beta=3)

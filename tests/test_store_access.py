@@ -55,12 +55,12 @@ def test_report_leaderboard_and_zoo_read_a_locked_store(shared, tmp_path, capsys
         shutil.copyfile(GOLDEN / f"digits_cnn{suffix}", tmp_path / f"m{suffix}")
     with unwritable(shared, shared.parent):
         assert main(["report", "latest", "--db", str(shared), "--out", str(tmp_path / "rep")]) == 0
-        assert main(["leaderboard", "--db", str(shared), "--out", str(tmp_path / "lb.html")]) == 0
+        assert main(["leaderboard", "--db", str(shared), "--site", str(tmp_path / "lb"), "--no-reports"]) == 0
         assert main(["zoo", "add", str(tmp_path / "m.safetensors"), "--name", "m", "--zoo", str(tmp_path / "zoo"),
                      "--run", "latest", "--db", str(shared)]) == 0
     out = capsys.readouterr().out
     assert "report.html" in out and "fgsm" in out
-    assert (tmp_path / "rep" / "report.html").is_file() and (tmp_path / "lb.html").is_file()
+    assert (tmp_path / "rep" / "report.html").is_file() and (tmp_path / "lb" / "index.html").is_file()
     assert _digest(shared) == before and sorted(p.name for p in shared.parent.iterdir()) == ["r.db"]
 
 

@@ -136,14 +136,14 @@ def test_defended_model_in_the_zoo(tmp_path, capsys, monkeypatch):
     out = json.loads(capsys.readouterr().out)
     assert out["defenses"] == defense
     # A card naming a defense this robustlab does not have: one line, nothing written.
-    _, bad = save_tiny_net(tmp_path / "bad", defense=[{"name": "jpeg", "params": {"quality": 75}}])
-    assert main(["zoo", "add", str(bad), "--name", "tiny-jpeg", "--zoo", str(zoo)]) == 0
+    _, bad = save_tiny_net(tmp_path / "bad", defense=[{"name": "jpeg2000", "params": {"quality": 75}}])
+    assert main(["zoo", "add", str(bad), "--name", "tiny-jpeg2000", "--zoo", str(zoo)]) == 0
     capsys.readouterr()
     for args in (["eval", "--data", "digits", "--db", str(tmp_path / "r2.db")],
                  ["perturb", "--images", str(tmp_path / "none"), "--out", str(tmp_path / "out")]):
-        assert main([*args, "--model", "zoo:tiny-jpeg", "--norm", "linf", "--eps", "0.1"]) == 2
+        assert main([*args, "--model", "zoo:tiny-jpeg2000", "--norm", "linf", "--eps", "0.1"]) == 2
         err = capsys.readouterr().err
-        assert err.startswith("robustlab: error: unknown defense 'jpeg'") and err.count("\n") == 1
+        assert err.startswith("robustlab: error: unknown defense 'jpeg2000'") and err.count("\n") == 1
     assert not (tmp_path / "r2.db").exists()
 
 

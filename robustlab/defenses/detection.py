@@ -44,7 +44,10 @@ class Detector(Configurable):
     component: ClassVar[str] = "detector"
     trained: ClassVar[bool] = False
 
-    def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> "Detector":
+    def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+            x_adv: torch.Tensor | None = None) -> "Detector":
+        """Fit on clean images ``x`` (labels ``y``) and, for detectors trained to tell them apart,
+        adversarial examples ``x_adv`` of the same images (made by the caller's attack)."""
         return self
 
     def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -125,7 +128,7 @@ class Mahalanobis(Detector):
         self.means: torch.Tensor | None = None
         self.precision: torch.Tensor | None = None
 
-    def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> "Mahalanobis":
+    def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor | None = None) -> "Mahalanobis":
         with torch.no_grad():
             f = torch.cat([features(model, x[i:i + 256]) for i in range(0, len(x), 256)]).double()
         classes = torch.unique(y)
@@ -158,7 +161,7 @@ class MagNet(Detector):
     def validate(self) -> None:
         self.autoencoder: nn.Module | None = None
 
-    def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> "MagNet":
+    def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor | None = None) -> "MagNet":
         p = self.params
         g = torch.Generator().manual_seed(p["seed"])
         torch.manual_seed(p["seed"])
@@ -213,11 +216,11 @@ def lid(f: torch.Tensor, reference: torch.Tensor, k: int) -> torch.Tensor:
 class LID(Detector):
     """Local intrinsic dimensionality (Ma et al. 2018): the LID of each ReLU / Linear layer's output
     among ``reference`` clean training images (``k`` neighbours), fed to a logistic regression trained
-    (``fit``) to tell clean and noisy images from PGD examples (Linf ``eps``, ``steps`` steps) of the
-    training images. Score: the regression's logit."""
+    (``fit``) to tell clean and noisy images from adversarial examples of the same training images
+    (``x_adv``: the caller attacks them, e.g. with PGD). Score: the regression's logit."""
 
     name = "lid"
-    defaults = {"k": 20, "reference": 500, "eps": 0.1, "steps": 10, "noise": 0.05, "seed": 0}
+    defaults = {"k": 20, "reference": 500, "noise": 0.05, "seed": 0}
     trained = True
 
     def validate(self) -> None:
@@ -228,17 +231,22 @@ class LID(Detector):
         feats = layer_features(model, x)
         return torch.stack([lid(f, ref.to(f.device), self.params["k"]) for f, ref in zip(feats, self.reference)], dim=1)
 
-    def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> "LID":
-        from robustlab.attacks import create_attack
-
+    def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor | None = None) -> "LID":
+        """``x``: clean training images, the first ``reference`` of which (in a random order) become
+        the neighbours; the rest, with ``x_adv`` (their adversarial examples, same order as ``x``),
+        train the regression."""
         p = self.params
+        if x_adv is None or x_adv.shape != x.shape:
+            raise RobustlabError("detector 'lid' is trained on adversarial examples of its training images: give "
+                                 "x_adv, one per image of x (e.g. PGD examples)")
+        if len(x) <= p["reference"]:
+            raise RobustlabError(f"detector 'lid' needs more than reference={p['reference']} training images, got {len(x)}")
         g = torch.Generator().manual_seed(p["seed"])
         order = torch.randperm(len(x), generator=g)
-        ref_idx, train_idx = order[:p["reference"]], order[p["reference"]:p["reference"] + 1000]
+        ref_idx, train_idx = order[:p["reference"]], order[p["reference"]:]
         with torch.no_grad():
             self.reference = [f.detach() for f in layer_features(model, x[ref_idx])]
-        xt, yt = x[train_idx], y[train_idx]
-        adv = create_attack("pgd", ThreatModel("linf", p["eps"]), steps=p["steps"]).run(model, xt, yt, g).x_adv
+        xt, adv = x[train_idx], x_adv[train_idx]
         noisy = (xt + p["noise"] * torch.randn(xt.shape, generator=g)).clamp(0, 1)
         with torch.no_grad():
             neg = torch.cat([self._vector(model, xt), self._vector(model, noisy)])
