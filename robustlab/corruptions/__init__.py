@@ -1,13 +1,6 @@
 """Common corruptions (ImageNet-C / CIFAR-10-C / MNIST-C style): see :mod:`robustlab.corruptions.base`."""
 
-from robustlab.corruptions.base import (
-    CORRUPTIONS,
-    SEVERITIES,
-    Corruption,
-    create_corruption,
-    register_corruption,
-    suite,
-)
+from robustlab.corruptions.base import CORRUPTIONS, SEVERITIES, Corruption, create_corruption, register_corruption, suite
 
 __all__ = ["CORRUPTIONS", "SEVERITIES", "Corruption", "create_corruption", "register_corruption", "suite"]
 
