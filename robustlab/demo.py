@@ -18,6 +18,7 @@ from robustlab.eval.runner import EvalOptions, evaluate
 from robustlab.eval.store import ResultsStore
 from robustlab.data import load_dataset
 from robustlab.models import ModelCard, create_model, save_checkpoint
+from robustlab.models.checkpoint import read_card
 from robustlab.threat import ThreatModel
 from robustlab.training import TrainConfig, accuracy, train
 
@@ -26,13 +27,17 @@ EPS = 0.1
 EPS_GRID = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
 
 
-def run_demo(out: Path, device: torch.device | str = "cpu", log=print) -> dict[str, Path]:
-    """Train, evaluate, report. Returns the paths of the checkpoint, results store and report."""
+def run_demo(out: Path, device: torch.device | str = "cpu", log=print, *, epochs: int = 15,
+             n: int | None = None) -> dict[str, Path]:
+    """Train (``epochs``), evaluate, report; ``n`` keeps only the first n images of each split (a
+    quick check; default all). Returns the paths of the checkpoint, results store and report."""
     out.mkdir(parents=True, exist_ok=True)
     train_data, test_data = load_dataset("digits", "train"), load_dataset("digits", "test")
+    if n is not None:
+        train_data, test_data = train_data.subset(n), test_data.subset(n)
     torch.manual_seed(0)
     model = create_model(ARCHITECTURE, num_classes=train_data.num_classes)
-    config = TrainConfig(epochs=15, batch_size=64, lr=0.05, seed=0)
+    config = TrainConfig(epochs=epochs, batch_size=64, lr=0.05, seed=0)
     t0 = time.perf_counter()
     history = train(model, train_data, config, device=device)
     clean = accuracy(model, test_data, device=torch.device(device))
@@ -44,6 +49,7 @@ def run_demo(out: Path, device: torch.device | str = "cpu", log=print) -> dict[s
         clean_accuracy=clean,
     )
     checkpoint = save_checkpoint(model.cpu(), out / f"{ARCHITECTURE}.safetensors", card)
+    card = read_card(checkpoint)  # as saved: with the weights' sha256
     model.to(device)
     threat = ThreatModel("linf", EPS)
     attacks = [create_attack("fgsm", threat), create_attack("pgd", threat, steps=20)]

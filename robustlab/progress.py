@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Iterable, TextIO
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any, TextIO
 
 INTERVAL = 60.0  # seconds between two lines of progress in a log
 
@@ -34,6 +35,7 @@ class LineProgress:
         self.interval = INTERVAL if interval is None else interval
         self.stream = stream
         self.start = self.last = time.perf_counter()
+        self.time_left: Callable[[], str] | None = None  # the caller's estimate (e.g. TimeLeft.text)
 
     def __iter__(self):
         for item in self.iterable:
@@ -57,7 +59,10 @@ class LineProgress:
     def line(self, now: float) -> str:
         elapsed = now - self.start
         if self.total:
-            left = f"about {_clock(elapsed * (self.total - self.n) / self.n)} left" if self.n else "time left unknown yet"
+            if self.time_left is not None:
+                left = self.time_left()
+            else:
+                left = f"about {_clock(elapsed * (self.total - self.n) / self.n)} left" if self.n else "time left unknown yet"
             text = (f"{self.desc}: {self.n}/{self.total} {self.unit} ({100 * self.n / self.total:.0f}%), "
                     f"{_clock(elapsed)} elapsed, {left}")
         else:
@@ -72,6 +77,86 @@ class LineProgress:
 
     def close(self) -> None:
         pass
+
+
+class TimeLeft:
+    """The time left of work made of items whose cost differs by kind (an evaluation's tasks: the
+    main ensemble, each epsilon of the curve, each strength, the sanity checks), estimated from the
+    work left: each remaining item costs its size times the seconds per unit measured on items of the
+    same key, else of the same group (another epsilon of the curve). Work with neither measured has no
+    estimate: the text then says "at least" (the measured part) and which keys are not counted,
+    instead of extrapolating one kind's cost to all (which said "17:54 left" for a run whose later
+    items took seconds).
+    """
+
+    def __init__(self) -> None:
+        self.left: dict[Hashable, list[float]] = {}  # key -> sizes of the items still to do
+        self.group: dict[Hashable, Hashable] = {}  # key -> its group
+        self.rate: dict[Hashable, tuple[float, float]] = {}  # key or ("group", g) -> (seconds, units) measured
+        self.current: tuple[Hashable, float, float] | None = None  # (key, size, started) of the item running
+
+    def plan(self, key: Hashable, size: float, group: Hashable = None) -> None:
+        """An item still to do."""
+        self.left.setdefault(key, []).append(float(size))
+        self.group[key] = group
+
+    def measured(self, key: Hashable, size: float, seconds: float, group: Hashable = None) -> None:
+        """The cost of an item done (now, or before a resume)."""
+        group = self.group.get(key, group)
+        for k in (key, ("group", group)) if group is not None else (key,):
+            s, u = self.rate.get(k, (0.0, 0.0))
+            self.rate[k] = (s + seconds, u + size)
+
+    def start(self, key: Hashable, size: float) -> None:
+        """An item begins (it is no longer left; its time so far counts while it runs)."""
+        sizes = self.left.get(key, [])
+        if float(size) in sizes:
+            sizes.remove(float(size))
+        self.current = (key, float(size), time.perf_counter())
+
+    def done(self, key: Hashable, size: float, seconds: float | None = None) -> None:
+        """The item that ran is finished (``seconds``: its cost, default the time since ``start``)."""
+        if seconds is None:
+            seconds = time.perf_counter() - self.current[2] if self.current else 0.0
+        self.measured(key, size, seconds)
+        self.current = None
+
+    def _per_unit(self, key: Hashable) -> float | None:
+        for k in (key, ("group", self.group.get(key))):
+            s, u = self.rate.get(k, (0.0, 0.0))
+            if u > 0:
+                return s / u
+        return None
+
+    def seconds(self) -> tuple[float, list[Hashable]]:
+        """(seconds left over the work with a measured cost, the keys with work left and none)."""
+        total, unknown = 0.0, []
+        for key, sizes in self.left.items():
+            if sizes:
+                rate = self._per_unit(key)
+                if rate is None:
+                    unknown.append(key)
+                else:
+                    total += sum(sizes) * rate
+        if self.current is not None:
+            key, size, started = self.current
+            rate = self._per_unit(key)
+            if rate is not None:
+                total += max(0.0, size * rate - (time.perf_counter() - started))
+            elif key not in unknown:
+                unknown.insert(0, key)
+        return total, unknown
+
+    def text(self) -> str:
+        """"about 1:20 left", "at least 1:20 left (eps=0.05, steps=10 not measured yet)", or "time left
+        unknown yet (...)" when nothing left has been measured."""
+        total, unknown = self.seconds()
+        if not unknown:
+            return f"about {_clock(total)} left"
+        names = ", ".join(map(str, unknown[:4])) + (f" and {len(unknown) - 4} more" if len(unknown) > 4 else "")
+        if total <= 0:
+            return f"time left unknown yet ({names} not measured yet)"
+        return f"at least {_clock(total)} left ({names} not measured yet)"
 
 
 def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", unit: str = "it",

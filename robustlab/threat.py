@@ -19,6 +19,19 @@ from robustlab.errors import RobustlabError
 NORMS = ("linf", "l2", "l1")
 
 
+def format_eps(norm: str | None, eps: float) -> str:
+    """An epsilon as people write it, the one format robustlab prints and reports everywhere: short
+    decimals as they are (``0.3``), linf radii that are a multiple of 1/255 (or 0.5/255) as ``8/255
+    (0.03137)``, anything else with 4 significant digits."""
+    eps = float(eps)
+    if eps == 0 or float(f"{eps:.3g}") == eps:
+        return f"{eps:g}"
+    k = eps * 255.0
+    if str(norm).lower() == "linf" and abs(2 * k - round(2 * k)) < 1e-6:
+        return f"{round(2 * k) / 2:g}/255 ({eps:.4g})"
+    return f"{eps:.4g}"
+
+
 @dataclass(frozen=True)
 class ThreatModel:
     """The set ``{x' : ||x' - x||_p <= eps, lower <= x' <= upper}`` around each clean image ``x``.
@@ -53,7 +66,7 @@ class ThreatModel:
         return ThreatModel(self.norm, eps, self.lower, self.upper)
 
     def __str__(self) -> str:
-        return f"{self.norm} eps={self.eps:g}"
+        return f"{self.norm} eps={format_eps(self.norm, self.eps)}"
 
     # ------------------------------------------------------------------ geometry
 
@@ -116,6 +129,28 @@ class ThreatModel:
             proj[over] = (x64[over] + delta[over] * scale).to(dtype).clamp(self.lower, self.upper)
         out = out.contiguous()
         out.view(out.shape[0], -1)[rows] = proj
+        return out
+
+    def project_radius(self, x_adv: torch.Tensor, x: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+        """Euclidean projection of ``x_adv`` onto the ball of this norm around ``x`` with a per-sample
+        ``radius`` (N,) (not eps), intersected with the box: the step of minimum-norm attacks whose
+        radius adapts per sample (FMN, DDN). Exact up to float rounding (no rounding margin: the
+        ball is the attack's working constraint, not the threat model's)."""
+        r = radius.to(x.dtype).view(-1, *[1] * (x.dim() - 1)).clamp_min(0)
+        if self.norm == "linf":
+            return torch.minimum(torch.maximum(x_adv, x - r), x + r).clamp(self.lower, self.upper)
+        out = x_adv.clamp(self.lower, self.upper)
+        outside = norms(out - x, self.norm) > radius
+        if not bool(outside.any()):
+            return out
+        rows = outside.nonzero(as_tuple=True)[0]
+        x64 = x[rows].flatten(1).double()
+        v = x_adv[rows].flatten(1).double() - x64
+        bound = torch.where(v >= 0, (self.upper - x64).clamp_min(0.0), (x64 - self.lower).clamp_min(0.0))
+        solve = _project_l2_box if self.norm == "l2" else _project_l1_box
+        delta = solve(v, bound, radius[rows].double().unsqueeze(1))
+        out = out.contiguous()
+        out.view(out.shape[0], -1)[rows] = (x64 + delta).to(x.dtype).clamp(self.lower, self.upper)
         return out
 
     def random_init(

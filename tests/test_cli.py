@@ -64,9 +64,10 @@ def test_eval_json_contract(checkpoint, tmp_path, capsys):
     assert "data:image/png;base64," in html
     summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
     assert summary["summary"]["robust_accuracy"] == out["robust_accuracy"]
-    assert main(["leaderboard", "--db", str(db), "--out", str(tmp_path / "lb.html")]) == 0
+    assert main(["leaderboard", "--db", str(db), "--site", str(tmp_path / "lb")]) == 0
     assert out["run_id"] in capsys.readouterr().out
-    assert (tmp_path / "lb.html").is_file()
+    assert out["run_id"] in (tmp_path / "lb" / "index.html").read_text()
+    assert (tmp_path / "lb" / "runs" / out["run_id"] / "report.html").is_file()
 
 
 def test_model_as_entry_point(tmp_path, capsys):

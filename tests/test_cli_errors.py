@@ -109,5 +109,5 @@ def test_an_architecture_for_another_image_size_is_one_line(tmp_path, capsys):
     assert main(["train", "--model", "smallcnn", "--data", "digits", "--epochs", "1", "--n", "50",
                  "--out", str(out)]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("robustlab:")]
-    assert len(err) == 1 and "built for 28x28 images; digits has 1x8x8 images" in err[0]
+    assert len(err) == 1 and "built for 1-channel (grey) 28x28 images; digits has 1x8x8 images" in err[0]
     assert not out.exists()

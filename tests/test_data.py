@@ -60,7 +60,8 @@ def _as_nchw_float(x: np.ndarray) -> torch.Tensor:
 
 
 def test_registry_lists_every_loader():
-    assert list_datasets() == ["cifar10", "cifar100", "digits", "fashion_mnist", "imagefolder", "mnist", "svhn"]
+    assert list_datasets() == ["cifar10", "cifar100", "digits", "fashion_mnist", "imagefolder", "imagenet_val", "mnist",
+                              "svhn"]
     assert list_datasets() == DATASETS.names()
 
 

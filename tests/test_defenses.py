@@ -122,3 +122,55 @@ def test_defended_evaluation_is_adaptive_recorded_and_resumes_identically(digits
         assert resumed.resumed
         assert [(r.clean_correct, r.robust, r.adv_pred) for r in store.samples(resumed.run_id)] == full_rows
     assert resumed.summary["robust_accuracy"] == full.summary["robust_accuracy"]
+
+
+@pytest.mark.parametrize("name", ["pgd", "bim", "mifgsm", "fgsm"])
+def test_gradient_attacks_average_over_the_defense_draws(digits_model, batch, name):
+    """Every gradient attack made adaptive to a randomized defense averages each gradient over the
+    defense's draws: eot forward/backward passes per step, counted as such."""
+    from robustlab.eval.runner import adaptive_attacks
+
+    x, y = batch
+    defended = apply_defenses(digits_model, ["noise:sigma=0.05,draws=3"])
+    (attack,) = adaptive_attacks([create_attack(name, LINF, **({} if name == "fgsm" else {"steps": 2}))], defended.needs())
+    assert attack.params["eot"] == 3
+    calls = []
+    defended.model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    result = attack.run(defended, x, y, torch.Generator().manual_seed(0))
+    assert int(result.gradients.max()) == 3 * (1 if name == "fgsm" else 2)
+    # 3 passes per gradient step on every sample still attacked, plus the last checks
+    assert sum(calls) >= 3 * len(x)
+    with pytest.raises(RobustlabError, match="eot must be >= 1"):
+        create_attack(name, LINF, eot=0)
+
+
+def test_defended_run_reports_non_adaptive_beside_adaptive_and_the_worst_case(digits_model, digits_test, tmp_path):
+    """A defense with masked gradients (JPEG): the non-adaptive attack (zero gradients through the
+    codec) and the transfer from the undefended model leave far more points robust than PGD through
+    BPDA with the differentiable JPEG. The headline is the per-sample worst case over all three, the
+    non-adaptive numbers are shown beside it, and the masking checks flag the non-adaptive evaluation."""
+    data = digits_test.subset(96)
+    defended = apply_defenses(digits_model, ["jpeg:quality=30"])
+    attacks = [create_attack("pgd", ThreatModel("linf", 0.15), steps=20)]
+    with ResultsStore(tmp_path / "r.db") as store:
+        result = evaluate(defended, data, attacks, store, options=EvalOptions(steps_grid=(), batch_size=48, seed=0))
+        run = store.get_run(result.run_id)
+        rows = {t: {r.sample_index: r.robust for r in store.samples(result.run_id, t)}
+                for t in ("main", "non-adaptive", "transfer")}
+        page = write_report(store, result.run_id, tmp_path / "rep")["html"].read_text()
+    s = result.summary
+    naive = s["non_adaptive"]
+    assert naive["robust_accuracy"] > s["ensemble_robust_accuracy"] + 0.3
+    assert naive["transfer_robust_accuracy"] > s["ensemble_robust_accuracy"] + 0.2
+    worst = sum(all(rows[t][i] for t in rows) for i in rows["main"]) / len(rows["main"])
+    assert s["robust_accuracy"] == pytest.approx(worst) and s["robust_accuracy"] <= s["ensemble_robust_accuracy"]
+    checks = {c["name"]: c for c in result.checks}
+    assert checks["adaptive-gap"]["status"] == "fail" and "overestimates robustness" in checks["adaptive-gap"]["detail"]
+    assert checks["non-adaptive gradients"]["status"] != "pass"
+    assert checks["gradients"]["status"] == "pass"  # the adaptive attacker's gradients are fine
+    assert run["config"]["non_adaptive"] == [attacks[0].config()]
+    from robustlab.report.plots import format_percent
+
+    table = page[page.index("Defended model: adaptive and non-adaptive attacks"):]
+    for value in (naive["robust_accuracy"], naive["transfer_robust_accuracy"], s["robust_accuracy"]):
+        assert format_percent(value) in table

@@ -1,6 +1,12 @@
 """The adversarial protocol gives the per-sample outcomes and summary of the release before the
-evaluation core (b9ac979), bit for bit: tests/golden/record.json was written by that release
-(tests/golden/make_golden.py) from the weights beside it."""
+evaluation core (b9ac979): tests/golden/record.json was written by that release
+(tests/golden/make_golden.py) from the weights beside it.
+
+Every outcome (predictions, which attack broke a point, counts) must be identical. Floats (norms of
+the perturbations found) are compared to a relative 1e-5: float32 arithmetic depends on the CPU's
+vector kernels, and an iterative attack carries the rounding of every step. The release itself, run on
+another machine (2026-12-06), gave norms up to 1.6e-6 (relative) away from the ones it recorded, with
+every outcome identical. A real change of an attack moves norms by far more."""
 
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import torch
 GOLDEN = Path(__file__).parent / "golden"
 sys.path.insert(0, str(GOLDEN))
 
-from golden_spec import ATTACKS, N, OPTIONS, THREAT, record  # noqa: E402
+from golden_spec import ATTACKS, N, OPTIONS, THREAT, record, same  # noqa: E402
 
 from robustlab.attacks import create_attack  # noqa: E402
 from robustlab.data import load_dataset  # noqa: E402
@@ -40,10 +46,11 @@ def _same_summary(expected, got, path="summary"):
         for i, (a, b) in enumerate(zip(expected, got)):
             _same_summary(a, b, f"{path}[{i}]")
     else:
-        assert got == expected, f"{path}: {got!r} != release {expected!r}"
+        assert same(got, expected), f"{path}: {got!r} != release {expected!r}"
 
 
-def test_adversarial_protocol_matches_the_release_bit_for_bit(golden, tmp_path):
+
+def test_adversarial_protocol_matches_the_release(golden, tmp_path):
     model = load_model(str(GOLDEN / "digits_cnn.safetensors")).model.eval()
     data = load_dataset("digits", "test").subset(N)
     threat = ThreatModel(*THREAT)
@@ -58,7 +65,7 @@ def test_adversarial_protocol_matches_the_release_bit_for_bit(golden, tmp_path):
         torch.set_num_threads(saved)
     assert set(got["tasks"]) == set(golden["tasks"])
     for task, rows in golden["tasks"].items():
-        assert got["tasks"][task] == rows, f"task {task}: per-sample outcomes differ from the release"
+        assert same(got["tasks"][task], rows), f"task {task}: per-sample outcomes differ from the release"
     # The one deliberate change since the release: the reported robust accuracy is the per-sample worst
     # case over everything the run computed inside the main ball (here the steps curve's PGD broke
     # points the ensemble left robust); the ensemble's own number is the release's.

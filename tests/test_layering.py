@@ -9,12 +9,13 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "robustlab"
 
-LOW = {"threat", "losses", "predictor", "params", "checks", "registry", "seeding", "errors", "progress",
+LOW = {"threat", "threat_kinds", "losses", "predictor", "params", "checks", "registry", "seeding", "errors", "progress",
        "distributed", "models", "data"}
 FORBIDDEN = {
     **{name: {"attacks", "defenses", "training", "eval", "report", "cli", "demo"} for name in LOW},
     "attacks": {"defenses", "training", "eval", "report", "cli", "demo"},
     "defenses": {"attacks", "training", "eval", "report", "cli", "demo"},
+    "certify": {"attacks", "defenses", "training", "eval", "report", "cli", "demo"},
     "training": {"defenses", "eval", "report", "cli", "demo"},
     "eval": {"report", "cli", "training", "demo"},
     "report": {"cli", "training", "demo"},

@@ -18,8 +18,8 @@ from robustlab.report import (
     plot_eps_curve,
     plot_gallery,
     plot_steps_curve,
-    write_leaderboard_html,
     write_report,
+    write_site,
 )
 from robustlab.eval.metrics import wilson_interval
 from robustlab.report.plots import ci_text
@@ -260,9 +260,11 @@ def test_html_escaping_of_model_name(reports, tmp_path):
     assert "<b>pgd</b>" not in page and "&lt;b&gt;pgd&lt;/b&gt;" in page
 
     with ResultsStore(reports["db"]) as s:
-        groups = leaderboard(s)
-    lb = write_leaderboard_html(groups, tmp_path / "lb.html").read_text()
-    assert "<script" not in lb.lower() and "&lt;script&gt;" in lb
+        site = write_site(s, tmp_path / "site", reports=False)
+    for page in [site.index, *(tmp_path / "site" / "models").glob("*.html")]:
+        text = page.read_text()  # the site's own script is the only one
+        assert text.lower().count("<script") == 1 and 'alert("x")' not in text
+    assert "&lt;script&gt;" in site.index.read_text()
 
 
 def test_report_accepts_prefix_and_latest(store, tmp_path):
@@ -274,70 +276,10 @@ def test_report_accepts_prefix_and_latest(store, tmp_path):
     assert run in page
 
 
-def test_leaderboard_ranks_within_threat_model_groups(store, tmp_path):
-    weak = make_run(store, model="weak", n=10, n_clean=9, broken=(5, 2))          # robust 0.2
-    strong = make_run(store, model="strong", n=10, n_clean=8, broken=(1, 1))      # robust 0.6
-    tie_hi = make_run(store, model="tie-hi-clean", n=10, n_clean=10, broken=(4, 2))  # robust 0.4, clean 1.0
-    tie_lo = make_run(store, model="tie-lo-clean", n=10, n_clean=7, broken=(2, 1))   # robust 0.4, clean 0.7
-    few = make_run(store, model="few-samples", n=4, n_clean=4, broken=(0,), attacks=[ATTACKS[0]])  # robust 1.0
-    other_eps = make_run(store, model="strong", eps=0.1, n=10, n_clean=8, broken=(0, 0))
-    other_norm = make_run(store, model="strong", norm="l2", eps=2.0, n=10, n_clean=8, broken=(4, 0))
-    other_data = make_run(store, model="cifar-net", dataset="cifar10", eps=8 / 255, channels=3)
-    make_run(store, model="unfinished", complete=False)
-
-    groups = leaderboard(store)
-    keys = [(g.dataset, g.norm, g.eps) for g in groups]
-    assert keys == [("cifar10", "linf", pytest.approx(8 / 255)), ("mnist", "l2", 2.0), ("mnist", "linf", 0.1),
-                    ("mnist", "linf", 0.3)]
-    main = groups[-1]
-    assert [r.run_id for r in main.rows] == [few, strong, tie_hi, tie_lo, weak]
-    assert [r.rank for r in main.rows] == [1, 2, 3, 4, 5]
-    assert [r.robust_accuracy for r in main.rows] == pytest.approx([1.0, 0.6, 0.4, 0.4, 0.2])
-    top = main.rows[0]
-    assert top.n == 4 and top.attacks == "apgd-ce"
-    assert main.rows[1].attacks == "apgd-ce+apgd-t"
-    assert [g.rows[0].run_id for g in groups[:3]] == [other_data, other_norm, other_eps]
-    assert all(r.model != "unfinished" for g in groups for r in g.rows)
-
-    text = format_leaderboard(groups)
-    lines = text.splitlines()
-    assert "mnist · L∞ ε = 0.3" in text and "cifar10 · L∞ ε = 8/255 (0.03137)" in text
-    assert "100.00%" in text and "60.00%" in text and "20.00%" in text
-    # Within the linf 0.3 group, rows appear in rank order; groups are separate blocks.
-    block = text[text.index("mnist · L∞ ε = 0.3"):]
-    order = [block.index(m) for m in ("few-samples", "strong", "tie-hi-clean", "tie-lo-clean", "weak")]
-    assert order == sorted(order)
-    assert text.count("rank") == 4
-    # Fixed width: the header and data rows of one block line up on the robust-accuracy column.
-    header = next(l for l in lines if l.startswith("rank"))
-    assert all(len(l) > 0 for l in lines if l.strip())
-    data = [l for l in block.splitlines() if re.match(r"\s*\d+\s+[0-9a-f]{12}\s", l)]
-    ends = {l.index("%") for l in data}
-    assert len(ends) == 1 and "robust" in header
-
-    path = write_leaderboard_html(groups, tmp_path / "board" / "leaderboard.html")
-    lb = path.read_text()
-    assert lb.count("<table") == 4
-    assert "http://" not in lb and "https://" not in lb
-    assert lb.index(">few-samples<") < lb.index(">tie-hi-clean<") < lb.index(">weak<")
-
-
-def test_leaderboard_shares_rank_on_exact_ties_and_flags_checks(store):
-    a = make_run(store, model="a", n=10, n_clean=8, broken=(2, 1))
-    b = make_run(store, model="b", n=10, n_clean=8, broken=(1, 2),
-                 checks=[{"name": "large-eps", "status": "fail", "detail": "x"}], model_info={"randomized": True})
-    (group,) = leaderboard(store)
-    assert [r.rank for r in group.rows] == [1, 1]
-    assert {r.run_id for r in group.rows} == {a, b}
-    flagged = next(r for r in group.rows if r.run_id == b)
-    assert "check fail: large-eps" in flagged.notes and "randomized model" in flagged.notes
-    assert "check fail: large-eps" in format_leaderboard([group])
-
-
 def test_empty_leaderboard(store, tmp_path):
     assert leaderboard(store) == []
     assert "No complete runs" in format_leaderboard([])
-    assert "No complete runs" in write_leaderboard_html([], tmp_path / "e.html").read_text()
+    assert "No complete runs" in write_site(store, tmp_path / "e").index.read_text()
 
 
 def test_plots_return_png(store):

@@ -426,7 +426,7 @@ def test_channels_last_is_used_only_where_it_is_safe():
     [
         (nn.Sequential(nn.Flatten(), nn.Linear(64, 7)), "classes"),
         (nn.Sequential(nn.Flatten(), nn.Linear(64, 1), nn.Flatten(0)), "logits of shape"),
-        (nn.Sequential(nn.Flatten(), nn.Linear(100, 10)), "failed on a batch"),
+        (nn.Sequential(nn.Flatten(), nn.Linear(100, 10)), "has 1x8x8 images and the model fails on them"),
     ],
 )
 def test_bad_models_fail_clearly_and_leave_the_store_intact(digits_model, digits_test, tmp_path, model, message):

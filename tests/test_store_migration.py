@@ -16,7 +16,7 @@ import pytest
 GOLDEN = Path(__file__).parent / "golden"
 sys.path.insert(0, str(GOLDEN))
 
-from golden_spec import ATTACKS, N, OPTIONS, THREAT, record  # noqa: E402
+from golden_spec import ATTACKS, N, OPTIONS, THREAT, record, same  # noqa: E402
 
 from robustlab.attacks import create_attack  # noqa: E402
 from robustlab.data import load_dataset  # noqa: E402
@@ -70,7 +70,7 @@ def test_old_store_migrates_and_reports_the_same_numbers(old_store, tmp_path):
     assert doc["summary"]["robust_accuracy"] == golden["summary"]["robust_accuracy"]
     page = paths["html"].read_text()
     assert f"{100 * golden['summary']['robust_accuracy']:.2f}%" in page
-    assert [(g.dataset, g.norm, g.eps) for g in groups] == [("digits", "linf", 0.1)]
+    assert [(g.dataset, g.title) for g in groups] == [("digits", "digits · L∞ ε = 0.1")]
     assert [r.run_id for r in groups[0].rows] == [ids["digits_cnn_golden"]]
     assert groups[0].rows[0].robust_accuracy == golden["summary"]["robust_accuracy"]
     assert "INCOMPLETE RUN" in partial["html"].read_text()
@@ -90,7 +90,7 @@ def test_interrupted_run_of_an_old_store_resumes_to_the_release_numbers(old_stor
                           options=EvalOptions(**OPTIONS), resume=True)
         assert result.resumed and result.run_id == ids["digits_cnn_interrupted"]
         got = record(store, result.run_id, result.summary, result.checks)
-    assert got["tasks"] == golden["tasks"]
+    assert same(got["tasks"], golden["tasks"])
     assert result.summary["ensemble_robust_accuracy"] == golden["summary"]["robust_accuracy"]
 
 

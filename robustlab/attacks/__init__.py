@@ -19,8 +19,17 @@ from robustlab.attacks import md  # noqa: F401  (registers md, md-mt)
 from robustlab.attacks import spsa  # noqa: F401  (registers spsa)
 from robustlab.attacks import nes  # noqa: F401  (registers nes)
 from robustlab.attacks import hopskipjump  # noqa: F401  (registers hopskipjump)
+from robustlab.attacks import boundary  # noqa: F401  (registers boundary)
+from robustlab.attacks import brendel_bethge  # noqa: F401  (registers brendel-bethge)
+from robustlab.attacks import onepixel  # noqa: F401  (registers onepixel)
+from robustlab.attacks import pixle  # noqa: F401  (registers pixle)
+from robustlab.attacks import spatial  # noqa: F401  (registers spatial-grid, spatial-fo)
+from robustlab.attacks import universal  # noqa: F401  (registers uap)
+from robustlab.attacks import patch  # noqa: F401  (registers patch)
 from robustlab.attacks import transfer  # noqa: F401  (registers transfer)
 from robustlab.attacks import ssp  # noqa: F401  (registers ssp)
+from robustlab.attacks import fmn  # noqa: F401  (registers fmn)
+from robustlab.attacks import ddn  # noqa: F401  (registers ddn)
 from robustlab.attacks.suites import SUITES, build_attacks
 
 __all__ = [

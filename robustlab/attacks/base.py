@@ -36,12 +36,16 @@ class AttackResult:
       attack's own last forward pass on ``x_adv``; the evaluation runner re-verifies it.
     gradients: (N,) int64, input-gradient evaluations spent on each sample.
     forwards: (N,) int64, forward passes (model queries) spent on each sample, gradient steps included.
+    params: for threat models whose membership the images alone do not show (see
+      :mod:`robustlab.threat_kinds`), per sample what places the point in it (spatial: angle, dx,
+      dy; universal: the one perturbation); None otherwise.
     """
 
     x_adv: torch.Tensor
     success: torch.Tensor
     gradients: torch.Tensor
     forwards: torch.Tensor
+    params: torch.Tensor | None = None
 
 
 class Attack(Configurable):
@@ -60,6 +64,10 @@ class Attack(Configurable):
 
     component: ClassVar[str] = "attack"
     norms: ClassVar[tuple[str, ...]] = NORMS
+    # Parameters that apply under some norms only (name -> those norms), e.g. l1_sparsity: ("l1",).
+    norm_params: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # Parameters whose None stands for a value derived from others (name -> the method giving it).
+    derived: ClassVar[dict[str, str]] = {"alpha": "step_size"}
     kind: ClassVar[str] = "white-box"
     minimum_norm: ClassVar[bool] = False
 
@@ -85,6 +93,23 @@ class Attack(Configurable):
     def rebuild(self, **params: Any) -> "Attack":
         """This attack with these parameters (same threat model and targeting)."""
         return type(self)(self.threat, targeted=self.targeted, **params)
+
+    def shown_params(self) -> dict[str, Any]:
+        """The parameters as reports show them. The rule: a parameter that does not apply under this
+        threat model's norm (``norm_params``) is left out; a None that stands for a derived value
+        (``derived``, e.g. ``alpha`` from ``step_size()``) is shown as that value (4 significant
+        digits); any other None (the attack's own choice, e.g. a default layer) is left out."""
+        out: dict[str, Any] = {}
+        for key, value in self.params.items():
+            if self.threat.norm not in self.norm_params.get(key, (self.threat.norm,)):
+                continue
+            if value is None:
+                method = getattr(self, self.derived.get(key, ""), None)
+                if not callable(method):
+                    continue
+                value = float(f"{float(method()):.4g}")
+            out[key] = value
+        return out
 
     def with_threat(self, threat: ThreatModel) -> "Attack":
         return type(self)(threat, targeted=self.targeted, **self.params)

@@ -176,45 +176,12 @@ class HopSkipJump(Attack):
     def _search(self, oracle: _LabelOracle, x: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.params
         d = x[0].numel()
-        n = x.shape[0]
-        all_rows = torch.arange(n, device=x.device)
         theta = p["gamma"] / (d * math.sqrt(d)) if self.threat.norm == "l2" else p["gamma"] / d**2
         x_best = x.clone()
-        # Points that are already adversarial need nothing else.
-        success = oracle.decide(x, all_rows)
-        # 1. A misclassified starting point: uniform noise, one trial (query) at a time.
-        start = x.clone()
-        found = success.clone()
-        for _ in range(p["init_trials"]):
-            need = (~found & (oracle.remaining(all_rows) > 0)).nonzero(as_tuple=True)[0]
-            if need.numel() == 0:
-                break
-            noise = torch.rand((need.numel(), *x.shape[1:]), dtype=x.dtype, device=x.device, generator=generator)
-            noise = noise * (self.threat.upper - self.threat.lower) + self.threat.lower
-            hit = oracle.decide(noise, need)
-            start[need[hit]] = noise[hit]
-            found[need[hit]] = True
-        rows = (found & ~success).nonzero(as_tuple=True)[0]
+        success, rows, cur = blended_start(self, oracle, x, generator, p["init_trials"])
         if rows.numel() == 0:
             return x_best, success
-        # Blend the noise towards the clean image (L2 line search, tolerance BLEND_TOLERANCE).
         xr = x[rows]
-        low = torch.zeros(len(rows), dtype=x.dtype, device=x.device)
-        high = torch.ones_like(low)
-        cur = start[rows]
-        while True:
-            open_ = ((high - low) > BLEND_TOLERANCE) & (oracle.remaining(rows) > 0)
-            if not bool(open_.any()):
-                break
-            sel = open_.nonzero(as_tuple=True)[0]
-            mid = (low[sel] + high[sel]) / 2
-            t = mid.view(-1, *[1] * (x.dim() - 1))
-            points = (1 - t) * xr[sel] + t * start[rows[sel]]
-            hit = oracle.decide(points, rows[sel])
-            high[sel] = torch.where(hit, mid, high[sel])
-            low[sel] = torch.where(hit, low[sel], mid)
-            cur[sel[hit]] = points[hit]
-        success[rows] = True
         # 2. To the boundary, then the HopSkipJump iterations.
         dist_before = self.threat.distance(cur, xr)
         cur = self._binary_search(oracle, rows, xr, cur, theta)
@@ -265,3 +232,52 @@ class HopSkipJump(Attack):
             x_best[rows[better]] = cur[better]
             best_dist = torch.where(better, dist, best_dist)
         return x_best, success
+
+
+def blended_start(
+    attack: Attack, oracle: _LabelOracle, x: torch.Tensor, generator: torch.Generator | None, trials: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The starting point of the decision-based attacks (HopSkipJump, Boundary): a misclassified
+    point per sample, found from labels alone. Uniform noise images are tried one query at a time
+    (at most ``trials`` per sample), and each one found is blended towards the clean image (line
+    search, tolerance ``BLEND_TOLERANCE``).
+
+    Returns (success: the samples that are adversarial already or got a start; rows: those that got
+    a start and were not adversarial to begin with; their blended starting points, aligned with rows).
+    """
+    threat = attack.threat
+    all_rows = torch.arange(x.shape[0], device=x.device)
+    # Points that are already adversarial need nothing else.
+    success = oracle.decide(x, all_rows)
+    start = x.clone()
+    found = success.clone()
+    for _ in range(trials):
+        need = (~found & (oracle.remaining(all_rows) > 0)).nonzero(as_tuple=True)[0]
+        if need.numel() == 0:
+            break
+        noise = torch.rand((need.numel(), *x.shape[1:]), dtype=x.dtype, device=x.device, generator=generator)
+        noise = noise * (threat.upper - threat.lower) + threat.lower
+        hit = oracle.decide(noise, need)
+        start[need[hit]] = noise[hit]
+        found[need[hit]] = True
+    rows = (found & ~success).nonzero(as_tuple=True)[0]
+    if rows.numel() == 0:
+        return success, rows, x[rows]
+    xr = x[rows]
+    low = torch.zeros(len(rows), dtype=x.dtype, device=x.device)
+    high = torch.ones_like(low)
+    cur = start[rows]
+    while True:
+        open_ = ((high - low) > BLEND_TOLERANCE) & (oracle.remaining(rows) > 0)
+        if not bool(open_.any()):
+            break
+        sel = open_.nonzero(as_tuple=True)[0]
+        mid = (low[sel] + high[sel]) / 2
+        t = mid.view(-1, *[1] * (x.dim() - 1))
+        points = (1 - t) * xr[sel] + t * start[rows[sel]]
+        hit = oracle.decide(points, rows[sel])
+        high[sel] = torch.where(hit, mid, high[sel])
+        low[sel] = torch.where(hit, low[sel], mid)
+        cur[sel[hit]] = points[hit]
+    success[rows] = True
+    return success, rows, cur

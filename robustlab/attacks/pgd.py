@@ -24,12 +24,16 @@ class PGD(Attack):
     ``2.5 * eps / steps``); restarts: number of runs, each from a new random start and only on
     samples not yet broken; random_start: start at a random point of the ball (uniform in the cube for
     Linf; uniform direction and radius for L2 and L1); loss: ``ce``, ``cw`` or
-    ``dlr``; l1_sparsity: for L1, the fraction of coordinates left out of each step.
+    ``dlr``; l1_sparsity: for L1, the fraction of coordinates left out of each step; eot: gradients
+    averaged per step over this many forward/backward passes (expectation over transformation, for
+    randomized models and defenses; each step then costs ``eot`` gradients).
     """
 
     name = "pgd"
-    defaults = {"steps": 10, "alpha": None, "restarts": 1, "random_start": True, "loss": "ce", "l1_sparsity": 0.95}
+    defaults = {"steps": 10, "alpha": None, "restarts": 1, "random_start": True, "loss": "ce", "l1_sparsity": 0.95,
+                "eot": 1}
     choices = {"loss": tuple(LOSSES)}
+    norm_params = {"l1_sparsity": ("l1",)}
     decay = 0.0  # momentum on the L1-normalized gradient (MI-FGSM); 0 for plain PGD
 
     def validate(self) -> None:
@@ -39,6 +43,8 @@ class PGD(Attack):
             raise RobustlabError(f"attack {self.name!r}: alpha must be a number > 0, got {alpha!r}")
         if not 0.0 <= self.params["l1_sparsity"] < 1.0:
             raise RobustlabError(f"attack {self.name!r}: l1_sparsity must be in [0, 1)")
+        if self.params["eot"] < 1:
+            raise RobustlabError(f"attack {self.name!r}: eot must be >= 1, got {self.params['eot']}")
 
     def step_size(self) -> float:
         alpha = self.params["alpha"]
@@ -56,8 +62,8 @@ class PGD(Attack):
             x_cur = self.threat.random_init(x0, generator, radius="uniform") if p["random_start"] else x0.clone()
             momentum = torch.zeros_like(x0) if self.decay else None
             for _step in range(p["steps"]):
-                logits, g = self.loss_and_grad(model, x_cur, y0, p["loss"])
-                found.spend(gradients=1, forwards=1)
+                logits, g = self.loss_and_grad(model, x_cur, y0, p["loss"], p["eot"])
+                found.spend(gradients=p["eot"], forwards=p["eot"])
                 if found.retire(self.is_success(logits, y0), x_cur):
                     x0, y0, x_cur, g, momentum = found.kept(x0, y0, x_cur, g, momentum)
                     if not found:
@@ -109,16 +115,24 @@ class MIFGSM(BIM):
 @register_attack
 class FGSM(Attack):
     """Fast gradient sign method (Goodfellow et al. 2015): one step of size eps along the steepest
-    ascent direction of the norm (sign for Linf, normalized gradient for L2, sparse for L1)."""
+    ascent direction of the norm (sign for Linf, normalized gradient for L2, sparse for L1); eot: the
+    gradient averaged over this many passes (randomized models and defenses)."""
 
     name = "fgsm"
-    defaults = {"loss": "ce", "l1_sparsity": 0.95}
+    defaults = {"loss": "ce", "l1_sparsity": 0.95, "eot": 1}
     choices = {"loss": tuple(LOSSES)}
+    norm_params = {"l1_sparsity": ("l1",)}
+
+    def validate(self) -> None:
+        super().validate()
+        if self.params["eot"] < 1:
+            raise RobustlabError(f"attack {self.name!r}: eot must be >= 1, got {self.params['eot']}")
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator) -> AttackResult:
-        _, g = self.loss_and_grad(model, x, y, self.params["loss"])
+        eot = self.params["eot"]
+        _, g = self.loss_and_grad(model, x, y, self.params["loss"], eot)
         step = self.threat.steepest_step(g, self.threat.eps, x, self.params["l1_sparsity"])
         x_adv = self.threat.project(x + step, x)
         success = self.is_success(self.logits(model, x_adv), y)
         ones = torch.ones(x.shape[0], dtype=torch.long, device=x.device)
-        return AttackResult(x_adv, success, ones.clone(), 2 * ones)
+        return AttackResult(x_adv, success, eot * ones, (eot + 1) * ones)

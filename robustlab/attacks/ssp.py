@@ -14,6 +14,7 @@ images as PNG files with the same names.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,8 +158,8 @@ class SSP(Attack):
 @dataclass
 class FolderResult:
     """What :func:`perturb_folder` wrote: ``files[i]`` (PNG) is the perturbed ``sources[i]``, and
-    ``changed[i]`` says whether the model's prediction differs from its prediction on the source
-    (the attack's own success flag)."""
+    ``changed[i]`` says whether the model's prediction on the written 8-bit image differs from its
+    prediction on the source."""
 
     sources: list[Path]
     files: list[Path]
@@ -195,6 +196,8 @@ def perturb_folder(
     batch_size: int = 64,
     seed: int = 0,
     progress: bool | None = None,
+    model_desc: str = "the model",
+    input_size: Sequence[int] | None = None,
 ) -> FolderResult:
     """Perturb every image in ``in_dir`` (sub-folders included; no labels needed) with ``attack``
     against ``model`` and write each result as ``out_dir/<same relative path>.png``.
@@ -205,9 +208,12 @@ def perturb_folder(
     images stay grey unless the folder also holds RGB images (then all are RGB). Images are read as
     8 bits, so the clean image lies on the 1/255 grid; each pixel's change is rounded towards zero when
     written, so the saved image is still inside the threat model. Randomness: batch ``i`` uses the
-    generator ``make_generator(seed, i)``. Returns a :class:`FolderResult`.
+    generator ``make_generator(seed, i)``. A model that cannot take the images (channels, size: what it
+    is built for, ``input_size`` when known) fails on the first batch with one line naming
+    ``model_desc``. Returns a :class:`FolderResult`.
     """
     from robustlab.data.arrays import uint8_images_to_tensor
+    from robustlab.models.probe import probe_model
     from robustlab.seeding import make_generator
 
     src, dst = Path(in_dir).expanduser().resolve(), Path(out_dir).expanduser().resolve()
@@ -244,15 +250,18 @@ def perturb_folder(
     bar = show_progress(total=len(sources), desc="perturb", unit="image", enabled=progress)
     for b, members in enumerate(batches):
         x = uint8_images_to_tensor(np.stack([arrays[i] for i in members]), str(src)).to(device)
-        with eval_mode(model), torch.no_grad():
-            labels = check_logits(model(x), x.shape[0]).argmax(dim=1)
+        labels = probe_model(model, x, model_desc=model_desc, data_desc=str(src), input_size=input_size).argmax(dim=1)
         with fast_runtime(model, x):  # the CPU speed context, as the evaluation runner applies it
             result = attack.run(model, x, labels, make_generator(seed, b, device=device))
         pixels = _to_uint8(result.x_adv, x)
+        # What is written is what counts: the 8-bit images, rounded towards the clean ones.
+        written = uint8_images_to_tensor(pixels, str(src)).to(device)
+        with eval_mode(model), torch.no_grad():
+            now = check_logits(model(written), x.shape[0]).argmax(dim=1)
         for k, i in enumerate(members):
             targets[i].parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels[k]).save(targets[i], format="PNG")
-            changed[i] = bool(result.success[k])
+            changed[i] = bool(now[k] != labels[k])
         bar.update(len(members))
     bar.close()
     return FolderResult(sources, targets, changed)

@@ -1,7 +1,8 @@
 """Attack ensembles by name (``standard``, ``rand``) and user-defined ensembles from a small file.
 
 ``standard`` follows AutoAttack's standard protocol: APGD-CE, APGD-T (DLR, 9 target classes), FAB-T
-(9 target classes), Square (5000 queries, its square-size schedule not rescaled, as in the reference); the runner attacks only still-robust points and keeps the
+(9 target classes), Square (5000 queries, its square-size schedule not rescaled, as in the reference);
+at L1, AutoAttack's L1 version: APGD-CE (5 restarts) and APGD-T (9 target classes); the runner attacks only still-robust points and keeps the
 worst case per sample. ``rand`` is for randomized defenses: APGD-CE and APGD-DLR with EOT over 20
 draws. An ensemble file lists attack specs, one per line (``#`` comments), or as a JSON list of
 strings or ``{"name": ..., "params": {...}}`` objects.
@@ -24,6 +25,13 @@ SUITES: Registry[Callable[[ThreatModel], list[Attack]]] = Registry("attack suite
 
 @SUITES.register("standard")
 def standard(threat: ThreatModel) -> list[Attack]:
+    if threat.norm == "l1":
+        # AutoAttack's standard version at L1 (Croce & Hein 2021): APGD-CE with 5 restarts and
+        # APGD-T; FAB-T and Square are not part of it.
+        return [
+            create_attack("apgd-ce", threat, steps=100, restarts=5),
+            create_attack("apgd-t", threat, steps=100, n_target_classes=9),
+        ]
     return [
         create_attack("apgd-ce", threat, steps=100),
         create_attack("apgd-t", threat, steps=100, n_target_classes=9),

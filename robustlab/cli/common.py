@@ -12,6 +12,45 @@ from robustlab.errors import RobustlabError
 
 DEFAULT_DB = "results.db"
 
+MODEL_HELP = ("the model: a checkpoint X.safetensors (its card X.json beside it), zoo:NAME (a model of the local zoo, "
+              "see `robustlab zoo list`), torchvision:NAME / timm:NAME / robustbench:NAME with --weights FILE, "
+              "file.py:function / module:function returning an nn.Module, or a registry architecture "
+              "(`robustlab list models`; random weights unless --weights)")
+DATA_HELP = ("data set: a name from `robustlab list datasets` (digits is embedded; mnist, fashion_mnist, cifar10, "
+             "cifar100, svhn are read from --data-root), an image folder path (./DIR/<class>/*.png; a path with a "
+             "slash), or imagenet-val:DIR (ImageNet-style <wnid> folders; labels in the order of a "
+             "LOC_synset_mapping.txt / synsets.txt / imagenet_class_index.json found in DIR or its parent). Folders "
+             "are streamed and resized/cropped as the model's card says")
+
+# Help of the options several commands share, one text each: an option a command adds without its own
+# help gets this one (see fill_shared_help); anything else needs its own (tests/test_cli_help.py).
+SHARED_HELP = {
+    "--db": f"results store, one SQLite file (default {DEFAULT_DB}); commands that only read it open it read-only",
+    "--device": "cpu, cuda, cuda:N, or auto (default: cuda when available, else cpu)",
+    "--seed": "seed of every random draw (random starts, data order); the same seed gives the same numbers "
+              "(default %(default)s)",
+    "--batch-size": "images per batch (default %(default)s)",
+    "--data": DATA_HELP,
+    "--split": "the split to use: test (default) or train (svhn also has extra)",
+    "--data-root": "folder with the data set files (default: $ROBUSTLAB_DATA or ./data)",
+    "--norm": "threat model norm: linf, l2 or l1",
+    "--eps": "threat model radius in [0, 1] pixel units (fractions like 8/255 work)",
+}
+
+
+def fill_shared_help(parser: argparse.ArgumentParser) -> None:
+    """Give every option of ``parser`` and its subcommands that has no help of its own the shared text
+    of :data:`SHARED_HELP`."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                fill_shared_help(sub)
+        elif not action.help:
+            for option in action.option_strings:
+                if option in SHARED_HELP:
+                    action.help = SHARED_HELP[option]
+                    break
+
 
 def _argument_type(convert):
     """Turn a converter's RobustlabError into argparse's own error (usage line, exit status 2)."""
@@ -95,3 +134,53 @@ def _threat(norm: str, eps: float):
         raise RobustlabError(f"--eps {eps:g} under linf is wider than the [0, 1] pixel box, so every image is "
                              "reachable; epsilons are in [0, 1] pixel units (8/255, not 8)")
     return threat
+
+
+# ---------------------------------------------------------------------- options several commands share
+
+def add_model_data_options(p: argparse.ArgumentParser, samples_flag: str = "--n") -> None:
+    """--model, --data, --split, --data-root, the sample count (``samples_flag``), --device, --seed."""
+    p.add_argument("--model", required=True, help="registry name, checkpoint path, or file.py:function / module:function")
+    p.add_argument("--data", required=True, help="data set name (digits, mnist, cifar10, ...) or folder")
+    p.add_argument("--split", default="test", help="data split (default test)")
+    p.add_argument("--data-root", help="folder with the data set files (default: $ROBUSTLAB_DATA or ./data)")
+    p.add_argument(samples_flag, dest="samples", type=int, help="use the first N images of the split, in order")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw of the run (default 0)")
+
+
+def add_store_options(p: argparse.ArgumentParser) -> None:
+    """--db, --resume, --json."""
+    p.add_argument("--db", default=DEFAULT_DB, help=f"results store (SQLite), default {DEFAULT_DB}")
+    p.add_argument("--resume", action="store_true", help="continue an unfinished run with the same configuration")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def load_data(args: argparse.Namespace):
+    """The data set of ``--data``/``--split``/``--data-root``, cut to the first ``args.samples``."""
+    from robustlab.data import load_dataset
+
+    if args.samples is not None and args.samples < 1:
+        raise RobustlabError(f"the number of images must be >= 1, got {args.samples}")
+    data = load_dataset(args.data, args.split, root=args.data_root)
+    if args.samples:
+        if args.samples > len(data):
+            _say(f"robustlab: note: {args.samples} images asked for, but {data.name}:{data.split} has {len(data)}; "
+                 f"using all {len(data)}")
+        data = data.subset(args.samples)
+    return data
+
+
+def load_model_on(spec: str, device):
+    """A model loaded from ``spec`` onto ``device`` (loader warnings said on stderr)."""
+    import warnings
+
+    from robustlab.models import load_model
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_model(spec, device=device)
+    for w in caught:
+        _say(f"robustlab: warning: {w.message}")
+    loaded.model.to(device)
+    return loaded

@@ -8,7 +8,24 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from robustlab.cli.common import DEFAULT_DB, _argument_type, _device, _floats, _number, _say, _steps_grid, _threat
+from robustlab.cli.common import (
+    DATA_HELP,
+    DEFAULT_DB,
+    MODEL_HELP,
+    _argument_type,
+    _device,
+    _floats,
+    _number,
+    _say,
+    _steps_grid,
+    _threat,
+)
+from robustlab.cli.inputs import (
+    add_weights_arguments,
+    check_data_spec,
+    declared_strength,
+    load_data_for_model,
+)
 from robustlab.errors import RobustlabError
 
 if TYPE_CHECKING:
@@ -28,7 +45,7 @@ def apply_card_defenses(loaded: LoadedModel, extra: list[str] | None = None) -> 
 def cmd_eval(args: argparse.Namespace) -> int:
     from robustlab import distributed
     from robustlab.attacks import build_attacks
-    from robustlab.data import load_dataset
+    from robustlab.data.image_folder import data_fingerprint
     from robustlab.eval.runner import EvalOptions, evaluate
     from robustlab.eval.store import ResultsStore
     from robustlab.models import load_model
@@ -42,22 +59,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     build_defenses(args.defense or [])  # bad names or parameters fail before anything is loaded
     if args.n is not None and args.n < 1:
         raise RobustlabError(f"--n must be >= 1, got {args.n}")
-    data = load_dataset(args.data, args.split, root=args.data_root)
+    check_data_spec(args.data)
+    device = _device(args.device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_model(args.model, device=device, bn_branch=args.bn, weights=args.weights,
+                            num_classes=args.num_classes)
+    for w in caught:
+        _say(f"robustlab: warning: {w.message}")
+    data = load_data_for_model(args.data, args.split, args.data_root, loaded.card)
     if args.n:
         if args.n > len(data):
             _say(f"robustlab: note: --n {args.n} is more than the {len(data)} images of {data.name}:{data.split}; "
                  f"using all {len(data)}")
         data = data.subset(args.n)
-    device = _device(args.device)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        loaded = load_model(args.model, device=device, bn_branch=args.bn)
-    for w in caught:
-        _say(f"robustlab: warning: {w.message}")
     loaded.model.to(device)
     model = apply_card_defenses(loaded, args.defense)
     info = {"source": loaded.source, "spec": args.model, "card": loaded.card.to_dict() if loaded.card else None}
     extra: dict[str, Any] = {"classes": list(data.classes)}
+    fingerprint = data_fingerprint(data)
+    if fingerprint is not None:  # an image folder: which files, so runs on other folders are not compared
+        extra["data_fingerprint"] = fingerprint
+    if args.stronger_than:  # recorded in the config: the leaderboard ranks the run with full evaluations
+        extra["declared_strength"] = args.stronger_than
     branch = current_bn_branch(model)
     if branch is not None:  # a dual-BN model: which branch was evaluated is part of the run
         info["bn_branch"] = extra["bn_branch"] = branch
@@ -72,13 +96,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     # Under torchrun: every rank attacks its share of the batches; rank 0 owns the store and prints.
     distributed.init_from_env()
-    store = ResultsStore(args.db) if distributed.is_main() else None
+    store = ResultsStore(args.db, readonly=False) if distributed.is_main() else None
     try:
         result = evaluate(model, data, attacks, store, model_name=args.model, model_info=info, options=options,
                           resume=args.resume, device=device, log=_say)
     finally:
         if store is not None:
-            store.close()
+            store.discard_if_unused()  # a run that failed before it began leaves no empty store behind
     if not distributed.is_main():
         return 0
     s = result.summary
@@ -115,16 +139,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="evaluate clean and robust accuracy under an attack ensemble")
-    e.add_argument("--model", required=True, help="registry name, checkpoint path, or file.py:function / module:function")
-    e.add_argument("--data", required=True)
+    e.add_argument("--model", required=True, help=MODEL_HELP)
+    add_weights_arguments(e)
+    e.add_argument("--data", required=True, help=DATA_HELP)
     e.add_argument("--split", default="test")
     e.add_argument("--data-root")
     e.add_argument("--n", "--num-examples", dest="n", type=int,
                    help="evaluate the first N examples of the split, in order (under torchrun, whose own "
                    "parser takes --n for its --nnodes, write --num-examples)")
     e.add_argument("--batch-size", type=int, default=128)
-    e.add_argument("--norm", required=True, help="linf, l2 or l1")
-    e.add_argument("--eps", required=True, type=_argument_type(_number), help="radius in [0, 1] pixel units (fractions like 8/255 work)")
+    e.add_argument("--norm", required=True)
+    e.add_argument("--eps", required=True, type=_argument_type(_number))
     e.add_argument("--eps-grid", type=_argument_type(_floats), help="comma-separated epsilons for the robustness curve")
     e.add_argument("--steps-grid", type=_argument_type(_steps_grid), default=None,
                    help="strengths (iterations, or queries for black-box attacks) for the attack-strength curve "
@@ -134,7 +159,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "ensemble file (.txt: one spec per line, .json: a list); default pgd")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="auto")
-    e.add_argument("--db", default=DEFAULT_DB, help=f"results store (SQLite), default {DEFAULT_DB}")
+    e.add_argument("--db", default=DEFAULT_DB)
     e.add_argument("--resume", action="store_true", help="continue an unfinished run with the same configuration")
     e.add_argument("--no-sanity", action="store_true", help="skip the gradient-masking sanity checks")
     e.add_argument("--defense", action="append", metavar="NAME[:key=value,...]",
@@ -145,5 +170,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "attacks give the curve from their per-sample norms (fewer attacks; off by default)")
     e.add_argument("--bn", choices=["clean", "adv"],
                    help="for a model with dual batch norm: evaluate this branch (default: the card's test_branch)")
+    e.add_argument("--stronger-than", metavar="SUITE: WHY", type=_argument_type(declared_strength),
+                   help="declare this attack list at least as strong as a suite (standard, rand) and say why, e.g. "
+                   "'standard: the paper's adaptive attack, 1000 steps'; the leaderboard then ranks the run among full "
+                   "evaluations (with the reason shown) although it does not run that suite")
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     e.set_defaults(func=cmd_eval)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from robustlab.cli.common import _argument_type, _device, _number, _say, _threat
+from robustlab.cli.common import MODEL_HELP, _argument_type, _device, _number, _say, _threat
+from robustlab.cli.inputs import add_weights_arguments
 from robustlab.errors import RobustlabError
 
 
@@ -18,18 +19,26 @@ def cmd_perturb(args: argparse.Namespace) -> int:
     if len(attacks) != 1:
         raise RobustlabError("perturb takes one attack, not a suite")
     device = _device(args.device)
-    model = apply_card_defenses(load_model(args.model, device=device))
+    loaded = load_model(args.model, device=device, weights=args.weights, num_classes=args.num_classes)
+    model = apply_card_defenses(loaded)
+    size = (loaded.card.preprocessing.get("input_size") if loaded.card else None) or None
     result = perturb_folder(attacks[0], model, args.images, args.out, image_size=args.image_size,
-                            batch_size=args.batch_size, seed=args.seed)
-    _say(f"{len(result.files)} images written to {args.out}; the model's prediction changed on "
-         f"{100 * result.change_rate:.1f}% of them")
+                            batch_size=args.batch_size, seed=args.seed, model_desc=f"--model {args.model}",
+                            input_size=size)
+    n, k = len(result.files), sum(result.changed)
+    _say(f"{n} images written to {args.out}; the model's prediction changed on {k} of them "
+         f"({100 * result.change_rate:.1f}%)")
+    if attacks[0].name == "ssp" and result.change_rate < 0.05:
+        _say("note: ssp is label-free and weak on small models (it distorts features, not the prediction); "
+             "for prediction changes use a label-based attack, e.g. --attack pgd")
     return 0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     pt = sub.add_parser("perturb", help="perturb every image of a folder (no labels needed), e.g. with the "
                         "label-free ssp attack, and write the results as PNG")
-    pt.add_argument("--model", required=True, help="the model whose predictions are attacked")
+    pt.add_argument("--model", required=True, help=f"{MODEL_HELP}; its predictions are attacked")
+    add_weights_arguments(pt)
     pt.add_argument("--attack", default="ssp", metavar="NAME[:key=value,...]",
                     help="default ssp (feature-space, label-free); any untargeted attack works")
     pt.add_argument("--norm", required=True)

@@ -13,7 +13,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from robustlab.report.html import write_report
 
     _require_db(args.db)
-    with ResultsStore(args.db) as store:
+    with ResultsStore(args.db, readonly=True) as store:
         run_id = store.resolve_run(args.run)
         out = Path(args.out) if args.out else Path(f"report-{run_id}")
         paths = write_report(store, run_id, out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Under torchrun: data-parallel training, every rank holds the same weights; rank 0 writes and prints.
     distributed.init_from_env()
     say = _say if distributed.is_main() else (lambda msg: None)
+    from robustlab.models import MODELS
+
+    MODELS.get(args.model)  # an unknown architecture is said before any data is loaded
     name, params = parse_spec(args.recipe, "recipe")
     recipe = OBJECTIVES.get(name)
     threat = _threat(args.norm, args.eps) if args.eps is not None else None
@@ -39,6 +43,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise RobustlabError(f"recipe {name!r} trains against a threat model: give --eps (and --norm, default linf)")
     _check_train_flags(args, name, recipe)
     objective = create_objective(name, threat, **params)
+    from robustlab.defenses import DefendedModel, build_defenses
+
+    defenses = build_defenses(args.defense or [])  # bad names or parameters fail before any data is loaded
     if args.n is not None and args.n < 1:
         raise RobustlabError(f"--n must be >= 1, got {args.n}")
     device = _device(args.device)
@@ -87,15 +94,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         say(f"  epoch {r['epoch']}: loss {r['loss']:.4f}{val} ({r['seconds']:.1f}s)")
 
     torch.manual_seed(args.seed)
-    model = create_model(args.model, num_classes=data.num_classes, in_channels=data.image_shape[0])
+    channels = data.image_shape[0]
+    for d in defenses:  # an encoding in front (thermometer) changes what the architecture takes
+        channels = d.output_channels(channels)
+    base = create_model(args.model, num_classes=data.num_classes, in_channels=channels)
+    # With --defense the model trains behind the defenses (attacks in adversarial recipes go through
+    # them adaptively: BPDA where declared); the checkpoint holds the model, its card the defenses.
+    model = DefendedModel(base, defenses) if defenses else base
     _probe(model, data, args.model)
     dual_bn = None
     if recipe.needs_dual_bn:  # clean and adversarial BatchNorm branches; validation and test use --bn's
         dual_bn = {"test_branch": args.bn or "clean"}
         set_bn_branch(convert_to_dual_bn(model), dual_bn["test_branch"])
+    if args.save_every_minutes < 0:
+        raise RobustlabError(f"--save-every-minutes must be >= 0, got {args.save_every_minutes:g}")
     t0 = time.perf_counter()
-    history = train(model, data, config, objective, device=device, on_epoch=report, val_data=val_data,
-                    threat=threat, checkpoint_dir=state_dir, resume=args.resume, unlabeled=unlabeled)
+    try:
+        history = train(model, data, config, objective, device=device, on_epoch=report, val_data=val_data,
+                        threat=threat, checkpoint_dir=state_dir, resume=args.resume, unlabeled=unlabeled,
+                        save_every=60 * args.save_every_minutes)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_what_was_saved(state_dir, args.save_every_minutes)) from None
     seconds = time.perf_counter() - t0
     if not distributed.is_main():
         return 0
@@ -118,7 +137,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         card = ModelCard.for_architecture(
             args.model,
             num_classes=data.num_classes,
-            in_channels=data.image_shape[0],
+            in_channels=channels,
             dataset=f"{data.name}:train[{len(data)}]",
             training={"recipe": name, "recipe_params": objective.config()["params"],
                       "threat": threat.to_dict() if threat else None, **config.to_dict(),
@@ -132,15 +151,20 @@ def cmd_train(args: argparse.Namespace) -> int:
             notes=f"clean accuracy measured on {test.name}:test ({len(test)} images)"
             + (f"; robust accuracy: PGD-{args.val_steps} on the {val_n} held-out training images" if robust else ""),
         )
+        if defenses:
+            card = dataclasses.replace(card, source="defended", defense=[d.config() for d in defenses])
         return card, acc
 
+    def weights(net: torch.nn.Module) -> torch.nn.Module:
+        return net.model if isinstance(net, DefendedModel) else net
+
     card, acc = card_for(model, summary.get("final_val", {}), {})
-    path = save_checkpoint(model.cpu(), out, card)
+    path = save_checkpoint(weights(model).cpu(), out, card)
     _say(f"clean test accuracy {100 * acc:.2f}% after {seconds:.1f}s")
     print(path)
     if history.ema is not None:
         ema_card, ema_acc = card_for(history.ema, summary.get("ema_val", {}), {"weights": "ema"})
-        ema_path = save_checkpoint(history.ema.cpu(), out.with_name(out.stem + "_ema.safetensors"), ema_card)
+        ema_path = save_checkpoint(weights(history.ema).cpu(), out.with_name(out.stem + "_ema.safetensors"), ema_card)
         _say(f"weight average (EMA): clean test accuracy {100 * ema_acc:.2f}%")
         print(ema_path)
     return 0
@@ -149,22 +173,35 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _probe(model, data, name: str) -> None:
     """One forward pass on two training images before anything is trained or written: an architecture
     built for another image size fails here with the size it expects."""
-    import torch
-
     from robustlab.models import model_config
+    from robustlab.models.probe import probe_model
 
     x, _ = data.batch(range(min(2, len(data))))
     try:
-        with torch.no_grad():
-            model.eval()(x)
-    except RuntimeError as exc:
-        expected = model_config(name).get("input_size")
-        size = f" built for {expected[0]}x{expected[1]} images" if expected else ""
-        c, h, w = data.image_shape
-        raise RobustlabError(f"--model {name} is{size}; {data.name} has {c}x{h}x{w} images and the model fails on them "
-                             f"({str(exc).splitlines()[0]}); choose an architecture for this data") from None
+        probe_model(model, x, model_desc=f"--model {name}", data_desc=data.name,
+                    input_size=model_config(name).get("input_size"), advice="; choose an architecture for this data")
     finally:
         model.train()
+
+
+def _what_was_saved(state_dir: Path, minutes: float) -> str:
+    """What a Ctrl-C leaves behind: the last saved training state, or that there is none yet."""
+    import json
+
+    from robustlab.training.state import STATE_FILE
+
+    try:
+        meta = json.loads((state_dir / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return (f"nothing was saved yet (the training state goes to {state_dir} every {minutes:g} minutes and at the "
+                "end of epoch 1)")
+    within = meta.get("within")
+    where = f"epoch {meta['epoch']}"
+    if within:
+        where = f"epoch {meta['epoch'] + 1}, batch {within['batch']} of {meta.get('steps_per_epoch', '?')}"
+        return (f"the training state at {where} (saved {meta.get('saved', '')}) is in {state_dir}; "
+                "continue from there with --resume")
+    return f"the training state after {where} (saved {meta.get('saved', '')}) is in {state_dir}; continue with --resume"
 
 
 def _check_train_flags(args: argparse.Namespace, name: str, recipe: Any) -> None:
@@ -181,9 +218,9 @@ def _check_train_flags(args: argparse.Namespace, name: str, recipe: Any) -> None
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train a model (standard or adversarial recipes) and save a checkpoint with its card")
-    t.add_argument("--model", required=True, help="architecture name (see robustlab.models.list_models)")
-    t.add_argument("--data", required=True, help="data set name, e.g. digits, mnist, cifar10")
-    t.add_argument("--data-root", help="folder with the data set files (default: $ROBUSTLAB_DATA or ./data)")
+    t.add_argument("--model", required=True, help="architecture to train, by name (`robustlab list models`)")
+    t.add_argument("--data", required=True)
+    t.add_argument("--data-root")
     t.add_argument("--n", "--num-examples", dest="n", type=int,
                    help="train on the first N training images (under torchrun write --num-examples)")
     t.add_argument("--recipe", default="standard", metavar="NAME[:key=value,...]",
@@ -192,20 +229,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "BatchNorm), rst (teacher=PATH), uat (with --unlabeled), mma (max-margin) and dynamic-at (FOSC-stopped "
                         "PGD); e.g. trades:beta=6,steps=10 "
                         "(default standard)")
+    t.add_argument("--defense", action="append", metavar="NAME[:key=value,...]",
+                   help="train the model behind this defense (repeat: applied in order); the card records it, so "
+                        "evaluation applies it; an encoding (thermometer) builds the architecture for its channels")
     t.add_argument("--norm", default="linf", help="threat model norm: linf, l2 or l1 (default linf)")
     t.add_argument("--eps", type=_argument_type(_number),
                    help="threat model radius in [0, 1] pixel units (fractions like 8/255 work); needed by adversarial "
                         "recipes, and turns on robust validation")
-    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--epochs", type=int, default=10, help="passes over the training data (default %(default)s)")
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=0.05, help="peak learning rate")
-    t.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
-    t.add_argument("--weight-decay", type=float, default=5e-4)
-    t.add_argument("--schedule", default="cosine", choices=["cosine", "constant", "multistep", "cyclic"])
+    t.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"],
+                   help="sgd (Nesterov momentum 0.9) or adam (default %(default)s)")
+    t.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay (default %(default)s)")
+    t.add_argument("--schedule", default="cosine", choices=["cosine", "constant", "multistep", "cyclic"],
+                   help="learning-rate schedule: cosine, constant, multistep (see --milestones) or cyclic "
+                        "(one-cycle) (default %(default)s)")
     t.add_argument("--warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up (epochs)")
     t.add_argument("--milestones", type=_argument_type(_floats), default=[0.5, 0.75],
                    help="multistep: fractions of the run where the rate is multiplied by --gamma (default 0.5,0.75)")
-    t.add_argument("--gamma", type=float, default=0.1)
+    t.add_argument("--gamma", type=float, default=0.1, help="multistep: the factor at each milestone (default %(default)s)")
     t.add_argument("--grad-clip", type=float, help="clip the gradient's global L2 norm to this value")
     t.add_argument("--ema", type=float, nargs="?", const=0.999, metavar="DECAY",
                    help="keep an exponential moving average of the weights (default decay 0.999), saved beside "
@@ -223,9 +266,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto")
     t.add_argument("--out", required=True, help="checkpoint path (.safetensors; the card goes beside it as .json)")
-    t.add_argument("--checkpoint-dir", help="where the training state is saved after every epoch (default: OUT "
-                                            "without suffix + .train)")
+    t.add_argument("--checkpoint-dir", help="where the training state is saved after every epoch and every "
+                                            "--save-every-minutes (default: OUT without suffix + .train)")
     t.add_argument("--resume", action="store_true", help="continue a killed run from its saved training state")
+    t.add_argument("--save-every-minutes", type=float, default=5.0, metavar="M",
+                   help="also save the training state inside an epoch every M minutes, so a run killed in a long "
+                        "epoch resumes from there (to the same weights); 0: after every batch (default 5)")
     t.add_argument("--unlabeled", metavar="SPEC",
                    help="extra unlabeled images for rst/uat: a data set NAME[:SPLIT] (labels ignored; default split "
                         "train; read from --data-root) or a folder of images")

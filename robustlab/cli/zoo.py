@@ -51,7 +51,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
         from robustlab.eval.store import ResultsStore
 
         _require_db(args.db)
-        with ResultsStore(args.db) as store:
+        with ResultsStore(args.db, readonly=True) as store:
             run = store.get_run(args.run)
         if run["status"] != "complete":
             raise RobustlabError(f"run {run['run_id']} is not complete; finish it with --resume first")
@@ -82,10 +82,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     zsub = z.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
     zl = zsub.add_parser("list", help="list the zoo's models with their measured accuracies")
     zs = zsub.add_parser("show", help="print a model's card")
-    zs.add_argument("name")
+    zs.add_argument("name", help="the entry's name (as in `robustlab zoo list`)")
     za = zsub.add_parser("add", help="add a checkpoint (verified by hash) under a name")
     za.add_argument("checkpoint", help="X.safetensors with its card X.json beside it")
-    za.add_argument("--name", required=True)
+    za.add_argument("--name", required=True, help="the entry's name: letters, digits, '.', '_' and '-'; the model then "
+                    "loads as --model zoo:NAME")
     za.add_argument("--run", help="record the accuracies of this complete run (id, prefix or 'latest')")
     za.add_argument("--db", default=DEFAULT_DB, help="results store holding --run")
     za.add_argument("--defense", action="append", metavar="NAME[:key=value,...]",

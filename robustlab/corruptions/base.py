@@ -8,7 +8,9 @@ deterministic from its seed, batch by batch), and returns a float32 batch of the
 Constants differ by image size (ImageNet-C at 224 px, Tiny-ImageNet-C at 64 px, CIFAR-10-C at 32 px,
 MNIST-C at 28 px). A corruption keeps them in ``tables``: image size -> one entry per severity.
 :meth:`Corruption.table_entry` picks the table of the largest size not above the image's (the exact
-one when there is one), and refuses images smaller than every table, naming the sizes it has.
+one when there is one), and refuses images smaller than every table, naming the sizes it has. The
+parameter ``table`` (0: by image size) names one table to use at any image size instead, e.g.
+``table=224`` applies the ImageNet-C constants to 32 px images as the imagecorruptions package does.
 
 ``suite`` says which benchmark a corruption belongs to: ``imagenet-c`` (the 15), ``imagenet-c-extra``
 (the 4 extra ones), ``mnist-c``. :func:`suite` lists a suite's corruptions in the published order.
@@ -32,7 +34,7 @@ class Corruption(Configurable):
     ``randomized``, ``tables`` (size -> five entries) and implement :meth:`apply`."""
 
     component: ClassVar[str] = "corruption"
-    defaults: ClassVar[dict[str, Any]] = {"severity": 1}
+    defaults: ClassVar[dict[str, Any]] = {"severity": 1, "table": 0}
     suite_name: ClassVar[str] = ""
     family: ClassVar[str] = ""
     randomized: ClassVar[bool] = False
@@ -42,21 +44,32 @@ class Corruption(Configurable):
     def validate(self) -> None:
         if self.params["severity"] not in SEVERITIES:
             raise RobustlabError(f"{self.owner}: severity must be 1, 2, 3, 4 or 5, got {self.params['severity']}")
+        table = self.params.get("table", 0)
+        if table and table not in self.tables:
+            have = ", ".join(str(s) for s in sorted(self.tables)) or "none"
+            raise RobustlabError(f"{self.owner}: table={table} is not one of its tables ({have}; 0 picks by image size)")
 
     @property
     def severity(self) -> int:
         return int(self.params["severity"])
 
     def table_entry(self, size: int) -> Any:
-        """This severity's constants for images of ``size`` pixels (the shorter side)."""
+        """This severity's constants for images of ``size`` pixels (the shorter side), or those of
+        the table the ``table`` parameter names."""
         if not self.tables:
             raise RobustlabError(f"{self.owner} has no parameter table")
+        if self.params.get("table"):
+            return self.tables[self.params["table"]][self.severity - 1]
         fitting = [s for s in self.tables if s <= size]
         if not fitting:
             have = ", ".join(f"{s} px" for s in sorted(self.tables))
             raise RobustlabError(f"{self.owner} has parameters for images of {have}; these images are "
                                  f"{size} px (smaller than every table)")
         return self.tables[max(fitting)][self.severity - 1]
+
+    def entry(self, x: torch.Tensor) -> Any:
+        """:meth:`table_entry` for the batch ``x`` (its shorter side)."""
+        return self.table_entry(min(x.shape[-2:]))
 
     def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """The corruption of a float32 batch (N, C, H, W) in [0, 1]; implement in subclasses."""

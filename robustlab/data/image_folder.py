@@ -17,15 +17,20 @@ streaming or decodes it into memory is decided there (see :func:`robustlab.data.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from robustlab.data.arrays import uint8_images_to_tensor
 from robustlab.data.catalog import DATASETS
-from robustlab.data.dataset import Dataset, as_positions, check_class_names, position_list
+from robustlab.data.dataset import (
+    Dataset,
+    as_positions,
+    check_class_names,
+    position_list,
+)
 from robustlab.errors import RobustlabError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
@@ -124,7 +129,7 @@ class ImageFolderDataset(Dataset):
         order = position_list(as_positions(positions, len(self)))
         return [uint8_images_to_tensor(self._decode(i)[None], str(self.files[i])) for i in order]
 
-    def _select(self, positions: range | torch.Tensor) -> "ImageFolderDataset":
+    def _select(self, positions: range | torch.Tensor) -> ImageFolderDataset:
         order = position_list(positions)
         return ImageFolderDataset(
             self.name, self.split, [self.files[i] for i in order], self._labels[order], self.classes,
@@ -243,3 +248,108 @@ def _split_folder(root: Path, split: str) -> Path:
     if present:
         raise RobustlabError(f"image folder {root} has no split {split!r}; found split folders: {', '.join(present)}")
     return root  # no split folders: the root holds the class folders
+
+
+# ---------------------------------------------------------------------- ImageNet-style validation folders
+
+#: Files that give the class order of an ImageNet-style folder, looked for in the folder and its parent:
+#: ``LOC_synset_mapping.txt`` (Kaggle's: "n01440764 tench, Tinca tinca" per line), ``synsets.txt`` (one
+#: wnid per line) and ``imagenet_class_index.json`` (Keras': {"0": ["n01440764", "tench"], ...}).
+CLASS_ORDER_FILES: tuple[str, ...] = ("LOC_synset_mapping.txt", "synsets.txt", "imagenet_class_index.json")
+
+
+def read_class_order(path: str | Path) -> list[str]:
+    """The class folder names (wnids) in label order from a synset mapping file (see
+    ``CLASS_ORDER_FILES``): label i is the i-th name, as the model's output i."""
+    import json
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RobustlabError(f"cannot read the class order file {p}: {exc}") from None
+    if p.suffix == ".json":
+        try:
+            index = json.loads(text)
+            order = [str(index[str(i)][0]) for i in range(len(index))]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise RobustlabError(f"{p} is not a class index ({{\"0\": [\"n01440764\", \"tench\"], ...}})") from None
+    else:
+        order = [line.split()[0] for line in text.splitlines() if line.strip()]
+    if not order:
+        raise RobustlabError(f"class order file {p} lists no classes")
+    check_class_names(order, f"class order file {p}")
+    return order
+
+
+def find_class_order(folder: Path) -> Path | None:
+    """A class order file (``CLASS_ORDER_FILES``) in ``folder`` or its parent, if any."""
+    for place in (folder, folder.parent):
+        for name in CLASS_ORDER_FILES:
+            if (place / name).is_file():
+                return place / name
+    return None
+
+
+def with_class_order(data: ImageFolderDataset, order: Sequence[str], source: str = "the class order") -> ImageFolderDataset:
+    """The data set with labels renumbered to ``order`` (every class folder must be in it; classes
+    without images keep their label): label i means ``order[i]``, e.g. output i of an ImageNet model."""
+    position = {name: i for i, name in enumerate(order)}
+    unknown = [c for c in data.classes if c not in position]
+    if unknown:
+        more = f" (+{len(unknown) - 3} more)" if len(unknown) > 3 else ""
+        raise RobustlabError(f"class folder(s) {', '.join(unknown[:3])}{more} are not in {source}")
+    remap = torch.tensor([position[c] for c in data.classes], dtype=torch.int64)
+    return ImageFolderDataset(data.name, data.split, data.files, remap[data.labels], list(order), data.channels,
+                              data.sizes, data.image_size)
+
+
+@DATASETS.register("imagenet_val")
+def load_imagenet_val(split: str, root: Path | None = None, image_size: int | None = None,
+                      class_order: str | Path | None = None) -> ImageFolderDataset:
+    """An ImageNet-style validation folder, streaming: ``{root}/<wnid>/*.JPEG`` (or ``{root}/val/...``;
+    ``split`` is not used). Labels follow ``class_order`` (a file, see :func:`read_class_order`), else
+    a class order file found in the folder or its parent, else the sorted folder names (right only
+    when every class of the model has a folder). The resize/crop the model expects is applied by
+    ``load_dataset(..., transform=transform_for_model(card.preprocessing))``."""
+    if root is None:
+        raise RobustlabError("data set 'imagenet-val' needs its folder: --data imagenet-val:DIR")
+    root = Path(root).expanduser()
+    folder = root / "val" if (root / "val").is_dir() else root
+    data = load_image_folder("val", folder, image_size)
+    data.name = "imagenet-val"
+    order_file = Path(class_order) if class_order is not None else find_class_order(folder)
+    if order_file is not None:
+        data = with_class_order(data, read_class_order(order_file), str(order_file))
+    return data
+
+
+def parse_folder_spec(spec: str) -> tuple[str, Path] | None:
+    """``imagenet-val:DIR`` -> ("imagenet-val", DIR); an existing folder path -> ("imagefolder", path);
+    anything else (a data set name) -> None."""
+    if spec.startswith("imagenet-val:"):
+        return "imagenet-val", Path(spec[len("imagenet-val:"):]).expanduser()
+    path = Path(spec).expanduser()
+    if ("/" in spec or spec.startswith(".")) and path.is_dir():
+        return "imagefolder", path
+    if "/" in spec and not path.exists():
+        raise RobustlabError(f"data folder {spec} does not exist")
+    return None
+
+
+def data_fingerprint(data: object) -> str | None:
+    """For a data set read from an image folder (possibly transformed or a subset): 16 hex digits of
+    the sha256 of its files' names (relative to their common folder), labels and sizes, so runs on
+    two different folders are not taken for runs on the same data. None for other data sets."""
+    import hashlib
+    import os
+
+    while not isinstance(data, ImageFolderDataset) and hasattr(data, "source"):
+        data = data.source
+    if not isinstance(data, ImageFolderDataset):
+        return None
+    base = os.path.commonpath([str(f.parent) for f in data.files]) if data.files else ""
+    digest = hashlib.sha256()
+    for f, label, (h, w) in zip(data.files, data.labels.tolist(), data.sizes.tolist()):
+        digest.update(f"{os.path.relpath(f, base)}\t{label}\t{h}x{w}\n".encode())
+    return digest.hexdigest()[:16]

@@ -73,6 +73,11 @@ class Defense(Configurable):
         """A differentiable approximation of ``transform`` for BPDA (default: the identity)."""
         return x
 
+    def output_channels(self, channels: int) -> int:
+        """Channels of the transformed image for an input of ``channels`` (default: the same; an
+        encoding such as the thermometer's changes it, and the model behind takes that many)."""
+        return channels
+
     @property
     def draws(self) -> int:
         return int(self.params.get("draws", self.default_draws)) if self.randomized else 1
@@ -130,20 +135,30 @@ class DefendedModel(Predictor):
         """Where ``forward``'s random draws come from (None: the global generator)."""
         self.generator = generator
 
-    def _apply(self, x: torch.Tensor, generator: torch.Generator | None, attacker: bool) -> torch.Tensor:
+    def _defend(self, x: torch.Tensor, generator: torch.Generator | None, view: str) -> torch.Tensor:
+        """The defenses on ``x``: ``view`` "adaptive" (BPDA with each surrogate where declared),
+        "naive" (the real transforms, a non-differentiable one passing a zero gradient: what an
+        attacker who ignores the defense differentiates) or "predict" (the real transforms)."""
         for d in self.defenses:
-            if attacker and not d.differentiable:
-                x = BPDA(lambda t, d=d: d.transform(t, generator), d.surrogate)(x)
+            if view != "predict" and not d.differentiable:
+                backward = d.surrogate if view == "adaptive" else (lambda t, d=d: d.surrogate(t) * 0)
+                x = BPDA(lambda t, d=d: d.transform(t, generator), backward)(x)
             else:
                 x = d.transform(x, generator)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(self._apply(x, self.generator, attacker=True))
+        return self.model(self._defend(x, self.generator, "adaptive"))
 
     def forward_with(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         with torch.no_grad():
-            return check_logits(self.model(self._apply(x, generator, attacker=False)), x.shape[0])
+            return check_logits(self.model(self._defend(x, generator, "predict")), x.shape[0])
+
+    def naive(self) -> nn.Module:
+        """The attacker's view of one who treats the defended model as a plain one (what a defense's
+        authors evaluated): gradients of the real pipeline, one random draw per pass, no BPDA (a
+        non-differentiable step passes a zero gradient). Its predictions are the defended model's."""
+        return _NaiveView(self)
 
     def needs(self) -> AttackerNeeds:
         return AttackerNeeds(
@@ -162,3 +177,20 @@ def apply_defenses(model: nn.Module, specs: list[str | dict[str, Any]]) -> nn.Mo
     if not specs:
         return model
     return DefendedModel(model, build_defenses(specs))
+
+
+class _NaiveView(Predictor):
+    """See :meth:`DefendedModel.naive`."""
+
+    def __init__(self, defended: DefendedModel) -> None:
+        super().__init__()
+        self.defended = defended
+        self.randomized = defended.randomized
+        self.draws = defended.draws
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.defended
+        return d.model(d._defend(x, d.generator, "naive"))
+
+    def forward_with(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        return self.defended.forward_with(x, generator)

@@ -119,6 +119,43 @@ class CertifiedAccuracy(Metric):
 
 
 @dataclass
+class VerifiedAccuracy(Metric):
+    """Verified robust accuracy (bound propagation) next to the empirical robust accuracy of an attack
+    on the same points, and the certificates the attack contradicts. ``update(clean_correct,
+    verified, attack_robust)``: per sample, correctly classified, verified at the radius (only a
+    correct point can be), not broken by the attack. A verified point the attack breaks is a lie
+    (a bug: must be zero); the gap is empirical minus verified accuracy."""
+
+    n: int = 0
+    clean: int = 0
+    verified: int = 0
+    robust: int = 0
+    lies: int = 0
+
+    def update(self, clean_correct: Iterable[bool], verified: Iterable[bool],
+               attack_robust: Iterable[bool]) -> "VerifiedAccuracy":
+        for c, v, r in zip(clean_correct, verified, attack_robust):
+            self.n += 1
+            self.clean += bool(c)
+            self.verified += bool(c and v)
+            self.robust += bool(c and r)
+            self.lies += bool(c and v and not r)
+        return self
+
+    def merge(self, other: "VerifiedAccuracy") -> "VerifiedAccuracy":
+        return VerifiedAccuracy(self.n + other.n, self.clean + other.clean, self.verified + other.verified,
+                                self.robust + other.robust, self.lies + other.lies)
+
+    def compute(self) -> dict[str, Any]:
+        n = self.n
+        clean, verified, robust = ((v / n if n else None) for v in (self.clean, self.verified, self.robust))
+        return {"n": n, "clean_accuracy": clean, "verified_accuracy": verified, "empirical_robust_accuracy": robust,
+                "gap": robust - verified if n else None, "lies": self.lies,
+                "ci95": {"clean": wilson_interval(clean, n), "verified": wilson_interval(verified, n),
+                         "empirical": wilson_interval(robust, n)}}
+
+
+@dataclass
 class CorruptionError(Metric):
     """Error per (corruption, severity), their mean per corruption, and against a baseline model's
     errors the corruption error CE_c = sum_s E_{s,c} / sum_s E^base_{s,c}, mCE (mean CE over

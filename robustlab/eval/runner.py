@@ -1,10 +1,12 @@
 """The evaluation runner: what every protocol shares. Tasks split into batches of fixed sample
 ranges, randomness from (seed, task, batch, ...), resume from the batches done (and from a long
-batch's saved partial state), sharding across torchrun ranks, the results store, progress. What a
+batch's saved partial state), one process per run at a time (a lease in the store, renewed after
+every batch), sharding across torchrun ranks, the results store, progress. What a
 batch does, and how its rows become numbers, is the protocol's (``robustlab.eval.protocols``).
 
-``evaluate(model, data, attacks, store)`` runs the adversarial protocol; ``run(model, data,
-protocol, store)`` any protocol.
+``evaluate(model, data, attacks, store)`` runs the adversarial protocol; ``certify(model, data,
+options, store)`` the certified one (randomized smoothing); ``run(model, data, protocol, store)`` any
+protocol.
 """
 
 from __future__ import annotations
@@ -12,27 +14,31 @@ from __future__ import annotations
 import json
 import platform
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 import robustlab
 from robustlab import distributed
 from robustlab.attacks.base import Attack
-from robustlab.checks import check_logits
+from robustlab.certify.smoothing import check_base_model
 from robustlab.data import Dataset
 from robustlab.defenses import AttackerNeeds, DefendedModel
 from robustlab.errors import RobustlabError
 from robustlab.eval import sanity
 from robustlab.eval.protocols.adversarial import AdversarialOptions, AdversarialProtocol
 from robustlab.eval.protocols.base import BatchContext, Protocol, Task
+from robustlab.eval.protocols.certified import CertifiedOptions, CertifiedProtocol
 from robustlab.eval.store import ResultsStore
-from robustlab.models.runtime import eval_mode, fast_runtime, full_float32
+from robustlab.models.probe import probe_model
+from robustlab.models.runtime import fast_runtime, full_float32
+from robustlab.progress import TimeLeft
 from robustlab.progress import progress as show_progress
-
 
 _MODEL_DRAWS = 0xD5AE5  # generator key of a randomized model's own draws
 
@@ -104,12 +110,15 @@ def evaluate(
     claimed success is re-verified. Results go to ``store`` batch by batch; with ``resume=True`` an
     unfinished run of the same configuration is continued instead of starting a new one.
     A :class:`~robustlab.defenses.DefendedModel` is attacked adaptively (:func:`adaptive_attacks`)
-    and its defenses are recorded with the run. Other keyword arguments are :func:`run`'s.
+    and its defenses are recorded with the run; the attacks as given also run non-adaptively (on the
+    defended model as if it were plain, and transferred from the undefended model), and the reported
+    robust accuracy is the per-sample worst case over all of them. Other keyword arguments are :func:`run`'s.
     """
     options = options or EvalOptions()
     if not attacks:
         raise RobustlabError("give at least one attack")
     defenses = None
+    given = list(attacks)
     if isinstance(model, DefendedModel):  # attack it adaptively, and record what was done
         needs = model.needs()
         attacks = adaptive_attacks(attacks, needs)
@@ -121,9 +130,32 @@ def evaluate(
                                     "the randomized defense")
             kwargs.get("log", lambda msg: None)(f"robustlab: warning: {info['not_adaptive']}")
         kwargs["model_info"] = info
-    protocol = AdversarialProtocol(attacks, options.adversarial(), defenses)
+    # a transfer from the undefended model needs one that takes the images as they are (no encoding)
+    transfer = defenses is not None and all(d.output_channels(1) == 1 for d in model.defenses)
+    protocol = AdversarialProtocol(attacks, options.adversarial(), defenses, naive_attacks=given if defenses else None,
+                                   transfer=transfer)
     return run(model, data, protocol, store, seed=options.seed, batch_size=options.batch_size,
                examples=options.examples, extra=options.extra, **kwargs)
+
+
+def certify(
+    model: nn.Module,
+    data: Dataset,
+    options: CertifiedOptions | None,
+    store: ResultsStore | None,
+    *,
+    seed: int = 0,
+    batch_size: int = 16,
+    **kwargs: Any,
+) -> RunResult:
+    """Certify the smoothing of the base classifier ``model`` on ``data`` (randomized smoothing with
+    ``options``: noise, n0, n, alpha, the attack check) into ``store``. ``batch_size`` images per
+    stored batch (the unit of resume); the noisy copies go through the model ``options.noise_batch``
+    at a time. A base model with BatchNorm in training mode is refused. Other keyword arguments are
+    :func:`run`'s."""
+    check_base_model(model)
+    protocol = CertifiedProtocol(options, data.num_classes)
+    return run(model, data, protocol, store, seed=seed, batch_size=batch_size, examples=0, **kwargs)
 
 
 def adaptive_attacks(attacks: list[Attack], needs: AttackerNeeds) -> list[Attack]:
@@ -165,19 +197,13 @@ def run(
 
     # Probe the model before anything is written: bad models fail here with a clear message.
     probe_x, probe_y = _batch(data, 0, min(len(data), batch_size), device)
-    with eval_mode(model), torch.no_grad():
-        try:
-            out = model(probe_x)
-        except (RuntimeError, ValueError, TypeError) as exc:
-            raise RobustlabError(
-                f"the model failed on a batch of shape {tuple(probe_x.shape)} from {data.name}: {exc}"
-            ) from None
-        check_logits(out, probe_x.shape[0], data.num_classes)
+    card = (model_info or {}).get("card") or {}
+    probe_model(model, probe_x, model_desc=f"the model {model_name}", data_desc=f"{data.name}:{data.split}",
+                num_classes=data.num_classes, input_size=(card.get("preprocessing") or {}).get("input_size"))
     # The fastest memory layout for the whole run (the caller's model is given back as it was).
     with fast_runtime(model, probe_x) as runtime:
         info = {**(model_info or {}), **sanity.inspect_model(model, probe_x), **runtime}
         tasks = protocol.plan(len(data), int(np.prod(data.image_shape)))
-        card = info.get("card") or {}
         config = {
             "model": model_name,
             "model_sha256": card.get("sha256"),
@@ -210,24 +236,29 @@ def run(
                 run_id = store.create_run(protocol.name, config, environment(device),
                                           {**info, "processes": distributed.world_size()}, protocol.attack_records())
             else:
+                store.acquire_lease(run_id)  # refused while another live process works on it
                 log(f"resuming run {run_id}")
                 store.set_status(run_id, "running")
             for t in tasks:
                 store.add_task(run_id, t.name, t.kind, t.n, t.params)
 
         try:
-            _run_tasks(model, data, protocol, tasks, store, run_id, seed, batch_size, examples, device, progress)
-        except BaseException:
+            try:
+                _run_tasks(model, data, protocol, tasks, store, run_id, seed, batch_size, examples, device, progress)
+            except BaseException:
+                if main:
+                    store.set_status(run_id, "interrupted")
+                raise
+            result = None
             if main:
-                store.set_status(run_id, "interrupted")
-            raise
-        result = None
-        if main:
-            checks = protocol.final_checks(model, probe_x, probe_y, info, seed, device)
-            summary = type(protocol).summarize(store, {**store.get_run(run_id), "status": "complete"}, checks)
-            summary = json.loads(json.dumps(summary))  # exactly as the store holds it (lists, not tuples)
-            store.finish_run(run_id, summary, checks)
-            result = RunResult(run_id, summary, checks, resumed)
+                checks = protocol.final_checks(model, probe_x, probe_y, info, seed, device)
+                summary = type(protocol).summarize(store, {**store.get_run(run_id), "status": "complete"}, checks)
+                summary = json.loads(json.dumps(summary))  # exactly as the store holds it (lists, not tuples)
+                store.finish_run(run_id, summary, checks)
+                result = RunResult(run_id, summary, checks, resumed)
+        finally:
+            if main:
+                store.release_lease(run_id)
         return distributed.broadcast(result)
 
 
@@ -247,9 +278,28 @@ def _run_tasks(model, data, protocol, tasks: list[Task], store, run_id, seed, bs
     todo = distributed.broadcast(todo)
     world, me = distributed.world_size(), distributed.rank()
     bar = show_progress(total=len(todo), desc="evaluating", unit="batch", enabled=False if me else progress)
+
+    def size(i: int, b: int) -> int:
+        return min(bs, tasks[i].n - b * bs)
+
+    # The time left, from the work left: per task, its batches left times the seconds per sample its
+    # batches (else its kind's) took, batches done before a resume included; the rest is said unknown.
+    eta = TimeLeft()
+    for i, b in todo:
+        eta.plan(tasks[i].name, size(i, b), tasks[i].kind)
+    if distributed.is_main():
+        n_of = {t.name: t.n for t in tasks}
+        for name, b, seconds in store.batch_seconds(run_id):
+            if name in n_of:
+                eta.measured(name, min(bs, n_of[name] - b * bs), seconds)
+    if hasattr(bar, "time_left"):
+        bar.time_left = eta.text
     with bar:
         for first in range(0, len(todo), world):
             round_ = todo[first : first + world]
+            started = time.perf_counter()
+            for i, b in round_:
+                eta.start(tasks[i].name, size(i, b))
             mine = None
             if me < len(round_):
                 i, b = round_[me]
@@ -262,6 +312,7 @@ def _run_tasks(model, data, protocol, tasks: list[Task], store, run_id, seed, bs
 
                 def save(state: bytes, name: str = task.name, b: int = b) -> None:
                     store.save_partial(run_id, name, b, state)
+                    store.heartbeat(run_id)
 
                 def done_rows(name: str, start: int = start, stop: int = stop) -> list[Any]:
                     return [r for r in store.sample_rows(protocol.sample_table, run_id, name)
@@ -282,6 +333,8 @@ def _run_tasks(model, data, protocol, tasks: list[Task], store, run_id, seed, bs
                 out = protocol.run_batch(model, x, y, ctx)
                 mine = (out.rows, out.costs, out.rejected, out.examples)
             results = distributed.gather(mine)
+            for i, b in round_:
+                eta.done(tasks[i].name, size(i, b), (time.perf_counter() - started) / len(round_))
             if not distributed.is_main():
                 continue
             for (i, b), (rows, costs, rejected, kept) in zip(round_, results):
@@ -289,5 +342,6 @@ def _run_tasks(model, data, protocol, tasks: list[Task], store, run_id, seed, bs
                 if kept:
                     kept = kept[: max(0, examples - store.count_examples(run_id, name))]
                 store.write_batch(run_id, name, b, rows, costs, rejected, kept, table=protocol.sample_table)
+                store.heartbeat(run_id)
                 bar.set_postfix_str(name)
                 bar.update(1)

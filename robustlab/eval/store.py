@@ -15,7 +15,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import socket
 import sqlite3
+import time
 import uuid
 from dataclasses import astuple, dataclass, fields, is_dataclass
 from datetime import datetime, timezone
@@ -27,8 +30,10 @@ import numpy as np
 from robustlab.errors import RobustlabError
 
 SCHEMA_VERSION = 2
+LEASE_STALE_SECONDS = 600.0  # a lease without a heartbeat for this long is taken over
 
-# Generic tables: every protocol's runs, tasks and batches. Per-sample outcomes live in one table per
+# Generic tables: every protocol's runs, tasks and batches (no ';' inside a comment: the migration splits
+# this text on them). Per-sample outcomes live in one table per
 # protocol (``<protocol>_samples``, declared by the protocol, see ``ensure_sample_table``); the
 # adversarial protocol's is created here so that stores of schema 1 migrate into it.
 _SCHEMA = """
@@ -101,6 +106,14 @@ CREATE TABLE IF NOT EXISTS adversarial_samples (
     forwards INTEGER NOT NULL,           -- forward passes spent on this sample
     min_distance REAL,                   -- smallest verified misclassifying perturbation found, any norm
     PRIMARY KEY (run_id, task, sample_index)
+);
+CREATE TABLE IF NOT EXISTS leases (    -- which process works on a run now (one at a time)
+    run_id TEXT PRIMARY KEY,
+    pid INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    started TEXT NOT NULL,
+    heartbeat TEXT NOT NULL,             -- renewed after every batch, stale after LEASE_STALE_SECONDS
+    token TEXT NOT NULL                  -- the holder's ResultsStore object
 );
 CREATE TABLE IF NOT EXISTS examples (
     run_id TEXT NOT NULL,
@@ -183,16 +196,32 @@ def _from_npy(blob: bytes) -> np.ndarray:
 class ResultsStore:
     """A SQLite results store. Use as a context manager or call ``close()``.
 
-    Opening a store written by an older robustlab migrates it in place (one transaction); a store
-    written by a newer one is refused before anything is written to it.
+    ``readonly``: True opens the file read-only (SQLite's ``mode=ro``; ``immutable=1`` as well when
+    there is no journal beside it and its folder is not writable, e.g. shared results on a read-only
+    mount), for commands that only read (report, zoo add --run); False opens it for writing (eval) and
+    says in one line when the file or its folder cannot be written; None (the default) writes where it
+    can and reads only where it cannot. Opening a store written by an older robustlab migrates it in
+    place (one transaction) when it can be written; a store written by a newer one is refused before
+    anything is written to it.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, readonly: bool | None = None) -> None:
         self.path = Path(path)
+        self.created = False  # this object created the file (see discard_if_unused)
+        self._token = uuid.uuid4().hex  # identifies this object's leases
         if self.path.exists() and self.path.is_dir():
             raise RobustlabError(f"results store {self.path} is a directory; give a file path such as runs.db")
-        if self.path.parent and not self.path.parent.exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        if readonly is None:
+            readonly = self.path.is_file() and _write_problem(self.path) is not None
+        self.readonly = readonly
+        if readonly:
+            self._open_readonly()
+            return
+        problem = _write_problem(self.path)
+        if problem is not None:
+            raise RobustlabError(problem)
+        self.created = not self.path.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30)
             self.db.row_factory = sqlite3.Row
@@ -200,6 +229,58 @@ class ResultsStore:
             tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         except sqlite3.DatabaseError as exc:
             raise RobustlabError(f"{self.path} is not a robustlab results store (SQLite said: {exc})") from None
+        version = self._check_tables(tables)
+        try:
+            self.db.execute("PRAGMA journal_mode = WAL")
+            self.db.execute("PRAGMA synchronous = NORMAL")
+            if version is not None and version < SCHEMA_VERSION:
+                self._migrate(version)
+            self.db.executescript(_SCHEMA)
+            if version is None:
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        except sqlite3.OperationalError as exc:
+            self.db.close()
+            if "readonly" in str(exc) or "unable to open" in str(exc):
+                raise RobustlabError(f"cannot write the results store {self.path}: permission denied "
+                                     f"(SQLite said: {exc})") from None
+            raise
+
+    def _open_readonly(self) -> None:
+        """Connect with ``mode=ro`` (plus ``immutable=1`` where nothing can be writing it: no journal
+        beside it and its folder not writable); the schema must be this one (migrating needs writing)."""
+        if not self.path.is_file():
+            raise RobustlabError(f"no results store at {self.path}")
+        journal = any(Path(f"{self.path}{s}").exists() for s in ("-wal", "-journal"))
+        folder_writable = os.access(self.path.parent, os.W_OK | os.X_OK)
+        uri = self.path.resolve().as_uri()
+        tries = ["mode=ro"] if folder_writable or journal else []
+        if not journal:
+            tries.append("mode=ro&immutable=1")
+        last: Exception | None = None
+        for query in tries:
+            try:
+                self.db = sqlite3.connect(f"{uri}?{query}", uri=True, isolation_level=None, timeout=30)
+                self.db.row_factory = sqlite3.Row
+                tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                break
+            except sqlite3.DatabaseError as exc:
+                last = exc
+        else:
+            if isinstance(last, sqlite3.OperationalError) and not os.access(self.path, os.R_OK):
+                raise RobustlabError(f"cannot read the results store {self.path}: permission denied") from None
+            raise RobustlabError(f"{self.path} is not a robustlab results store (SQLite said: {last})") from None
+        version = self._check_tables(tables)
+        if version is not None and version < SCHEMA_VERSION:
+            self.db.close()
+            if _write_problem(self.path) is None:  # it can be written: migrate it, then read
+                self.__init__(self.path, readonly=False)
+                return
+            raise RobustlabError(f"{self.path} was written by an older robustlab (schema {version}; this one reads "
+                                 f"{SCHEMA_VERSION}) and cannot be written here, so it cannot be migrated: copy it "
+                                 f"to a folder you can write (cp {self.path} results.db) and use the copy")
+
+    def _check_tables(self, tables: set[str]) -> int | None:
+        """The store's schema version after refusing what is no robustlab store or is newer than this."""
         if tables and "runs" not in tables:
             self.db.close()
             raise RobustlabError(f"{self.path} is an SQLite file but not a robustlab results store")
@@ -208,13 +289,21 @@ class ResultsStore:
             self.db.close()
             raise RobustlabError(f"{self.path} was written by a newer robustlab (schema {version}; this one reads up "
                                  f"to {SCHEMA_VERSION}); upgrade robustlab. The file was not changed.")
-        self.db.execute("PRAGMA journal_mode = WAL")
-        self.db.execute("PRAGMA synchronous = NORMAL")
-        if version is not None and version < SCHEMA_VERSION:
-            self._migrate(version)
-        self.db.executescript(_SCHEMA)
-        if version is None:
-            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        return version
+
+    def _require_writable(self) -> None:
+        if self.readonly:
+            raise RobustlabError(_write_problem(self.path) or f"cannot write the results store {self.path}: it was "
+                                 "opened read-only")
+
+    def discard_if_unused(self) -> None:
+        """Close, and delete the file (with its WAL files) if this object created it and it holds no
+        run: a command that failed before its first run leaves no empty store behind."""
+        empty = self.created and self.db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 0
+        self.close()
+        if empty:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
 
     def _schema_version(self, tables: set[str]) -> int | None:
         """The schema a store was written with (None: a new, empty file)."""
@@ -273,6 +362,7 @@ class ResultsStore:
 
         ``attacks``: one dict per attack (name, params, targeted, minimum_norm), in the order they run.
         """
+        self._require_writable()
         run_id = uuid.uuid4().hex[:12]
         with self._transaction():
             self.db.execute(
@@ -284,6 +374,7 @@ class ResultsStore:
                     json.dumps(environment), json.dumps(model_info, default=str),
                 ),
             )
+            self._take_lease(run_id)
             for i, attack in enumerate(attacks):
                 self.db.execute(
                     "INSERT INTO attacks VALUES (?, ?, ?, ?, ?, ?)",
@@ -291,6 +382,51 @@ class ResultsStore:
                      None if attack.get("minimum_norm") is None else int(bool(attack["minimum_norm"]))),
                 )
         return run_id
+
+    # ------------------------------------------------------------------ leases
+
+    def acquire_lease(self, run_id: str) -> None:
+        """Make this process the only one working on ``run_id`` (``create_run`` does it for a new run).
+        Refused, in one line saying who holds it and since when, while another process's lease is
+        live; a lease whose process is gone (same host) or that had no heartbeat for
+        :data:`LEASE_STALE_SECONDS` (any host) is taken over."""
+        self._require_writable()
+        with self._transaction():
+            row = self.db.execute("SELECT * FROM leases WHERE run_id = ?", (run_id,)).fetchone()
+            if row is not None and row["token"] != self._token and _lease_live(row):
+                age = _seconds_since(row["heartbeat"])
+                raise RobustlabError(
+                    f"run {run_id} in {self.path} is being worked on by process {row['pid']} on {row['host']} since "
+                    f"{row['started']} (last heartbeat {age:.0f} s ago); two processes never work on one run: wait "
+                    f"for it to end, or stop it (its lease lapses when it dies, or after "
+                    f"{LEASE_STALE_SECONDS / 60:.0f} minutes without a heartbeat)")
+            self._take_lease(run_id)
+
+    def _take_lease(self, run_id: str) -> None:
+        now = _now()
+        self.db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?, ?)",
+                        (run_id, os.getpid(), socket.gethostname(), now, now, self._token))
+
+    def heartbeat(self, run_id: str) -> None:
+        """Renew this process's lease on ``run_id``; a lease taken over meanwhile (this process was
+        silent past :data:`LEASE_STALE_SECONDS`) stops it with one line."""
+        cur = self.db.execute("UPDATE leases SET heartbeat = ? WHERE run_id = ? AND token = ?",
+                              (_now(), run_id, self._token))
+        if cur.rowcount == 0:
+            raise RobustlabError(f"run {run_id} in {self.path} was taken over by another process while this one was "
+                                 f"silent for more than {LEASE_STALE_SECONDS / 60:.0f} minutes; stopping")
+
+    def release_lease(self, run_id: str) -> None:
+        """Give up this process's lease on ``run_id`` (nothing if it holds none)."""
+        if not self.readonly:
+            self.db.execute("DELETE FROM leases WHERE run_id = ? AND token = ?", (run_id, self._token))
+
+    def lease(self, run_id: str) -> dict[str, Any] | None:
+        """The lease on ``run_id`` (pid, host, started, heartbeat), or None."""
+        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'leases'").fetchone():
+            return None
+        row = self.db.execute("SELECT pid, host, started, heartbeat FROM leases WHERE run_id = ?", (run_id,)).fetchone()
+        return dict(row) if row else None
 
     def find_resumable(self, protocol: str, config: dict[str, Any],
                        normalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
@@ -346,6 +482,7 @@ class ResultsStore:
 
     def finish_run(self, run_id: str, summary: dict[str, Any], checks: list[dict[str, Any]]) -> None:
         """Mark a run complete with its summary and sanity-check verdicts."""
+        self._require_writable()
         with self._transaction():
             self.db.execute(
                 "UPDATE runs SET status = 'complete', finished = ?, summary = ?, checks = ? WHERE run_id = ?",
@@ -353,12 +490,14 @@ class ResultsStore:
             )
 
     def set_status(self, run_id: str, status: str) -> None:
+        self._require_writable()
         self.db.execute("UPDATE runs SET status = ? WHERE run_id = ?", (status, run_id))
 
     # ------------------------------------------------------------------ tasks and batches
 
     def add_task(self, run_id: str, task: str, kind: str, n: int, params: dict[str, Any]) -> None:
         """Declare a task of a run (idempotent: a resumed run declares its tasks again)."""
+        self._require_writable()
         self.db.execute("INSERT OR IGNORE INTO tasks VALUES (?, ?, ?, ?, ?)",
                         (run_id, task, kind, int(n), json.dumps(params, sort_keys=True)))
 
@@ -368,6 +507,7 @@ class ResultsStore:
 
     def save_partial(self, run_id: str, task: str, batch_index: int, state: bytes) -> None:
         """Keep the state of a batch between two of its steps (replacing any saved before)."""
+        self._require_writable()
         self.db.execute("INSERT OR REPLACE INTO partial_batches VALUES (?, ?, ?, ?, ?)",
                         (run_id, task, int(batch_index), state, _now()))
 
@@ -380,6 +520,7 @@ class ResultsStore:
     def ensure_sample_table(self, table: str, columns: Sequence[tuple[str, str]]) -> None:
         """Create a protocol's per-sample table if missing: (run_id, task, sample_index) and ``columns``
         (name, SQL type) after them."""
+        self._require_writable()
         if not table.replace("_", "").isalnum():
             raise ValueError(f"bad table name {table!r}")
         cols = "".join(f", {name} {sql}" for name, sql in columns)
@@ -400,6 +541,7 @@ class ResultsStore:
         """Write one finished batch atomically: its per-sample rows into the protocol's ``table`` (each
         row a dataclass or tuple in the table's column order, sample_index first), its examples and the
         done mark (and drop its saved partial state)."""
+        self._require_writable()
         values = [(run_id, task, *(astuple(r) if is_dataclass(r) else tuple(r))) for r in rows]
         with self._transaction():
             self.db.execute("DELETE FROM partial_batches WHERE run_id = ? AND task = ? AND batch_index = ?",
@@ -437,6 +579,12 @@ class ResultsStore:
         """Per task: batches done and claims rejected by verification."""
         return {r[0]: {"batches": r[1], "rejected": r[2]} for r in self.db.execute(
             "SELECT task, COUNT(*), COALESCE(SUM(rejected), 0) FROM batches WHERE run_id = ? GROUP BY task", (run_id,))}
+
+    def batch_seconds(self, run_id: str) -> list[tuple[str, int, float]]:
+        """Every done batch of a run: (task, batch index, seconds it took, all its steps together)."""
+        return [(task, b, sum(float(c.get("seconds", 0.0)) for c in json.loads(costs)))
+                for task, b, costs in self.db.execute(
+                    "SELECT task, batch_index, costs FROM batches WHERE run_id = ?", (run_id,))]
 
     def attack_costs(self, run_id: str, task: str = "main") -> list[dict[str, float]]:
         """Per attack (step) of a task: seconds, gradients and forwards, summed over its batches."""
@@ -477,3 +625,48 @@ class _Tx:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _seconds_since(stamp: str) -> float:
+    return time.time() - datetime.fromisoformat(stamp).timestamp()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _lease_live(row: sqlite3.Row) -> bool:
+    """A lease counts while its heartbeat is recent and (on this host) its process exists."""
+    if _seconds_since(row["heartbeat"]) > LEASE_STALE_SECONDS:
+        return False
+    return row["host"] != socket.gethostname() or _pid_alive(int(row["pid"]))
+
+
+def _write_problem(path: Path) -> str | None:
+    """Why the store at ``path`` cannot be written (or created), as one sentence; None if it can.
+    (os.access answers for this process: a read-only mount or an immutable file stops root too.)"""
+    folder = path.parent if str(path.parent) else Path(".")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"cannot create the results store {path}: {existing} is not a folder"
+    if not path.exists():
+        if not os.access(existing, os.W_OK | os.X_OK):
+            return f"cannot create the results store {path}: permission denied (the folder {existing} is not writable)"
+        return None
+    if not os.access(path, os.R_OK):
+        return f"cannot read the results store {path}: permission denied"
+    if not os.access(path, os.W_OK):
+        return (f"cannot write the results store {path}: permission denied (the file is read-only; report and "
+                "leaderboard can still read it)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return (f"cannot write the results store {path}: permission denied (its folder {folder} is not writable, "
+                "and SQLite writes a journal beside the file)")
+    return None

@@ -76,6 +76,24 @@ def load_zoo_model(name: str, root: str | os.PathLike[str] | None = None, device
     return load_checkpoint(path, device=device)
 
 
+def _check_is_checkpoint(path: Path) -> None:
+    """A zoo entry is a safetensors weights file with its card: anything else is refused first, as
+    what it is (a missing file, a folder, a file that is not safetensors), before its card is sought."""
+    from safetensors import SafetensorError, safe_open
+
+    what = "a checkpoint is X.safetensors plus its card X.json, written by robustlab.models.save_checkpoint"
+    if not path.exists():
+        raise RobustlabError(f"no checkpoint at {path} ({what})")
+    if not path.is_file():
+        raise RobustlabError(f"{path} is a folder, not a checkpoint ({what})")
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError, ValueError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise RobustlabError(f"{path} is not a checkpoint: not a safetensors weights file ({first}; {what})") from None
+
+
 def add_to_zoo(
     checkpoint: str | os.PathLike[str],
     name: str,
@@ -92,6 +110,7 @@ def add_to_zoo(
     caller) makes the entry a defended model: the same weights behind those defenses. Returns the
     zoo's weights path."""
     source = Path(checkpoint)
+    _check_is_checkpoint(source)
     load_checkpoint(source)  # verifies the hash and that the weights fit the card
     card = read_card(source)
     if defense:

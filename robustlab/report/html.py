@@ -40,6 +40,9 @@ h2 { font-size: 20px; border-bottom: 2px solid #e3e3e8; padding-bottom: 4px; mar
 h3 { font-size: 16px; margin-bottom: 6px; }
 .sub { color: #555; margin-top: 0; }
 table { border-collapse: collapse; margin: 10px 0 16px 0; }
+.scroll { max-width: 100%; overflow-x: auto; }
+td code { white-space: pre-wrap; overflow-wrap: anywhere; }
+table.kv td { overflow-wrap: anywhere; }
 th, td { border: 1px solid #d5d5dc; padding: 5px 10px; text-align: left; vertical-align: top; }
 th { background: #f3f3f7; font-weight: 600; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
@@ -220,27 +223,69 @@ def _results(run: dict[str, Any], summary: dict[str, Any]) -> str:
         f'<td class="num">{format_percent(clean)}</td><td class="num"></td><td class="num"></td>'
         '<td class="num"></td><td class="num"></td></tr>'
     ]
+    norm, eps = _threat(summary)
     for a in summary.get("attacks") or []:
         params = a.get("params")
+        shown = _shown_params(a.get("name"), params, norm, eps, bool(targeted.get(a.get("index"))))
         rows.append(
             f"<tr><td class=\"num\">{_e(a.get('index'))}</td><td><strong>{_e(a.get('name'))}</strong></td>"
-            f"<td><code>{_e(_json_text(params) if params is not None else '')}</code></td>"
+            f"<td><code>{_e(_params_text(shown) if shown is not None else '')}</code></td>"
             f"<td>{_e(a.get('kind', 'white-box'))}</td><td>{'yes' if targeted.get(a.get('index')) else 'no'}</td>"
             f'<td class="num">{format_percent(a.get("robust_accuracy"))}</td>'
             f'<td class="num">{_int(a.get("broken"))}</td><td class="num">{_seconds(a.get("seconds"))}</td>'
             f'<td class="num">{_int(a.get("gradients"))}</td><td class="num">{_int(a.get("forwards"))}</td></tr>'
         )
     table = (
-        "<table><tr><th>#</th><th>attack</th><th>parameters</th><th>threat model</th><th>targeted</th>"
+        '<div class="scroll"><table><tr><th>#</th><th>attack</th><th>parameters</th><th>threat model</th><th>targeted</th>'
         '<th class="num">robust accuracy after it</th><th class="num">samples it broke first</th>'
         '<th class="num">seconds</th><th class="num">input gradients</th><th class="num">forward passes</th></tr>'
-        + "".join(rows) + "</table>"
+        + "".join(rows) + "</table></div>"
+        '<p class="muted">Parameters that do not apply under this threat model are not listed; a step size left '
+        "to the attack is shown as the value it took.</p>"
         '<p class="muted">Attacks run in order as a worst-case ensemble: each attacks only the samples still robust '
         "after the previous ones. The reported robust accuracy is the per-sample worst case over everything the run "
         "computed inside the ball: the ensemble, and the steps curve and smaller epsilons of the epsilon curve.</p>"
         + _ensemble_note(summary)
+        + _non_adaptive_table(summary)
     )
     return "<h2>Results</h2>" + head + table
+
+
+def _shown_params(name: Any, params: Any, norm: str, eps: float, targeted: bool) -> dict[str, Any] | None:
+    """An attack's parameters as the report lists them (``Attack.shown_params``: those that apply
+    under the threat model, derived values instead of None); an attack this robustlab cannot rebuild
+    (renamed, removed) shows its stored parameters without the None ones."""
+    from robustlab.attacks import create_attack
+    from robustlab.threat import ThreatModel
+
+    if not isinstance(params, dict):
+        return params
+    try:
+        return create_attack(str(name), ThreatModel(norm, eps), targeted=targeted, **params).shown_params()
+    except Exception:  # noqa: BLE001  (whatever a stale record does, the report still shows it)
+        return {k: v for k, v in params.items() if v is not None}
+
+
+def _params_text(params: dict[str, Any]) -> str:
+    """``steps=10, alpha=0.007843, loss=ce``: compact and wrappable (not JSON)."""
+    return ", ".join(f"{k}={_json_text(v) if isinstance(v, (dict, list)) else v}" for k, v in params.items())
+
+
+def _non_adaptive_table(summary: dict[str, Any]) -> str:
+    """A defended model: the adaptive number beside what non-adaptive attacks give (what the defense's
+    authors would have printed); the reported robust accuracy is the worst case over all of them."""
+    naive = summary.get("non_adaptive")
+    if not naive:
+        return ""
+    rows = [("adaptive attacks (the ensemble above: BPDA / EOT as the defenses declare)", summary.get("ensemble_robust_accuracy")),
+            ("non-adaptive: the same attacks on the defended model as if it were a plain one", naive.get("robust_accuracy")),
+            ("non-adaptive: transferred from the undefended model", naive.get("transfer_robust_accuracy")),
+            ("reported: the per-sample worst case over all of them", summary.get("robust_accuracy"))]
+    body = "".join(f'<tr><td>{_e(what)}</td><td class="num">{format_percent(v)}</td></tr>' for what, v in rows if v is not None)
+    return ('<h3>Defended model: adaptive and non-adaptive attacks</h3><div class="scroll"><table>'
+            '<tr><th>evaluation</th><th class="num">robust accuracy</th></tr>' + body + "</table></div>"
+            '<p class="muted">Only the worst case counts; a non-adaptive number well above it means the defense masks '
+            "gradients from attackers who ignore it (see the adaptive-gap and non-adaptive-gradients checks).</p>")
 
 
 def _ensemble_note(summary: dict[str, Any]) -> str:
@@ -252,27 +297,31 @@ def _ensemble_note(summary: dict[str, Any]) -> str:
             f"{format_percent(robust)}. Strengthen the ensemble (see the worst-case check).</div>")
 
 
-def _tasks_table(stats: list[dict[str, Any]]) -> str:
+def _tasks_table(stats: list[dict[str, Any]], norm: str) -> str:
     if not stats:
         return "<p>No tasks were declared yet.</p>"
     rows = []
     for t in stats:
         rows.append(
-            f"<tr><td><code>{_e(t['task'])}</code></td><td>{_e(t['kind'])}</td><td class=\"num\">{t['eps']:.4g}</td>"
+            f"<tr><td><code>{_e(t['task'])}</code></td><td>{_e(t['kind'])}</td>"
+            f"<td class=\"num\">{_e(format_eps(t.get('norm', norm), t['eps']))}</td>"
             f"<td class=\"num\">{_int(t.get('steps'))}</td><td class=\"num\">{_int(t['done'])} / {_int(t['n'])}</td>"
             f"<td class=\"num\">{format_percent(t['clean_accuracy'])}</td>"
             f"<td class=\"num\">{format_percent(t['robust_accuracy'])}</td><td class=\"num\">{_int(t['rejected'])}</td></tr>"
         )
     return (
-        "<table><tr><th>task</th><th>kind</th><th class=\"num\">ε</th><th class=\"num\">steps</th>"
+        '<div class="scroll"><table><tr><th>task</th><th>kind</th><th class="num">ε</th><th class="num">steps</th>'
         "<th class=\"num\">samples done / n</th><th class=\"num\">clean acc.</th><th class=\"num\">robust acc.</th>"
-        "<th class=\"num\">rejected</th></tr>" + "".join(rows) + "</table>"
+        "<th class=\"num\">rejected</th></tr>" + "".join(rows) + "</table></div>"
     )
 
 
 def _curves(summary: dict[str, Any], norm: str) -> str:
     parts = ["<h2>Curves</h2>"]
-    if summary.get("eps_curve"):
+    curve = summary.get("eps_curve") or []
+    # Two points (clean and the run's epsilon) are no curve: none is drawn, unless minimum-norm
+    # distances give one.
+    if len(curve) > 2 or (curve and (summary.get("min_norm") or {}).get("curve")):
         parts.append(_img(plot_eps_curve(summary), "robust accuracy against epsilon"))
         pts = "".join(
             f'<tr><td class="num">{_e(format_eps(norm, p["eps"]))}</td>'
@@ -281,7 +330,8 @@ def _curves(summary: dict[str, Any], norm: str) -> str:
         )
         parts.append('<table><tr><th class="num">ε</th><th class="num">robust accuracy</th></tr>' + pts + "</table>")
     else:
-        parts.append("<p>No epsilon curve was recorded for this run.</p>")
+        parts.append("<p>No epsilon curve: the run measured clean accuracy and its own ε only (give --eps-grid "
+                     "for a curve).</p>" if curve else "<p>No epsilon curve was recorded for this run.</p>")
     mn = summary.get("min_norm")
     if mn:
         full = mn.get("eps_for_full_success")
@@ -368,6 +418,47 @@ def _gallery(examples: list[Any], classes: Sequence[str] | None) -> str:
 
 # ---------------------------------------------------------------------- files
 
+def wrap_page(title: str, body: list[str], store: ResultsStore) -> str:
+    """The whole HTML document around the sections of ``body`` (inline CSS, footer)."""
+    try:
+        from robustlab import __version__ as version
+    except ImportError:  # pragma: no cover
+        version = "?"
+    generated = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>\n"
+        + "\n".join(b for b in body if b)
+        + f"\n<footer>Generated by robustlab {_e(version)} on {_e(generated)} from results store "
+        f"<code>{_e(store.path.name)}</code>.</footer>\n</body></html>\n"
+    )
+
+
+def _certified_page(store: ResultsStore, info: dict[str, Any], out: Path) -> dict[str, Path]:
+    from robustlab.report.certified import write_certified_report
+
+    return write_certified_report(store, info, out)
+
+
+# protocol -> the function that writes its report (the adversarial page is write_report's own)
+def _corruption_page(store: ResultsStore, info: dict, out: Path) -> dict[str, Path]:
+    """A corruption run's page: table, error-vs-severity plot, gallery."""
+    from robustlab.report.corruption import write_corruption_report
+
+    return write_corruption_report(store, info, out)
+
+
+def _verified_page(store: ResultsStore, info: dict, out: Path) -> dict[str, Path]:
+    """A verified run's page (IBP / CROWN-IBP bounds, the PGD soundness check)."""
+    from robustlab.report.verified import write_verified_report
+
+    return write_verified_report(store, info, out)
+
+
+PAGES = {"certified": _certified_page, "corruption": _corruption_page, "verified": _verified_page}
+
+
 def _write_samples_csv(path: Path, rows: list[SampleRow], attack_names: dict[int, str]) -> None:
     names = [f.name for f in fields(SampleRow)]
     with path.open("w", newline="", encoding="utf-8") as fh:
@@ -397,10 +488,8 @@ def write_report(store: ResultsStore, run: str, out_dir: str | Path, *, gallery_
     run_id = info["run_id"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if info["protocol"] == "corruption":  # its own page: table, error-vs-severity plot, gallery
-        from robustlab.report.corruption import write_corruption_report
-
-        return write_corruption_report(store, info, out)
+    if info.get("protocol") in PAGES:  # runs of other protocols have their own page
+        return PAGES[info["protocol"]](store, info, out)
 
     rows = store.samples(run_id, "main")
     partial = info.get("summary") is None
@@ -420,21 +509,9 @@ def write_report(store: ResultsStore, run: str, out_dir: str | Path, *, gallery_
         _model_notes(info),
         _environment(info),
         _gallery(examples, classes),
-        "<h2>Tasks</h2>" + _tasks_table(stats),
+        "<h2>Tasks</h2>" + _tasks_table(stats, _threat(summary)[0]),
     ]
-    try:
-        from robustlab import __version__ as version
-    except ImportError:  # pragma: no cover
-        version = "?"
-    generated = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    page = (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>robustlab report: {_e(info['model'])} ({_e(run_id)})</title><style>{_CSS}</style></head><body>\n"
-        + "\n".join(b for b in body if b)
-        + f"\n<footer>Generated by robustlab {_e(version)} on {_e(generated)} from results store "
-        f"<code>{_e(store.path.name)}</code>.</footer>\n</body></html>\n"
-    )
+    page = wrap_page(f"robustlab report: {info['model']} ({run_id})", body, store)
     html_path = out / "report.html"
     html_path.write_text(page, encoding="utf-8")
 

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from robustlab.eval.metrics import wilson_interval
+from robustlab.threat import format_eps  # noqa: F401  (the one epsilon format; used here and re-exported)
 
 _NORM_NAMES = {"linf": "L∞", "l2": "L2", "l1": "L1"}
 _DPI = 100
@@ -43,18 +44,6 @@ def ci_text(p: float | None, n: int | None) -> str:
 def norm_name(norm: str) -> str:
     """``linf -> 'L∞'``, ``l2 -> 'L2'``; unknown norms are returned as given."""
     return _NORM_NAMES.get(str(norm).lower(), str(norm))
-
-
-def format_eps(norm: str, eps: float) -> str:
-    """An epsilon as people write it: short decimals as they are (``0.3``), linf radii that are a multiple
-    of 1/255 (or 0.5/255) as ``8/255 (0.03137)``, anything else with 4 significant digits."""
-    eps = float(eps)
-    if eps == 0 or float(f"{eps:.3g}") == eps:
-        return f"{eps:g}"
-    k = eps * 255.0
-    if str(norm).lower() == "linf" and abs(2 * k - round(2 * k)) < 1e-6:
-        return f"{round(2 * k) / 2:g}/255 ({eps:.4g})"
-    return f"{eps:.4g}"
 
 
 # ---------------------------------------------------------------------- figure plumbing
@@ -342,4 +331,49 @@ def plot_gallery(examples: Sequence[Any], classes: Sequence[str] | None = None) 
             ha="center", va="top", fontsize=9.5, color="#333333")
     for x, y, text, size, color, weight, align in labels:
         ax.text(x, y, text, ha=align, va="top", fontsize=size, color=color, weight=weight, clip_on=False)
+    return _png(fig)
+
+
+def plot_certified_curve(radii: Sequence[float], n: int, norm: str, marks: dict[str, float | None],
+                         empirical: tuple[float, float] | None = None, title_extra: str = "",
+                         max_radius: float | None = None) -> bytes:
+    """Certified accuracy (%) against the radius r: the fraction of the ``n`` samples predicted
+    correctly with a certified radius >= r, drawn as a step curve from the per-sample ``radii`` of
+    the correct, certified samples; ``marks`` (radius -> accuracy) are the reported points;
+    ``empirical`` = (radius, accuracy) of the attack check, drawn as a cross above the curve;
+    ``max_radius``: the largest radius the run's number of draws can certify (a dotted line)."""
+    title = f"Certified accuracy vs. {norm_name(norm) if norm != 'l0' else 'L0 (pixels)'} radius"
+    if not n:
+        return _message_png(title, "no sample has been certified yet")
+    rs = sorted(float(r) for r in radii)
+    top = max(rs + [float(r) for r in marks] + [empirical[0] if empirical else 0.0] + [1e-3])
+    xs, ys = [0.0], [100.0 * len(rs) / n]
+    for i, r in enumerate(rs):  # the curve drops after each certified radius
+        xs.append(r)
+        ys.append(100.0 * (len(rs) - i - 1) / n)
+    xs.append(top * 1.05)
+    ys.append(ys[-1])
+    fig = _figure(7.2, 4.6)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.step(xs[:1] + xs[1:], [ys[0]] + ys[:-1], where="post", linewidth=2, color="#1f77b4",
+            label="certified accuracy (correct, radius ≥ r)")
+    points = [(float(r), 100.0 * a) for r, a in marks.items() if a is not None]
+    if points:
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o", color="#1f77b4", markersize=6)
+    if empirical is not None:
+        ax.plot([empirical[0]], [100.0 * empirical[1]], "x", color="#d62728", markersize=10, markeredgewidth=2.5,
+                label="empirical accuracy (attack on the smoothed classifier)")
+    if max_radius is not None and max_radius < top * 1.05:
+        ax.axvline(max_radius, color="#7f7f7f", linestyle=":", linewidth=1.5,
+                   label=f"largest radius these draws can certify ({max_radius:.3g})")
+    ax.set_xlabel(f"radius r ({norm_name(norm) if norm != 'l0' else 'pixels changed'}, pixel values in [0, 1])",
+                  fontsize=11)
+    _style_accuracy_axis(ax)
+    ax.set_ylabel("accuracy (% of samples)", fontsize=11)
+    ax.set_xlim(-0.02 * top, top * 1.05)
+    ax.legend(loc="lower left", fontsize=9, framealpha=0.9)
+    ax.set_title(title + (f"\n{_shorten(title_extra)}" if title_extra else ""), fontsize=12)
+    fig.subplots_adjust(left=0.105, right=0.975, bottom=0.115, top=0.86)
+    if points:
+        _annotate_points(ax, [p[0] for p in points], [p[1] for p in points])
     return _png(fig)

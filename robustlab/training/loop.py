@@ -217,6 +217,7 @@ def train(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     unlabeled: UnlabeledData | None = None,
+    save_every: float | None = 300.0,
 ) -> TrainHistory:
     """Train ``model`` in place on ``data`` with ``objective``; returns the :class:`TrainHistory`.
 
@@ -229,7 +230,10 @@ def train(
     threat: the threat model of robust validation (default: the objective's). checkpoint_dir: where
     the training state is written after every epoch (safetensors + JSON); resume: continue the run
     saved there (same data, config and objective required), to the weights an uninterrupted run
-    would reach. on_epoch is called with each epoch's record after its checkpoint is written.
+    would reach. save_every: seconds between two saves within an epoch (the state after the batch
+    that passes the interval, with the in-epoch sums and the global RNG state, so a run killed in a
+    long epoch resumes from there to the same weights); None: only after epochs, 0: after every
+    batch; saving costs little, the states of a run share one file name pattern. on_epoch is called with each epoch's record after its checkpoint is written.
 
     unlabeled: extra images for recipes that use them (``uses_unlabeled``: ``rst``, ``uat``). Each
     batch of ``config.batch_size`` then holds ``unlabeled.per_batch(batch_size)`` of them (drawn by
@@ -290,6 +294,7 @@ def train(
         sampler = UnlabeledSampler(len(unlabeled), config.seed)
     summary: dict[str, Any] = {"stop_reason": None, "catastrophic_overfitting": None, "co_monitor": co_on}
     start_epoch = 0
+    within: dict[str, Any] | None = None  # a state saved inside an epoch: where and the epoch's sums so far
 
     if resume:
         if checkpoint_dir is None:
@@ -316,13 +321,23 @@ def train(
         start_epoch = int(meta["epoch"])
         if sampler is not None:
             sampler.load_state_dict(meta["unlabeled_sampler"])
+        if meta.get("within"):
+            within = {**meta["within"], "log_sums": train_state.take_module(tensors, "log_sums"),
+                      "rng": tensors.get("rng/cpu"), "cuda_rng": tensors.get("rng/cuda")}
         if meta.get("finished"):
             return _finish(history, summary, ema)
 
-    def save(epoch: int, finished: bool) -> None:
+    def save(epoch: int, finished: bool, inside: dict[str, Any] | None = None) -> None:
+        """The state after ``epoch`` epochs (and, with ``inside``, after ``inside["batch"]`` batches of
+        the next one: its sums so far and the global RNG state go with it)."""
         if checkpoint_dir is None or not distributed.is_main():
             return
         tensors = train_state.module_tensors(model.state_dict(), "model")
+        if inside is not None:
+            tensors.update(train_state.module_tensors(inside.pop("log_sums"), "log_sums"))
+            tensors["rng/cpu"] = torch.get_rng_state()
+            if device.type == "cuda":
+                tensors["rng/cuda"] = torch.cuda.get_rng_state(device)
         if ema is not None:
             tensors.update(train_state.module_tensors(ema.state_dict(), "ema"))
         if best.weights is not None:
@@ -340,15 +355,18 @@ def train(
             "summary": summary,
             "rng": {"seed": config.seed, "scheme": "per-epoch and per-batch generators from (seed, epoch, batch)"},
             "finished": finished,
+            "within": inside,
+            "steps_per_epoch": steps_per_epoch,
         }
         if sampler is not None:
             meta["unlabeled_sampler"] = sampler.state_dict()
-        train_state.save_state(checkpoint_dir, epoch, tensors, meta)
+        train_state.save_state(checkpoint_dir, epoch, tensors, meta, batch=inside["batch"] if inside else None)
 
     if unlabeled is not None:  # labels (pseudo-labels, or -1 for none) computed once, before training
         unl_labels = objective.label_unlabeled(unlabeled.x, device).to("cpu", torch.long)
     rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     stop = None
+    last_save = time.perf_counter()
     with torch.random.fork_rng(devices=rng_devices):
         for epoch in range(start_epoch, config.epochs):
             torch.manual_seed(derive_seed(config.seed, epoch, DROPOUT_KEY))
@@ -357,7 +375,17 @@ def train(
             t0, loss_sum, seen = time.perf_counter(), 0.0, 0
             log_sums: dict[str, torch.Tensor] = {}
             lr_used = opt.param_groups[0]["lr"]
-            bar = show_progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
+            first = 0
+            if within is not None:  # resume inside this epoch, where the saved state left it
+                first, loss_sum, seen, lr_used = within["batch"], within["loss_sum"], within["seen"], within["lr_used"]
+                log_sums = {k: v.to(device) for k, v in within["log_sums"].items()}
+                t0 -= within["seconds"]
+                if within["rng"] is not None:
+                    torch.set_rng_state(within["rng"])
+                if within["cuda_rng"] is not None and device.type == "cuda":
+                    torch.cuda.set_rng_state(within["cuda_rng"], device)
+                within = None
+            bar = show_progress(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
                                 enabled=False if rank else progress, leave=False)
             for i in bar:
                 if isinstance(objective, Objective):
@@ -402,6 +430,12 @@ def train(
                     v = v.detach().float() * n
                     log_sums[key] = log_sums[key] + v if key in log_sums else v
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+                if (save_every is not None and i + 1 < steps_per_epoch
+                        and time.perf_counter() - last_save >= save_every):
+                    save(epoch, finished=False, inside={
+                        "batch": i + 1, "loss_sum": loss_sum, "seen": seen, "lr_used": lr_used,
+                        "seconds": round(time.perf_counter() - t0, 3), "log_sums": dict(log_sums)})
+                    last_save = time.perf_counter()
             model.eval()
             if world > 1:  # batch-norm statistics were gathered on each rank's share: average them
                 distributed.average_buffers(model)
@@ -436,6 +470,7 @@ def train(
             summary["stop_reason"] = stop
             if stop is None:
                 save(epoch + 1, finished=False)
+                last_save = time.perf_counter()
             if on_epoch:
                 on_epoch(record)
             if stop is not None:

@@ -19,6 +19,7 @@ fraction of the run over which epsilon, and the step size with it, grow linearly
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -194,6 +195,52 @@ class Standard(Objective):
     def loss(self, model, x, y, generator):
         logits = model(x)
         return F.cross_entropy(logits, y), {"clean_acc": _accuracy(logits, y)}
+
+
+@register_objective
+class Mixup(Objective):
+    """Mixup (Zhang et al., "mixup: Beyond Empirical Risk Minimization", ICLR 2018): each batch is mixed
+    with a shuffled copy of itself, ``lam * x + (1 - lam) * x[perm]`` with ``lam ~ Beta(alpha, alpha)``
+    per batch, and the loss mixes the two labels' cross-entropies the same way. The model mixup
+    inference (defense ``mixup-inference``) expects."""
+
+    name = "mixup"
+    adversarial = False
+    defaults = {"alpha": 1.0}
+
+    def validate(self) -> None:
+        if not self.params["alpha"] > 0:
+            raise RobustlabError(f"recipe 'mixup': alpha must be > 0, got {self.params['alpha']}")
+
+    def loss(self, model, x, y, generator):
+        lam = _beta_sample(float(self.params["alpha"]), generator)
+        perm = torch.randperm(x.shape[0], generator=generator, device="cpu").to(x.device)
+        logits = model(lam * x + (1 - lam) * x[perm])
+        loss = lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[perm])
+        return loss, {"clean_acc": _accuracy(logits, y)}
+
+
+def _beta_sample(alpha: float, generator: torch.Generator | None) -> float:
+    """A Beta(alpha, alpha) draw from ``generator``: the ratio of two Gamma draws, each the sum of
+    exponentials for an integer shape, else Marsaglia-Tsang's method."""
+    def gamma(shape: float) -> float:
+        boost = 1.0
+        if shape < 1:  # Gamma(a) = Gamma(a + 1) * U^(1/a)
+            boost = float(torch.rand((), generator=generator)) ** (1 / shape)
+            shape += 1
+        d = shape - 1 / 3
+        c = 1 / (9 * d) ** 0.5
+        while True:
+            z = float(torch.randn((), generator=generator))
+            v = (1 + c * z) ** 3
+            if v <= 0:
+                continue
+            u = float(torch.rand((), generator=generator))
+            if u < 1 - 0.0331 * z**4 or math.log(u) < 0.5 * z * z + d * (1 - v + math.log(v)):
+                return d * v * boost
+
+    g1, g2 = gamma(alpha), gamma(alpha)
+    return g1 / (g1 + g2)
 
 
 # ---------------------------------------------------------------------- PGD family

@@ -63,3 +63,13 @@ def make_lr_lambda(
         return lr_factor(schedule, step, total, warmup_steps, bound, gamma)
 
     return factor
+
+
+def linear_ramp(progress: float, start: float, end: float) -> float:
+    """A factor in [0, 1]: 0 until the fraction ``start`` of the run, 1 from ``end`` on, linear in
+    between (the epsilon ramp of certified training, Gowal et al. 2018; Zhang et al. 2020)."""
+    if progress >= end:
+        return 1.0
+    if progress <= start:
+        return 0.0
+    return (progress - start) / (end - start)

@@ -1,6 +1,7 @@
 """Training state on disk: tensors in safetensors, everything else in JSON; nothing is pickled.
 
-A run directory holds ``state.json`` and the tensor file it names (``epoch-0003.safetensors``).
+A run directory holds ``state.json`` and the tensor file it names (``epoch-0003.safetensors``, or
+``epoch-0003-batch-000120.safetensors`` for a state saved 120 batches into the fourth epoch).
 Each save writes a new tensor file, then replaces ``state.json`` atomically, then deletes the tensor
 files no longer named, so a run killed at any moment leaves a consistent state: the previous epoch's
 or the new one. The JSON records the tensor file's sha256, checked on load.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -73,16 +75,19 @@ def take_module(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torc
     return {k[len(start):]: v for k, v in tensors.items() if k.startswith(start)}
 
 
-def save_state(directory: str | os.PathLike[str], epoch: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    """Write the state after ``epoch`` (1-based, epochs done) atomically; returns the JSON path."""
+def save_state(directory: str | os.PathLike[str], epoch: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+               batch: int | None = None) -> Path:
+    """Write the state after ``epoch`` (epochs done) atomically, or with ``batch`` after that many
+    batches of the next epoch; returns the JSON path. The JSON records when it was saved."""
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
-    name = f"epoch-{epoch:04d}.safetensors"
+    name = f"epoch-{epoch:04d}.safetensors" if batch is None else f"epoch-{epoch:04d}-batch-{batch:06d}.safetensors"
     target = root / name
     tmp = root / (name + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": FORMAT})
     os.replace(tmp, target)
-    record = {**meta, "format": FORMAT, "epoch": epoch, "tensors_file": name, "sha256": sha256_file(target)}
+    record = {**meta, "format": FORMAT, "epoch": epoch, "tensors_file": name, "sha256": sha256_file(target),
+              "saved": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     try:
         text = json.dumps(record, indent=1, allow_nan=False)
     except (TypeError, ValueError) as exc:

@@ -3,6 +3,7 @@ make_golden.py, which wrote the record with the release, and test_golden.py, whi
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 N = 150
@@ -32,3 +33,14 @@ def record(store, run_id: str, summary: dict, checks: list) -> dict:
             for r in store.samples(run_id, t["task"])
         ]
     return {"tasks": tasks, "summary": _strip(summary), "checks": checks}
+
+
+def same(got, expected) -> bool:
+    """Equal, with floats to a relative 1e-5 (float32 results depend on the CPU: see tests/test_golden.py); lists and dicts element by element."""
+    if isinstance(expected, dict):
+        return isinstance(got, dict) and got.keys() == expected.keys() and all(same(got[k], v) for k, v in expected.items())
+    if isinstance(expected, list):
+        return isinstance(got, list) and len(got) == len(expected) and all(map(same, got, expected))
+    if isinstance(expected, float) and not isinstance(got, bool) and isinstance(got, (int, float)):
+        return math.isclose(got, expected, rel_tol=1e-5, abs_tol=1e-12)
+    return got == expected

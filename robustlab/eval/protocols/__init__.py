@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from robustlab.errors import RobustlabError
 from robustlab.eval.protocols.adversarial import AdversarialProtocol
+from robustlab.eval.protocols.certified import CertifiedOptions, CertifiedProtocol
 from robustlab.eval.protocols.base import BatchContext, BatchOutput, Protocol, Task
 from robustlab.eval.protocols.corruption import CorruptionProtocol
+from robustlab.eval.protocols.verified import VerifiedProtocol
 
-PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (AdversarialProtocol, CorruptionProtocol)}
+PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (AdversarialProtocol, CertifiedProtocol, CorruptionProtocol,
+                                                            VerifiedProtocol)}
 
 
 def protocol_class(name: str) -> type[Protocol]:
@@ -18,5 +21,5 @@ def protocol_class(name: str) -> type[Protocol]:
     return PROTOCOLS[name]
 
 
-__all__ = ["PROTOCOLS", "AdversarialProtocol", "BatchContext", "BatchOutput", "CorruptionProtocol", "Protocol", "Task",
-           "protocol_class"]
+__all__ = ["PROTOCOLS", "AdversarialProtocol", "BatchContext", "BatchOutput", "CertifiedOptions", "CertifiedProtocol",
+           "CorruptionProtocol", "Protocol", "Task", "VerifiedProtocol", "protocol_class"]

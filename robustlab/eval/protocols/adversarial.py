@@ -26,6 +26,7 @@ import torch.nn as nn
 from robustlab.attacks import ATTACKS
 from robustlab.attacks.base import Attack, create_attack
 from robustlab.attacks.ensemble import EnsembleState, WorstCaseEnsemble
+from robustlab.attacks.suites import SUITES
 from robustlab.eval import sanity
 from robustlab.eval.binarization import binarization_test
 from robustlab.eval.metrics import RobustAccuracy
@@ -41,10 +42,13 @@ from robustlab.threat import ThreatModel
 LARGE_EPS_SAMPLES = 200
 BINARIZATION_SAMPLES = 10
 STRENGTH_PARAMS = ("steps", "queries")
+# Parameters that make an attack stronger as they grow (compared against the reference ensemble).
+STRENGTH_KEYS = ("steps", "queries", "restarts", "eot", "n_target_classes")
 # Save a batch's state after an attack once this many seconds have passed since the batch began or
 # was last saved (quick batches are never saved half-done: redoing them costs less than the writes).
 SAVE_SECONDS = 60.0
 _CLEAN_KEY = 0xC1EA  # generator key of the clean prediction (attacks use their index)
+NON_ADAPTIVE = ("non-adaptive", "transfer")  # task kinds of a defended model's non-adaptive attacks
 
 
 def default_steps_grid(steps: int) -> tuple[int, ...]:
@@ -78,12 +82,20 @@ class AdversarialProtocol(Protocol):
     sample_table = "adversarial_samples"
 
     def __init__(self, attacks: list[Attack], options: AdversarialOptions | None = None,
-                 defenses: list[dict[str, Any]] | None = None) -> None:
+                 defenses: list[dict[str, Any]] | None = None, naive_attacks: list[Attack] | None = None,
+                 transfer: bool = True) -> None:
+        """``attacks``: the ensemble (made adaptive to ``defenses`` by the caller); ``naive_attacks``
+        (defended models): the attacks as given, run as if the model were undefended (the
+        ``non-adaptive`` task) and, with ``transfer`` (the base model takes the images as they are:
+        no encoding in front), on the undefended base model, checked on the defended one
+        (``transfer``)."""
         self.ensemble = WorstCaseEnsemble(attacks)  # checks one threat model, untargeted
         self.attacks = self.ensemble.attacks
         self.threat: ThreatModel = self.ensemble.threat
         self.options = options or AdversarialOptions()
         self.defenses = list(defenses or [])
+        self.naive_attacks = list(naive_attacks or []) if self.defenses else []
+        self.transfer = transfer
         self.tasks: list[Task] = []
 
     # ------------------------------------------------------------------ configuration and plan
@@ -101,6 +113,8 @@ class AdversarialProtocol(Protocol):
         # Keys that only appear when used keep the configuration (and its hash) of earlier runs.
         if self.defenses:
             config["defenses"] = self.defenses
+        if self.naive_attacks:
+            config["non_adaptive"] = [a.config() for a in self.naive_attacks]
         if o.reuse:
             config["reuse"] = True
         return config
@@ -116,6 +130,10 @@ class AdversarialProtocol(Protocol):
             return Task(name, kind, size, {"eps": t.eps, "steps": steps}, WorstCaseEnsemble(members))
 
         tasks = [task("main", "main", threat, attacks, n)]
+        if self.naive_attacks:  # what the defense's authors would have measured, beside the adaptive number
+            for name, view in (("non-adaptive", "naive"), ("transfer", "base"))[:2 if self.transfer else 1]:
+                tasks.append(Task(name, name, n, {"eps": threat.eps, "steps": None, "view": view},
+                                  WorstCaseEnsemble(self.naive_attacks)))
         for eps in sorted(set(float(e) for e in o.eps_grid)):
             if eps != threat.eps:
                 t = threat.with_eps(eps)
@@ -154,15 +172,18 @@ class AdversarialProtocol(Protocol):
             if self.options.reuse and task.kind == "eps":
                 self._reuse(state, ctx)
         threat = ensemble.threat
+        view = task.params.get("view")
+        attacked = model.naive() if view == "naive" else model.model if view == "base" else model
 
         def check(m: nn.Module, xs: torch.Tensor, x_adv: torch.Tensor, ys: torch.Tensor):
-            gen = ctx.generator(state.attacks_done, 1) if _randomized(m) else None
-            return verify_adversarial(m, xs, x_adv, ys, threat, gen)
+            # claims are verified on the (defended) model under evaluation, whatever the attack saw
+            gen = ctx.generator(state.attacks_done, 1) if _randomized(model) else None
+            return verify_adversarial(model, xs, x_adv, ys, threat, gen)
 
         keep = ctx.keep_examples
         save = (lambda s: ctx.save(s.to_bytes(keep))) if ctx.save is not None else None
         if not (self.options.reuse and task.kind == "eps" and _all_minimum_norm(ensemble.attacks)):
-            ensemble.run_state(model, x, y, state, ctx.generator, check, ctx.status, save, SAVE_SECONDS)
+            ensemble.run_state(attacked, x, y, state, ctx.generator, check, ctx.status, save, SAVE_SECONDS)
         else:  # the curve from the main task's minimal norms: nothing to attack
             state.costs = [{"seconds": 0.0, "gradients": 0, "forwards": 0} for _ in ensemble.attacks]
             state.attacks_done = len(ensemble.attacks)
@@ -219,6 +240,9 @@ class AdversarialProtocol(Protocol):
         checks = sanity.mode_verdicts(info)
         if self.options.sanity:
             checks.append(sanity.gradient_verdict(model, probe_x, probe_y))
+            if self.naive_attacks:  # the non-adaptive attacker's gradients: masked ones are flagged here
+                verdict = sanity.gradient_verdict(model.naive(), probe_x, probe_y)
+                checks.append({**verdict, "name": "non-adaptive gradients"})
             checks.append(run_binarization(model, self.attacks, probe_x, probe_y, seed, device))
         return checks
 
@@ -296,7 +320,11 @@ class AdversarialProtocol(Protocol):
             checks.append(blackbox_verdict(per_attack, metric.clean))
         rejected = sum(b["rejected"] for b in batches.values())
         if checks is not None:
-            if rejected:
+            if rejected and config.get("defenses"):  # attacks see a view of the defense, so expected
+                checks.append(sanity.verdict("verification", "pass", f"{rejected} examples adversarial to the "
+                                             "attacker's view (BPDA surrogate, single draws, or the undefended model) "
+                                             "were not adversarial to the defended model and were not counted"))
+            elif rejected:
                 checks.append(sanity.verdict("verification", "warn", f"{rejected} claimed adversarial examples failed "
                                              "re-verification and were not counted"))
             else:
@@ -331,15 +359,46 @@ class AdversarialProtocol(Protocol):
         }
         if config.get("defenses"):
             summary["defenses"] = config["defenses"]
+        naive = {t["kind"]: accuracy(t) for t in run["tasks"] if t["kind"] in NON_ADAPTIVE}
+        if naive:
+            summary["non_adaptive"] = {"robust_accuracy": naive.get("non-adaptive"),
+                                       "transfer_robust_accuracy": naive.get("transfer")}
+            if checks is not None:
+                checks.append(adaptive_gap_verdict(naive, ensemble["robust_accuracy"], n))
         if partial:
             summary.update(done=n, partial=True)
         return summary
+
+    leaderboard_columns = ("robust_accuracy", "clean_accuracy")
 
     @classmethod
     def leaderboard_group(cls, run: dict[str, Any]) -> tuple[tuple, str]:
         config = run["config"]
         eps = float(config["eps"])
         return (run["dataset"], cls.name, config["norm"], round(eps, 8)), ""
+
+    @classmethod
+    def leaderboard_strength(cls, run: dict[str, Any]) -> list[str]:
+        """A full evaluation runs at least the reference ensemble (``standard``; ``rand`` for a
+        randomized model): each of its attacks, at least as strong (steps, restarts, EOT draws, queries,
+        target classes), in any order and with any attacks added. A run may instead declare a stronger
+        ensemble in its config: ``declared_strength = {"at_least": "standard", "reason": "..."}``."""
+        config = cls.normalize_config(run["config"])
+        reference = "rand" if (run.get("model_info") or {}).get("randomized") else "standard"
+        declared = config.get("declared_strength")
+        if isinstance(declared, dict) and declared.get("at_least") == reference:
+            return []
+        threat = ThreatModel(config["norm"], float(config["eps"]))
+        ran = config.get("attacks") or []
+        missing = []
+        for ref in SUITES.get(reference)(threat):
+            need = {k: v for k, v in ref.params.items() if k in STRENGTH_KEYS}
+            same = [a.get("params") or {} for a in ran if a.get("name") == ref.name]
+            if any(all(_number(p.get(k)) >= v for k, v in need.items()) for p in same):
+                continue
+            short = [f"{k} {p.get(k)} < {v}" for p in same[:1] for k, v in need.items() if _number(p.get(k)) < v]
+            missing.append(f"{ref.name} ({', '.join(short)})" if short else ref.name)
+        return [f"weaker than the {reference} ensemble: lacks {', '.join(missing)}"] if missing else []
 
 
 def worst_case(store: ResultsStore, run: dict[str, Any], main: list[SampleRow],
@@ -352,7 +411,7 @@ def worst_case(store: ResultsStore, run: dict[str, Any], main: list[SampleRow],
     extra: dict[str, int] = {}
     broken: set[int] = set()
     for t in run["tasks"]:
-        if t["task"] == "main" or t["kind"] not in ("steps", "eps") or t["eps"] > eps:
+        if t["task"] == "main" or t["kind"] not in ("steps", "eps", *NON_ADAPTIVE) or t["eps"] > eps:
             continue
         hit = {r.sample_index for r in store.samples(run["run_id"], t["task"])
                if r.clean_correct and not r.robust and r.broken_by is not None} & robust
@@ -365,6 +424,23 @@ def worst_case(store: ResultsStore, run: dict[str, Any], main: list[SampleRow],
     return metric, extra
 
 
+def adaptive_gap_verdict(naive: dict[str, float | None], adaptive: float | None, n: int) -> dict[str, str]:
+    """A defended model: the non-adaptive attacks (as its authors would have run them) leaving more
+    points robust than the adaptive ones is the signature of gradient masking; the reported number is
+    the per-sample worst case over all of them."""
+    white = naive.get("non-adaptive")
+    if white is None or adaptive is None:
+        return sanity.verdict("adaptive-gap", "warn", "not computed: the non-adaptive or the adaptive attacks are unfinished")
+    gap = white - adaptive
+    detail = (f"non-adaptive attacks leave {100 * white:.2f}% robust, adaptive ones {100 * adaptive:.2f}%"
+              + (f", transfer from the undefended model {100 * naive['transfer']:.2f}%" if naive.get("transfer") is not None else ""))
+    if gap * n <= max(1, n // 100):
+        return sanity.verdict("adaptive-gap", "pass", detail)
+    return sanity.verdict("adaptive-gap", "fail" if gap > 0.05 else "warn",
+                          detail + f": the non-adaptive evaluation overestimates robustness by {100 * gap:.2f} points "
+                          "(its gradients are masked or averaged away); only the adaptive number counts")
+
+
 def worst_case_verdict(extra: dict[str, int], ensemble: float | None, worst: float | None) -> dict[str, str]:
     """Any setting the run computed that breaks points the ensemble left robust shows the ensemble is
     too weak (the reported number counts those points broken)."""
@@ -375,6 +451,11 @@ def worst_case_verdict(extra: dict[str, int], ensemble: float | None, worst: flo
     return sanity.verdict("worst-case", "warn", f"other attack settings of this run broke points the ensemble left "
                           f"robust ({where}): the ensemble alone gave {100 * ensemble:.2f}%, the reported robust "
                           f"accuracy {100 * worst:.2f}% counts them broken; strengthen the ensemble")
+
+
+def _number(value: Any) -> float:
+    """A recorded strength parameter as a number (missing or not a number: 0, weaker than any)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
 def _randomized(model: nn.Module) -> bool:

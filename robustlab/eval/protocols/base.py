@@ -128,7 +128,21 @@ class Protocol:
     def summarize(cls, store: ResultsStore, run: dict[str, Any], checks: list[dict[str, str]] | None = None) -> dict[str, Any]:
         raise NotImplementedError
 
+    #: The summary's numbers a leaderboard shows, in order: the first ranks (higher is better; a name
+    #: written "-key" ranks lower-is-better, e.g. "-mce"), the next ones break ties. Empty: every
+    #: top-level number of the summary whose key ends in "accuracy". A key whose value is a map of
+    #: numbers (certified accuracy per radius) gives one column per entry, ``key@entry``.
+    leaderboard_columns: ClassVar[tuple[str, ...]] = ()
+
     @classmethod
     def leaderboard_group(cls, run: dict[str, Any]) -> tuple[tuple, str]:
-        """(key, title): runs with the same key are compared with each other."""
+        """(key, title): runs with the same key are compared with each other (the leaderboard adds the
+        protocol and the split to the key); an empty title lets the leaderboard write one."""
         return (run["dataset"], cls.name), f"{run['dataset']} · {cls.name}"
+
+    @classmethod
+    def leaderboard_strength(cls, run: dict[str, Any]) -> list[str]:
+        """Why this complete run is a weaker evaluation than its leaderboard group asks for (e.g. an
+        attack list weaker than the standard one), one short phrase each; empty: full strength. A run
+        with reasons is shown but never ranked. (The number of samples is the leaderboard's own check.)"""
+        return []

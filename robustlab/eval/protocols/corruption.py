@@ -217,6 +217,9 @@ class CorruptionProtocol(Protocol):
             "seconds": round(costs, 3),
         }
 
+    # lower is better: mCE when the group has a baseline (its key includes it), else the mean error
+    leaderboard_columns = ("-mce", "-mean_corruption_error", "clean_accuracy")
+
     @classmethod
     def leaderboard_group(cls, run: dict[str, Any]) -> tuple[tuple, str]:
         """Runs on the same data with the same corruption tasks and baseline compare; they rank by
@@ -227,7 +230,3 @@ class CorruptionProtocol(Protocol):
         what = f"mCE vs {base}" if base else "mean corruption error"
         return key, f"{run['dataset']} · corruptions ({len(config.get('corruptions', ()))}) · {what}"
 
-    @classmethod
-    def rank_value(cls, summary: dict[str, Any]) -> float | None:
-        """The number a leaderboard group ranks by (lower is better): mCE, else mean corruption error."""
-        return summary.get("mce") if summary.get("mce") is not None else summary.get("mean_corruption_error")

@@ -1,0 +1,66 @@
+"""The third-party MNIST model of issue 20: a LeNet-like network (two 3x3 conv layers of 32 and 64
+channels, each followed by ReLU and 2x2 max-pooling, a 200-unit hidden layer), standard training.
+
+``get_lenet()`` trains it once (Adam, 1 epoch on the 60,000 MNIST training images, ~1-2 min on two
+CPU cores) and caches the weights under ``benchmarks/.cache/lenet_mnist.safetensors``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import CACHE, load_split, log
+
+RECIPE = "adam lr 1e-3, batch 128, 1 epoch, seed 0, v1"
+
+
+def lenet_like(num_classes: int = 10) -> nn.Module:
+    """conv3x3(32)-relu-pool2, conv3x3(64)-relu-pool2, fc 200-relu, fc classes (28x28 grayscale input)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 5 * 5, 200), nn.ReLU(), nn.Linear(200, num_classes),
+    )
+
+
+def get_lenet() -> nn.Module:
+    """The trained model in eval mode (trained on first use, then loaded from the cache)."""
+    from safetensors.torch import load_file, save_file
+
+    path = CACHE / "lenet_mnist.safetensors"
+    model = lenet_like()
+    if path.is_file():
+        model.load_state_dict(load_file(str(path)))
+        return model.eval()
+    x, y = load_split("mnist", "train")
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    model.train()
+    for idx in torch.randperm(len(y), generator=gen).split(128):
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    xt, yt = load_split("mnist", "test")
+    with torch.no_grad():
+        acc = (model(xt[:2000]).argmax(1) == yt[:2000]).float().mean().item()
+    log(f"[lenet_mnist] trained in {time.perf_counter() - t0:.0f} s ({RECIPE}); clean accuracy {acc:.4f} "
+        "on the first 2000 test images")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return model
+
+
+if __name__ == "__main__":
+    get_lenet()

@@ -1,0 +1,78 @@
+"""Image quilting (Guo et al. 2018): each patch of the input is replaced by a patch of clean training
+images, drawn at random among the ``neighbors`` nearest ones, so the output is made of clean pieces.
+
+Simplification, said plainly: patches are laid on a grid without overlap, so there is no minimum-error
+seam between neighbouring patches as in Efros & Freeman's quilting; the defense's mechanism (a
+non-differentiable, randomized projection onto clean patches) is the same, and so is the attack that
+breaks it: BPDA with the identity and EOT over the random choices (Athalye et al. 2018).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from robustlab.defenses.base import Defense, register_defense
+from robustlab.errors import RobustlabError
+
+
+@register_defense
+class Quilting(Defense):
+    """Image quilting: ``library`` is a data set (``NAME[:SPLIT]``, files from $ROBUSTLAB_DATA, default
+    split train) from whose first ``library_images`` images ``library_patches`` random patches of
+    ``patch`` x ``patch`` pixels are cut; each input patch becomes one of its ``neighbors`` nearest."""
+
+    name = "quilting"
+    defaults = {"library": "", "library_images": 2000, "library_patches": 20000, "patch": 4, "neighbors": 10,
+                "draws": 8, "seed": 0}
+    randomized = True
+    differentiable = False
+
+    def validate(self) -> None:
+        p = self.params
+        if not p["library"]:
+            raise RobustlabError("defense 'quilting' needs its patch library: library=DATASET[:SPLIT] (clean training "
+                                 "images, e.g. library=cifar10:train)")
+        if not 2 <= p["patch"] <= 16 or p["neighbors"] < 1 or p["draws"] < 1 or p["library_patches"] < p["neighbors"]:
+            raise RobustlabError("defense 'quilting': patch must be in 2..16, neighbors and draws >= 1, and "
+                                 "library_patches >= neighbors")
+        self._patches: torch.Tensor | None = None
+        self._shape: tuple[int, ...] | None = None
+        self._build()  # a missing library fails here, before anything runs
+
+    def _build(self) -> torch.Tensor:
+        if self._patches is None:
+            from robustlab.data import load_dataset
+
+            p = self.params
+            name, _, split = p["library"].partition(":")
+            data = load_dataset(name, split or "train")
+            images = data.batch(range(min(p["library_images"], len(data))))[0]
+            k = p["patch"]
+            g = torch.Generator().manual_seed(p["seed"])
+            n, c, h, w = images.shape
+            which = torch.randint(n, (p["library_patches"],), generator=g)
+            top = torch.randint(h - k + 1, (p["library_patches"],), generator=g)
+            left = torch.randint(w - k + 1, (p["library_patches"],), generator=g)
+            rows = (top.view(-1, 1) + torch.arange(k)).view(-1, k, 1)
+            cols = (left.view(-1, 1) + torch.arange(k)).view(-1, 1, k)
+            patches = images[which.view(-1, 1, 1, 1), torch.arange(c).view(1, -1, 1, 1), rows.unsqueeze(1), cols.unsqueeze(1)]
+            self._patches, self._shape = patches.flatten(1), (c, h, w)
+        return self._patches
+
+    def transform(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        library = self._build().to(x.device, x.dtype)
+        k = self.params["patch"]
+        n, c, h, w = x.shape
+        if c != self._shape[0]:
+            raise RobustlabError(f"defense 'quilting': the library has {self._shape[0]}-channel images, the inputs {c}")
+        ph, pw = -h % k, -w % k
+        padded = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        cols = F.unfold(padded, k, stride=k).transpose(1, 2)  # N, P, C*k*k
+        flat = cols.reshape(-1, cols.shape[-1])
+        near = torch.cdist(flat, library).topk(self.params["neighbors"], dim=1, largest=False).indices
+        pick = torch.randint(self.params["neighbors"], (len(flat),), generator=generator,
+                             device=generator.device if generator is not None else "cpu").to(x.device)
+        chosen = library[near[torch.arange(len(flat), device=x.device), pick]]
+        out = F.fold(chosen.view(n, -1, chosen.shape[-1]).transpose(1, 2), padded.shape[-2:], k, stride=k)
+        return out[..., :h, :w]

@@ -1,0 +1,127 @@
+"""New minimum-norm attacks of issue 20: FMN (Linf, L2, L1) and DDN (L2).
+
+What is checked: on a linear model, where the smallest misclassifying perturbation is known in
+closed form, each finds it (median within 0.5%, worst within 30%); on the digits CNN every correctly
+classified point is broken, returned points lie in the box and are misclassified exactly when
+``success`` says so, each sample spends one gradient and one forward per step (plus the line
+search's forwards), ``early_stop`` spends fewer gradients and still breaks the points inside eps;
+bad parameters raise RobustlabError; the model is not changed.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from robustlab.attacks import ATTACKS, create_attack
+from robustlab.errors import RobustlabError
+from robustlab.threat import ThreatModel
+from helpers import gen, predict
+
+CASES = [("fmn", "linf"), ("fmn", "l2"), ("fmn", "l1"), ("ddn", "l2")]
+DUAL = {"l2": 2, "linf": 1, "l1": float("inf")}
+
+
+@pytest.fixture(scope="module")
+def linear():
+    """A 10-class linear model on 8x8 inputs near 0.5 (labels = its predictions) and, per norm, the
+    smallest misclassifying distance min_j (z_y - z_j) / ||w_j - w_y||_dual (the box is inactive
+    for the points returned in ``free``)."""
+    g = gen(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).double()
+    with torch.no_grad():
+        weight = torch.randn(10, 64, generator=g, dtype=torch.float64)
+        weight[:, :3] *= 8
+        model[1].weight.copy_(weight)
+        model[1].bias.zero_()
+    x = (0.5 + 0.03 * torch.randn(30, 1, 8, 8, generator=g, dtype=torch.float64)).clamp(0, 1)
+    y = predict(model, x)
+    with torch.no_grad():
+        z = model(x)
+    rows = torch.arange(len(y))
+    wd = weight.unsqueeze(0) - weight[y].unsqueeze(1)
+    margin = z[rows, y].unsqueeze(1) - z
+    optimum = {}
+    for norm, dual in DUAL.items():
+        dist = (margin / wd.norm(p=dual, dim=2)).scatter(1, y.unsqueeze(1), float("inf"))
+        best = dist.min(dim=1).values
+        # Points whose optimum needs at most a quarter of the box in any direction.
+        optimum[norm] = (best, best < (0.4 if norm != "l1" else 2.0))
+    return model, x, y, optimum
+
+
+@pytest.mark.parametrize("name,norm", CASES)
+def test_linear_model_smallest_perturbation(linear, name, norm):
+    model, x, y, optimum = linear
+    best, free = optimum[norm]
+    threat = ThreatModel(norm, 1.0)
+    result = create_attack(name, threat).run(model, x, y, gen())
+    assert bool(result.success.all())
+    assert torch.equal(predict(model, result.x_adv) != y, result.success)
+    ratio = (threat.distance(result.x_adv, x) / best)[free]
+    assert int(free.sum()) >= 10
+    assert float(ratio.min()) >= 1 - 1e-6
+    assert float(ratio.median()) <= 1.02, float(ratio.median())
+    assert float(ratio.max()) <= 1.3, float(ratio.max())
+
+
+@pytest.fixture(scope="module")
+def cnn(digits_model, digits_test):
+    model = copy.deepcopy(digits_model).eval()
+    x, y = digits_test.x[:40], digits_test.y[:40]
+    correct = predict(model, x) == y
+    return model, x[correct], y[correct]
+
+
+@pytest.mark.parametrize("name,norm", CASES)
+def test_digits_cnn_every_point_broken_in_box_with_exact_counts(cnn, name, norm):
+    model, x, y = cnn
+    before = copy.deepcopy(model.state_dict())
+    steps, line = 30, 5
+    result = create_attack(name, ThreatModel(norm, 0.0), steps=steps, line_search=line).run(model, x, y, gen())
+    assert bool(result.success.all())
+    assert torch.equal(predict(model, result.x_adv) != y, result.success)
+    assert float(result.x_adv.min()) >= 0 and float(result.x_adv.max()) <= 1
+    assert bool((result.gradients == steps).all())
+    # One forward per step, then the line search's forwards.
+    assert bool((result.forwards == steps + line).all())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+@pytest.mark.parametrize("name,norm,eps", [("fmn", "l2", 1.5), ("fmn", "linf", 0.15), ("ddn", "l2", 1.5)])
+def test_early_stop_leaves_once_inside_eps(cnn, name, norm, eps):
+    model, x, y = cnn
+    threat = ThreatModel(norm, eps)
+    full = create_attack(name, threat, steps=30).run(model, x, y, gen())
+    fast = create_attack(name, threat, steps=30, early_stop=True).run(model, x, y, gen())
+    inside_full = threat.distance(full.x_adv, x) <= eps
+    inside_fast = (threat.distance(fast.x_adv, x) <= eps) & (predict(model, fast.x_adv) != y)
+    assert int(inside_full.sum()) >= 5
+    assert bool(inside_fast[inside_full].all())  # what the full run broke inside eps, the early stop did too
+    assert int(fast.gradients.sum()) < int(full.gradients.sum())
+
+
+def test_registered_and_bad_parameters():
+    for name in ("fmn", "ddn"):
+        assert name in ATTACKS
+        assert ATTACKS.get(name).minimum_norm
+    assert create_attack("fmn", ThreatModel("l1", 1.0)).config()["params"]["steps"] == 100
+    with pytest.raises(RobustlabError, match="supports norms"):
+        create_attack("ddn", ThreatModel("linf", 0.1))
+    with pytest.raises(RobustlabError, match="gamma"):
+        create_attack("fmn", ThreatModel("l2", 1.0), gamma_init=1.5)
+    with pytest.raises(RobustlabError, match="alpha_init"):
+        create_attack("ddn", ThreatModel("l2", 1.0), alpha_init=0.0)
+
+
+def test_standard_suite_at_l1_is_autoattack_l1():
+    from robustlab.attacks import build_attacks
+
+    attacks = build_attacks(["standard"], ThreatModel("l1", 12.0))
+    assert [a.name for a in attacks] == ["apgd-ce", "apgd-t"]
+    assert attacks[0].params["restarts"] == 5 and attacks[1].params["n_target_classes"] == 9
+    assert all(a.threat.norm == "l1" for a in attacks)
