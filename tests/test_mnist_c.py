@@ -121,3 +121,14 @@ def test_glass_blur_blurs_like_the_reference(digits28):
     out = create_corruption("mnist_glass_blur")(digits28, generator=torch.Generator().manual_seed(0))
     twice = np.stack([gaussian(gaussian(im, 0.7), 0.7) for im in digits28[:, 0].double().numpy()])
     assert np.abs(out.numpy()[:, 0] - twice).mean() < 0.03
+
+
+def test_fog_texture_is_a_smooth_map_in_the_unit_range():
+    from robustlab.corruptions import ops
+
+    m = ops.plasma_fractal(8, 256, 1.4, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert m.shape == (8, 256, 256)
+    assert torch.equal(m.amin(dim=(1, 2)), torch.zeros(8)) and torch.equal(m.amax(dim=(1, 2)), torch.ones(8))
+    # imagecorruptions' diamond-square gives mean 0.50, sd 0.19, neighbour step 0.008 at these settings
+    assert 0.4 < m.mean().item() < 0.6 and 0.12 < m.std().item() < 0.26
+    assert (m[:, :, 1:] - m[:, :, :-1]).abs().mean().item() < 0.02

@@ -111,35 +111,33 @@ def motion_blur(x: torch.Tensor, radius: float, sigma: float, angles_deg: torch.
 def plasma_fractal(n: int, mapsize: int, wibbledecay: float, generator: torch.Generator | None,
                    device: torch.device) -> torch.Tensor:
     """(N, mapsize, mapsize) diamond-square height maps in [0, 1] (the fog texture of ImageNet-C and
-    MNIST-C): ``mapsize`` a power of two, roughness falling by ``wibbledecay`` per level."""
+    MNIST-C): ``mapsize`` a power of two, roughness falling by ``wibbledecay`` per level. The grid
+    doubles per level (corners, square centres, the two kinds of diamond points interleaved), with
+    wrap-around neighbours as in the original."""
     if mapsize & (mapsize - 1):
         raise ValueError(f"mapsize must be a power of two, got {mapsize}")
-    m = torch.zeros((n, mapsize, mapsize), dtype=torch.float32, device=device)
-    step, wibble = mapsize, 100.0
+    grid = torch.zeros((n, 1, 1), device=device)
+    wibble = 100.0
 
     def wibbled(a: torch.Tensor) -> torch.Tensor:
         u = torch.rand(a.shape, generator=generator, device=device)
         return a / 4 + wibble * (u * 2 * wibble - wibble)
 
-    while step >= 2:
-        half = step // 2
-        corners = m[:, 0::step, 0::step]
-        sq = corners + corners.roll(-1, dims=1)
-        sq = sq + sq.roll(-1, dims=2)
-        m[:, half::step, half::step] = wibbled(sq)
-        dr = m[:, half::step, half::step]
-        ul = m[:, 0::step, 0::step]
-        lt = (dr + dr.roll(1, dims=1)) + (ul + ul.roll(-1, dims=2))
-        m[:, 0::step, half::step] = wibbled(lt)
-        tt = (dr + dr.roll(1, dims=2)) + (ul + ul.roll(-1, dims=1))
-        m[:, half::step, 0::step] = wibbled(tt)
-        step //= 2
+    def interleave(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+        shape = list(a.shape)
+        shape[dim] *= 2
+        return torch.stack([a, b], dim + 1).reshape(shape)
+
+    while grid.shape[1] < mapsize:
+        sq = grid + grid.roll(-1, dims=1)
+        centre = wibbled(sq + sq.roll(-1, dims=2))  # the square's centre: its four corners
+        across = wibbled(centre + centre.roll(1, dims=1) + grid + grid.roll(-1, dims=2))  # between row neighbours
+        down = wibbled(centre + centre.roll(1, dims=2) + grid + grid.roll(-1, dims=1))  # between column neighbours
+        grid = interleave(interleave(grid, across, 2), interleave(down, centre, 2), 1)
         wibble /= wibbledecay
-    flat = m.reshape(n, -1)
-    lo = flat.min(dim=1).values.view(n, 1, 1)
-    m = m - lo
-    hi = m.reshape(n, -1).max(dim=1).values.view(n, 1, 1)
-    return (m / hi).float()
+    flat = grid.reshape(n, -1)
+    grid = grid - flat.min(dim=1).values.view(n, 1, 1)
+    return grid / grid.reshape(n, -1).max(dim=1).values.view(n, 1, 1)
 
 
 def uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.Generator | None,
