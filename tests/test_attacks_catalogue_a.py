@@ -125,3 +125,40 @@ def test_standard_suite_at_l1_is_autoattack_l1():
     assert [a.name for a in attacks] == ["apgd-ce", "apgd-t"]
     assert attacks[0].params["restarts"] == 5 and attacks[1].params["n_target_classes"] == 9
     assert all(a.threat.norm == "l1" for a in attacks)
+
+
+# ---------------------------------------------------------------------- the L0 threat model, Sparse-RS
+
+
+def test_l0_threat_model_counts_pixels_and_projects():
+    threat = ThreatModel("l0", 5)
+    x = torch.rand(3, 3, 8, 8, generator=gen(0))
+    start = threat.random_init(x, gen(1))
+    assert threat.distance(start, x).tolist() == [5.0, 5.0, 5.0]
+    far = torch.rand(3, 3, 8, 8, generator=gen(2))
+    proj = threat.project(far, x)
+    assert bool(threat.contains(proj, x, tol=0).all())
+    # The 5 pixels kept are those with the largest change; the rest are the clean pixels.
+    size = (far - x).square().sum(dim=1).flatten(1)
+    kept = (proj != x).any(dim=1).flatten(1)
+    assert torch.equal(kept, size >= size.topk(5, dim=1).values[:, -1:])
+    with pytest.raises(RobustlabError, match="whole number"):
+        ThreatModel("l0", 2.5)
+    with pytest.raises(RobustlabError, match="supports norms"):
+        create_attack("pgd", threat)
+
+
+def test_sparse_rs_changes_at_most_k_pixels_and_stops_early(cnn):
+    model, x, y = cnn
+    x, y = x[:20], y[:20]
+    threat = ThreatModel("l0", 4)
+    queries = 60
+    result = create_attack("sparse-rs", threat, queries=queries).run(model, x, y, gen())
+    assert bool(threat.contains(result.x_adv, x, tol=0).all())
+    assert torch.equal(predict(model, result.x_adv) != y, result.success)
+    assert int(result.success.sum()) >= 4  # 4 of 64 pixels at a colour-cube corner fool this small CNN often
+    assert bool((result.gradients == 0).all())
+    assert bool((result.forwards <= queries + 1).all())
+    # A broken sample stops querying.
+    assert bool((result.forwards[result.success] < queries + 1).all())
+    assert bool((result.forwards[~result.success] == queries + 1).all())
