@@ -129,6 +129,12 @@ class ThreatModel:
         ``radius`` (N,) (not eps), intersected with the box: the step of minimum-norm attacks whose
         radius adapts per sample (FMN, DDN). Exact up to float rounding (no rounding margin: the
         ball is the attack's working constraint, not the threat model's)."""
+        if self.norm == L0:  # keep each sample's floor(radius) largest pixel changes
+            out = x_adv.clamp(self.lower, self.upper)
+            size = _pixel_magnitude(out - x)
+            rank = size.argsort(dim=1, descending=True).argsort(dim=1)
+            keep = (rank < radius.floor().clamp_min(0).unsqueeze(1)) & (size > 0)
+            return torch.where(keep.view(x.shape[0], 1, *x.shape[2:]), out, x)
         r = radius.to(x.dtype).view(-1, *[1] * (x.dim() - 1)).clamp_min(0)
         if self.norm == "linf":
             return torch.minimum(torch.maximum(x_adv, x - r), x + r).clamp(self.lower, self.upper)

@@ -162,3 +162,15 @@ def test_sparse_rs_changes_at_most_k_pixels_and_stops_early(cnn):
     # A broken sample stops querying.
     assert bool((result.forwards[result.success] < queries + 1).all())
     assert bool((result.forwards[~result.success] == queries + 1).all())
+
+
+def test_fmn_l0_breaks_every_point_with_few_pixels(cnn):
+    model, x, y = cnn
+    threat = ThreatModel("l0", 0)
+    steps = 40
+    result = create_attack("fmn", threat, steps=steps).run(model, x, y, gen())
+    assert bool(result.success.all())
+    assert torch.equal(predict(model, result.x_adv) != y, result.success)
+    pixels = threat.distance(result.x_adv, x)
+    assert float(pixels.median()) <= 4, pixels  # of 64 pixels
+    assert bool((result.gradients == steps).all()) and bool((result.forwards == steps).all())  # no line search
