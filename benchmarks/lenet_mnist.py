@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import CACHE, load_split, log
 
-RECIPE = "adam lr 1e-3, batch 128, 1 epoch, seed 0, v1"
+RECIPE = "adam lr 1e-3, batch 128, 1 epoch"
 
 
 def lenet_like(num_classes: int = 10) -> nn.Module:
@@ -59,7 +59,7 @@ def get_lenet(seed: int = 0, subset: int = 0) -> nn.Module:
     xt, yt = load_split("mnist", "test")
     with torch.no_grad():
         acc = (model(xt[:2000]).argmax(1) == yt[:2000]).float().mean().item()
-    log(f"[lenet_mnist{tag}] trained in {time.perf_counter() - t0:.0f} s ({RECIPE}); clean accuracy {acc:.4f} "
+    log(f"[lenet_mnist{tag}] trained in {time.perf_counter() - t0:.0f} s ({RECIPE}, seed {seed}, {len(y)} images); clean accuracy {acc:.4f} "
         "on the first 2000 test images")
     CACHE.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
