@@ -189,3 +189,25 @@ def test_jsma_stays_within_its_pixel_budget_and_breaks_most_points(cnn):
     assert int(result.gradients[result.success].min()) < 10
     with pytest.raises(RobustlabError, match="supports norms"):
         create_attack("jsma", ThreatModel("l2", 1.0))
+
+
+# ---------------------------------------------------------------------- perturb: what changed
+
+
+def test_perturb_counts_changes_on_the_written_images(digits_model, digits_test, tmp_path):
+    """The change flag is the model's prediction on the 8-bit PNG written, not on the float iterate."""
+    import numpy as np
+    from PIL import Image
+
+    from robustlab.attacks.ssp import perturb_folder
+
+    src, dst = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i, img in enumerate((digits_test.x[:16, 0] * 255).round().to(torch.uint8).numpy()):
+        Image.fromarray(img).save(src / f"{i:02d}.png")
+    out = perturb_folder(create_attack("pgd", ThreatModel("linf", 0.2), steps=10), digits_model, src, dst)
+    pngs = [np.asarray(Image.open(p), dtype=np.float32) / 255 for p in out.sources + out.files]
+    batch = torch.from_numpy(np.stack(pngs)).unsqueeze(1)
+    pred = predict(digits_model, batch)
+    assert out.changed == (pred[16:] != pred[:16]).tolist()
+    assert sum(out.changed) > 0
