@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import CACHE, load_split, log
 
-RECIPE = "adam lr 1e-3, batch 128, 1 epoch, seed 0, v1"
+RECIPE = "adam lr 1e-3, batch 128, 1 epoch"
 
 
 def lenet_like(num_classes: int = 10) -> nn.Module:
@@ -31,19 +31,23 @@ def lenet_like(num_classes: int = 10) -> nn.Module:
     )
 
 
-def get_lenet() -> nn.Module:
-    """The trained model in eval mode (trained on first use, then loaded from the cache)."""
+def get_lenet(seed: int = 0, subset: int = 0) -> nn.Module:
+    """The trained model in eval mode (trained on first use, then loaded from the cache). ``seed`` and
+    ``subset`` (first training images; 0: all) make other members of the family, e.g. a transfer target."""
     from safetensors.torch import load_file, save_file
 
-    path = CACHE / "lenet_mnist.safetensors"
+    tag = "" if (seed, subset) == (0, 0) else f"_s{seed}_n{subset}"
+    path = CACHE / f"lenet_mnist{tag}.safetensors"
     model = lenet_like()
     if path.is_file():
         model.load_state_dict(load_file(str(path)))
         return model.eval()
     x, y = load_split("mnist", "train")
-    torch.manual_seed(0)
+    if subset:
+        x, y = x[:subset], y[:subset]
+    torch.manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     model.train()
     for idx in torch.randperm(len(y), generator=gen).split(128):
@@ -55,7 +59,7 @@ def get_lenet() -> nn.Module:
     xt, yt = load_split("mnist", "test")
     with torch.no_grad():
         acc = (model(xt[:2000]).argmax(1) == yt[:2000]).float().mean().item()
-    log(f"[lenet_mnist] trained in {time.perf_counter() - t0:.0f} s ({RECIPE}); clean accuracy {acc:.4f} "
+    log(f"[lenet_mnist{tag}] trained in {time.perf_counter() - t0:.0f} s ({RECIPE}, seed {seed}, {len(y)} images); clean accuracy {acc:.4f} "
         "on the first 2000 test images")
     CACHE.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))

@@ -16,7 +16,9 @@ import torch
 
 from robustlab.errors import RobustlabError
 
-NORMS = ("linf", "l2", "l1")
+NORMS = ("linf", "l2", "l1")  # the dense norms: what an attack supports unless it says otherwise
+L0 = "l0"  # a budget of changed pixels (all channels of a pixel count once); eps is the count
+ALL_NORMS = (*NORMS, L0)
 
 
 def format_eps(norm: str | None, eps: float) -> str:
@@ -46,8 +48,8 @@ class ThreatModel:
 
     def __post_init__(self) -> None:
         norm = str(self.norm).lower()
-        if norm not in NORMS:
-            raise RobustlabError(f"unknown norm {self.norm!r}; use one of {', '.join(NORMS)}")
+        if norm not in ALL_NORMS:
+            raise RobustlabError(f"unknown norm {self.norm!r}; use one of {', '.join(ALL_NORMS)}")
         object.__setattr__(self, "norm", norm)
         try:
             eps = float(self.eps)
@@ -55,6 +57,8 @@ class ThreatModel:
             raise RobustlabError(f"epsilon must be a number, got {self.eps!r}") from None
         if not math.isfinite(eps) or eps < 0:
             raise RobustlabError(f"epsilon must be a finite number >= 0, got {self.eps!r}")
+        if norm == L0 and eps != int(eps):
+            raise RobustlabError(f"an l0 epsilon counts changed pixels and must be a whole number, got {self.eps!r}")
         object.__setattr__(self, "eps", eps)
         if not self.lower < self.upper:
             raise RobustlabError(f"box lower bound {self.lower} must be below upper bound {self.upper}")
@@ -91,6 +95,8 @@ class ThreatModel:
         is just clamped to the box; the others get the KKT solution, found exactly in float64.
         Only cheap arithmetic runs on the whole batch: this is on every attack's inner loop.
         """
+        if self.norm == L0:
+            return _project_l0(x_adv, x, int(self.eps), self.lower, self.upper)
         if self.norm == "linf":
             margin = torch.finfo(x.dtype).eps * (max(abs(self.lower), abs(self.upper)) + self.eps)
             e = max(self.eps - margin, 0.0)
@@ -136,6 +142,12 @@ class ThreatModel:
         ``radius`` (N,) (not eps), intersected with the box: the step of minimum-norm attacks whose
         radius adapts per sample (FMN, DDN). Exact up to float rounding (no rounding margin: the
         ball is the attack's working constraint, not the threat model's)."""
+        if self.norm == L0:  # keep each sample's floor(radius) largest pixel changes
+            out = x_adv.clamp(self.lower, self.upper)
+            size = _pixel_magnitude(out - x)
+            rank = size.argsort(dim=1, descending=True).argsort(dim=1)
+            keep = (rank < radius.floor().clamp_min(0).unsqueeze(1)) & (size > 0)
+            return torch.where(keep.view(x.shape[0], 1, *x.shape[2:]), out, x)
         r = radius.to(x.dtype).view(-1, *[1] * (x.dim() - 1)).clamp_min(0)
         if self.norm == "linf":
             return torch.minimum(torch.maximum(x_adv, x - r), x + r).clamp(self.lower, self.upper)
@@ -163,6 +175,8 @@ class ThreatModel:
         dimension a volume-uniform point lies almost surely on the sphere, so ``"uniform"`` is the
         better start for an iterative attack (see :func:`sample_ball`).
         """
+        if self.norm == L0:
+            return random_pixels(x, int(self.eps), self.lower, self.upper, generator)
         delta = sample_ball(x.shape, self.norm, self.eps, x.device, x.dtype, generator, radius)
         return (x + delta).clamp(self.lower, self.upper)
 
@@ -180,6 +194,8 @@ class ThreatModel:
         of coordinates by ``|g|``, skipping coordinates that already sit on the box face the gradient
         pushes towards (needs ``x_adv``). ``step_size`` may be a scalar or a per-sample (N,) tensor.
         """
+        if self.norm == L0:
+            raise RobustlabError("an l0 threat model has no steepest step; use an l0 attack (sparse-rs)")
         step = _per_sample(step_size, grad)
         if self.norm == "linf":
             return step * grad.sign()
@@ -209,7 +225,13 @@ def _per_sample(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor
 
 
 def norms(delta: torch.Tensor, norm: str) -> torch.Tensor:
-    """Per-sample norm of a batch of perturbations, shape (N,)."""
+    """Per-sample norm of a batch of perturbations, shape (N,). ``l0`` counts changed pixels: for
+    images (N, C, H, W) a pixel counts once whatever its channels; for flat (N, D) each coordinate."""
+    if norm == L0:
+        changed = delta != 0
+        if changed.dim() >= 3:
+            changed = changed.any(dim=1)
+        return changed.flatten(1).sum(dim=1).to(delta.dtype if delta.is_floating_point() else torch.float32)
     flat = delta.flatten(1)
     if norm == "linf":
         return flat.abs().amax(dim=1)
@@ -316,3 +338,40 @@ def sample_ball(
             mag = e[:, :dim] / e.sum(dim=1, keepdim=True)
         return (mag * sign * eps).view(shape)
     raise RobustlabError(f"unknown norm {norm!r}; use one of {', '.join(NORMS)}")
+
+
+def _pixel_magnitude(delta: torch.Tensor) -> torch.Tensor:
+    """(N, H*W) L2 size of each pixel's change over its channels (images (N, C, H, W))."""
+    return delta.square().sum(dim=1).flatten(1)
+
+
+def _project_l0(x_adv: torch.Tensor, x: torch.Tensor, k: int, lower: float, upper: float) -> torch.Tensor:
+    """Keep the ``k`` pixels of ``x_adv`` whose change from ``x`` is largest (all channels of a pixel
+    together), reset the others to ``x``, clip to the box: the Euclidean projection onto the set of
+    images that differ from ``x`` in at most ``k`` pixels."""
+    out = x_adv.clamp(lower, upper)
+    if x.dim() < 3:
+        raise RobustlabError("an l0 threat model needs images (N, C, H, W)")
+    size = _pixel_magnitude(out - x)
+    if k >= size.shape[1]:
+        return out
+    keep = torch.zeros_like(size, dtype=torch.bool)
+    if k > 0:
+        keep.scatter_(1, size.topk(k, dim=1).indices, True)
+    keep &= size > 0
+    return torch.where(keep.view(x.shape[0], 1, *x.shape[2:]), out, x)
+
+
+def random_pixels(
+    x: torch.Tensor, k: int, lower: float, upper: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``x`` with ``k`` random pixels per image set to random corners of the colour cube (each channel
+    ``lower`` or ``upper``): the start of Sparse-RS."""
+    n, c, h, w = x.shape
+    scores = torch.rand(n, h * w, device=x.device, generator=generator)
+    mask = torch.zeros(n, h * w, dtype=torch.bool, device=x.device)
+    if k > 0:
+        mask.scatter_(1, scores.topk(min(k, h * w), dim=1).indices, True)
+    corners = torch.randint(0, 2, (n, c, h * w), device=x.device, generator=generator).to(x.dtype)
+    corners = lower + (upper - lower) * corners
+    return torch.where(mask.view(n, 1, h, w), corners.view(n, c, h, w), x)

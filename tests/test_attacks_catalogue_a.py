@@ -125,3 +125,89 @@ def test_standard_suite_at_l1_is_autoattack_l1():
     assert [a.name for a in attacks] == ["apgd-ce", "apgd-t"]
     assert attacks[0].params["restarts"] == 5 and attacks[1].params["n_target_classes"] == 9
     assert all(a.threat.norm == "l1" for a in attacks)
+
+
+# ---------------------------------------------------------------------- the L0 threat model, Sparse-RS
+
+
+def test_l0_threat_model_counts_pixels_and_projects():
+    threat = ThreatModel("l0", 5)
+    x = torch.rand(3, 3, 8, 8, generator=gen(0))
+    start = threat.random_init(x, gen(1))
+    assert threat.distance(start, x).tolist() == [5.0, 5.0, 5.0]
+    far = torch.rand(3, 3, 8, 8, generator=gen(2))
+    proj = threat.project(far, x)
+    assert bool(threat.contains(proj, x, tol=0).all())
+    # The 5 pixels kept are those with the largest change; the rest are the clean pixels.
+    size = (far - x).square().sum(dim=1).flatten(1)
+    kept = (proj != x).any(dim=1).flatten(1)
+    assert torch.equal(kept, size >= size.topk(5, dim=1).values[:, -1:])
+    with pytest.raises(RobustlabError, match="whole number"):
+        ThreatModel("l0", 2.5)
+    with pytest.raises(RobustlabError, match="supports norms"):
+        create_attack("pgd", threat)
+
+
+def test_sparse_rs_changes_at_most_k_pixels_and_stops_early(cnn):
+    model, x, y = cnn
+    x, y = x[:20], y[:20]
+    threat = ThreatModel("l0", 4)
+    queries = 60
+    result = create_attack("sparse-rs", threat, queries=queries).run(model, x, y, gen())
+    assert bool(threat.contains(result.x_adv, x, tol=0).all())
+    assert torch.equal(predict(model, result.x_adv) != y, result.success)
+    assert int(result.success.sum()) >= 4  # 4 of 64 pixels at a colour-cube corner fool this small CNN often
+    assert bool((result.gradients == 0).all())
+    assert bool((result.forwards <= queries + 1).all())
+    # A broken sample stops querying.
+    assert bool((result.forwards[result.success] < queries + 1).all())
+    assert bool((result.forwards[~result.success] == queries + 1).all())
+
+
+def test_fmn_l0_breaks_every_point_with_few_pixels(cnn):
+    model, x, y = cnn
+    threat = ThreatModel("l0", 0)
+    steps = 40
+    result = create_attack("fmn", threat, steps=steps).run(model, x, y, gen())
+    assert bool(result.success.all())
+    assert torch.equal(predict(model, result.x_adv) != y, result.success)
+    pixels = threat.distance(result.x_adv, x)
+    assert float(pixels.median()) <= 4, pixels  # of 64 pixels
+    assert bool((result.gradients == steps).all()) and bool((result.forwards == steps).all())  # no line search
+
+
+def test_jsma_stays_within_its_pixel_budget_and_breaks_most_points(cnn):
+    model, x, y = cnn
+    threat = ThreatModel("l0", 10)
+    result = create_attack("jsma", threat).run(model, x, y, gen())
+    assert bool(threat.contains(result.x_adv, x, tol=0).all())
+    assert torch.equal(predict(model, result.x_adv) != y, result.success)
+    assert float(result.success.float().mean()) >= 0.7  # torchattacks' JSMA: 75% here, robustlab 85%
+    # Two gradients per pair taken, at most 5 pairs for 10 pixels; one forward per iteration + ranking.
+    assert int(result.gradients.max()) <= 10 and int(result.forwards.max()) <= 7
+    # Broken samples stop: they spent fewer iterations than the budget allows.
+    assert int(result.gradients[result.success].min()) < 10
+    with pytest.raises(RobustlabError, match="supports norms"):
+        create_attack("jsma", ThreatModel("l2", 1.0))
+
+
+# ---------------------------------------------------------------------- perturb: what changed
+
+
+def test_perturb_counts_changes_on_the_written_images(digits_model, digits_test, tmp_path):
+    """The change flag is the model's prediction on the 8-bit PNG written, not on the float iterate."""
+    import numpy as np
+    from PIL import Image
+
+    from robustlab.attacks.ssp import perturb_folder
+
+    src, dst = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i, img in enumerate((digits_test.x[:16, 0] * 255).round().to(torch.uint8).numpy()):
+        Image.fromarray(img).save(src / f"{i:02d}.png")
+    out = perturb_folder(create_attack("pgd", ThreatModel("linf", 0.2), steps=10), digits_model, src, dst)
+    pngs = [np.asarray(Image.open(p), dtype=np.float32) / 255 for p in out.sources + out.files]
+    batch = torch.from_numpy(np.stack(pngs)).unsqueeze(1)
+    pred = predict(digits_model, batch)
+    assert out.changed == (pred[16:] != pred[:16]).tolist()
+    assert sum(out.changed) > 0

@@ -21,11 +21,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 
 CUDA = torch.device("cuda")
 # Radii at which the digits model of conftest is far from robust (8x8 images, 64 pixels).
-EPS = {"linf": 0.15, "l2": 1.5, "l1": 6.0}
+EPS = {"linf": 0.15, "l2": 1.5, "l1": 6.0, "l0": 10}
 # Smaller budgets where the defaults take long; strength is checked on CPU by each attack's own tests.
 BUDGETS = {"cw": {"binary_steps": 4, "steps": 50}, "ead": {"binary_steps": 4, "steps": 50},
            "hopskipjump": {"queries": 1000}, "square": {"queries": 1000}, "nes": {"steps": 50},
-           "spsa": {"steps": 50}}
+           "spsa": {"steps": 50}, "sparse-rs": {"queries": 300}}
 
 
 @pytest.fixture(scope="module")

@@ -406,7 +406,7 @@ def test_bad_box_raises_and_norm_is_normalized():
     with pytest.raises(RobustlabError):
         ThreatModel("linf", 0.1, lower=1.0, upper=0.0)
     with pytest.raises(RobustlabError):
-        norms(torch.zeros(1, 3), "l0")
+        norms(torch.zeros(1, 3), "l5")
     tm = ThreatModel("LINF", "0.5")  # type: ignore[arg-type]
     assert tm.norm == "linf" and tm.eps == 0.5
     assert ThreatModel(**tm.to_dict()) == tm

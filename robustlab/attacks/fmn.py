@@ -1,5 +1,5 @@
 """FMN, the fast minimum-norm attack (Pintor et al. 2021, "Fast minimum-norm adversarial attacks
-through adaptive norm constraints"), in Linf, L2 and L1.
+through adaptive norm constraints"), in Linf, L2, L1 and L0 (changed pixels).
 
 Each step takes the gradient of the logit margin ``z_y - max_{j != y} z_j`` (targeted: ``max_{j != t}
 z_j - z_t``) at ``x + delta``, moves ``delta`` down it by ``alpha`` along the L2-normalized gradient,
@@ -9,7 +9,9 @@ first success it is set to the current norm plus the linear estimate of the dist
 (``|margin| / ||grad||_dual``), overshot by ``(1 + gamma)`` (not in the paper: on a locally linear
 model the exact estimate lands on the boundary, where float ties can keep a sample from ever
 crossing it); after one, an iterate that is not misclassified grows it by
-``(1 + gamma)``. ``alpha`` and ``gamma`` decay by cosine annealing from ``alpha_init`` to
+``(1 + gamma)``. In L0 the radius is a whole number of pixels, shrunk or grown by at least one
+(``floor(eps_k (1 -/+ gamma))``), the projection keeps the ``eps_k`` pixels with the largest change,
+and there is no line search (scaling a perturbation does not change its L0 size). ``alpha`` and ``gamma`` decay by cosine annealing from ``alpha_init`` to
 ``alpha_init / 100`` and from ``gamma_init`` to ``gamma_final``. The smallest misclassified iterate
 is kept; ``line_search`` bisection steps towards the clean point (forward passes only, not in the
 paper; 0 turns them off) finish it, as for FAB-min and CW.
@@ -32,7 +34,7 @@ from robustlab.attacks.deepfool import bisect_to_boundary
 from robustlab.checks import check_logits
 from robustlab.errors import RobustlabError
 from robustlab.losses import cw_margin
-from robustlab.threat import norms
+from robustlab.threat import L0, norms
 
 DUAL = {"linf": "l1", "l2": "l2", "l1": "linf"}
 
@@ -58,7 +60,7 @@ class FMN(Attack):
     """
 
     name = "fmn"
-    norms = ("linf", "l2", "l1")
+    norms = ("linf", "l2", "l1", L0)
     minimum_norm = True
     defaults = {"steps": 100, "alpha_init": 1.0, "gamma_init": 0.05, "gamma_final": 0.001, "line_search": 10,
                 "early_stop": False}
@@ -85,7 +87,7 @@ class FMN(Attack):
         idx = torch.arange(n, device=dev)
         x0, yy = x, y
         delta = torch.zeros_like(x)
-        radius = torch.full((n,), math.inf, dtype=x.dtype, device=dev)
+        radius = torch.full((n,), 1.0 if norm == L0 else math.inf, dtype=x.dtype, device=dev)
         found = torch.zeros(n, dtype=torch.bool, device=dev)
         largest = worst_norm(x, norm, threat.lower, threat.upper)
         stop_at = threat.eps if p["early_stop"] else None
@@ -106,10 +108,15 @@ class FMN(Attack):
             best[idx[better]] = x_req.detach()[better]
             best_norm[idx[better]] = size[better]
             found[idx] |= adv
-            boundary = margin.abs() / norms(g, DUAL[norm]).clamp_min(1e-12)
-            radius = torch.where(
-                adv, torch.minimum(radius * (1 - gamma), best_norm[idx]),
-                torch.where(found[idx], radius * (1 + gamma), size + boundary * (1 + gamma)))
+            if norm == L0:  # whole pixels: shrink or grow by at least one
+                shrink = torch.minimum(torch.minimum(radius - 1, (radius * (1 - gamma)).floor()), best_norm[idx])
+                radius = torch.where(adv, shrink, torch.maximum(radius + 1, (radius * (1 + gamma)).floor()))
+                radius = radius.clamp_min(1.0)
+            else:
+                boundary = margin.abs() / norms(g, DUAL[norm]).clamp_min(1e-12)
+                radius = torch.where(
+                    adv, torch.minimum(radius * (1 - gamma), best_norm[idx]),
+                    torch.where(found[idx], radius * (1 + gamma), size + boundary * (1 + gamma)))
             radius = torch.minimum(radius, largest[idx])
             if stop_at is not None:
                 keep = best_norm[idx] > stop_at
@@ -121,5 +128,6 @@ class FMN(Attack):
             step_dir = g / norms(g, "l2").clamp_min(1e-12).view(view)
             moved = x0 + delta - alpha * step_dir
             delta = threat.project_radius(moved, x0, radius) - x0
-        bisect_to_boundary(model, x, y, best, best_norm, norm, p["line_search"], self.is_success, forwards)
+        if norm != L0:  # scaling a perturbation does not change how many pixels it touches
+            bisect_to_boundary(model, x, y, best, best_norm, norm, p["line_search"], self.is_success, forwards)
         return AttackResult(best, torch.isfinite(best_norm), grads, forwards)
