@@ -66,3 +66,23 @@ def test_kwta_model_trains():
     train(model, data, TrainConfig(epochs=3, batch_size=64, lr=0.05, optimizer="adam"))
     after = torch.nn.functional.cross_entropy(model.eval()(x), y).item()
     assert after < 0.5 * before
+
+
+def test_sampled_gradients_predicts_unchanged_and_attacks_with_the_noise_averaged_gradient():
+    from robustlab.defenses import DefendedModel, create_defense
+
+    torch.manual_seed(0)
+    model = create_model("digits_cnn", activation="kwta:0.2").eval()
+    defended = DefendedModel(model, [create_defense("sampled-gradients", sigma=0.1, draws=4)])
+    needs = defended.needs()
+    assert needs.eot == 4 and not defended.randomized and defended.draws == 1  # one prediction pass
+    x = torch.rand(3, 1, 8, 8)
+    assert torch.equal(defended.predict(x), model(x).argmax(1))
+    assert torch.equal(defended.naive()(x), model(x))  # the non-adaptive view: plain gradients of the model
+    # the attacker's view: the model at x + sigma * N(0, 1), drawn from the defended model's generator
+    defended.set_generator(torch.Generator().manual_seed(5))
+    noisy = defended(x)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(noisy, model(x + 0.1 * noise))
+    with pytest.raises(RobustlabError, match="sigma must be in"):
+        create_defense("sampled-gradients", sigma=0)
