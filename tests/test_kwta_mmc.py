@@ -86,3 +86,44 @@ def test_sampled_gradients_predicts_unchanged_and_attacks_with_the_noise_average
     assert torch.allclose(noisy, model(x + 0.1 * noise))
     with pytest.raises(RobustlabError, match="sigma must be in"):
         create_defense("sampled-gradients", sigma=0)
+
+
+def test_mm_centers_are_equidistant_on_the_sphere():
+    from robustlab.models.mmc import mm_centers
+
+    for k in (2, 3, 10):
+        mu = mm_centers(k, 10.0).double()
+        assert mu.shape == (k, k)
+        assert torch.allclose(mu.norm(dim=1), torch.full((k,), 10.0, dtype=torch.float64), atol=1e-4)
+        gram = mu @ mu.T
+        off = gram[~torch.eye(k, dtype=torch.bool)]
+        assert torch.allclose(off, torch.full_like(off, -100.0 / (k - 1)), atol=1e-3)  # max separation
+    with pytest.raises(RobustlabError, match="radius must be > 0"):
+        create_model("digits_mlp", head="mmc:-1")
+
+
+def test_mmc_trains_and_predicts_by_the_nearest_center(tmp_path):
+    from robustlab.data import load_dataset
+    from robustlab.models.mmc import MMCHead
+    from robustlab.training import TrainConfig, create_objective, train
+
+    data = load_dataset("digits", "train").subset(400)
+    torch.manual_seed(0)
+    objective = create_objective("mmc", radius=5.0)
+    model = create_model("digits_mlp", **objective.model_options())
+    train(model, data, TrainConfig(epochs=4, batch_size=50, lr=3e-3, optimizer="adam"), objective)
+    model.eval()
+    x, y = data.batch(range(400))
+    head = model.net
+    assert isinstance(head, MMCHead)
+    with torch.no_grad():
+        logits = model(x)
+        z = head.body(model.normalize(x))
+    nearest = torch.cdist(z, head.centers).argmin(1)
+    assert torch.equal(logits.argmax(1), nearest)
+    assert (nearest == y).float().mean() > 0.8
+    card = ModelCard.for_architecture("digits_mlp", arch_kwargs=objective.model_options())
+    loaded, _ = load_checkpoint(save_checkpoint(model, tmp_path / "m.safetensors", card))
+    assert torch.allclose(loaded.eval()(x), logits)
+    with pytest.raises(RobustlabError, match="MMC head"):
+        objective(create_model("digits_mlp"), x[:4], y[:4])

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from robustlab.errors import RobustlabError
 from robustlab.models.kwta import parse_activation, use_kwta
+from robustlab.models.mmc import MMCHead, parse_head
 from robustlab.models.normalize import Normalize, as_channel_tuple
 from robustlab.registry import Registry
 
@@ -102,12 +103,13 @@ def _check_options(name: str, factory: ModelFactory, options: dict[str, Any]) ->
 
 
 # Options every architecture takes, handled here rather than by the factory.
-COMMON_OPTIONS = ("activation",)
+COMMON_OPTIONS = ("activation", "head")
 
 
 def _split_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the common options, parsed; the architecture's own options)."""
-    common = {"activation": parse_activation(kwargs.get("activation", "relu"))}
+    common = {"activation": parse_activation(kwargs.get("activation", "relu")),
+              "head": parse_head(kwargs.get("head", "linear"))}
     return common, {k: v for k, v in kwargs.items() if k not in COMMON_OPTIONS}
 
 
@@ -150,7 +152,8 @@ def create_model(
     images (N, C, H, W) to logits (N, num_classes). ``in_channels``, ``mean`` and ``std`` default to
     the architecture's config; extra keyword arguments are architecture options (e.g. ``depth``), or
     options every architecture takes: ``activation="kwta:RATIO"`` (k-winners-take-all in place of
-    every ReLU, :mod:`robustlab.models.kwta`).
+    every ReLU, :mod:`robustlab.models.kwta`), ``head="mmc:C"`` (the output read as features, the logits
+    minus squared distances to Max-Mahalanobis centers of radius C, :mod:`robustlab.models.mmc`).
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise RobustlabError(f"num_classes must be a positive integer, got {num_classes!r}")
@@ -159,4 +162,6 @@ def create_model(
     net = MODELS.get(name)(num_classes=num_classes, in_channels=cfg["in_channels"], **kwargs)
     if common["activation"] is not None:
         use_kwta(net, common["activation"])
+    if common["head"] is not None:
+        net = MMCHead(net, num_classes, common["head"])
     return nn.Sequential(OrderedDict(normalize=Normalize(cfg["mean"], cfg["std"]), net=net))
