@@ -155,3 +155,22 @@ def test_plain_pgd_overestimates_kwta_and_sampled_gradients_lower_it():
     n_plain, n_sampled, n_worst = int(ok_plain.sum()), int(ok_sampled.sum()), int((ok_plain & ok_sampled).sum())
     assert n_sampled < n_plain  # measured: 79 plain, 76 sampled, 67 worst case of 100
     assert n_worst <= n_sampled - 3
+
+
+def test_train_cli_records_kwta_and_mmc_in_the_card(tmp_path, capsys):
+    from robustlab.cli import main
+
+    out = tmp_path / "k.safetensors"
+    assert main(["train", "--model", "digits_mlp", "--data", "digits", "--n", "64", "--epochs", "1",
+                 "--activation", "kwta:0.2", "--out", str(out)]) == 0
+    model, card = load_checkpoint(out)
+    assert card.arch_kwargs == {"activation": "kwta:0.2"} and card.source == "defended"
+    assert [d["name"] for d in card.defense] == ["sampled-gradients"]  # its evaluation is adaptive
+    assert sum(isinstance(m, KWTA) for m in model.modules()) == 2
+    out = tmp_path / "m.safetensors"
+    assert main(["train", "--model", "digits_mlp", "--data", "digits", "--n", "64", "--epochs", "1",
+                 "--recipe", "mmc:radius=5", "--out", str(out)]) == 0
+    assert load_checkpoint(out)[1].arch_kwargs == {"head": "mmc:5"}
+    assert main(["train", "--model", "digits_mlp", "--data", "digits", "--activation", "kwta:0",
+                 "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "robustlab: error: k-WTA ratio must be in (0, 1], got 0.0" in capsys.readouterr().err
