@@ -36,6 +36,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from robustlab.models import MODELS
 
     MODELS.get(args.model)  # an unknown architecture is said before any data is loaded
+    from robustlab.models.kwta import parse_activation
+
+    parse_activation(args.activation or "relu")  # a bad activation is said before any data is loaded
     name, params = parse_spec(args.recipe, "recipe")
     recipe = OBJECTIVES.get(name)
     threat = _threat(args.norm, args.eps) if args.eps is not None else None
@@ -97,7 +100,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     channels = data.image_shape[0]
     for d in defenses:  # an encoding in front (thermometer) changes what the architecture takes
         channels = d.output_channels(channels)
-    base = create_model(args.model, num_classes=data.num_classes, in_channels=channels)
+    arch_kwargs = {"activation": args.activation} if args.activation else {}
+    # k-WTA masks gradients: its card declares the attack that estimates them by sampling, so the
+    # evaluation of the checkpoint is adaptive (the plain attacks run beside it as the non-adaptive ones)
+    declared = ([d.config() for d in build_defenses(["sampled-gradients"])]
+                if parse_activation(args.activation or "relu") else [])
+    arch_kwargs.update(getattr(objective, "model_options", dict)())  # e.g. mmc: the MMC head
+    base = create_model(args.model, num_classes=data.num_classes, in_channels=channels, **arch_kwargs)
     # With --defense the model trains behind the defenses (attacks in adversarial recipes go through
     # them adaptively: BPDA where declared); the checkpoint holds the model, its card the defenses.
     model = DefendedModel(base, defenses) if defenses else base
@@ -138,6 +147,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             args.model,
             num_classes=data.num_classes,
             in_channels=channels,
+            arch_kwargs=arch_kwargs,
             dataset=f"{data.name}:train[{len(data)}]",
             training={"recipe": name, "recipe_params": objective.config()["params"],
                       "threat": threat.to_dict() if threat else None, **config.to_dict(),
@@ -151,8 +161,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             notes=f"clean accuracy measured on {test.name}:test ({len(test)} images)"
             + (f"; robust accuracy: PGD-{args.val_steps} on the {val_n} held-out training images" if robust else ""),
         )
-        if defenses:
-            card = dataclasses.replace(card, source="defended", defense=[d.config() for d in defenses])
+        if defenses or declared:
+            card = dataclasses.replace(card, source="defended", defense=[d.config() for d in defenses] + declared)
         return card, acc
 
     def weights(net: torch.nn.Module) -> torch.nn.Module:
@@ -220,13 +230,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train a model (standard or adversarial recipes) and save a checkpoint with its card")
     t.add_argument("--model", required=True, help="architecture to train, by name (`robustlab list models`)")
     t.add_argument("--data", required=True)
+    t.add_argument("--activation", metavar="relu|kwta:RATIO",
+                   help="kwta:RATIO puts k-winners-take-all (keep the top RATIO of each layer's activations per "
+                        "image, e.g. kwta:0.1) in place of every ReLU; the card records it (default relu)")
     t.add_argument("--data-root")
     t.add_argument("--n", "--num-examples", dest="n", type=int,
                    help="train on the first N training images (under torchrun write --num-examples)")
     t.add_argument("--recipe", default="standard", metavar="NAME[:key=value,...]",
                    help="training objective: standard, pgd-at, trades, mart, fgsm-at, fast-at, n-fgsm, alp, clp, vat, "
                         "gradient-reg, distillation (teacher=PATH), curriculum-at, dual-bn (clean and adversarial "
-                        "BatchNorm), rst (teacher=PATH), uat (with --unlabeled), mma (max-margin) and dynamic-at (FOSC-stopped "
+                        "BatchNorm), mmc (Max-Mahalanobis centers, radius=C), rst (teacher=PATH), uat (with --unlabeled), mma (max-margin) and dynamic-at (FOSC-stopped "
                         "PGD); e.g. trades:beta=6,steps=10 "
                         "(default standard)")
     t.add_argument("--defense", action="append", metavar="NAME[:key=value,...]",

@@ -9,7 +9,11 @@ the model. What it declares:
 - ``differentiable``: gradients through the transform are meaningful; when False, attacks see the
   transform through BPDA, with ``surrogate`` (default the identity) in the backward pass;
 - ``iterative``: the transform is an optimisation or a network of its own (purifiers): attacks
-  differentiate through it as unrolled, or through ``surrogate``.
+  differentiate through it as unrolled, or through ``surrogate``;
+- ``attack_randomized``: predictions are deterministic but the attacker's view,
+  ``attack_transform`` (default: ``transform``), draws random numbers: attacks average gradients over
+  ``eot`` draws of it while predictions take one pass (the sampled gradient estimate of a model whose
+  gradients are masked, k-WTA: defense ``sampled-gradients``).
 
 :class:`DefendedModel` chains defenses in order in front of a model. Its ``forward`` is what attacks
 differentiate (BPDA where declared); its ``predict`` is what the evaluation counts (the real
@@ -61,6 +65,7 @@ class Defense(Configurable):
     randomized: ClassVar[bool] = False
     differentiable: ClassVar[bool] = True
     iterative: ClassVar[bool] = False
+    attack_randomized: ClassVar[bool] = False
     # draws a prediction votes over, and EOT draws an attack averages (randomized defenses)
     default_draws: ClassVar[int] = 1
 
@@ -68,6 +73,10 @@ class Defense(Configurable):
         """The defense's operation on a batch (N, C, H, W) in [0, 1]; random draws from ``generator``
         (the global generator if None)."""
         raise NotImplementedError
+
+    def attack_transform(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """What the adaptive attacker differentiates in place of ``transform`` (default: ``transform``)."""
+        return self.transform(x, generator)
 
     def surrogate(self, x: torch.Tensor) -> torch.Tensor:
         """A differentiable approximation of ``transform`` for BPDA (default: the identity)."""
@@ -80,7 +89,8 @@ class Defense(Configurable):
 
     @property
     def draws(self) -> int:
-        return int(self.params.get("draws", self.default_draws)) if self.randomized else 1
+        randomized = self.randomized or self.attack_randomized
+        return int(self.params.get("draws", self.default_draws)) if randomized else 1
 
 
 DEFENSES: Registry[type[Defense]] = Registry("defense")
@@ -128,7 +138,7 @@ class DefendedModel(Predictor):
             if isinstance(d, nn.Module):  # trained components (purifiers) move with the model
                 self.add_module(f"defense{i}", d)
         self.randomized = any(d.randomized for d in self.defenses)
-        self.draws = max(d.draws for d in self.defenses)
+        self.draws = max((d.draws for d in self.defenses if d.randomized), default=1)
         self.generator: torch.Generator | None = None
 
     def set_generator(self, generator: torch.Generator | None) -> None:
@@ -143,6 +153,8 @@ class DefendedModel(Predictor):
             if view != "predict" and not d.differentiable:
                 backward = d.surrogate if view == "adaptive" else (lambda t, d=d: d.surrogate(t) * 0)
                 x = BPDA(lambda t, d=d: d.transform(t, generator), backward)(x)
+            elif view == "adaptive":
+                x = d.attack_transform(x, generator)
             else:
                 x = d.transform(x, generator)
         return x
@@ -162,7 +174,7 @@ class DefendedModel(Predictor):
 
     def needs(self) -> AttackerNeeds:
         return AttackerNeeds(
-            eot=max((d.draws for d in self.defenses if d.randomized), default=1),
+            eot=max((d.draws for d in self.defenses if d.randomized or d.attack_randomized), default=1),
             bpda=tuple(d.name for d in self.defenses if not d.differentiable),
             through=tuple(d.name for d in self.defenses if d.iterative),
         )

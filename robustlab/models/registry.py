@@ -15,6 +15,8 @@ from typing import Any, Callable, Sequence
 import torch.nn as nn
 
 from robustlab.errors import RobustlabError
+from robustlab.models.kwta import parse_activation, use_kwta
+from robustlab.models.mmc import MMCHead, parse_head
 from robustlab.models.normalize import Normalize, as_channel_tuple
 from robustlab.registry import Registry
 
@@ -100,6 +102,17 @@ def _check_options(name: str, factory: ModelFactory, options: dict[str, Any]) ->
         raise RobustlabError(f"model {name!r} has no option {', '.join(unknown)}; it takes: {takes}")
 
 
+# Options every architecture takes, handled here rather than by the factory.
+COMMON_OPTIONS = ("activation", "head")
+
+
+def _split_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the common options, parsed; the architecture's own options)."""
+    common = {"activation": parse_activation(kwargs.get("activation", "relu")),
+              "head": parse_head(kwargs.get("head", "linear"))}
+    return common, {k: v for k, v in kwargs.items() if k not in COMMON_OPTIONS}
+
+
 def resolve_config(
     name: str,
     in_channels: int | None = None,
@@ -118,7 +131,8 @@ def resolve_config(
     cfg["in_channels"] = channels
     cfg["mean"] = _channel_stats(name, mean, cfg["mean"], channels, "mean")
     cfg["std"] = _channel_stats(name, std, cfg["std"], channels, "std")
-    _check_options(name, factory, kwargs)
+    _split_options(kwargs)  # validates the options every architecture takes
+    _check_options(name, factory, {k: v for k, v in kwargs.items() if k not in COMMON_OPTIONS})
     if "input_size" in kwargs:
         cfg["input_size"] = tuple(int(v) for v in kwargs["input_size"])
     return cfg
@@ -136,10 +150,18 @@ def create_model(
 
     Returns ``nn.Sequential(normalize=Normalize(mean, std), net=<architecture>)`` mapping [0, 1]
     images (N, C, H, W) to logits (N, num_classes). ``in_channels``, ``mean`` and ``std`` default to
-    the architecture's config; extra keyword arguments are architecture options (e.g. ``depth``).
+    the architecture's config; extra keyword arguments are architecture options (e.g. ``depth``), or
+    options every architecture takes: ``activation="kwta:RATIO"`` (k-winners-take-all in place of
+    every ReLU, :mod:`robustlab.models.kwta`), ``head="mmc:C"`` (the output read as features, the logits
+    minus squared distances to Max-Mahalanobis centers of radius C, :mod:`robustlab.models.mmc`).
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise RobustlabError(f"num_classes must be a positive integer, got {num_classes!r}")
     cfg = resolve_config(name, in_channels, mean, std, **kwargs)
+    common, kwargs = _split_options(kwargs)
     net = MODELS.get(name)(num_classes=num_classes, in_channels=cfg["in_channels"], **kwargs)
+    if common["activation"] is not None:
+        use_kwta(net, common["activation"])
+    if common["head"] is not None:
+        net = MMCHead(net, num_classes, common["head"])
     return nn.Sequential(OrderedDict(normalize=Normalize(cfg["mean"], cfg["std"]), net=net))

@@ -10,6 +10,7 @@ from robustlab.training.unlabeled import UnlabeledData, load_unlabeled
 # Importing these modules registers their recipes in OBJECTIVES.
 from robustlab.training import advprop as _advprop  # noqa: E402,F401  (dual-bn)
 from robustlab.training import certified as _certified  # noqa: E402,F401  (ibp, crown-ibp)
+from robustlab.training import mmc as _mmc  # noqa: E402,F401  (mmc)
 from robustlab.training import semisupervised as _semisupervised  # noqa: E402,F401  (rst, uat)
 from robustlab.training import smoothing as _smoothing  # noqa: E402,F401  (noise, smoothadv)
 from robustlab.training.adaptive import fosc  # also registers the mma and dynamic-at recipes
