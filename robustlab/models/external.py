@@ -131,11 +131,13 @@ def timm_preprocessing(name: str) -> dict[str, Any]:
 def _robustbench_entry(spec: str) -> tuple[str, str, str]:
     """(dataset, threat model, name) of a RobustBench zoo entry: ``DATASET/THREAT/NAME`` or a ``NAME``
     found in exactly one (dataset, threat model)."""
-    try:
+    try:  # the whole package first: a copy that cannot import (e.g. one vendored without its dependencies)
+        import robustbench  # noqa: F401  counts as missing, whatever submodules a failed import left behind
         from robustbench.model_zoo import model_dicts
-    except ImportError:
+    except ImportError as exc:
         raise RobustlabError("robustbench: models need the optional robustbench package (pip install "
-                             "'robustlab[robustbench]'; it pins an older timm, so use a separate environment)") from None
+                             "'robustlab[robustbench]'; it pins an older timm, so use a separate environment; "
+                             f"importing it failed: {exc})") from None
     parts = spec.split("/")
     found = [(str(getattr(d, "value", d)), str(getattr(t, "value", t)), n)
              for d, threats in model_dicts.items() for t, models in threats.items() for n in models
