@@ -5,7 +5,6 @@ sections as every report, plus ``summary.json`` and ``samples.csv`` (one row per
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
@@ -108,11 +107,7 @@ def write_certified_report(store: ResultsStore, info: dict[str, Any], out: Path)
     html_path = out / "report.html"
     html_path.write_text(page.wrap_page(f"robustlab certification: {info['model']} ({run_id})", body, store),
                          encoding="utf-8")
-    summary_path = out / "summary.json"
-    summary_path.write_text(json.dumps({"run_id": run_id, "status": info.get("status"), "partial": partial,
-                                        "summary": summary, "checks": checks, "config": info.get("config"),
-                                        "environment": info.get("environment"), "model_info": info.get("model_info")},
-                                       indent=2, default=str) + "\n", encoding="utf-8")
+    summary_path = page.write_summary_json(out / "summary.json", info, summary, checks, partial)
     samples_path = out / "samples.csv"
     _write_samples(samples_path, rows)
     return {"html": html_path, "summary": summary_path, "samples": samples_path}

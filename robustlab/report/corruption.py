@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import csv
 import html
-import json
 import math
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 
 from robustlab.eval.protocols import protocol_class
 from robustlab.eval.store import ResultsStore
+from robustlab.report.html import write_summary_json
 from robustlab.report.plots import (
     _DPI,
     _figure,
@@ -179,9 +179,7 @@ def write_corruption_report(store: ResultsStore, info: dict[str, Any], out: Path
     out.mkdir(parents=True, exist_ok=True)
     html_path, summary_path = out / "report.html", out / "summary.json"
     html_path.write_text(page, encoding="utf-8")
-    document = {"run_id": info["run_id"], "status": info.get("status"), "partial": partial, "summary": summary,
-                "config": info.get("config"), "environment": info.get("environment")}
-    summary_path.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
+    write_summary_json(summary_path, info, summary, info.get("checks") or [], partial)
     samples_path = out / "samples.csv"
     with open(samples_path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)

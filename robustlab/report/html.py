@@ -418,6 +418,18 @@ def _gallery(examples: list[Any], classes: Sequence[str] | None) -> str:
 
 # ---------------------------------------------------------------------- files
 
+def write_summary_json(path: Path, info: dict[str, Any], summary: dict[str, Any], checks: list[dict[str, Any]],
+                       partial: bool, **extra: Any) -> Path:
+    """A run's ``summary.json`` (every protocol's report writes the same document): status, summary,
+    checks, configuration, environment and model info, plus ``extra`` keys."""
+    document = {"run_id": info["run_id"], "status": info.get("status"), "partial": partial,
+                "created": info.get("created"), "finished": info.get("finished"), "summary": summary,
+                "checks": checks, "config": info.get("config"), "environment": info.get("environment"),
+                "model_info": info.get("model_info"), **extra}
+    path.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
+    return path
+
+
 def wrap_page(title: str, body: list[str], store: ResultsStore) -> str:
     """The whole HTML document around the sections of ``body`` (inline CSS, footer)."""
     try:
