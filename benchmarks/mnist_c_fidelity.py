@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from robustlab.corruptions import create_corruption, ops
+from robustlab.corruptions import create_corruption, imaging, ops
 from robustlab.corruptions.mnist_c import canny
 from robustlab.data import load_dataset
 from robustlab.models import load_model
@@ -155,7 +155,7 @@ def main() -> None:
     xs = x[:, 0].double().numpy()
     fixed = []
     ang = torch.full((len(x),), 30.0)
-    ours = torch.round(ops.motion_blur(x, 10, 3, ang).clamp(0, 1) * 255) / 255
+    ours = torch.round(imaging.motion_blur(x, 10, 3, ang).clamp(0, 1) * 255) / 255
     theirs = np.stack([motion(im, rng, 30.0) for im in xs])
     fixed.append(("motion blur at 30 deg", 255 * np.abs(ours[:, 0].numpy() - theirs).mean()))
     lin = torch.tensor(_rot(0.4), dtype=torch.float32).expand(len(x), 2, 2)

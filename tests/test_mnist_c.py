@@ -124,9 +124,10 @@ def test_glass_blur_blurs_like_the_reference(digits28):
 
 
 def test_fog_texture_is_a_smooth_map_in_the_unit_range():
-    from robustlab.corruptions import ops
+    from robustlab.corruptions import imaging
 
-    m = ops.plasma_fractal(8, 256, 1.4, torch.Generator().manual_seed(0), torch.device("cpu"))
+    cpu = torch.device("cpu")
+    m = imaging.plasma_fractal(8, 256, 1.4, imaging.uniform_draw(torch.Generator().manual_seed(0), cpu), cpu).float()
     assert m.shape == (8, 256, 256)
     assert torch.equal(m.amin(dim=(1, 2)), torch.zeros(8)) and torch.equal(m.amax(dim=(1, 2)), torch.ones(8))
     # imagecorruptions' diamond-square gives mean 0.50, sd 0.19, neighbour step 0.008 at these settings

@@ -4,7 +4,8 @@ linear zoom and box resizing as index/weight tables, HSV, plasma fractals, rando
 Every function takes and returns float batches (N, C, H, W) (or (N, H, W) maps where said) on the
 input's device. Border modes name what the reference code used: ``edge`` (scipy/skimage
 ``nearest``), ``symmetric`` (scipy ``reflect``: ``d c b a | a b c d``) and ``reflect101`` (OpenCV's
-default border and torch's ``reflect``: ``d c b | a b c d``).
+default border and torch's ``reflect``: ``d c b | a b c d``); the Gaussian blur also takes
+``constant`` (zeros outside).
 """
 
 from __future__ import annotations
@@ -80,13 +81,17 @@ def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
 
 def axis_matrix(length: int, taps: torch.Tensor, mode: str) -> torch.Tensor:
     """The (length, length) matrix of a correlation with odd 1-D ``taps`` along an axis padded by
-    ``mode`` (any kernel size, the border folded back in)."""
+    ``mode`` (any kernel size, the border folded back in; ``constant``: zeros outside)."""
     r = (taps.numel() - 1) // 2
-    src = border_index(length, r, r, mode, torch.device("cpu"))
+    raw = torch.arange(-r, length + r)
+    src = raw.clamp(0, length - 1) if mode == "constant" else border_index(length, r, r, mode, torch.device("cpu"))
     rows = torch.arange(length).view(-1, 1).expand(length, taps.numel())
     cols = src.unfold(0, taps.numel(), 1)
+    weights = taps.double().repeat(length)
+    if mode == "constant":  # samples outside the image are zeros: their taps drop out
+        weights = weights * ((raw >= 0) & (raw < length)).double().unfold(0, taps.numel(), 1).reshape(-1)
     m = torch.zeros(length, length, dtype=torch.float64)
-    m.index_put_((rows.reshape(-1), cols.reshape(-1)), taps.double().repeat(length), accumulate=True)
+    m.index_put_((rows.reshape(-1), cols.reshape(-1)), weights, accumulate=True)
     return m
 
 
@@ -102,7 +107,8 @@ def apply_axis(x: torch.Tensor, matrix: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float, mode: str = "edge", truncate: float = 4.0) -> torch.Tensor:
-    """skimage.filters.gaussian / scipy gaussian_filter on each channel (default border ``edge``)."""
+    """skimage.filters.gaussian / scipy gaussian_filter on each channel (default border ``edge``), as
+    (H, H) and (W, W) matrices: any batch shape (..., H, W), any dtype."""
     if sigma <= 0:
         return x
     h, w = x.shape[-2:]
@@ -331,16 +337,18 @@ def scale_saturation(x: torch.Tensor, gain: float, offset: float) -> torch.Tenso
     return torch.where(delta > 0, coloured, grey)
 
 
-def plasma_fractal(n: int, mapsize: int, decay: float, draw: Draw, device: torch.device) -> torch.Tensor:
-    """``n`` diamond-square height maps (n, mapsize, mapsize) in [0, 1] (ImageNet-C's fog): each
-    midpoint is the mean of its neighbours plus ``wibble * U(-wibble, wibble)``, ``wibble`` starting at
-    100 and divided by ``decay`` per level."""
-    m = torch.zeros(n, mapsize, mapsize, dtype=torch.float64, device=device)
+def plasma_fractal(n: int, mapsize: int, decay: float, draw: Draw, device: torch.device,
+                   dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``n`` diamond-square height maps (n, mapsize, mapsize) in [0, 1] (ImageNet-C's and MNIST-C's
+    fog): each midpoint is the mean of its neighbours plus ``wibble * U(-wibble, wibble)``, ``wibble``
+    starting at 100 and divided by ``decay`` per level. ``dtype``: float64 reproduces the NumPy
+    original; float32 is about twice as fast."""
+    m = torch.zeros(n, mapsize, mapsize, dtype=dtype, device=device)
     step = mapsize
     wibble = 100.0
 
     def wibbled_mean(a: torch.Tensor) -> torch.Tensor:
-        return a / 4 + wibble * (wibble * (2 * draw(tuple(a.shape)) - 1))
+        return a / 4 + wibble * (wibble * (2 * draw(tuple(a.shape)).to(dtype) - 1))
 
     while step >= 2:
         half = step // 2

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from robustlab.corruptions import ops
+from robustlab.corruptions import imaging, ops
 from robustlab.corruptions.base import Corruption, register_corruption
 from robustlab.errors import RobustlabError
 
@@ -104,7 +104,7 @@ class GlassBlur(MnistCorruption):
     def apply(self, x, generator):
         sigma, delta, iterations = self.table_entry(min(x.shape[-2:]))
         n, c, h, w = x.shape
-        x = torch.floor(ops.gaussian_blur(x, sigma).clamp(0, 1) * 255) / 255
+        x = torch.floor(imaging.gaussian_blur(x, sigma).clamp(0, 1) * 255) / 255
         flat = x.reshape(n, c, h * w).clone()
         hs, ws = range(h - delta, delta, -1), range(w - delta, delta, -1)
         steps = len(hs) * len(ws)
@@ -122,7 +122,7 @@ class GlassBlur(MnistCorruption):
                     flat[ar, :, p] = torch.where(m, vq, vp)
                     flat[ar, :, q] = torch.where(m, vp, vq)
                     k += 1
-        return ops.gaussian_blur(flat.view(n, c, h, w), sigma)
+        return imaging.gaussian_blur(flat.view(n, c, h, w), sigma)
 
 
 @register_corruption
@@ -134,7 +134,7 @@ class MotionBlur(MnistCorruption):
     def apply(self, x, generator):
         radius, sigma = self.table_entry(min(x.shape[-2:]))
         angles = ops.uniform((x.shape[0],), -45.0, 45.0, generator, x.device)
-        out = ops.motion_blur(x, radius, sigma, angles)
+        out = imaging.motion_blur(x, round(radius), sigma, angles)
         return torch.round(out.clamp(0, 1) * 255) / 255  # the original decodes an 8-bit PNG
 
 
@@ -246,7 +246,8 @@ class Fog(MnistCorruption):
         strength, decay = self.table_entry(min(x.shape[-2:]))
         n, _, h, w = x.shape
         size = max(256, 1 << (max(h, w) - 1).bit_length())
-        fog = ops.plasma_fractal(n, size, decay, generator, x.device)[:, :h, :w].unsqueeze(1)
+        draw = imaging.uniform_draw(generator, x.device)
+        fog = imaging.plasma_fractal(n, size, decay, draw, x.device, torch.float32)[:, :h, :w].unsqueeze(1)
         top = x.amax(dim=(1, 2, 3), keepdim=True)
         return (x + strength * fog) * top / (top + strength)
 
@@ -261,8 +262,8 @@ class Spatter(MnistCorruption):
     def apply(self, x, generator):
         loc, scale, sigma, threshold, mask_sigma = self.table_entry(min(x.shape[-2:]))
         liquid = loc + scale * torch.randn(x.shape, generator=generator, device=x.device)
-        liquid = ops.gaussian_blur(liquid, sigma)
-        m = ops.gaussian_blur((liquid > threshold).float(), mask_sigma)
+        liquid = imaging.gaussian_blur(liquid, sigma)
+        m = imaging.gaussian_blur((liquid > threshold).float(), mask_sigma)
         m = torch.where(m < 0.8, torch.zeros_like(m), m)
         return x * (1 - m) + (63 / 255) * m
 
@@ -363,8 +364,8 @@ def canny(x: torch.Tensor, sigma: float = 1.0, low: float = 0.1, high: float = 0
     n, c, h, w = x.shape
     y = x.reshape(n * c, 1, h, w).double()
     ones = torch.ones_like(y)
-    smoothed = ops.gaussian_blur(y, sigma, mode="constant") / ops.gaussian_blur(ones, sigma, mode="constant")
-    pad = ops._pad(smoothed, (1, 1, 1, 1), "reflect")
+    smoothed = imaging.gaussian_blur(y, sigma, mode="constant") / imaging.gaussian_blur(ones, sigma, mode="constant")
+    pad = imaging.pad_axis(imaging.pad_axis(smoothed, -2, 1, 1, "symmetric"), -1, 1, 1, "symmetric")
     d = torch.tensor([-1.0, 0.0, 1.0], dtype=y.dtype, device=y.device)
     s = torch.tensor([1.0, 2.0, 1.0], dtype=y.dtype, device=y.device)
     gi = F.conv2d(pad, (d.view(3, 1) * s.view(1, 3)).view(1, 1, 3, 3))  # along rows (axis 0)

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from robustlab.corruptions import ops
+from robustlab.corruptions import imaging, ops
 from robustlab.corruptions.mnist_c import shift_value
 from robustlab.errors import RobustlabError
 from robustlab.params import Configurable, parse_spec
@@ -117,7 +117,7 @@ class MotionBlurP(Perturbation):
 
     def frame(self, x, t, state, generator):
         radius = max(1.0, 3 * self.params["step"] * _size(x))
-        return ops.motion_blur(x, radius, 1.5 * _size(x), state + 4.0 * t)
+        return imaging.motion_blur(x, round(radius), 1.5 * _size(x), state + 4.0 * t)
 
 
 @_register
@@ -150,7 +150,7 @@ class SnowP(Perturbation):
         extra = math.ceil(self.params["step"] * _size(x) * self.params["frames"]) + 1
         layer = torch.randn((n, 1, h + extra, w), generator=generator, device=x.device) * 0.3 + 0.1
         layer = torch.where(layer > 0.5, layer, torch.zeros_like(layer))
-        return ops.gaussian_blur(layer, 0.5), extra
+        return imaging.gaussian_blur(layer, 0.5), extra
 
     def frame(self, x, t, state, generator):
         layer, extra = state
