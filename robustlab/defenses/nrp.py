@@ -28,7 +28,7 @@ from robustlab.errors import RobustlabError
 
 @register_defense
 class NRP(Defense, nn.Module):
-    """Purify with a trained purifier network (see the module docstring).
+    """NRP: a trained purifier (robustlab purify train) in front of the model; dynamic=true adds noise first.
 
     purifier: the purifier file (``X.safetensors`` with its card); dynamic: add clipped Gaussian
     noise first (randomized); sigma, clip: the noise's standard deviation and Linf bound (clip None:
