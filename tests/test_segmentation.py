@@ -230,14 +230,18 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(seg_model, scenes_te
 
 def test_report_page_and_leaderboard_columns(seg_model, scenes_test, tmp_path):
     from robustlab.report.html import write_report
+    from robustlab.report.leaderboard import leaderboard
 
     with ResultsStore(tmp_path / "r.db") as store:
         result = run(seg_model, scenes_test.subset(8), SegmentationProtocol([create_attack("fgsm", THREAT)], 11), store)
         paths = write_report(store, result.run_id, tmp_path / "rep")
+        groups = leaderboard(store)
     html = paths["html"].read_text()
     assert "Segmentation report" in html and "IoU per class" in html
     assert json.loads(paths["summary"].read_text())["summary"]["robust_miou"] == result.summary["robust_miou"]
-    assert SegmentationProtocol.leaderboard_columns[0] == "robust_miou"
+    (group,) = groups
+    assert group.protocol == "segmentation" and group.columns[:2] == ("robust_miou", "clean_miou")
+    assert "robust mIoU" in group.title and group.rows[0].rank == 1
 
 
 # ------------------------------------------------------------------------------------ the error lines
