@@ -287,3 +287,24 @@ def test_card_records_the_task():
     assert ModelCard.from_dict({k: v for k, v in card.to_dict().items() if k != "task"}).task == "classification"
     with pytest.raises(RobustlabError, match="task must be one of classification, segmentation"):
         ModelCard.from_dict({**card.to_dict(), "task": "detection"})
+
+
+def test_cli_eval_picks_the_segmentation_protocol_and_certify_refuses(seg_model, tmp_path, capsys):
+    from robustlab.cli import main
+    from robustlab.models import save_checkpoint
+
+    path = tmp_path / "seg.safetensors"
+    save_checkpoint(seg_model, path, ModelCard.for_architecture("seg_unet", num_classes=11,
+                                                                arch_kwargs={"width": 8, "depth": 2}))
+    db = str(tmp_path / "r.db")
+    capsys.readouterr()
+    assert main(["eval", "--model", str(path), "--data", "scenes-digits", "--n", "8", "--norm", "linf", "--eps", "0.1",
+                 "--attack", "pgd:steps=2", "--db", db, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["protocol"] == "segmentation" and out["n"] == 8 and out["robust_miou"] <= out["clean_miou"]
+    assert main(["certify", "--model", str(path), "--data", "digits", "--samples", "2", "--sigma", "0.25", "--n", "10", "--n0", "5",
+                 "--db", db]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [("robustlab: error: the model returns per-pixel logits of shape (2, 11, 8, 8) (N, classes, H, W): it "
+                   "is a segmentation model and cannot be evaluated as a classifier; use `robustlab eval` (it picks the "
+                   "segmentation protocol) or robustlab.eval.protocols.SegmentationProtocol")]
