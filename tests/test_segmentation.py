@@ -308,3 +308,14 @@ def test_cli_eval_picks_the_segmentation_protocol_and_certify_refuses(seg_model,
     assert err == [("robustlab: error: the model returns per-pixel logits of shape (2, 11, 8, 8) (N, classes, H, W): it "
                    "is a segmentation model and cannot be evaluated as a classifier; use `robustlab eval` (it picks the "
                    "segmentation protocol) or robustlab.eval.protocols.SegmentationProtocol")]
+
+
+def test_a_defended_segmentation_model_is_attacked_adaptively(seg_model, scenes_test, tmp_path):
+    from robustlab.defenses import DefendedModel, build_defenses
+    from robustlab.eval.runner import segment
+
+    defended = DefendedModel(seg_model, build_defenses(["noise:sigma=0.05"]))
+    with ResultsStore(tmp_path / "r.db") as store:
+        result = segment(defended, scenes_test.subset(4), [create_attack("pgd", THREAT, steps=2)], store)
+    assert [d["name"] for d in result.summary["defenses"]] == ["noise"]
+    assert result.summary["attacks"][0]["params"]["eot"] > 1  # gradients averaged over the noise draws
