@@ -5,8 +5,8 @@ every batch), sharding across torchrun ranks, the results store, progress. What 
 batch does, and how its rows become numbers, is the protocol's (``robustlab.eval.protocols``).
 
 ``evaluate(model, data, attacks, store)`` runs the adversarial protocol; ``certify(model, data,
-options, store)`` the certified one (randomized smoothing); ``run(model, data, protocol, store)`` any
-protocol.
+options, store)`` the certified one (randomized smoothing); ``segment(model, data, attacks, store)``
+the segmentation one; ``run(model, data, protocol, store)`` any protocol.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import robustlab
 from robustlab import distributed
 from robustlab.attacks.base import Attack
 from robustlab.certify.smoothing import check_base_model
-from robustlab.data import Dataset
+from robustlab.data import Dataset, is_dense
 from robustlab.defenses import AttackerNeeds, DefendedModel
 from robustlab.errors import RobustlabError
 from robustlab.eval import sanity
@@ -158,6 +158,35 @@ def certify(
     return run(model, data, protocol, store, seed=seed, batch_size=batch_size, examples=0, **kwargs)
 
 
+def segment(
+    model: nn.Module,
+    data: Dataset,
+    attacks: list[Attack],
+    store: ResultsStore | None,
+    *,
+    eps_grid: tuple[float, ...] = (),
+    seed: int = 0,
+    batch_size: int = 64,
+    **kwargs: Any,
+) -> RunResult:
+    """Evaluate the segmentation model ``model`` on the per-pixel data ``data``: mIoU and pixel
+    accuracy, clean and under ``attacks`` on the per-pixel loss (the segmentation protocol, at the
+    attacks' epsilon and at each of ``eps_grid``). A :class:`~robustlab.defenses.DefendedModel` is
+    attacked adaptively (:func:`adaptive_attacks`) and its defenses are recorded with the run. Other
+    keyword arguments are :func:`run`'s."""
+    from robustlab.eval.protocols.segmentation import SegmentationProtocol
+
+    defenses = None
+    if isinstance(model, DefendedModel):
+        needs = model.needs()
+        attacks = adaptive_attacks(attacks, needs)
+        defenses = model.configs()
+        kwargs["model_info"] = {**(kwargs.get("model_info") or {}), "defenses": defenses,
+                                "adaptive_attack": needs.describe()}
+    protocol = SegmentationProtocol(attacks, data.num_classes, eps_grid, list(data.classes), defenses=defenses)
+    return run(model, data, protocol, store, seed=seed, batch_size=batch_size, **{"examples": 0, **kwargs})
+
+
 def adaptive_attacks(attacks: list[Attack], needs: AttackerNeeds) -> list[Attack]:
     """The attacks made adaptive to a defense: gradient attacks that average over draws (an ``eot``
     parameter left at 1) average over the defense's ``needs.eot`` draws. BPDA and gradients through
@@ -196,13 +225,19 @@ def run(
     device = torch.device(device)
 
     # Probe the model before anything is written: bad models fail here with a clear message.
+    dense = protocol.dense
+    if is_dense(data) != dense:
+        raise RobustlabError(f"data set {data.name!r} has {'per-pixel labels (segmentation)' if is_dense(data) else 'one label per image'}"
+                             f"; the {protocol.name} protocol evaluates "
+                             f"{'segmentation models on per-pixel labels' if dense else 'classifiers'}")
     probe_x, probe_y = _batch(data, 0, min(len(data), batch_size), device)
     card = (model_info or {}).get("card") or {}
     probe_model(model, probe_x, model_desc=f"the model {model_name}", data_desc=f"{data.name}:{data.split}",
-                num_classes=data.num_classes, input_size=(card.get("preprocessing") or {}).get("input_size"))
+                num_classes=data.num_classes, input_size=(card.get("preprocessing") or {}).get("input_size"),
+                dense=dense)
     # The fastest memory layout for the whole run (the caller's model is given back as it was).
     with fast_runtime(model, probe_x) as runtime:
-        info = {**(model_info or {}), **sanity.inspect_model(model, probe_x), **runtime}
+        info = {**(model_info or {}), **sanity.inspect_model(model, probe_x, dense=dense), **runtime}
         tasks = protocol.plan(len(data), int(np.prod(data.image_shape)))
         config = {
             "model": model_name,
