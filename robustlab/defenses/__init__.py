@@ -12,7 +12,7 @@ from robustlab.defenses.base import (
     register_defense,
 )
 from robustlab.defenses.bpda import BPDA, Pipeline, bpda
-from robustlab.defenses import filters, jpeg, mixup_inference, quilting, randomized, sampled, thermometer, transforms  # noqa: F401  (registers the defenses)
+from robustlab.defenses import equivariance, filters, jpeg, mixup_inference, quilting, randomized, sampled, thermometer, transforms  # noqa: F401  (registers the defenses)
 
 __all__ = [
     "BPDA",
