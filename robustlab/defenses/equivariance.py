@@ -41,7 +41,6 @@ from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from robustlab.defenses.base import Defense, register_defense
@@ -275,7 +274,9 @@ class Equivariance(Defense):
         if seen is not None:
             back = back * seen
         stacked = torch.cat([ref, back]) * keep_mask
-        v = F.normalize(stacked.flatten(1), dim=1, eps=1e-12).view(views.k + 1, n, -1).transpose(0, 1)
+        flat = stacked.flatten(1)
+        flat = flat / (flat.pow(2).sum(dim=1, keepdim=True) + 1e-24).sqrt()  # smooth at 0 (second derivatives)
+        v = flat.view(views.k + 1, n, -1).transpose(0, 1)
         gram = v @ v.transpose(1, 2)  # (N, k+1, k+1) cosine similarities
         k1 = views.k + 1
         upper = torch.triu(torch.ones(k1, k1, dtype=torch.bool, device=x.device), diagonal=1)
@@ -318,7 +319,7 @@ class Equivariance(Defense):
                     xc = (x_ref + delta).detach().requires_grad_(True)
                 loss, keep_mask = self._loss(xc, views, keep_mask, generator)
                 (g,) = torch.autograd.grad(loss.sum(), xc, create_graph=graph)
-                rms = g.flatten(1).pow(2).mean(dim=1).sqrt().clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
+                rms = (g.flatten(1).pow(2).mean(dim=1) + 1e-24).sqrt().view(-1, *[1] * (x.dim() - 1))
                 u = g / rms
                 scale = noise * (steps - 1 - t) / steps
                 if scale > 0:
