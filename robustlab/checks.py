@@ -46,15 +46,35 @@ def check_labels(y: object, n: int, num_classes: int | None = None, what: str = 
     return y.long()
 
 
-def check_logits(out: object, n: int, num_classes: int | None = None) -> torch.Tensor:
-    """A model must map N images to an (N, classes) float tensor of logits."""
+#: The one line for a segmentation model given where a classifier is expected, and the reverse.
+SEGMENTATION_AS_CLASSIFIER = ("the model returns per-pixel logits of shape {shape} (N, classes, H, W): it is a "
+                              "segmentation model and cannot be evaluated as a classifier; use `robustlab eval` (it "
+                              "picks the segmentation protocol) or robustlab.eval.protocols.SegmentationProtocol")
+CLASSIFIER_AS_SEGMENTATION = ("the model returns one prediction per image, logits of shape {shape} (N, classes): it "
+                              "is a classifier and cannot be evaluated as a segmentation model, which needs "
+                              "per-pixel logits (N, classes, H, W)")
+
+
+def check_logits(out: object, n: int, num_classes: int | None = None, dense: bool | None = False) -> torch.Tensor:
+    """A model must map N images to an (N, classes) float tensor of logits; with ``dense`` (a
+    segmentation model) to per-pixel logits (N, classes, H, W); ``dense=None`` takes either."""
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         raise RobustlabError(
             f"the model returned a {type(out).__name__}; it must return one (N, classes) tensor of logits"
         )
     if not isinstance(out, torch.Tensor):
         raise RobustlabError(f"the model must return a tensor of logits, got {type(out).__name__}")
-    if out.dim() != 2 or out.shape[0] != n:
+    if dense is None:
+        dense = out.dim() == 4
+    if out.dim() == 4 and not dense and out.shape[0] == n:
+        raise RobustlabError(SEGMENTATION_AS_CLASSIFIER.format(shape=tuple(out.shape)))
+    if dense:
+        if out.dim() == 2 and out.shape[0] == n:
+            raise RobustlabError(CLASSIFIER_AS_SEGMENTATION.format(shape=tuple(out.shape)))
+        if out.dim() != 4 or out.shape[0] != n:
+            raise RobustlabError(f"a segmentation model must return per-pixel logits of shape (N, classes, H, W) with "
+                                 f"N = {n}, got {tuple(out.shape)}")
+    elif out.dim() != 2 or out.shape[0] != n:
         raise RobustlabError(
             f"the model must return logits of shape (N, classes) = ({n}, K), got {tuple(out.shape)}"
         )

@@ -36,13 +36,14 @@ class Predictor(nn.Module):
     draws: int = 1
 
     def predict(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Labels (N,) int64, or ABSTAIN. Default: the majority over ``draws`` forward passes whose
+        """Labels (N,) int64, or ABSTAIN (a segmentation model: (N, H, W), per pixel). Default: the
+        majority over ``draws`` forward passes whose
         randomness comes from ``generator`` (ties go to the smaller class index); with one draw, the
         argmax of the logits."""
         with torch.no_grad():
             counts = None
             for _ in range(self.draws):
-                logits = check_logits(self.forward_with(x, generator), x.shape[0])
+                logits = check_logits(self.forward_with(x, generator), x.shape[0], dense=None)
                 if self.draws == 1:
                     return logits.argmax(dim=1)
                 if counts is None:
@@ -55,14 +56,16 @@ class Predictor(nn.Module):
         return self(x)
 
 
-def predict(model: nn.Module, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def predict(model: nn.Module, x: torch.Tensor, generator: torch.Generator | None = None,
+            dense: bool = False) -> torch.Tensor:
     """The labels ``model`` outputs for the batch ``x`` (no graph): its own ``predict`` if it has one,
-    else the argmax of its logits. The caller puts the model in eval mode."""
+    else the argmax of its logits; (N,), or with ``dense`` (a segmentation model) (N, H, W). The
+    caller puts the model in eval mode."""
     own = getattr(model, "predict", None)
     if callable(own):
         return own(x, generator)
     with torch.no_grad():
-        return check_logits(model(x), x.shape[0]).argmax(dim=1)
+        return check_logits(model(x), x.shape[0], dense=dense).argmax(dim=1)
 
 
 def is_randomized(model: nn.Module) -> bool:

@@ -61,7 +61,8 @@ def _as_nchw_float(x: np.ndarray) -> torch.Tensor:
 
 def test_registry_lists_every_loader():
     assert list_datasets() == ["cifar10", "cifar100", "cifar100_c", "cifar10_c", "digits", "fashion_mnist", "imagefolder",
-                               "imagenet_c", "imagenet_val", "mnist", "mnist_c", "svhn", "tiny_imagenet_c"]
+                               "imagenet_c", "imagenet_val", "mnist", "mnist_c", "scenes_digits", "scenes_fashion",
+                               "scenes_mixed", "scenes_mnist", "svhn", "tiny_imagenet_c"]
     assert list_datasets() == DATASETS.names()
 
 

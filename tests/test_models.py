@@ -71,7 +71,8 @@ def test_architecture_maps_images_to_logits(name):
     x = _images(name, 1 if name in BIG else 2)
     with torch.no_grad():
         logits = model(x)
-    assert logits.shape == (x.shape[0], 7)
+    dense = model_config(name)["task"] == "segmentation"  # per-pixel logits at the input's size
+    assert logits.shape == ((x.shape[0], 7, *x.shape[2:]) if dense else (x.shape[0], 7))
     assert torch.isfinite(logits).all()
     assert isinstance(model.normalize, Normalize)
     cfg = model_config(name)

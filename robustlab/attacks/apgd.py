@@ -90,6 +90,7 @@ class APGDBase(Attack):
 
     defaults = {"steps": 100, "restarts": 1, "eot": 1, "rho": 0.75}
     norms = ("linf", "l2", "l1")
+    dense = True
 
     def validate(self) -> None:
         super().validate()
@@ -105,7 +106,8 @@ class APGDBase(Attack):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(logits, per-sample objective, input gradient of the objective or None), each averaged over
         ``eot`` passes. Parameters get no gradient: autograd is asked for the input's only."""
-        forward, value = model_objective(model, lambda out: objective(out, labels), x.shape[0])
+        forward, value = model_objective(model, lambda out: objective(out, labels), x.shape[0],
+                                         dense=labels.dim() > 1)
         return eot_gradient(forward, value, x, self.params["eot"], grad=grad)
 
     def _l1_step(self, g: torch.Tensor, step: torch.Tensor, frac: torch.Tensor, x_cur: torch.Tensor) -> torch.Tensor:
@@ -286,6 +288,7 @@ class APGDT(APGDBase):
 
     name = "apgd-t"
     defaults = {**APGDBase.defaults, "n_target_classes": 9}
+    dense = False  # ranks target classes per image
 
     def validate(self) -> None:
         super().validate()

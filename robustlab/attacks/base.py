@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from robustlab.checks import check_images, check_labels, check_logits
+from robustlab.data.dense import check_dense_labels
 from robustlab.errors import RobustlabError
 from robustlab.losses import get_loss
 from robustlab.models.runtime import eval_mode
@@ -70,6 +71,10 @@ class Attack(Configurable):
     derived: ClassVar[dict[str, str]] = {"alpha": "step_size"}
     kind: ClassVar[str] = "white-box"
     minimum_norm: ClassVar[bool] = False
+    # Attacks segmentation models too (per-pixel labels (N, H, W), dense logits): the loss is the
+    # mean over pixels (robustlab.losses.per_sample) and a sample counts as broken only when every
+    # pixel is, so the attack runs all its steps.
+    dense: ClassVar[bool] = False
 
     def __init__(self, threat: ThreatModel, targeted: bool = False, **params: Any) -> None:
         if threat.norm not in self.norms:
@@ -119,7 +124,7 @@ class Attack(Configurable):
     ) -> AttackResult:
         """Attack the batch ``(x, y)`` (``y`` are targets when targeted). Returns an AttackResult."""
         check_images(x)
-        y = check_labels(y, x.shape[0])
+        y = check_dense_labels(y, x) if self._dense(y) else check_labels(y, x.shape[0])
         with eval_mode(model):
             result = self._attack(model, x.detach(), y.to(x.device), generator)
         # The contract: never outside the threat model (minimum-norm attacks: never outside the box),
@@ -142,9 +147,21 @@ class Attack(Configurable):
     ) -> AttackResult:
         raise NotImplementedError
 
+    def _dense(self, y: torch.Tensor) -> bool:
+        """Per-pixel labels (N, H, W): a segmentation model is attacked (``dense`` attacks only)."""
+        if not (isinstance(y, torch.Tensor) and y.dim() == 3):
+            return False
+        if not self.dense:
+            raise RobustlabError(f"attack {self.name!r} does not attack segmentation models (per-pixel labels); "
+                                 f"use one of {', '.join(n for n in ATTACKS.names() if ATTACKS.get(n).dense)}")
+        return True
+
     def is_success(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per sample: misclassified (untargeted) or classified as the target. Dense outputs: every
+        pixel is (nothing is left to gain), so attacks on them run all their steps."""
         pred = logits.argmax(dim=1)
-        return pred == y if self.targeted else pred != y
+        hit = pred == y if self.targeted else pred != y
+        return hit.flatten(1).all(dim=1) if hit.dim() > 1 else hit
 
     def loss_and_grad(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, eot: int = 1
@@ -155,28 +172,31 @@ class Attack(Configurable):
         gradient and the logits are averaged over ``eot`` forward/backward passes.
         """
         objective = get_loss(loss)
-        forward, value = model_objective(model, lambda out: objective(out, y, self.targeted), x.shape[0])
+        forward, value = model_objective(model, lambda out: objective(out, y, self.targeted), x.shape[0],
+                                         dense=y.dim() > 1)
         logits, _, grad = eot_gradient(forward, value, x, eot)
         return logits, grad
 
     def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Logits at ``x`` without gradients: (N, classes), or (N, classes, H, W) of a segmentation model."""
         with torch.no_grad():
-            return check_logits(model(x), x.shape[0])
+            return check_logits(model(x), x.shape[0], dense=None)
 
 
 def model_objective(
-    model: nn.Module, objective: Callable[[torch.Tensor], torch.Tensor], n: int
+    model: nn.Module, objective: Callable[[torch.Tensor], torch.Tensor], n: int, dense: bool = False
 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
     """The (forward, objective) pair :func:`eot_gradient` takes for attacking ``model`` with the
     per-sample ``objective`` of its logits. A model may declare a term the attacker must subtract from
     its loss: a callable ``attack_penalty(x)`` giving (N,) or None (a defended model whose defense
     asks its attacker to also minimise the defense's own objective, so that the defense finds nothing
-    to correct). The term is taken at the same input as the logits, inside the same graph."""
+    to correct). The term is taken at the same input as the logits, inside the same graph. ``dense``:
+    the model is a segmentation model (logits (N, classes, H, W))."""
     penalty = getattr(model, "attack_penalty", None)
     held: list[torch.Tensor] = []
 
     def forward(z: torch.Tensor) -> torch.Tensor:
-        out = check_logits(model(z), n)
+        out = check_logits(model(z), n, dense=dense)
         if callable(penalty):
             term = penalty(z)
             if term is not None:

@@ -61,6 +61,7 @@ class MinimumMargin(APGDBase):
 
     name = "mm"
     defaults = {**APGDBase.defaults, "steps": 20, "targets": 3}
+    dense = False  # ranks target classes per image
 
     def validate(self) -> None:
         super().validate()

@@ -34,6 +34,7 @@ class PGD(Attack):
                 "eot": 1}
     choices = {"loss": tuple(LOSSES)}
     norm_params = {"l1_sparsity": ("l1",)}
+    dense = True
     decay = 0.0  # momentum on the L1-normalized gradient (MI-FGSM); 0 for plain PGD
 
     def validate(self) -> None:
@@ -120,6 +121,7 @@ class FGSM(Attack):
 
     name = "fgsm"
     defaults = {"loss": "ce", "l1_sparsity": 0.95, "eot": 1}
+    dense = True
     choices = {"loss": tuple(LOSSES)}
     norm_params = {"l1_sparsity": ("l1",)}
 

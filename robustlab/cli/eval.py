@@ -1,4 +1,6 @@
-"""``robustlab eval``: clean and robust accuracy under an attack ensemble, recorded in the results store."""
+"""``robustlab eval``: clean and robust accuracy under an attack ensemble, recorded in the results store; for
+a segmentation model (its card says task segmentation, or it returns per-pixel logits) mIoU and pixel
+accuracy, clean and under the attacks, through the segmentation protocol."""
 
 from __future__ import annotations
 
@@ -75,6 +77,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         data = data.subset(args.n)
     loaded.model.to(device)
     model = apply_card_defenses(loaded, args.defense)
+    if is_segmentation(loaded, model, data, device):
+        return _eval_segmentation(args, loaded, model, data, attacks, device)
     info = {"source": loaded.source, "spec": args.model, "card": loaded.card.to_dict() if loaded.card else None}
     extra: dict[str, Any] = {"classes": list(data.classes)}
     fingerprint = data_fingerprint(data)
@@ -137,8 +141,61 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def is_segmentation(loaded: LoadedModel, model: torch.nn.Module, data: Any, device: Any) -> bool:
+    """Whether ``robustlab eval`` runs the segmentation protocol: the model card says task
+    segmentation, or (no card says) the model returns per-pixel logits (N, classes, H, W) on the
+    first image of the data."""
+    import torch
+
+    from robustlab.models.runtime import eval_mode
+
+    if loaded.card is not None and loaded.card.task == "segmentation":
+        return True
+    x, _ = data.batch(range(1))
+    try:
+        with eval_mode(model), torch.no_grad():
+            out = model(x.to(device))
+    except Exception:  # noqa: BLE001 - the runner's probe gives the clear error for models that fail
+        return False
+    return isinstance(out, torch.Tensor) and out.dim() == 4
+
+
+def _eval_segmentation(args: argparse.Namespace, loaded: LoadedModel, model: torch.nn.Module, data: Any,
+                       attacks: list[Any], device: Any) -> int:
+    """``robustlab eval`` of a segmentation model: the segmentation protocol (mIoU and pixel accuracy,
+    clean and under the attacks on the per-pixel loss)."""
+    from robustlab.eval.protocols import SegmentationProtocol
+    from robustlab.eval.runner import run
+    from robustlab.eval.store import ResultsStore
+    from robustlab.report.segmentation import format_segmentation_summary
+
+    given = [flag for flag, on in (("--steps-grid", args.steps_grid is not None), ("--reuse-curve", args.reuse_curve),
+                                   ("--stronger-than", bool(args.stronger_than)), ("--bn", bool(args.bn)))
+             if on]
+    if given:
+        raise RobustlabError(f"{', '.join(given)} apply to classifiers; {args.model} is a segmentation model")
+    protocol = SegmentationProtocol(attacks, data.num_classes, tuple(args.eps_grid or ()), list(data.classes))
+    info = {"source": loaded.source, "spec": args.model, "card": loaded.card.to_dict() if loaded.card else None,
+            "task": "segmentation"}
+    extra = {"data": data.describe} if getattr(data, "describe", None) else {}
+    store = ResultsStore(args.db, readonly=False)
+    try:
+        result = run(model, data, protocol, store, seed=args.seed, batch_size=args.batch_size, examples=0,
+                     extra=extra, model_name=args.model, model_info=info, resume=args.resume, device=device, log=_say)
+    finally:
+        store.discard_if_unused()
+    if args.json:
+        print(json.dumps({"run_id": result.run_id, "db": str(Path(args.db)), "resumed": result.resumed,
+                          **result.summary, "checks": result.checks}, indent=2))
+    else:
+        print(format_segmentation_summary(result.summary, result.checks))
+        print(f"run {result.run_id} in {args.db}; `robustlab report {result.run_id} --db {args.db}` writes the report")
+    return 0
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    e = sub.add_parser("eval", help="evaluate clean and robust accuracy under an attack ensemble")
+    e = sub.add_parser("eval", help="evaluate clean and robust accuracy under an attack ensemble (segmentation "
+                       "models: mIoU and pixel accuracy)")
     e.add_argument("--model", required=True, help=MODEL_HELP)
     add_weights_arguments(e)
     e.add_argument("--data", required=True, help=DATA_HELP)

@@ -183,13 +183,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _probe(model, data, name: str) -> None:
     """One forward pass on two training images before anything is trained or written: an architecture
     built for another image size fails here with the size it expects."""
+    from robustlab.data import is_dense
     from robustlab.models import model_config
     from robustlab.models.probe import probe_model
 
     x, _ = data.batch(range(min(2, len(data))))
-    try:
+    try:  # per-pixel labels need a segmentation architecture, and image labels a classifier
         probe_model(model, x, model_desc=f"--model {name}", data_desc=data.name,
-                    input_size=model_config(name).get("input_size"), advice="; choose an architecture for this data")
+                    input_size=model_config(name).get("input_size"), advice="; choose an architecture for this data",
+                    dense=is_dense(data))
     finally:
         model.train()
 

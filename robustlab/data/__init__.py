@@ -10,6 +10,7 @@ are read from ``root``, else ``$ROBUSTLAB_DATA``, else ``./data``; nothing is ev
 
 from robustlab.data.catalog import DATASETS, EAGER_LIMIT_BYTES, list_datasets, load_dataset
 from robustlab.data.dataset import Dataset, ImageDataset, TransformedDataset
+from robustlab.data.dense import DenseDataset, is_dense
 from robustlab.data.locate import default_data_root
 from robustlab.data.transforms import (
     CenterCrop,
@@ -25,11 +26,12 @@ from robustlab.data.transforms import (
 from robustlab.data import corrupted as _corrupted  # noqa: E402,F401
 from robustlab.data import digits as _digits  # noqa: E402,F401
 from robustlab.data import image_folder as _image_folder  # noqa: E402,F401
+from robustlab.data import scenes as _scenes  # noqa: E402,F401
 from robustlab.data import standard as _standard  # noqa: E402,F401
 from robustlab.data.image_folder import ImageFolderDataset  # noqa: E402
 
 __all__ = [
-    "DATASETS", "EAGER_LIMIT_BYTES", "CenterCrop", "Compose", "Dataset", "ImageDataset", "ImageFolderDataset",
+    "DATASETS", "EAGER_LIMIT_BYTES", "CenterCrop", "Compose", "Dataset", "DenseDataset", "ImageDataset", "ImageFolderDataset",
     "Resize", "ResizeShorter", "Transform", "TransformedDataset", "default_data_root", "list_datasets",
-    "load_dataset", "resize_center_crop", "transform_for_model",
+    "is_dense", "load_dataset", "resize_center_crop", "transform_for_model",
 ]

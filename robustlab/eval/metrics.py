@@ -316,6 +316,79 @@ class ZeroShotAccuracy(Metric):
         return {"datasets": per, "average": avg}
 
 
+def confusion_counts(pred: Any, labels: Any, num_classes: int) -> tuple[list[int], list[list[int]], list[list[int]]]:
+    """Per sample of per-pixel predictions and labels (tensors (N, H, W)): correct pixels, and per
+    class the intersection (pixels predicted c and labelled c) and union (predicted c or labelled c)
+    counts, the additive state of :class:`SegmentationScore`."""
+    import torch
+
+    n = pred.shape[0]
+    p, t = pred.reshape(n, -1).long(), labels.reshape(n, -1).long()
+    correct = (p == t).sum(dim=1)
+    offsets = torch.arange(n, device=p.device)[:, None] * num_classes
+    hist = lambda v: torch.bincount((v + offsets).flatten(), minlength=n * num_classes).view(n, num_classes)  # noqa: E731
+    same = p == t
+    inter = torch.zeros(n, num_classes, dtype=torch.long, device=p.device)
+    inter.scatter_add_(1, t, same.long())  # each correctly labelled pixel counts for its class
+    pred_count, label_count = hist(p), hist(t)
+    union = pred_count + label_count - inter
+    return correct.tolist(), inter.tolist(), union.tolist()
+
+
+@dataclass
+class SegmentationScore(Metric):
+    """Pixel accuracy and mean intersection-over-union of per-pixel predictions, for several views of
+    the same samples (``clean``, ``adversarial``, ...). ``update(view, pixels, correct, intersection,
+    union)`` with per-sample sequences (pixels, correctly labelled pixels, and per class the
+    intersection and union counts of :func:`confusion_counts`). The counts add over pixels, so the
+    numbers are those of the whole data set however it was split: pixel accuracy = correct / pixels;
+    IoU_c = sum intersection_c / sum union_c over the classes that occur (predicted or labelled,
+    union > 0); mIoU = their mean."""
+
+    num_classes: int = 0
+    counts: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def _cell(self, view: str) -> dict[str, Any]:
+        return self.counts.setdefault(view, {"n": 0, "pixels": 0, "correct": 0, "inter": [0] * self.num_classes,
+                                             "union": [0] * self.num_classes})
+
+    def update(self, view: str, pixels: Iterable[int], correct: Iterable[int], intersection: Iterable[Sequence[int]],
+               union: Iterable[Sequence[int]]) -> "SegmentationScore":
+        cell = self._cell(view)
+        for px, c, i, u in zip(pixels, correct, intersection, union):
+            if len(i) != self.num_classes or len(u) != self.num_classes:
+                raise ValueError(f"per-class counts need {self.num_classes} entries, got {len(i)} and {len(u)}")
+            cell["n"] += 1
+            cell["pixels"] += int(px)
+            cell["correct"] += int(c)
+            cell["inter"] = [a + int(b) for a, b in zip(cell["inter"], i)]
+            cell["union"] = [a + int(b) for a, b in zip(cell["union"], u)]
+        return self
+
+    def merge(self, other: "SegmentationScore") -> "SegmentationScore":
+        if self.num_classes != other.num_classes:
+            raise ValueError("segmentation scores over different numbers of classes do not merge")
+        out = SegmentationScore(self.num_classes)
+        for src in (self.counts, other.counts):
+            for view, c in src.items():
+                cell = out._cell(view)
+                for key in ("n", "pixels", "correct"):
+                    cell[key] += c[key]
+                cell["inter"] = [a + b for a, b in zip(cell["inter"], c["inter"])]
+                cell["union"] = [a + b for a, b in zip(cell["union"], c["union"])]
+        return out
+
+    def compute(self) -> dict[str, Any]:
+        """Per view: n, pixel_accuracy, mean_iou, iou (per class; None for a class that never occurs)."""
+        out = {}
+        for view, c in self.counts.items():
+            iou = [i / u if u else None for i, u in zip(c["inter"], c["union"])]
+            present = [v for v in iou if v is not None]
+            out[view] = {"n": c["n"], "pixel_accuracy": c["correct"] / c["pixels"] if c["pixels"] else None,
+                         "mean_iou": sum(present) / len(present) if present else None, "iou": iou}
+        return out
+
+
 def merge_all(metrics: Sequence[Metric]) -> Metric:
     """One state from many (batches, sessions, ranks)."""
     out = metrics[0]

@@ -27,7 +27,7 @@ import robustlab
 from robustlab import distributed
 from robustlab.attacks.base import Attack
 from robustlab.certify.smoothing import check_base_model
-from robustlab.data import Dataset
+from robustlab.data import Dataset, is_dense
 from robustlab.defenses import AttackerNeeds, DefendedModel
 from robustlab.errors import RobustlabError
 from robustlab.eval import sanity
@@ -196,13 +196,19 @@ def run(
     device = torch.device(device)
 
     # Probe the model before anything is written: bad models fail here with a clear message.
+    dense = protocol.dense
+    if is_dense(data) != dense:
+        raise RobustlabError(f"data set {data.name!r} has {'per-pixel labels (segmentation)' if is_dense(data) else 'one label per image'}"
+                             f"; the {protocol.name} protocol evaluates "
+                             f"{'segmentation models on per-pixel labels' if dense else 'classifiers'}")
     probe_x, probe_y = _batch(data, 0, min(len(data), batch_size), device)
     card = (model_info or {}).get("card") or {}
     probe_model(model, probe_x, model_desc=f"the model {model_name}", data_desc=f"{data.name}:{data.split}",
-                num_classes=data.num_classes, input_size=(card.get("preprocessing") or {}).get("input_size"))
+                num_classes=data.num_classes, input_size=(card.get("preprocessing") or {}).get("input_size"),
+                dense=dense)
     # The fastest memory layout for the whole run (the caller's model is given back as it was).
     with fast_runtime(model, probe_x) as runtime:
-        info = {**(model_info or {}), **sanity.inspect_model(model, probe_x), **runtime}
+        info = {**(model_info or {}), **sanity.inspect_model(model, probe_x, dense=dense), **runtime}
         tasks = protocol.plan(len(data), int(np.prod(data.image_shape)))
         config = {
             "model": model_name,

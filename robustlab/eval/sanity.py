@@ -27,12 +27,12 @@ def large_eps(threat: ThreatModel, image_dim: int) -> float:
     return {"linf": width, "l2": width * math.sqrt(image_dim), "l1": width * image_dim}[threat.norm]
 
 
-def inspect_model(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+def inspect_model(model: nn.Module, x: torch.Tensor, dense: bool = False) -> dict[str, Any]:
     """Facts about a model that change how its numbers must be read: which submodules were in train
     mode (they are evaluated in eval mode), and whether two identical calls give different outputs."""
     forced = training_modules(model)
     with eval_mode(model), torch.no_grad():
-        a = check_logits(model(x), x.shape[0])
+        a = check_logits(model(x), x.shape[0], dense=dense)
         b = model(x)
     scale = float(a.abs().max()) + 1e-12
     randomized = not torch.isfinite(a).all() or float((a - b).abs().max()) > 1e-5 * scale

@@ -3,7 +3,7 @@
 Every model maps float NCHW images in [0, 1] to logits; normalization is its first layer.
 """
 
-from robustlab.models import certified, resnet, small, wideresnet  # noqa: F401  (register the architectures)
+from robustlab.models import certified, resnet, segmentation, small, wideresnet  # noqa: F401  (register the architectures)
 from robustlab.models.card import SOURCES, ModelCard
 from robustlab.models.checkpoint import load_checkpoint, save_checkpoint
 from robustlab.models.dual_bn import DualBatchNorm, bn_branch, convert_to_dual_bn, set_bn_branch

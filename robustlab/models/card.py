@@ -27,7 +27,7 @@ from typing import Any
 from robustlab.errors import RobustlabError
 from robustlab.models.dual_bn import BRANCHES
 from robustlab.models.entry_points import portable_entry_point, split_entry_point
-from robustlab.models.registry import resolve_config
+from robustlab.models.registry import TASKS, resolve_config
 
 SOURCES = ("registry", "entry-point", "defended", "external")
 # Top-level fields of cards written before ``preprocessing`` existed; they now live in it.
@@ -131,7 +131,9 @@ class ModelCard:
     ``save_checkpoint``). dual_bn is None for a plain model, or ``{"test_branch": "clean" | "adv"}``
     for one whose BatchNorm layers are split into clean and adversarial branches
     (``robustlab.models.dual_bn``; the weights hold both, the model is rebuilt with both and uses
-    ``test_branch``).
+    ``test_branch``). task: ``classification`` (logits (N, classes), the default, and what cards
+    without the field are) or ``segmentation`` (per-pixel logits (N, classes, H, W); evaluated by the
+    segmentation protocol).
     """
 
     source: str = "registry"
@@ -151,8 +153,11 @@ class ModelCard:
     sha256: str = ""
     notes: str = ""
     dual_bn: dict[str, Any] | None = None
+    task: str = "classification"
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise RobustlabError(f"model card: task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.source not in SOURCES:
             raise RobustlabError(f"model card: unknown source {self.source!r}; expected one of {', '.join(SOURCES)}")
         for key in ("num_classes", "in_channels"):
@@ -240,6 +245,7 @@ class ModelCard:
         arch_kwargs = dict(arch_kwargs or {})
         cfg = resolve_config(architecture, in_channels, mean, std, **arch_kwargs)
         fields.setdefault("dataset", cfg["dataset"])
+        fields.setdefault("task", cfg.get("task", "classification"))
         preprocessing = {"input_size": list(cfg["input_size"]), "mean": list(cfg["mean"]), "std": list(cfg["std"])}
         preprocessing.update(fields.pop("preprocessing", None) or {})
         return cls(
@@ -298,7 +304,8 @@ class ModelCard:
         kwargs["source"] = kwargs.get("source") or "registry"
         kwargs.setdefault("robustlab_version", "")
         kwargs.setdefault("created", "")
-        for key, empty in (("arch_kwargs", {}), ("training", {}), ("defense", []), ("sha256", ""), ("notes", "")):
+        for key, empty in (("arch_kwargs", {}), ("training", {}), ("defense", []), ("sha256", ""), ("notes", ""),
+                           ("task", "classification")):
             if kwargs.get(key) is None:
                 kwargs[key] = empty
         return cls(**kwargs)

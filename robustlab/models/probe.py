@@ -32,12 +32,14 @@ def _images(c: int) -> str:
 
 def probe_model(model: nn.Module, x: torch.Tensor, *, model_desc: str = "the model", data_desc: str = "the data",
                 num_classes: int | None = None, input_size: Sequence[int] | None = None,
-                advice: str = "") -> torch.Tensor:
+                advice: str = "", dense: bool = False) -> torch.Tensor:
     """Run ``model`` (in eval mode, no gradients) on the batch ``x``; return its logits, checked to be
     (N, classes) (``num_classes`` when given). A failure raises one :class:`RobustlabError` line:
     "<model_desc> is built for <C-channel HxW> images; <data_desc> has CxHxW images and the model fails on them
     (<first line of the error>)<advice>". ``input_size`` (H, W) is what the model is built for, when
-    known (registry config or model card); the channel count is read from its first convolution."""
+    known (registry config or model card); the channel count is read from its first convolution.
+    ``dense``: a segmentation model, whose logits are per pixel (N, classes, H, W); a model of the
+    other kind fails with the one line of :func:`robustlab.checks.check_logits`."""
     try:
         with eval_mode(model), torch.no_grad():
             out = model(x)
@@ -53,4 +55,4 @@ def probe_model(model: nn.Module, x: torch.Tensor, *, model_desc: str = "the mod
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise RobustlabError(f"{model_desc}{takes}; {data_desc} has {c}x{h}x{w} images and the model fails "
                              f"on them ({first}){advice}") from None
-    return check_logits(out, x.shape[0], num_classes)
+    return check_logits(out, x.shape[0], num_classes, dense=dense)

@@ -23,6 +23,8 @@ from robustlab.registry import Registry
 ModelFactory = Callable[..., nn.Module]
 
 MODELS: Registry[ModelFactory] = Registry("model")
+#: What a model's outputs are: one prediction per image, or one per pixel.
+TASKS = ("classification", "segmentation")
 _CONFIGS: dict[str, dict[str, Any]] = {}
 
 
@@ -34,11 +36,16 @@ def register_model(
     mean: Sequence[float],
     std: Sequence[float],
     dataset: str,
+    task: str = "classification",
 ) -> Callable[[ModelFactory], ModelFactory]:
     """Decorator: register an architecture factory under ``name`` with its default config.
 
-    ``input_size`` is (H, W) in pixels; ``mean``/``std`` are per-channel, in [0, 1] pixel units.
+    ``input_size`` is (H, W) in pixels; ``mean``/``std`` are per-channel, in [0, 1] pixel units;
+    ``task``: what the outputs are, ``classification`` (logits (N, classes)) or ``segmentation``
+    (per-pixel logits (N, classes, H, W)).
     """
+    if task not in TASKS:
+        raise ValueError(f"model {name!r}: task must be one of {', '.join(TASKS)}")
     mean_t, std_t = as_channel_tuple(mean, "mean"), as_channel_tuple(std, "std")
     if not len(mean_t) == len(std_t) == in_channels:
         raise ValueError(f"model {name!r}: mean/std need {in_channels} values each")
@@ -49,6 +56,7 @@ def register_model(
         "mean": mean_t,
         "std": std_t,
         "dataset": dataset,
+        "task": task,
     }
 
     def add(factory: ModelFactory) -> ModelFactory:
@@ -66,7 +74,7 @@ def list_models() -> list[str]:
 
 def model_config(name: str) -> dict[str, Any]:
     """A copy of the default config of architecture ``name``: name, in_channels, input_size (H, W),
-    mean, std, dataset. Raises RobustlabError listing known names if ``name`` is unknown."""
+    mean, std, dataset, task. Raises RobustlabError listing known names if ``name`` is unknown."""
     MODELS.get(name)  # the clear unknown-name error
     return copy.deepcopy(_CONFIGS[name.lower()])
 

@@ -468,7 +468,15 @@ def _verified_page(store: ResultsStore, info: dict, out: Path) -> dict[str, Path
     return write_verified_report(store, info, out)
 
 
-PAGES = {"certified": _certified_page, "corruption": _corruption_page, "verified": _verified_page}
+def _segmentation_page(store: ResultsStore, info: dict, out: Path) -> dict[str, Path]:
+    """A segmentation run's page (mIoU and pixel accuracy, clean and robust; IoU per class)."""
+    from robustlab.report.segmentation import write_segmentation_report
+
+    return write_segmentation_report(store, info, out)
+
+
+PAGES = {"certified": _certified_page, "corruption": _corruption_page, "segmentation": _segmentation_page,
+         "verified": _verified_page}
 
 
 def _write_samples_csv(path: Path, rows: list[SampleRow], attack_names: dict[int, str]) -> None:

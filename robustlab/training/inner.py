@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from robustlab import losses
 from robustlab.models.runtime import eval_mode
 from robustlab.threat import ThreatModel, norms
 
@@ -94,8 +95,9 @@ def maximize(
 
 
 def cross_entropy_loss(y: torch.Tensor) -> LogitLoss:
-    """Per-sample cross-entropy of the labels ``y`` (the loss PGD-AT, MART and fast AT maximize)."""
-    return lambda logits: F.cross_entropy(logits.float(), y, reduction="none")
+    """Per-sample cross-entropy of the labels ``y`` (the loss PGD-AT, MART and fast AT maximize);
+    per-pixel labels (N, H, W): the mean over each sample's pixels (:func:`robustlab.losses.per_sample`)."""
+    return lambda logits: losses.cross_entropy(logits.float(), y)
 
 
 def kl_to(probs: torch.Tensor) -> LogitLoss:

@@ -64,8 +64,9 @@ def cpu_has_bf16() -> bool | None:
 
 
 def standard_objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on the clean batch (the plain-callable form; see also the ``standard`` recipe)."""
-    return F.cross_entropy(check_logits(model(x), x.shape[0]), y)
+    """Cross-entropy on the clean batch (the plain-callable form; see also the ``standard`` recipe);
+    per-pixel labels (N, H, W): the mean over every pixel."""
+    return F.cross_entropy(check_logits(model(x), x.shape[0], dense=y.dim() > 1), y)
 
 
 @dataclass
@@ -155,13 +156,15 @@ class TrainHistory(list):
 
 
 def accuracy(model: nn.Module, data: Dataset, batch_size: int = 512, device: torch.device | None = None) -> float:
-    """Clean accuracy of ``model`` on ``data`` (eval mode, caller's modes restored)."""
+    """Clean accuracy of ``model`` on ``data`` (eval mode, caller's modes restored); per-pixel labels
+    (a segmentation data set): the pixel accuracy."""
     device = device or next(model.parameters()).device
-    correct = 0
+    correct = total = 0
     with eval_mode(model), torch.no_grad():
         for _, _, x, y in data.batches(batch_size):
             correct += int((model(x.to(device)).argmax(dim=1) == y.to(device)).sum())
-    return correct / len(data)
+            total += y.numel()
+    return correct / total
 
 
 def objective_config(objective: ObjectiveLike) -> dict[str, Any]:

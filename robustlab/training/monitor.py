@@ -56,7 +56,8 @@ def robust_validation(
     batch_size: int = 256,
 ) -> dict[str, float]:
     """Clean accuracy and, if ``threat`` is given, PGD accuracy (``steps`` steps of 2.5 eps / steps,
-    random start, CE) on ``data``: the fraction classified correctly and not broken. Only correctly
+    random start, CE) on ``data``: the fraction classified correctly and not broken (per-pixel labels:
+    the mean pixel accuracy of the clean and of the PGD images, per-pixel CE averaged). Only correctly
     classified points are attacked. The attack's random starts are the same at every call (same
     seed), so epoch-to-epoch differences are the model's. Eval mode and the CPU speed context
     (:func:`robustlab.models.runtime.fast_runtime`, as in an evaluation); the caller's modes and
@@ -68,6 +69,14 @@ def robust_validation(
     with eval_mode(model), fast_runtime(model, probe_x):
         for b, _, x, y in data.batches(batch_size):
             x, y = x.to(device), y.to(device)
+            if y.dim() > 1:  # per-pixel labels: pixel accuracy, clean and on PGD examples of every sample
+                with torch.no_grad():
+                    clean += float((model(x).argmax(dim=1) == y).flatten(1).float().mean(dim=1).sum())
+                if attack is not None:
+                    x_adv = attack.run(model, x, y, make_generator(seed, VAL_KEY, b, device=device)).x_adv
+                    with torch.no_grad():
+                        robust += float((model(x_adv).argmax(dim=1) == y).flatten(1).float().mean(dim=1).sum())
+                continue
             with torch.no_grad():
                 correct = model(x).argmax(dim=1) == y
             clean += int(correct.sum())

@@ -7,10 +7,11 @@ from robustlab.eval.protocols.adversarial import AdversarialProtocol
 from robustlab.eval.protocols.certified import CertifiedOptions, CertifiedProtocol
 from robustlab.eval.protocols.base import BatchContext, BatchOutput, Protocol, Task
 from robustlab.eval.protocols.corruption import CorruptionProtocol
+from robustlab.eval.protocols.segmentation import SegmentationProtocol
 from robustlab.eval.protocols.verified import VerifiedProtocol
 
 PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (AdversarialProtocol, CertifiedProtocol, CorruptionProtocol,
-                                                            VerifiedProtocol)}
+                                                            SegmentationProtocol, VerifiedProtocol)}
 
 
 def protocol_class(name: str) -> type[Protocol]:
@@ -22,4 +23,4 @@ def protocol_class(name: str) -> type[Protocol]:
 
 
 __all__ = ["PROTOCOLS", "AdversarialProtocol", "BatchContext", "BatchOutput", "CertifiedOptions", "CertifiedProtocol",
-           "CorruptionProtocol", "Protocol", "Task", "VerifiedProtocol", "protocol_class"]
+           "CorruptionProtocol", "Protocol", "SegmentationProtocol", "Task", "VerifiedProtocol", "protocol_class"]

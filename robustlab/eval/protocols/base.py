@@ -101,6 +101,10 @@ class Protocol:
     name: ClassVar[str] = ""
     sample_table: ClassVar[str] = ""
     sample_columns: ClassVar[tuple[tuple[str, str], ...]] = ()
+    #: What the protocol evaluates: classifiers (logits (N, classes), labels (N,)) or, when True,
+    #: segmentation models (per-pixel logits (N, classes, H, W), labels (N, H, W)). The runner checks
+    #: model and data against it before anything is written.
+    dense: ClassVar[bool] = False
 
     def config(self) -> dict[str, Any]:
         raise NotImplementedError
