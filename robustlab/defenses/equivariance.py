@@ -86,7 +86,10 @@ class _SignSTE(torch.autograd.Function):
 
 @register_defense
 class Equivariance(Defense):
-    """Test-time correction of the input that restores feature equivariance (see the module doc).
+    """Test-time input correction restoring a layer's equivariance (Mao et al. 2023).
+
+    Within ``factor * eps`` of the input, under random crops, rotations, flips and colour jitter (see
+    the module doc).
 
     eps: the attack's Linf epsilon (pixels; required); factor: the correction's budget in units of
     eps; steps, views: optimisation steps and random transformations per step; step: first step size
