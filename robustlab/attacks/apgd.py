@@ -29,8 +29,13 @@ import torch
 import torch.nn as nn
 
 from robustlab.attacks.active import Active
-from robustlab.attacks.base import Attack, AttackResult, eot_gradient, register_attack
-from robustlab.checks import check_logits
+from robustlab.attacks.base import (
+    Attack,
+    AttackResult,
+    eot_gradient,
+    model_objective,
+    register_attack,
+)
 from robustlab.errors import RobustlabError
 from robustlab.losses import cross_entropy, dlr
 
@@ -101,9 +106,9 @@ class APGDBase(Attack):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(logits, per-sample objective, input gradient of the objective or None), each averaged over
         ``eot`` passes. Parameters get no gradient: autograd is asked for the input's only."""
-        return eot_gradient(lambda z: check_logits(model(z), x.shape[0], dense=labels.dim() > 1),
-                            lambda out: objective(out, labels), x,
-                            self.params["eot"], grad=grad)
+        forward, value = model_objective(model, lambda out: objective(out, labels), x.shape[0],
+                                         dense=labels.dim() > 1)
+        return eot_gradient(forward, value, x, self.params["eot"], grad=grad)
 
     def _l1_step(self, g: torch.Tensor, step: torch.Tensor, frac: torch.Tensor, x_cur: torch.Tensor) -> torch.Tensor:
         """The sparse L1 step: ``step`` (L1 norm, per sample) spread evenly over the coordinates with

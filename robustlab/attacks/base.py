@@ -172,15 +172,42 @@ class Attack(Configurable):
         gradient and the logits are averaged over ``eot`` forward/backward passes.
         """
         objective = get_loss(loss)
-        logits, _, grad = eot_gradient(
-            lambda z: check_logits(model(z), x.shape[0], dense=y.dim() > 1), lambda out: objective(out, y, self.targeted),
-            x, eot)
+        forward, value = model_objective(model, lambda out: objective(out, y, self.targeted), x.shape[0],
+                                         dense=y.dim() > 1)
+        logits, _, grad = eot_gradient(forward, value, x, eot)
         return logits, grad
 
     def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Logits at ``x`` without gradients: (N, classes), or (N, classes, H, W) of a segmentation model."""
         with torch.no_grad():
             return check_logits(model(x), x.shape[0], dense=None)
+
+
+def model_objective(
+    model: nn.Module, objective: Callable[[torch.Tensor], torch.Tensor], n: int, dense: bool = False
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+    """The (forward, objective) pair :func:`eot_gradient` takes for attacking ``model`` with the
+    per-sample ``objective`` of its logits. A model may declare a term the attacker must subtract from
+    its loss: a callable ``attack_penalty(x)`` giving (N,) or None (a defended model whose defense
+    asks its attacker to also minimise the defense's own objective, so that the defense finds nothing
+    to correct). The term is taken at the same input as the logits, inside the same graph. ``dense``:
+    the model is a segmentation model (logits (N, classes, H, W))."""
+    penalty = getattr(model, "attack_penalty", None)
+    held: list[torch.Tensor] = []
+
+    def forward(z: torch.Tensor) -> torch.Tensor:
+        out = check_logits(model(z), n, dense=dense)
+        if callable(penalty):
+            term = penalty(z)
+            if term is not None:
+                held.append(term)
+        return out
+
+    def value(out: torch.Tensor) -> torch.Tensor:
+        v = objective(out)
+        return v - held.pop() if held else v
+
+    return forward, value
 
 
 def eot_gradient(

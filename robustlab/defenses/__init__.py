@@ -1,6 +1,18 @@
 """Defenses: named components that wrap a model into a defended predictor (``--defense NAME:params``),
 each declaring what an adaptive attacker of it needs (EOT, BPDA, attacking through it)."""
 
+from robustlab.defenses import (  # noqa: F401  (registers the defenses)
+    equivariance,
+    filters,
+    jpeg,
+    mixup_inference,
+    nrp,
+    quilting,
+    randomized,
+    sampled,
+    thermometer,
+    transforms,
+)
 from robustlab.defenses.base import (
     DEFENSES,
     AttackerNeeds,
@@ -12,7 +24,6 @@ from robustlab.defenses.base import (
     register_defense,
 )
 from robustlab.defenses.bpda import BPDA, Pipeline, bpda
-from robustlab.defenses import filters, jpeg, mixup_inference, nrp, quilting, randomized, sampled, thermometer, transforms  # noqa: F401  (registers the defenses)
 
 __all__ = [
     "BPDA",

@@ -13,7 +13,18 @@ the model. What it declares:
 - ``attack_randomized``: predictions are deterministic but the attacker's view,
   ``attack_transform`` (default: ``transform``), draws random numbers: attacks average gradients over
   ``eot`` draws of it while predictions take one pass (the sampled gradient estimate of a model whose
-  gradients are masked, k-WTA: defense ``sampled-gradients``).
+  gradients are masked, k-WTA: defense ``sampled-gradients``);
+- ``attack_draws``: the EOT draws an attack averages (default ``draws``; a defense that predicts from
+  one draw but needs EOT from its attacker declares more).
+
+Two optional hooks for defenses that need more than the image:
+
+- ``bind(model)``: :class:`DefendedModel` calls it once with the model behind the defenses, for
+  defenses that run the model themselves (test-time optimisation of the input: ``equivariance``);
+- ``penalty(x, generator)``: a per-sample term (N,) the adaptive attacker subtracts from its loss
+  (default None: nothing), e.g. the defense's own objective, so that the attack also leaves the
+  defense nothing to correct. :meth:`DefendedModel.attack_penalty` sums them; the gradient attacks
+  pick it up from the model they attack (:func:`robustlab.attacks.base.model_objective`).
 
 :class:`DefendedModel` chains defenses in order in front of a model. Its ``forward`` is what attacks
 differentiate (BPDA where declared); its ``predict`` is what the evaluation counts (the real
@@ -40,12 +51,14 @@ from robustlab.registry import Registry
 @dataclass(frozen=True)
 class AttackerNeeds:
     """What an adaptive attack on a defended model must do: average gradients over ``eot`` draws
-    (1: deterministic), differentiate non-differentiable steps by BPDA (``bpda`` names them), and
-    attack through iterative steps (``through`` names them)."""
+    (1: deterministic), differentiate non-differentiable steps by BPDA (``bpda`` names them), attack
+    through iterative steps (``through`` names them), and subtract the penalties of the defenses
+    ``penalty`` names from its loss."""
 
     eot: int = 1
     bpda: tuple[str, ...] = ()
     through: tuple[str, ...] = ()
+    penalty: tuple[str, ...] = ()
 
     def describe(self) -> str:
         parts = []
@@ -55,6 +68,8 @@ class AttackerNeeds:
             parts.append(f"BPDA through {', '.join(self.bpda)}")
         if self.through:
             parts.append(f"gradients through {', '.join(self.through)}")
+        if self.penalty:
+            parts.append(f"loss minus the objective of {', '.join(self.penalty)}")
         return "; ".join(parts) or "plain gradients (the defended model is differentiable and deterministic)"
 
 
@@ -82,6 +97,15 @@ class Defense(Configurable):
         """A differentiable approximation of ``transform`` for BPDA (default: the identity)."""
         return x
 
+    def bind(self, model: nn.Module) -> None:
+        """Called once by :class:`DefendedModel` with the model behind the defenses (default: nothing;
+        defenses that run the model themselves keep it)."""
+
+    def penalty(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """A differentiable per-sample term (N,) the adaptive attacker subtracts from its loss
+        (default None: none)."""
+        return None
+
     def output_channels(self, channels: int) -> int:
         """Channels of the transformed image for an input of ``channels`` (default: the same; an
         encoding such as the thermometer's changes it, and the model behind takes that many)."""
@@ -91,6 +115,16 @@ class Defense(Configurable):
     def draws(self) -> int:
         randomized = self.randomized or self.attack_randomized
         return int(self.params.get("draws", self.default_draws)) if randomized else 1
+
+    @property
+    def has_penalty(self) -> bool:
+        """Whether :meth:`penalty` gives a term (default: it is overridden)."""
+        return type(self).penalty is not Defense.penalty
+
+    @property
+    def attack_draws(self) -> int:
+        """EOT draws an adaptive attack averages (default: ``draws``)."""
+        return self.draws
 
 
 DEFENSES: Registry[type[Defense]] = Registry("defense")
@@ -137,6 +171,7 @@ class DefendedModel(Predictor):
         for i, d in enumerate(self.defenses):
             if isinstance(d, nn.Module):  # trained components (purifiers) move with the model
                 self.add_module(f"defense{i}", d)
+            d.bind(model)
         self.randomized = any(d.randomized for d in self.defenses)
         self.draws = max((d.draws for d in self.defenses if d.randomized), default=1)
         self.generator: torch.Generator | None = None
@@ -176,10 +211,17 @@ class DefendedModel(Predictor):
 
     def needs(self) -> AttackerNeeds:
         return AttackerNeeds(
-            eot=max((d.draws for d in self.defenses if d.randomized or d.attack_randomized), default=1),
+            eot=max((d.attack_draws for d in self.defenses if d.randomized or d.attack_randomized), default=1),
             bpda=tuple(d.name for d in self.defenses if not d.differentiable),
             through=tuple(d.name for d in self.defenses if d.iterative),
+            penalty=tuple(d.name for d in self.defenses if d.has_penalty),
         )
+
+    def attack_penalty(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The sum of the defenses' penalties at ``x`` (N,), differentiable, random draws from
+        :attr:`generator`; None when no defense declares one. Attacks subtract it from their loss."""
+        terms = [t for d in self.defenses if d.has_penalty for t in [d.penalty(x, self.generator)] if t is not None]
+        return sum(terms[1:], terms[0]) if terms else None
 
     def configs(self) -> list[dict[str, Any]]:
         """The defenses' configs, in order (recorded with runs and cards)."""
