@@ -239,3 +239,13 @@ def test_cli_zeroshot_runs_and_refuses_bad_input(tiny, tmp_path, capsys):
     assert "unknown template set 'nosuch'" in capsys.readouterr().err
     assert main([*base, "--data", "digits", "--prompts", "cifar10=x.txt"]) == 2
     assert "--prompts for cifar10, which is not among the data sets" in capsys.readouterr().err
+
+
+def test_at_model_size_resizes_named_data_before_the_attack_streaming(tiny):
+    from robustlab.vlm.suite import build_sets
+
+    _, vlm = tiny
+    native, resized = (build_sets(vlm, ["digits"], n=5, templates="tecoa", at_model_size=flag)[0] for flag in (False, True))
+    assert native.data.image_shape == (1, 8, 8) and resized.data.image_shape == (1, 16, 16)
+    assert not resized.data.in_memory and resized.prompts.templates == ["This is a photo of a {}"]
+    assert resized.describe()["image_shape"] == [1, 16, 16]  # part of the run's configuration

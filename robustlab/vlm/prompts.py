@@ -2,7 +2,7 @@
 
 Named template sets (``TEMPLATE_SETS``): ``photo`` (the "a photo of a {}." family CLIP uses for natural
 images), ``digits`` (short prompts for digit images), ``clothing`` (Fashion-MNIST), ``single`` (only
-"a photo of a {}."). Every data set robustlab ships or reads by name has its class names (from
+"a photo of a {}.") and ``tecoa`` (the single prompt of TeCoA's evaluation code). Every data set robustlab ships or reads by name has its class names (from
 :mod:`robustlab.data.classes`, written as words) and a template set (``DATASET_PROMPTS``).
 
 For any other data (an image folder, other names) give a prompts file:
@@ -32,6 +32,7 @@ from robustlab.vlm.zeroshot import check_templates
 
 TEMPLATE_SETS: dict[str, list[str]] = {
     "single": ["a photo of a {}."],
+    "tecoa": ["This is a photo of a {}"],  # the one prompt TeCoA's code evaluates with
     "photo": [
         "a photo of a {}.",
         "a blurry photo of a {}.",
