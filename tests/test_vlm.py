@@ -249,3 +249,37 @@ def test_at_model_size_resizes_named_data_before_the_attack_streaming(tiny):
     assert native.data.image_shape == (1, 8, 8) and resized.data.image_shape == (1, 16, 16)
     assert not resized.data.in_memory and resized.prompts.templates == ["This is a photo of a {}"]
     assert resized.describe()["image_shape"] == [1, 16, 16]  # part of the run's configuration
+
+
+def test_interrupted_zero_shot_run_resumes_to_the_numbers_of_an_uninterrupted_one(tiny, tmp_path, monkeypatch):
+    from robustlab.attacks import build_attacks
+    from robustlab.eval.protocols.zero_shot import ZeroShotProtocol
+    from robustlab.eval.runner import zero_shot
+    from robustlab.eval.store import ResultsStore
+    from robustlab.threat import ThreatModel
+    from robustlab.vlm.suite import build_sets
+
+    _, vlm = tiny
+    sets = build_sets(vlm, ["digits"], n=30)
+    attacks = build_attacks(["pgd:steps=3"], ThreatModel("linf", 4 / 255))
+    kw = {"batch_size": 10, "progress": False, "sanity_checks": False}
+    full = zero_shot(sets, attacks, ResultsStore(tmp_path / "a.db"), **kw)
+    original, calls = ZeroShotProtocol.run_batch, []
+
+    def killed_at_the_fourth_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ZeroShotProtocol, "run_batch", killed_at_the_fourth_batch)
+    store = ResultsStore(tmp_path / "b.db")
+    with pytest.raises(KeyboardInterrupt):
+        zero_shot(sets, attacks, store, **kw)
+    monkeypatch.setattr(ZeroShotProtocol, "run_batch", original)
+    resumed = zero_shot(sets, attacks, store, resume=True, **kw)
+    assert resumed.resumed and resumed.summary["datasets"] == full.summary["datasets"]
+    for task in ("digits@1/255", "digits@4/255"):
+        a = [tuple(r) for r in ResultsStore(tmp_path / "a.db").sample_rows("zero_shot_samples", full.run_id, task)]
+        b = [tuple(r) for r in store.sample_rows("zero_shot_samples", resumed.run_id, task)]
+        assert [r[2:] for r in a] == [r[2:] for r in b]  # every per-sample outcome, not only the totals
