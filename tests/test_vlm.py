@@ -283,3 +283,14 @@ def test_interrupted_zero_shot_run_resumes_to_the_numbers_of_an_uninterrupted_on
         a = [tuple(r) for r in ResultsStore(tmp_path / "a.db").sample_rows("zero_shot_samples", full.run_id, task)]
         b = [tuple(r) for r in store.sample_rows("zero_shot_samples", resumed.run_id, task)]
         assert [r[2:] for r in a] == [r[2:] for r in b]  # every per-sample outcome, not only the totals
+
+
+def test_zero_shot_head_saves_as_safetensors_every_tensor_once(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, vlm = tiny
+    head = ZeroShotClassifier(vlm, text_classifier(vlm, CLASSES, TEMPLATES))
+    assert set(dict(vlm.visual.named_parameters())) and all(
+        p is q for p, q in zip(vlm.visual.parameters(), vlm.clip.visual.parameters()))
+    save_file(head.state_dict(), str(tmp_path / "head.safetensors"))  # refuses tensors that share memory
+    assert torch.equal(load_file(str(tmp_path / "head.safetensors"))["weights"], head.weights)

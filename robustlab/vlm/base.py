@@ -50,8 +50,9 @@ class VisionLanguageModel(nn.Module):
     Attributes: ``image_size`` (the side the image tower takes), ``mean`` / ``std`` (its
     normalization, tuples in [0, 1] units), ``visual`` (the image tower: what adaptation trains),
     ``channels`` (3 for CLIP; 1-channel inputs are repeated to 3).
-    Subclasses set ``visual`` and implement :meth:`encode_preprocessed`, :meth:`encode_text` and
-    :attr:`logit_scale`.
+    Subclasses set ``visual`` (or define it as a property returning a tower registered elsewhere in
+    the model: every tensor should appear once in the state dict, which safetensors requires) and
+    implement :meth:`encode_preprocessed`, :meth:`encode_text` and :attr:`logit_scale`.
     """
 
     visual: nn.Module

@@ -45,7 +45,7 @@ class OpenClipVLM(VisionLanguageModel):
 
     Preprocessing comes from the model: ``image_size`` from its image tower, mean / std and the
     interpolation from its ``preprocess_cfg`` when it has one (else CLIP's). ``visual`` is the image
-    tower; the text tower stays in ``clip``.
+    tower (``clip.visual``, so the state dict holds every tensor once); the text tower stays in ``clip``.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, name: str = "") -> None:
@@ -54,12 +54,15 @@ class OpenClipVLM(VisionLanguageModel):
         super().__init__(_side(model.visual.image_size), cfg.get("mean", CLIP_MEAN), cfg.get("std", CLIP_STD),
                          resize_mode="bilinear" if interpolation == "bilinear" else "bicubic")
         self.clip = model
-        self.visual = model.visual
         if tokenizer is None:
             context = int(getattr(model, "context_length", 77) or 77)
             tokenizer = _open_clip().tokenizer.SimpleTokenizer(context_length=context)
         self.tokenizer = tokenizer
         self.name = name
+
+    @property
+    def visual(self) -> nn.Module:  # the open_clip model's own image tower (registered once, under clip)
+        return self.clip.visual
 
     def encode_preprocessed(self, x: torch.Tensor) -> torch.Tensor:
         return self.clip.encode_image(x)
