@@ -294,3 +294,18 @@ def test_zero_shot_head_saves_as_safetensors_every_tensor_once(tiny, tmp_path):
         p is q for p, q in zip(vlm.visual.parameters(), vlm.clip.visual.parameters()))
     save_file(head.state_dict(), str(tmp_path / "head.safetensors"))  # refuses tensors that share memory
     assert torch.equal(load_file(str(tmp_path / "head.safetensors"))["weights"], head.weights)
+
+
+def test_imagenet_style_folder_streams_with_names_from_its_synset_file(tiny, tmp_path):
+    from robustlab.vlm.suite import build_sets
+
+    _, vlm = tiny
+    _png_folder(tmp_path / "val", ["n01443537", "n01440764"], per_class=2, size=(20, 24))
+    (tmp_path / "LOC_synset_mapping.txt").write_text("n01443537 goldfish, Carassius\nn01440764 tench, Tinca tinca\n")
+    (s,) = build_sets(vlm, [f"imagenet-val:{tmp_path}"])
+    assert s.key == "imagenet-val" and not s.data.in_memory and s.data.image_shape == (3, 16, 16)
+    assert s.prompts.classnames == ["goldfish", "tench"]  # label order from the mapping file, names from it too
+    assert s.data.labels.tolist() == [1, 1, 0, 0]  # files sorted by folder: n01440764 (tench, label 1) first
+    with pytest.raises(RobustlabError, match="class names missing for data set 'imagenet-val'"):
+        (tmp_path / "LOC_synset_mapping.txt").unlink()
+        build_sets(vlm, [f"imagenet-val:{tmp_path}"])
