@@ -9,9 +9,10 @@ from robustlab.eval.protocols.base import BatchContext, BatchOutput, Protocol, T
 from robustlab.eval.protocols.corruption import CorruptionProtocol
 from robustlab.eval.protocols.segmentation import SegmentationProtocol
 from robustlab.eval.protocols.verified import VerifiedProtocol
+from robustlab.eval.protocols.zero_shot import ZeroShotProtocol
 
 PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (AdversarialProtocol, CertifiedProtocol, CorruptionProtocol,
-                                                            SegmentationProtocol, VerifiedProtocol)}
+                                                            SegmentationProtocol, VerifiedProtocol, ZeroShotProtocol)}
 
 
 def protocol_class(name: str) -> type[Protocol]:
@@ -23,4 +24,5 @@ def protocol_class(name: str) -> type[Protocol]:
 
 
 __all__ = ["PROTOCOLS", "AdversarialProtocol", "BatchContext", "BatchOutput", "CertifiedOptions", "CertifiedProtocol",
-           "CorruptionProtocol", "Protocol", "SegmentationProtocol", "Task", "VerifiedProtocol", "protocol_class"]
+           "CorruptionProtocol", "Protocol", "SegmentationProtocol", "Task", "VerifiedProtocol", "ZeroShotProtocol",
+           "protocol_class"]
