@@ -3,10 +3,10 @@
 Modes (``parse_mode``):
 
 - ``full``: every parameter of the image tower (``vlm.visual``) trains.
-- ``last:blocks=K``: only the last K transformer blocks of the image tower train, with what comes
-  after them (final norm, projection). The blocks are the tower's largest ``nn.ModuleList`` (open_clip
-  ``transformer.resblocks``, Hugging Face ``encoder.layers``, the tiny CLIP's ``blocks``); "after"
-  means registered after it, in ``named_parameters`` order.
+- ``last:blocks=K``: only the last K transformer blocks of the image tower train, with the head after
+  them (final norm, projection). The blocks are the tower's largest ``nn.ModuleList`` (open_clip
+  ``transformer.resblocks``, Hugging Face ``encoder.layers``, the tiny CLIP's ``blocks``); the head
+  is known by name (:data:`HEAD_NAMES`).
 - ``vpt:pad=P,tokens=T,deep=false``: visual prompt tuning, the model's own weights frozen. ``pad``: a
   learned padding prompt, a frame of P pixels around the preprocessed image, added to it (Bahng et al.
   2022, as in TeCoA); ``tokens``: T learned prompt tokens in the ViT (shallow: at the input; deep: at
@@ -151,22 +151,25 @@ def transformer_blocks(visual: nn.Module) -> tuple[str, nn.ModuleList]:
     return best[1], best[2]
 
 
+#: Names of the modules and parameters that come after the blocks of the image towers we know: open_clip
+#: (``ln_post``, ``proj``, ``attn_pool``), Hugging Face (``post_layernorm``, the projection), the tiny CLIP.
+HEAD_NAMES = frozenset({"ln_post", "proj", "attn_pool", "post_layernorm", "projection", "visual_projection",
+                        "head", "fc_norm"})
+
+
 def last_blocks_parameters(visual: nn.Module, k: int) -> list[str]:
-    """Names (in ``visual``) of the parameters of the last ``k`` blocks and of everything registered
-    after the blocks (final norm, projection)."""
+    """Names (in ``visual``) of the parameters of the last ``k`` blocks and of the head after them
+    (final norm, projection: a parameter outside the blocks with a name part in :data:`HEAD_NAMES`)."""
     prefix, blocks = transformer_blocks(visual)
     if k > len(blocks):
         raise RobustlabError(f"mode last:blocks={k}, but the image tower has only {len(blocks)} blocks")
-    first = len(blocks) - k
-    keep = [f"{prefix}.{i}." for i in range(first, len(blocks))]
-    names, after = [], False
+    keep = tuple(f"{prefix}.{i}." for i in range(len(blocks) - k, len(blocks)))
+    names = []
     for name, _ in visual.named_parameters():
-        in_blocks = name.startswith(prefix + ".")
-        if in_blocks:
-            after = True
-            if any(name.startswith(p) for p in keep):
+        if name.startswith(prefix + "."):
+            if name.startswith(keep):
                 names.append(name)
-        elif after:
+        elif HEAD_NAMES & set(name.split(".")):
             names.append(name)
     return names
 

@@ -45,6 +45,7 @@ def caption_dataset(sources: Sequence[CaptionSource], image_size: int, per_sourc
                     seed: int = 0) -> tuple[ImageDataset, list[list[str]]]:
     """The pooled training set (3 x ``image_size`` x ``image_size`` images in [0, 1], labels = global
     caption class) and, per global class, its captions (every template filled with the class name).
+    Classes of different sources with the same captions (MNIST's and the digits' "3") are one class.
     ``per_source``: at most this many images from each source (a seeded random subset)."""
     xs, ys, prompts, names = [], [], [], []
     for src in sources:
@@ -60,10 +61,14 @@ def caption_dataset(sources: Sequence[CaptionSource], image_size: int, per_sourc
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         xs.append(resize_square(x, image_size, "bilinear").contiguous())
-        ys.append(y + len(prompts))
+        ids = []
         for c in src.classnames:
-            prompts.append([fill(t, c) for t in templates])
-            names.append(f"{src.name}:{c}")
+            captions = [fill(t, c) for t in templates]
+            if captions not in prompts:  # the same captions (mnist and digits) are the same class
+                prompts.append(captions)
+                names.append(f"{src.name}:{c}")
+            ids.append(prompts.index(captions))
+        ys.append(torch.tensor(ids)[y])
     tag = "+".join(s.name for s in sources)
     return ImageDataset(f"captions({tag})", "train", torch.cat(xs), torch.cat(ys), names), prompts
 
