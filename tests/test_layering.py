@@ -19,6 +19,7 @@ FORBIDDEN = {
     "training": {"defenses", "eval", "report", "cli", "demo"},
     "eval": {"report", "cli", "training", "demo"},
     "report": {"cli", "training", "demo"},
+    "vlm": {"eval", "report", "cli", "demo"},
 }
 
 

@@ -5,7 +5,8 @@ every batch), sharding across torchrun ranks, the results store, progress. What 
 batch does, and how its rows become numbers, is the protocol's (``robustlab.eval.protocols``).
 
 ``evaluate(model, data, attacks, store)`` runs the adversarial protocol; ``certify(model, data,
-options, store)`` the certified one (randomized smoothing); ``run(model, data, protocol, store)`` any
+options, store)`` the certified one (randomized smoothing); ``zero_shot(sets, attacks, store)`` the
+zero-shot one (a vision-language model on many data sets); ``run(model, data, protocol, store)`` any
 protocol.
 """
 
@@ -34,6 +35,7 @@ from robustlab.eval import sanity
 from robustlab.eval.protocols.adversarial import AdversarialOptions, AdversarialProtocol
 from robustlab.eval.protocols.base import BatchContext, Protocol, Task
 from robustlab.eval.protocols.certified import CertifiedOptions, CertifiedProtocol
+from robustlab.eval.protocols.zero_shot import DEFAULT_EPS, EXAMPLES_PER_SET, ZeroShotProtocol
 from robustlab.eval.store import ResultsStore
 from robustlab.models.probe import probe_model
 from robustlab.models.runtime import fast_runtime, full_float32
@@ -156,6 +158,30 @@ def certify(
     check_base_model(model)
     protocol = CertifiedProtocol(options, data.num_classes)
     return run(model, data, protocol, store, seed=seed, batch_size=batch_size, examples=0, **kwargs)
+
+
+def zero_shot(
+    sets: list[Any],
+    attacks: list[Attack],
+    store: ResultsStore | None,
+    *,
+    eps: tuple[float, ...] = DEFAULT_EPS,
+    sanity_checks: bool = True,
+    vlm_info: dict[str, Any] | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    **kwargs: Any,
+) -> RunResult:
+    """Zero-shot clean and robust accuracy of one vision-language model on every data set of ``sets``
+    (:class:`~robustlab.vlm.suite.ZeroShotSet`: data + zero-shot head, see
+    :func:`robustlab.vlm.suite.build_sets`) at each epsilon of ``eps`` under the ensemble ``attacks``
+    (their norm; rebuilt at each epsilon), into ``store`` as one run. ``vlm_info`` (spec, source,
+    weights_sha256) is recorded as the model's info. Other keyword arguments are :func:`run`'s."""
+    protocol = ZeroShotProtocol(list(sets), attacks, tuple(eps), sanity_checks, vlm_info)
+    info = {**(vlm_info or {}), **(kwargs.pop("model_info", None) or {})}
+    first = protocol.sets[0]
+    return run(first.head, first.data, protocol, store, seed=seed, batch_size=batch_size, examples=EXAMPLES_PER_SET,
+               model_info=info, **kwargs)
 
 
 def adaptive_attacks(attacks: list[Attack], needs: AttackerNeeds) -> list[Attack]:
@@ -327,10 +353,11 @@ def _run_tasks(model, data, protocol, tasks: list[Task], store, run_id, seed, bs
                     saved=store.load_partial(run_id, task.name, b) if single else None,
                     save=save if single else None, done_rows=done_rows if single else None,
                 )
-                x, y = _batch(data, start, stop, device)
-                if hasattr(model, "set_generator"):  # a randomized defense draws from (seed, task, batch)
-                    model.set_generator(ctx.generator(_MODEL_DRAWS))
-                out = protocol.run_batch(model, x, y, ctx)
+                x, y = _batch(protocol.task_data(task, data), start, stop, device)
+                task_model = protocol.task_model(task, model)
+                if hasattr(task_model, "set_generator"):  # a randomized defense draws from (seed, task, batch)
+                    task_model.set_generator(ctx.generator(_MODEL_DRAWS))
+                out = protocol.run_batch(task_model, x, y, ctx)
                 mine = (out.rows, out.costs, out.rejected, out.examples)
             results = distributed.gather(mine)
             for i, b in round_:

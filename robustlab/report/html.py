@@ -468,7 +468,15 @@ def _verified_page(store: ResultsStore, info: dict, out: Path) -> dict[str, Path
     return write_verified_report(store, info, out)
 
 
-PAGES = {"certified": _certified_page, "corruption": _corruption_page, "verified": _verified_page}
+def _zero_shot_page(store: ResultsStore, info: dict, out: Path) -> dict[str, Path]:
+    """A zero-shot run's page: a row per data set and the average, bars, adversarial examples."""
+    from robustlab.report.zero_shot import write_zero_shot_report
+
+    return write_zero_shot_report(store, info, out)
+
+
+PAGES = {"certified": _certified_page, "corruption": _corruption_page, "verified": _verified_page,
+         "zero-shot": _zero_shot_page}
 
 
 def _write_samples_csv(path: Path, rows: list[SampleRow], attack_names: dict[int, str]) -> None:

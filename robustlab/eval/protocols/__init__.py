@@ -8,9 +8,10 @@ from robustlab.eval.protocols.certified import CertifiedOptions, CertifiedProtoc
 from robustlab.eval.protocols.base import BatchContext, BatchOutput, Protocol, Task
 from robustlab.eval.protocols.corruption import CorruptionProtocol
 from robustlab.eval.protocols.verified import VerifiedProtocol
+from robustlab.eval.protocols.zero_shot import ZeroShotProtocol
 
 PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (AdversarialProtocol, CertifiedProtocol, CorruptionProtocol,
-                                                            VerifiedProtocol)}
+                                                            VerifiedProtocol, ZeroShotProtocol)}
 
 
 def protocol_class(name: str) -> type[Protocol]:
@@ -22,4 +23,4 @@ def protocol_class(name: str) -> type[Protocol]:
 
 
 __all__ = ["PROTOCOLS", "AdversarialProtocol", "BatchContext", "BatchOutput", "CertifiedOptions", "CertifiedProtocol",
-           "CorruptionProtocol", "Protocol", "Task", "VerifiedProtocol", "protocol_class"]
+           "CorruptionProtocol", "Protocol", "Task", "VerifiedProtocol", "ZeroShotProtocol", "protocol_class"]

@@ -7,6 +7,8 @@ torchrun ranks, the store, progress. A protocol owns:
 - ``config()``: its part of the run configuration (hashed with the rest: a resumed run must match);
 - ``plan(n, image_dim)``: its tasks (name, kind, n, JSON params), e.g. the main evaluation, curve
   points, sanity checks;
+- ``task_data(task, data)`` / ``task_model(task, model)``: what a task reads and runs on (the run's
+  data and model unless its tasks each have their own, as zero-shot's data sets do);
 - ``run_batch(model, x, y, task, ctx)``: the per-batch work, returning per-sample rows for its own
   table (``sample_table`` with ``sample_columns``), costs, rejected claims and examples to keep;
 - ``final_checks(...)``: verdicts that need the live model (run once at the end);
@@ -27,10 +29,10 @@ How the next protocols plug in (one protocol module, one metric, one CLI command
   corruption at the data transform seam with ``ctx.generator()`` and records correct / prediction
   into ``corruption_samples``; ``summarize`` feeds
   :class:`~robustlab.eval.metrics.CorruptionError` against the baseline run the config names (mCE).
-- **zero-shot**: the model is a zero-shot head over class names and templates (the config records
-  both); one run per data set with the adversarial protocol's tasks, or one protocol whose tasks are
-  data sets; rows go to ``zero_shot_samples``; :class:`~robustlab.eval.metrics.ZeroShotAccuracy`
-  averages over data sets.
+- **zero-shot** (``protocols/zero_shot.py``): one run, tasks = data sets x epsilons; each task reads
+  its own data set and attacks its own zero-shot head (``task_data`` / ``task_model``); the config
+  records class names and templates; rows go to ``zero_shot_samples``;
+  :class:`~robustlab.eval.metrics.ZeroShotAccuracy` averages over data sets.
 """
 
 from __future__ import annotations
@@ -111,6 +113,16 @@ class Protocol:
 
     def plan(self, n: int, image_dim: int) -> list[Task]:
         raise NotImplementedError
+
+    def task_data(self, task: Task, data: Any) -> Any:
+        """The data set a task's batches are read from: the run's own, unless a protocol's tasks each
+        have theirs (zero-shot: one data set per task)."""
+        return data
+
+    def task_model(self, task: Task, model: nn.Module) -> nn.Module:
+        """The model a task's batches run on: the run's own, unless a protocol's tasks each have theirs
+        (zero-shot: each data set's zero-shot head over one shared vision-language model)."""
+        return model
 
     def run_batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: BatchContext) -> BatchOutput:
         raise NotImplementedError
