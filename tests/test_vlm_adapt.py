@@ -199,3 +199,25 @@ def load_tiny_clip_or_new():
     from robustlab.vlm.tiny_clip import TinyCLIP
 
     return TinyCLIP(SMALL, ["<pad>", "<unk>", "digit"])
+
+
+def test_cli_adapts_saves_and_the_adaptation_loads_by_spec(pretrained, digits, tmp_path, capsys):
+    from robustlab.cli import main
+
+    path, _ = pretrained
+    out = tmp_path / "adapted.safetensors"
+    args = ["adapt", "--vlm", f"tiny:{path}", "--data", "digits", "--n", "128", "--recipe", "fare:steps=2",
+            "--mode", "last:blocks=1", "--eps", "4/255", "--epochs", "1", "--lr", "1e-3", "--out", str(out)]
+    assert main(args) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    adapted, info = load_vlm(f"adapted:{out}")
+    assert info["base"]["spec"] == f"tiny:{path}"
+    original = load_tiny_clip(path)
+    x, _ = digits[1].batch(range(8))
+    with torch.no_grad():
+        assert not torch.equal(adapted.encode_image(x), original.encode_image(x))
+        assert torch.equal(adapted.encode_text(["the digit 3."]), original.encode_text(["the digit 3."]))
+    assert main([*args[:7], "--recipe", "trades", *args[9:]]) == 2
+    assert "robustlab adapt trains with tecoa or fare, got recipe 'trades'" in capsys.readouterr().err
+    assert main([*args[:9], "--mode", "vpt:pad=2,tokens=0,deep=maybe", *args[11:]]) == 2
+    assert "deep must be true or false" in capsys.readouterr().err
