@@ -108,8 +108,8 @@ def test_tecoa_updates_only_the_parameters_of_its_mode(pretrained, digits, mode)
         assert "visual.blocks.1.qkv.weight" in changed and "visual.proj" in changed
     else:
         assert not changed  # prompt tuning leaves the model itself alone
-        assert sorted(trainable_names(adapted)) == ["base.visual.prompt_tokens", "padding.prompt"]
-        assert adapted.padding.prompt.abs().sum() > 0 and adapted.base.visual.prompt_tokens.shape == (2, 3, 32)
+        assert sorted(trainable_names(adapted)) == ["padding.prompt", "prompt_tokens.tokens"]
+        assert adapted.padding.prompt.abs().sum() > 0 and adapted.prompt_tokens.tokens.shape == (2, 3, 32)
         inner_frame = adapted.padding.prompt * (1 - adapted.padding.mask)
         assert not inner_frame.any()  # the padding prompt lives on the frame only
     assert history[-1]["train_adv_acc"] >= 0
@@ -221,3 +221,66 @@ def test_cli_adapts_saves_and_the_adaptation_loads_by_spec(pretrained, digits, t
     assert "robustlab adapt trains with tecoa or fare, got recipe 'trades'" in capsys.readouterr().err
     assert main([*args[:9], "--mode", "vpt:pad=2,tokens=0,deep=maybe", *args[11:]]) == 2
     assert "deep must be true or false" in capsys.readouterr().err
+
+
+def _open_clip_vlm(batch_first=True):
+    open_clip = pytest.importorskip("open_clip")
+    from robustlab.vlm.open_clip_adapter import OpenClipVLM
+
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(**cfg).eval()
+    if not batch_first:
+        model.visual.transformer.batch_first = False
+        for block in model.visual.transformer.resblocks:
+            block.attn.batch_first = False
+    return OpenClipVLM(model, open_clip.tokenizer.SimpleTokenizer(), "tiny-test")
+
+
+def test_modes_on_an_open_clip_tower_find_its_head_and_take_prompt_tokens():
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for batch_first in (True, False):
+        vlm = _open_clip_vlm(batch_first)
+        prepare(vlm, "last:blocks=1")
+        names = {n for n, p in vlm.visual.named_parameters() if p.requires_grad}
+        assert {"proj", "ln_post.weight", "ln_post.bias"} <= names
+        assert all(n.startswith("transformer.resblocks.1.") for n in names - {"proj", "ln_post.weight", "ln_post.bias"})
+        with torch.no_grad():
+            ref = vlm.encode_image(x)
+        prompted = prepare(vlm, "vpt:pad=0,tokens=3,deep=true", torch.Generator().manual_seed(1))
+        out = prompted.encode_image(x)
+        assert out.shape == ref.shape and not torch.allclose(out, ref)
+        out.sum().backward()
+        assert prompted.prompt_tokens.tokens.grad.abs().sum() > 0
+        assert trainable_names(prompted) == ["prompt_tokens.tokens"]
+        outputs.append(out.detach())
+        prompted.prompt_tokens.detach()
+        with torch.no_grad():
+            assert torch.allclose(vlm.encode_image(x), ref, atol=1e-6)  # hooks off: the original tower
+    # Sequence-first blocks (older open_clip layouts) get the same tokens in the same place.
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
+
+
+def test_modes_on_a_hugging_face_tower(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from robustlab.vlm.hf_adapter import HFClipVLM
+
+    cfg = transformers.CLIPConfig(
+        text_config={"vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 16},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": 16, "patch_size": 8}, projection_dim=16)
+    torch.manual_seed(0)
+    vlm = HFClipVLM(transformers.CLIPModel(cfg).eval(), tokenizer=None)
+    prepare(vlm, "last:blocks=1")
+    names = {n for n, p in vlm.visual.named_parameters() if p.requires_grad}
+    assert {"projection.weight", "vision_model.post_layernorm.weight"} <= names
+    assert not any("layers.0." in n or "embeddings" in n or "pre_layrnorm" in n for n in names)
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = vlm.encode_image(x)
+        prompted = prepare(vlm, "vpt:pad=2,tokens=2", torch.Generator().manual_seed(0))
+        prompted.prompt_tokens.tokens.normal_()
+        assert not torch.allclose(prompted.encode_image(x), ref)

@@ -9,9 +9,9 @@ Modes (``parse_mode``):
   is known by name (:data:`HEAD_NAMES`).
 - ``vpt:pad=P,tokens=T,deep=false``: visual prompt tuning, the model's own weights frozen. ``pad``: a
   learned padding prompt, a frame of P pixels around the preprocessed image, added to it (Bahng et al.
-  2022, as in TeCoA); ``tokens``: T learned prompt tokens in the ViT (shallow: at the input; deep: at
-  every block, Jia et al. 2022); token prompts need an image tower that supports them
-  (``add_prompt_tokens``, the tiny CLIP's).
+  2022, as in TeCoA); ``tokens``: T learned prompt tokens appended to the ViT's token sequence
+  (shallow: at the input; deep: at every block, Jia et al. 2022), by hooks on the tower's blocks, so
+  open_clip, Hugging Face and tiny-CLIP towers all take them (:mod:`robustlab.vlm.visual_prompts`).
 
 The text tower never trains: the training classes' text embeddings are computed once
 (:func:`~robustlab.vlm.zeroshot.text_classifier`) into the zero-shot classifier that the loop trains.
@@ -38,6 +38,7 @@ from robustlab.training import TrainConfig, TrainHistory, train
 from robustlab.training.objectives import Objective
 from robustlab.vlm.base import VisionLanguageModel
 from robustlab.vlm.loading import register_vlm_loader
+from robustlab.vlm.visual_prompts import PaddingPrompt, PromptTokens, transformer_blocks
 from robustlab.vlm.zeroshot import ZeroShotClassifier, text_classifier
 
 MODES = ("full", "last", "vpt")
@@ -90,33 +91,18 @@ def parse_mode(spec: str | AdaptMode) -> AdaptMode:
     return mode
 
 
-class PaddingPrompt(nn.Module):
-    """A learned frame ``width`` pixels wide around a ``size`` x ``size`` image (3 channels), added to
-    the preprocessed (normalized) image; zero inside the frame. Starts at zero (the original model)."""
-
-    def __init__(self, size: int, width: int, channels: int = 3) -> None:
-        super().__init__()
-        if not 0 < 2 * width < size:
-            raise RobustlabError(f"a padding prompt of {width} pixels does not fit a {size}x{size} image")
-        self.prompt = nn.Parameter(torch.zeros(1, channels, size, size))
-        mask = torch.ones(1, 1, size, size)
-        mask[..., width:size - width, width:size - width] = 0
-        self.register_buffer("mask", mask)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + (self.prompt * self.mask).to(x.dtype)
-
-
 class AdaptedVLM(VisionLanguageModel):
-    """``base`` with an optional padding prompt between its preprocessing and its image tower (and
-    prompt tokens, when the mode asks, inside ``base.visual``). Text, temperature and preprocessing
-    are ``base``'s."""
+    """``base`` with the prompts of ``mode``: a padding prompt between its preprocessing and its image
+    tower, prompt tokens hooked into the tower's blocks (:mod:`robustlab.vlm.visual_prompts`). Text,
+    temperature and preprocessing are ``base``'s."""
 
-    def __init__(self, base: VisionLanguageModel, mode: AdaptMode) -> None:
+    def __init__(self, base: VisionLanguageModel, mode: AdaptMode, generator: torch.Generator | None = None) -> None:
         super().__init__(base.image_size, base.mean, base.std, channels=base.channels, resize_mode=base.resize_mode)
         self.base = base
         self.mode = mode
-        self.padding = PaddingPrompt(base.image_size, mode.pad, base.channels) if mode.kind == "vpt" and mode.pad else None
+        vpt = mode.kind == "vpt"
+        self.padding = PaddingPrompt(base.image_size, mode.pad, base.channels) if vpt and mode.pad else None
+        self.prompt_tokens = PromptTokens(base.visual, mode.tokens, mode.deep, generator) if vpt and mode.tokens else None
 
     @property
     def visual(self) -> nn.Module:  # type: ignore[override]
@@ -136,19 +122,6 @@ class AdaptedVLM(VisionLanguageModel):
     @property
     def logit_scale(self) -> float:
         return self.base.logit_scale
-
-
-def transformer_blocks(visual: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The image tower's transformer blocks: its ``nn.ModuleList`` with the most parameters."""
-    best: tuple[int, str, nn.ModuleList] | None = None
-    for name, module in visual.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module):
-            n = sum(p.numel() for p in module.parameters())
-            if best is None or n > best[0]:
-                best = (n, name, module)
-    if best is None:
-        raise RobustlabError(f"the image tower ({type(visual).__name__}) has no list of blocks; use mode full or vpt")
-    return best[1], best[2]
 
 
 #: Names of the modules and parameters that come after the blocks of the image towers we know: open_clip
@@ -177,17 +150,12 @@ def last_blocks_parameters(visual: nn.Module, k: int) -> list[str]:
 def prepare(vlm: VisionLanguageModel, mode: AdaptMode | str, generator: torch.Generator | None = None) -> AdaptedVLM:
     """Wrap ``vlm`` for adaptation in ``mode``: prompts added where the mode asks, and
     ``requires_grad`` on exactly the parameters that train (everything else frozen, text tower
-    included). ``vlm`` itself is changed in place (its flags, and prompt tokens for vpt)."""
+    included). ``vlm`` itself is changed in place (its flags, and the prompt tokens' hooks for vpt).
+    ``generator`` initializes prompt tokens."""
     mode = parse_mode(mode)
     for p in vlm.parameters():
         p.requires_grad_(False)
-    if mode.kind == "vpt" and mode.tokens:
-        add = getattr(vlm.visual, "add_prompt_tokens", None)
-        if add is None:
-            raise RobustlabError(f"prompt tokens need an image tower that takes them; {type(vlm.visual).__name__} does "
-                                 "not (use a padding prompt: vpt:pad=P,tokens=0)")
-        add(mode.tokens, deep=mode.deep, generator=generator)
-    adapted = AdaptedVLM(vlm, mode)
+    adapted = AdaptedVLM(vlm, mode, generator)
     for p in adapted.parameters():
         p.requires_grad_(False)
     if mode.kind == "full":
@@ -198,11 +166,9 @@ def prepare(vlm: VisionLanguageModel, mode: AdaptMode | str, generator: torch.Ge
         for name, p in vlm.visual.named_parameters():
             p.requires_grad_(name in wanted)
     else:
-        if adapted.padding is not None:
-            adapted.padding.prompt.requires_grad_(True)
-        tokens = getattr(vlm.visual, "prompt_tokens", None)
-        if mode.tokens and tokens is not None:
-            tokens.requires_grad_(True)
+        for module in (adapted.padding, adapted.prompt_tokens):
+            for p in module.parameters() if module is not None else ():
+                p.requires_grad_(True)
     return adapted
 
 

@@ -1,6 +1,5 @@
-"""A small CLIP-like model that trains on a CPU in minutes: a small ViT image tower (with visual prompt
-tokens for prompt tuning) and a small text transformer over a word tokenizer whose vocabulary comes
-from the captions it was pretrained on.
+"""A small CLIP-like model that trains on a CPU in minutes: a small ViT image tower and a small text
+transformer over a word tokenizer whose vocabulary comes from the captions it was pretrained on.
 
 It exists so the whole zero-shot pipeline (pretraining, zero-shot evaluation, TeCoA / prompt tuning /
 FARE adaptation) can be run end to end without downloaded weights. Pretraining
@@ -127,12 +126,7 @@ class Block(nn.Module):
 
 class TinyViT(nn.Module):
     """Patch embedding, a class token, ``layers`` transformer blocks, the class token's features
-    projected to ``embed_dim``.
-
-    Visual prompt tokens (:meth:`add_prompt_tokens`): ``n`` learned tokens placed after the class
-    token; shallow: only at the input (they then flow through every block); deep: fresh tokens at the
-    input of every block (VPT-deep, Jia et al. 2022), replacing the previous block's outputs there.
-    """
+    projected to ``embed_dim``. Prompt tokens hook into ``blocks`` (:mod:`robustlab.vlm.visual_prompts`)."""
 
     def __init__(self, cfg: TinyCLIPConfig) -> None:
         super().__init__()
@@ -147,36 +141,12 @@ class TinyViT(nn.Module):
         self.blocks = nn.ModuleList(Block(w, cfg.vision_heads, cfg.mlp_ratio) for _ in range(cfg.vision_layers))
         self.ln_post = nn.LayerNorm(w)
         self.proj = nn.Parameter(torch.randn(w, cfg.embed_dim) * w**-0.5)
-        self.prompt_tokens: nn.Parameter | None = None
-        self.prompt_deep = False
-
-    def add_prompt_tokens(self, n: int, deep: bool = False, generator: torch.Generator | None = None) -> nn.Parameter:
-        """Give the tower ``n`` learned prompt tokens (shallow or ``deep``); returns the parameter."""
-        if n < 1:
-            raise RobustlabError(f"the number of prompt tokens must be >= 1, got {n}")
-        if self.prompt_tokens is not None:
-            raise RobustlabError("this image tower already has prompt tokens")
-        layers = len(self.blocks) if deep else 1
-        w = self.pos_embed.shape[1]
-        init = torch.randn(layers, n, w, generator=generator) * 0.02
-        self.prompt_tokens = nn.Parameter(init.to(self.pos_embed.device, self.pos_embed.dtype))
-        self.prompt_deep = bool(deep)
-        return self.prompt_tokens
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (N, L, W)
         cls = self.class_token.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)
-        prompts = self.prompt_tokens
-        n_prompt = 0 if prompts is None else prompts.shape[1]
-        if prompts is not None:
-            p0 = prompts[0].to(x.dtype).expand(x.shape[0], -1, -1)
-            x = torch.cat([x[:, :1], p0, x[:, 1:]], dim=1)
-        x = self.ln_pre(x)
-        for i, block in enumerate(self.blocks):
-            if prompts is not None and self.prompt_deep and i > 0:
-                pi = prompts[i].to(x.dtype).expand(x.shape[0], -1, -1)
-                x = torch.cat([x[:, :1], pi, x[:, 1 + n_prompt:]], dim=1)
+        x = self.ln_pre(torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype))
+        for block in self.blocks:
             x = block(x)
         return self.ln_post(x[:, 0]) @ self.proj.to(x.dtype)
 
