@@ -54,6 +54,7 @@ from robustlab.vlm.tiny_clip import (
 from robustlab.vlm.zeroshot import ZeroShotClassifier, text_classifier
 
 SETS = ("mnist", "fashion_mnist", "cifar10", "digits")
+VARIANT_KEYS = ("original", "tecoa-ft", "tecoa-last", "tecoa-vpt", "fare")
 PRETRAIN_VERSION = "tiny-clip-bench/1"
 
 # Published figures, for context (ImageNet-scale; averages over many zero-shot data sets).
@@ -150,6 +151,10 @@ def main() -> None:
     ap.add_argument("--pgd-steps", type=int, default=10)
     ap.add_argument("--pretrain-per-source", type=int, default=3000)
     ap.add_argument("--pretrain-epochs", type=int, default=6)
+    ap.add_argument("--ft-lr", type=float, default=1e-4, help="learning rate of fine-tuning (Adam)")
+    ap.add_argument("--prompt-lr", type=float, default=1e-2, help="learning rate of prompt tuning (Adam)")
+    ap.add_argument("--variants", default=",".join(VARIANT_KEYS), help="which models, comma-separated")
+    ap.add_argument("--out", default=str(RESULTS / "vlm_tecoa.txt"))
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     set_threads(args.threads)
@@ -179,13 +184,15 @@ def main() -> None:
     eps_train = args.train_eps / 255
     threat = ThreatModel("linf", eps_train)
     cfg = {"epochs": args.adapt_epochs, "batch_size": 128, "optimizer": "adam", "weight_decay": 0.0, "warmup_epochs": 0.0, "seed": 0}
-    variants = {
-        "original": None,
-        "TeCoA finetune": ("tecoa", {"steps": 2}, "full", 1e-4),
-        "TeCoA last 2 blocks": ("tecoa", {"steps": 2}, "last:blocks=2", 1e-4),
-        "TeCoA VPT (pad 2 + 8 deep tokens)": ("tecoa", {"steps": 2}, "vpt:pad=2,tokens=8,deep=true", 1e-2),
-        "FARE finetune": ("fare", {"steps": 10}, "full", 1e-4),
+    ft, pt = args.ft_lr, args.prompt_lr
+    every = {
+        "original": ("original", None),
+        "tecoa-ft": ("TeCoA finetune", ("tecoa", {"steps": 2}, "full", ft)),
+        "tecoa-last": ("TeCoA last 2 blocks", ("tecoa", {"steps": 2}, "last:blocks=2", ft)),
+        "tecoa-vpt": ("TeCoA VPT (pad 2 + 8 deep tokens)", ("tecoa", {"steps": 2}, "vpt:pad=2,tokens=8,deep=true", pt)),
+        "fare": ("FARE finetune", ("fare", {"steps": 10}, "full", ft)),
     }
+    variants = dict(every[k.strip()] for k in args.variants.split(","))
     eps_eval = [1 / 255, 4 / 255]
     rows, costs, sizes = {}, {}, {}
     for label, spec in variants.items():
@@ -226,8 +233,8 @@ def main() -> None:
         f"{card.training.get('cpu_seconds')} CPU s."),
         (f"Adaptation on {args.adapt_on} train ({len(train_data)} images, labels used by TeCoA only), "
         f"{args.adapt_epochs} epochs, batch 128, Adam, cosine; Linf eps {args.train_eps:g}/255; TeCoA: PGD 2 steps of "
-        f"eps (Mao et al.), FARE: PGD 10 steps of 2.5 eps/10 (Schlarmann et al.). Learning rates: fine-tuning 1e-4, "
-        "prompts 1e-2."),
+        f"eps (Mao et al.), FARE: PGD 10 steps of 2.5 eps/10 (Schlarmann et al.). Learning rates (Adam): fine-tuning "
+        f"{args.ft_lr:g}, prompts {args.prompt_lr:g}."),
         (f"Evaluation: zero-shot (class names x templates of robustlab.vlm.prompts), {args.eval_n} random test images "
         f"per set, PGD-{args.pgd_steps} (CE, 1 random start, step 2.5 eps/{args.pgd_steps}) at Linf 1/255 and 4/255; "
         "only clean-correct points are attacked. Accuracies in %."),
@@ -257,7 +264,7 @@ def main() -> None:
               "", PUBLISHED]
     report = "\n".join(lines)
     print(report)
-    write_report(report, RESULTS / "vlm_tecoa.txt")
+    write_report(report, Path(args.out))
 
 
 if __name__ == "__main__":

@@ -59,7 +59,6 @@ class TeCoA(PGDAT):
 
     name = "tecoa"
     defaults: ClassVar[dict[str, Any]] = {"steps": 2, "alpha": None, "random_start": True, "eps_warmup": 0.0}
-    needs_zero_shot = True
 
     def perturb(self, model, x, y, generator=None):
         p = self.params
@@ -77,7 +76,6 @@ class FARE(Objective):
 
     name = "fare"
     defaults: ClassVar[dict[str, Any]] = {"steps": 10, "alpha": None, "random_start": True, "eps_warmup": 0.0}
-    needs_zero_shot = True
 
     def __init__(self, threat: ThreatModel | None = None, original: nn.Module | None = None, **params: Any) -> None:
         self.original: nn.Module | None = None
