@@ -13,14 +13,28 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from robustlab.cli import certify, corrupt, demo, eval, leaderboard, listing, perturb, purify, report, train, zeroshot, zoo
+from robustlab.cli import (
+    adapt,
+    certify,
+    corrupt,
+    demo,
+    eval,
+    leaderboard,
+    listing,
+    perturb,
+    purify,
+    report,
+    train,
+    zeroshot,
+    zoo,
+)
 from robustlab.cli.common import DEFAULT_DB, _say, fill_shared_help
 from robustlab.errors import RobustlabError
 
 __all__ = ["DEFAULT_DB", "build_parser", "main"]
 
 # One module per command, in the order `robustlab --help` lists them.
-COMMANDS = (train, eval, certify, corrupt, zeroshot, purify, report, leaderboard, perturb, zoo, listing, demo)
+COMMANDS = (train, eval, certify, corrupt, zeroshot, adapt, purify, report, leaderboard, perturb, zoo, listing, demo)
 
 
 # What a Ctrl-C leaves behind, per command.
@@ -29,6 +43,7 @@ INTERRUPTED = {
     "certify": "finished batches are saved in the results store, continue with --resume",
     "zeroshot": "finished batches are saved in the results store, continue with --resume",
     "corrupt": "finished batches are saved (files: run the same command again; evaluations: add --resume)",
+    "adapt": "the training state is saved after every finished epoch; continue with --resume",
     "train": "the training state is saved after every finished epoch and every --save-every-minutes inside one; "
              "continue from the last one with --resume",
     "purify": "a purifier in training saves its state after every epoch and every --save-every-minutes inside one; "

@@ -19,3 +19,9 @@ __all__ = [
     "resize_square",
     "text_classifier",
 ]
+
+# Importing these modules registers the tiny CLIP and adapted-model loaders (load_vlm kinds ``tiny``
+# and ``adapted``) and the ``tecoa`` and ``fare`` training recipes.
+from robustlab.vlm import adapt as _adapt  # noqa: F401
+from robustlab.vlm import objectives as _objectives  # noqa: F401
+from robustlab.vlm import tiny_clip as _tiny_clip  # noqa: F401
