@@ -33,11 +33,12 @@ score forward+backward per step and sample still attacked.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from robustlab.errors import RobustlabError
 from robustlab.threat import ThreatModel

@@ -13,20 +13,21 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from robustlab.cli import certify, corrupt, demo, eval, leaderboard, listing, perturb, report, train, zoo
+from robustlab.cli import certify, corrupt, demo, detect, eval, leaderboard, listing, perturb, report, train, zoo
 from robustlab.cli.common import DEFAULT_DB, _say, fill_shared_help
 from robustlab.errors import RobustlabError
 
 __all__ = ["DEFAULT_DB", "build_parser", "main"]
 
 # One module per command, in the order `robustlab --help` lists them.
-COMMANDS = (train, eval, certify, corrupt, report, leaderboard, perturb, zoo, listing, demo)
+COMMANDS = (train, eval, certify, corrupt, detect, report, leaderboard, perturb, zoo, listing, demo)
 
 
 # What a Ctrl-C leaves behind, per command.
 INTERRUPTED = {
     "eval": "finished batches are saved in the results store, continue with --resume",
     "certify": "finished batches are saved in the results store, continue with --resume",
+    "detect": "finished batches are saved in the results store, continue with --resume",
     "corrupt": "finished batches are saved (files: run the same command again; evaluations: add --resume)",
     "train": "the training state is saved after every finished epoch and every --save-every-minutes inside one; "
              "continue from the last one with --resume",

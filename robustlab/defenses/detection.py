@@ -15,10 +15,13 @@ Detectors (:data:`DETECTORS`, built by name like every component):
   layer's output, trained on clean and noisy vs PGD training images.
 
 :func:`evaluate_detection` measures, per attack, the ROC area and the detection rate at the clean
-threshold, on the successful adversarial examples. :class:`DetectorAwarePGD`'s loss is the adaptive
-attack of Carlini & Wagner (2017): it raises the classifier's loss and lowers the detector's score at
-once (squeezers differentiated by BPDA with the identity), so detection and misclassification are
-attacked together.
+threshold, on the successful adversarial examples. :func:`detector_aware_pgd` is the first, simple
+adaptive attack (CE minus a fixed-weight hinge on the score); the strong one, with the CW margin, a
+per-sample trade-off search and a selective round, is
+:func:`robustlab.attacks.detector_aware.detector_aware_attack`, which takes ``lambda x:
+detector.score(model, x)`` (squeezers are differentiated by BPDA with the identity inside ``score``).
+The evaluation protocol (store rows, report, leaderboard) is
+:mod:`robustlab.eval.protocols.detection`.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 from robustlab.defenses.bpda import BPDA
 from robustlab.defenses.filters import median_filter
 from robustlab.errors import RobustlabError
-from robustlab.params import Configurable
+from robustlab.params import Configurable, parse_spec
 from robustlab.registry import Registry
 from robustlab.threat import ThreatModel
 
@@ -42,7 +45,13 @@ class Detector(Configurable):
     """Base: ``score(model, x)`` (N,) higher is more suspicious; ``fit`` for detectors that learn."""
 
     component: ClassVar[str] = "detector"
-    trained: ClassVar[bool] = False
+    trained: ClassVar[bool] = False  # fit() must run before score()
+    needs_adversarial: ClassVar[bool] = False  # fit() takes adversarial examples of its training images
+
+    @property
+    def fitted(self) -> bool:
+        """Whether ``score`` can run (always, for detectors that learn nothing)."""
+        return True
 
     def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             x_adv: torch.Tensor | None = None) -> "Detector":
@@ -60,6 +69,17 @@ DETECTORS: Registry[type[Detector]] = Registry("detector")
 
 def create_detector(name: str, **params: Any) -> Detector:
     return DETECTORS.get(name)(**params)
+
+
+def build_detector(spec: str | dict[str, Any]) -> Detector:
+    """A detector from a ``NAME[:key=value,...]`` spec or a ``{"name", "params"}`` config (unknown names
+    and parameters: one-line errors)."""
+    if isinstance(spec, dict):
+        if "name" not in spec:
+            raise RobustlabError(f"detector entry {spec!r} has no 'name'")
+        return create_detector(spec["name"], **dict(spec.get("params") or {}))
+    name, params = parse_spec(spec, "detector")
+    return create_detector(name, **params)
 
 
 @DETECTORS.register("squeeze")
@@ -128,6 +148,10 @@ class Mahalanobis(Detector):
         self.means: torch.Tensor | None = None
         self.precision: torch.Tensor | None = None
 
+    @property
+    def fitted(self) -> bool:
+        return self.means is not None
+
     def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor | None = None) -> "Mahalanobis":
         with torch.no_grad():
             f = torch.cat([features(model, x[i:i + 256]) for i in range(0, len(x), 256)]).double()
@@ -160,6 +184,10 @@ class MagNet(Detector):
 
     def validate(self) -> None:
         self.autoencoder: nn.Module | None = None
+
+    @property
+    def fitted(self) -> bool:
+        return self.autoencoder is not None
 
     def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor | None = None) -> "MagNet":
         p = self.params
@@ -222,10 +250,15 @@ class LID(Detector):
     name = "lid"
     defaults = {"k": 20, "reference": 500, "noise": 0.05, "seed": 0}
     trained = True
+    needs_adversarial = True
 
     def validate(self) -> None:
         self.reference: list[torch.Tensor] | None = None
         self.weights: torch.Tensor | None = None
+
+    @property
+    def fitted(self) -> bool:
+        return self.weights is not None
 
     def _vector(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         feats = layer_features(model, x)

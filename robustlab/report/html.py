@@ -468,7 +468,15 @@ def _verified_page(store: ResultsStore, info: dict, out: Path) -> dict[str, Path
     return write_verified_report(store, info, out)
 
 
-PAGES = {"certified": _certified_page, "corruption": _corruption_page, "verified": _verified_page}
+def _detection_page(store: ResultsStore, info: dict, out: Path) -> dict[str, Path]:
+    """A detection run's page (classifier + detector under plain PGD and the adaptive attack, ROC)."""
+    from robustlab.report.detection import write_detection_report
+
+    return write_detection_report(store, info, out)
+
+
+PAGES = {"certified": _certified_page, "corruption": _corruption_page, "verified": _verified_page,
+         "detection": _detection_page}
 
 
 def _write_samples_csv(path: Path, rows: list[SampleRow], attack_names: dict[int, str]) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from robustlab.errors import RobustlabError
 from robustlab.eval.protocols.adversarial import AdversarialProtocol
-from robustlab.eval.protocols.certified import CertifiedOptions, CertifiedProtocol
 from robustlab.eval.protocols.base import BatchContext, BatchOutput, Protocol, Task
+from robustlab.eval.protocols.certified import CertifiedOptions, CertifiedProtocol
 from robustlab.eval.protocols.corruption import CorruptionProtocol
+from robustlab.eval.protocols.detection import DetectionProtocol
 from robustlab.eval.protocols.verified import VerifiedProtocol
 
 PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (AdversarialProtocol, CertifiedProtocol, CorruptionProtocol,
-                                                            VerifiedProtocol)}
+                                                            DetectionProtocol, VerifiedProtocol)}
 
 
 def protocol_class(name: str) -> type[Protocol]:
@@ -22,4 +23,4 @@ def protocol_class(name: str) -> type[Protocol]:
 
 
 __all__ = ["PROTOCOLS", "AdversarialProtocol", "BatchContext", "BatchOutput", "CertifiedOptions", "CertifiedProtocol",
-           "CorruptionProtocol", "Protocol", "Task", "VerifiedProtocol", "protocol_class"]
+           "CorruptionProtocol", "DetectionProtocol", "Protocol", "Task", "VerifiedProtocol", "protocol_class"]
