@@ -138,7 +138,10 @@ def features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class Mahalanobis(Detector):
     """Mahalanobis detector on the penultimate features: class means and one shared covariance fitted
     on clean images (``fit``); the score is the smallest squared Mahalanobis distance to a class mean.
-    ``shrinkage``: ridge added to the covariance, relative to its mean eigenvalue."""
+    ``shrinkage``: ridge added to the covariance, relative to its mean eigenvalue. With shrinkage 0 the
+    score is -2 x the reference's (Lee et al.'s ``sample_estimator`` / ``get_Mahalanobis_score`` at noise
+    magnitude 0, one layer): same class means, same covariance of the class-centred features, inverted
+    by the pseudo-inverse as sklearn's EmpiricalCovariance does (tested)."""
 
     name = "mahalanobis"
     defaults = {"shrinkage": 0.01}
@@ -160,7 +163,8 @@ class Mahalanobis(Detector):
         centered = f - means[torch.searchsorted(classes, y)]
         cov = centered.T @ centered / len(f)
         cov += self.params["shrinkage"] * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype)
-        self.means, self.precision = means.float(), torch.linalg.inv(cov).float()
+        # the pseudo-inverse, as the reference's sklearn EmpiricalCovariance: dead ReLU units make cov singular
+        self.means, self.precision = means.float(), torch.linalg.pinv(cov, hermitian=True).float()
         return self
 
     def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -233,10 +237,14 @@ def layer_features(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 
 def lid(f: torch.Tensor, reference: torch.Tensor, k: int) -> torch.Tensor:
     """The maximum-likelihood estimate of local intrinsic dimensionality of each row of ``f`` among
-    its ``k`` nearest rows of ``reference``: -1 / mean_i log(r_i / r_k) (Amsaleg et al. 2015)."""
-    r = torch.cdist(f, reference).clamp_min(1e-12)
+    its ``k`` nearest rows of ``reference``: -1 / mean_i log(r_i / r_k) (Amsaleg et al. 2015). When
+    ``f`` is ``reference`` each row's zero distance to itself is skipped, which is exactly Ma et al.'s
+    ``mle_batch`` (tested); for rows not in ``reference`` their nearest neighbour counts (the reference
+    code drops the first column whatever it is, because it always scores a batch against itself)."""
+    # exact distances (the matrix-product shortcut leaves a point ~1e-3 away from itself)
+    r = torch.cdist(f, reference, compute_mode="donot_use_mm_for_euclid_dist").clamp_min(1e-12)
     near = r.topk(k + 1, dim=1, largest=False).values
-    near = near[:, 1:] if torch.isclose(near[:, 0], torch.zeros(())).all() else near[:, :k]  # skip itself
+    near = near[:, 1:] if (near[:, 0] <= 1e-12).all() else near[:, :k]  # skip itself
     return -1.0 / torch.log(near / near[:, -1:]).mean(dim=1).clamp_max(-1e-12)
 
 
