@@ -24,6 +24,8 @@ from robustlab.eval.protocols.detection import (
 )
 from robustlab.eval.runner import run
 from robustlab.eval.store import ResultsStore
+from robustlab.report.html import write_report
+from robustlab.report.leaderboard import leaderboard
 from robustlab.threat import ThreatModel
 
 THREAT = ThreatModel("linf", 0.2)
@@ -59,6 +61,13 @@ def test_rows_follow_the_threshold_and_the_summary_follows_the_rows(digits_model
                      batch_size=32, examples=0)
         rows = store.sample_rows("detection_samples", result.run_id, "main")
         config = store.get_run(result.run_id)["config"]
+        paths = write_report(store, result.run_id, tmp_path / "report")
+        board = leaderboard(store)
+    page = paths["html"].read_text()
+    assert "Detection report" in page and f"{cal.threshold:.6g}" in page and "fixed before any attack" in page
+    assert len(paths["samples"].read_text().splitlines()) == 61
+    (group,) = board
+    assert "mahalanobis" in group.title and "weaker than the default" in " ".join(group.rows[0].notes)
     assert len(rows) == 60 and config["threshold"] == cal.threshold and config["fpr"] == 0.05
     for r in rows:
         assert r["clean_flagged"] == (r["clean_score"] > cal.threshold)
