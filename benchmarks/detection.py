@@ -53,7 +53,7 @@ def _pct(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.1f}%"
 
 
-def run(dataset: str, n: int, only: list[str] | None, adaptive: DetectorAwareOptions) -> list[str]:
+def run(dataset: str, n: int, only: list[str] | None, adaptive: DetectorAwareOptions, save=lambda lines: None) -> list[str]:
     key, eps, detectors = SETTINGS[dataset]
     model, _ = get_model(key)
     x_train, y_train = load_split(dataset, "train")
@@ -98,6 +98,7 @@ def run(dataset: str, n: int, only: list[str] | None, adaptive: DetectorAwareOpt
                      f"{_pct(new['detection_rate'])} | {_pct(s['undefended_robust_accuracy'])} / "
                      f"{_pct(s['non_adaptive']['robust_accuracy'])} / {_pct(s['robust_accuracy'])} | {fit_s:.0f} | "
                      f"{attack_s:.0f} |")
+        save(lines)  # each detector's line as soon as it is measured
     return lines
 
 
@@ -114,10 +115,13 @@ def main() -> None:
     only = args.detectors.split(",") if args.detectors else None
     adaptive = DetectorAwareOptions(steps=args.steps, rounds=args.rounds)
     lines = ["# Detectors through the detection protocol: plain PGD vs the detector-aware attack", "", environment(), ""]
-    for dataset in ([args.only] if args.only else list(SETTINGS)):
-        lines += run(dataset, args.n, only, adaptive) + [""]
     suffix = (f"_{args.only}" if args.only else "") + (f"_{'_'.join(only)}" if only else "")
-    write_report("\n".join(lines), RESULTS / f"detection{suffix}.txt")
+    path = RESULTS / f"detection{suffix}.txt"
+    for dataset in ([args.only] if args.only else list(SETTINGS)):
+        done = list(lines)
+        lines += run(dataset, args.n, only, adaptive, lambda part, done=done: write_report("\n".join(done + part), path))
+        lines.append("")
+    write_report("\n".join(lines), path)
 
 
 if __name__ == "__main__":

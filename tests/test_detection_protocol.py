@@ -5,6 +5,8 @@ adaptive attack) on a detector it can only evade by changing its perturbation, a
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -190,3 +192,23 @@ def test_unfitted_detector_and_bad_fpr_are_refused(digits_model, tmp_path, capsy
                  "--eps", "0.1", "--fpr", "1.5", "--db", str(tmp_path / "d.db")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == ["robustlab: error: --fpr must be in (0, 1) (a false-positive rate), got 1.5"]
+
+
+def test_cli_refits_the_detector_identically_so_resume_finds_the_run(tmp_path, capsys):
+    """`robustlab detect --resume` refits the detector (seeded) and fixes the same threshold, so the
+    configuration hash matches and a finished run is found again rather than started anew."""
+    from robustlab.models import ModelCard, create_model, save_checkpoint
+
+    torch.manual_seed(0)
+    save_checkpoint(create_model("digits_cnn", num_classes=10), tmp_path / "m.safetensors",
+                    ModelCard.for_architecture("digits_cnn", num_classes=10))
+    args = ["detect", "--model", str(tmp_path / "m.safetensors"), "--data", "digits", "--n", "16", "--detector",
+            "lid:reference=100", "--norm", "linf", "--eps", "0.1", "--fit-n", "300", "--calibration-n", "100",
+            "--adaptive-steps", "5", "--adaptive-rounds", "1", "--db", str(tmp_path / "d.db"), "--resume", "--json"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    again = json.loads(captured.out)
+    assert "already complete" in captured.err and again["run_id"] == first["run_id"] and again["resumed"]
+    assert again["threshold"] == first["threshold"] and again["robust_accuracy"] == first["robust_accuracy"]
