@@ -109,8 +109,11 @@ def main() -> None:
     p.add_argument("--detectors", help="comma-separated subset of squeeze, magnet, mahalanobis, lid")
     p.add_argument("--steps", type=int, default=200, help="detector-aware attack: steps per round")
     p.add_argument("--rounds", type=int, default=5, help="detector-aware attack: rounds")
+    p.add_argument("--magnet-steps", type=int, default=2000, help="MagNet auto-encoder training steps")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
+    for _, _, detectors in SETTINGS.values():
+        detectors["magnet"] = {"steps": args.magnet_steps} if args.magnet_steps != 2000 else {}
     set_threads(args.threads)
     only = args.detectors.split(",") if args.detectors else None
     adaptive = DetectorAwareOptions(steps=args.steps, rounds=args.rounds)
