@@ -66,7 +66,7 @@ def run(dataset: str, n: int, only: list[str] | None, adaptive: DetectorAwareOpt
              "(a selective round, then the weighted search); old adaptive: detector_aware_pgd, 100 steps, weight 2.", "",
              "| detector | clean acc. | AUC (PGD) | detected (PGD) | fooled: PGD / old adaptive / new adaptive | "
              "detected (new adaptive) | robust acc.: classifier alone / + detector vs PGD / + detector, worst case | "
-             "fit s | attack CPU s |",
+             "fit s (wall) | attack CPU s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, params in detectors.items():
         if only and name not in only:
