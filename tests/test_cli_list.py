@@ -17,11 +17,12 @@ def _registry(what: str):
     from robustlab.corruptions import CORRUPTIONS
     from robustlab.data.catalog import DATASETS
     from robustlab.defenses import DEFENSES
+    from robustlab.defenses.detection import DETECTORS
     from robustlab.models.registry import MODELS
     from robustlab.training.objectives import OBJECTIVES
 
     return {"attacks": ATTACKS, "suites": SUITES, "models": MODELS, "recipes": OBJECTIVES, "datasets": DATASETS,
-            "defenses": DEFENSES, "corruptions": CORRUPTIONS}[what]
+            "defenses": DEFENSES, "detectors": DETECTORS, "corruptions": CORRUPTIONS}[what]
 
 
 @pytest.mark.parametrize("what", list(KINDS))

@@ -88,3 +88,47 @@ def test_lid_detects_plain_pgd_and_falls_to_the_adaptive_attack(digits_model, di
     after = evaluate_detection(model, detector, x, y, adaptive, tau, clean, "adaptive")
     assert before.auc > 0.8 and before.detection_rate > 0.3
     assert after.detection_rate < 0.1 and after.fooled > before.fooled
+
+
+def test_lid_mahalanobis_and_bit_depth_match_their_references(digits_model, digits_train, digits_test):
+    """ART (1.20) has no LID or Mahalanobis detector, so both are checked against the formulas of the
+    papers' own code, written out here in NumPy on the same features: Ma et al.'s ``mle_batch``
+    (xingjunm/lid_adversarial_subspace_detection) and Lee et al.'s ``sample_estimator`` +
+    ``get_Mahalanobis_score`` at noise magnitude 0 (pokaxpoka/deep_Mahalanobis_detector). The
+    bit-depth squeezer is checked against ART's FeatureSqueezing."""
+    import art.defences.detector.evasion as art_detectors
+    import numpy as np
+    import sklearn.covariance
+    from art.defences.preprocessor import FeatureSqueezing as ArtSqueezing
+    from scipy.spatial.distance import cdist
+
+    from robustlab.defenses.detection import features, layer_features, lid
+
+    assert not [n for n in dir(art_detectors) if "lid" in n.lower() or "mahalanobis" in n.lower()]
+    model = digits_model
+    with torch.no_grad():
+        layers = layer_features(model, digits_test.x[:100])
+    for f in layers:  # LID of a batch among itself, k = 20
+        f64 = f.double().numpy()
+        near = np.sort(cdist(f64, f64), axis=1)[:, 1:21]
+        reference = -20 / np.log(near / near[:, -1:]).sum(axis=1)
+        assert np.allclose(lid(f.double(), f.double(), 20).numpy(), reference, rtol=1e-10)
+
+    x, y = digits_train.x, digits_train.y.numpy()
+    with torch.no_grad():
+        f = features(model, x).double().numpy()
+        test_f = features(model, digits_test.x[:200]).double().numpy()
+    means = np.stack([f[y == c].mean(0) for c in range(10)])
+    centred = np.concatenate([f[y == c] - means[c] for c in range(10)])
+    precision = sklearn.covariance.EmpiricalCovariance(assume_centered=False).fit(centred).precision_
+    gaussian = np.stack([-0.5 * np.einsum("nd,de,ne->n", test_f - m, precision, test_f - m) for m in means], 1)
+    detector = create_detector("mahalanobis", shrinkage=0.0).fit(model, x, digits_train.y)
+    with torch.no_grad():
+        ours = detector.score(model, digits_test.x[:200]).double().numpy()
+    assert np.allclose(ours, -2 * gaussian.max(axis=1), rtol=1e-4)
+
+    images = digits_test.x[:50]
+    for bits in (1, 3, 5):
+        art_out, _ = ArtSqueezing(clip_values=(0.0, 1.0), bit_depth=bits)(images.numpy())
+        ours = create_detector("squeeze", bits=bits, median=0).squeezers()[0](images)
+        assert np.array_equal(ours.numpy(), art_out.astype(np.float32))  # ART computes in float64

@@ -18,6 +18,7 @@ from robustlab.cli import (
     certify,
     corrupt,
     demo,
+    detect,
     eval,
     leaderboard,
     listing,
@@ -34,7 +35,8 @@ from robustlab.errors import RobustlabError
 __all__ = ["DEFAULT_DB", "build_parser", "main"]
 
 # One module per command, in the order `robustlab --help` lists them.
-COMMANDS = (train, eval, certify, corrupt, zeroshot, adapt, purify, report, leaderboard, perturb, zoo, listing, demo)
+COMMANDS = (train, eval, certify, corrupt, detect, zeroshot, adapt, purify, report, leaderboard, perturb, zoo, listing,
+            demo)
 
 
 # What a Ctrl-C leaves behind, per command.
@@ -42,6 +44,7 @@ INTERRUPTED = {
     "eval": "finished batches are saved in the results store, continue with --resume",
     "certify": "finished batches are saved in the results store, continue with --resume",
     "zeroshot": "finished batches are saved in the results store, continue with --resume",
+    "detect": "finished batches are saved in the results store, continue with --resume",
     "corrupt": "finished batches are saved (files: run the same command again; evaluations: add --resume)",
     "adapt": "the training state is saved after every finished epoch; continue with --resume",
     "train": "the training state is saved after every finished epoch and every --save-every-minutes inside one; "

@@ -96,6 +96,12 @@ def _defenses() -> list[tuple[str, str]]:
     return [(name, _first_sentence(DEFENSES.get(name))) for name in DEFENSES.names()]
 
 
+def _detectors() -> list[tuple[str, str]]:
+    from robustlab.defenses.detection import DETECTORS
+
+    return [(name, _first_sentence(DETECTORS.get(name))) for name in DETECTORS.names()]
+
+
 def _corruptions() -> list[tuple[str, str]]:
     from robustlab.corruptions import CORRUPTIONS
 
@@ -114,6 +120,7 @@ KINDS: dict[str, tuple[Callable[[], list[tuple[str, str]]], str]] = {
     "recipes": (_recipes, "--recipe NAME[:key=value,...] (train)"),
     "datasets": (_datasets, "--data NAME (eval, train)"),
     "defenses": (_defenses, "--defense NAME[:key=value,...] (eval, zoo add)"),
+    "detectors": (_detectors, "--detector NAME[:key=value,...] (detect)"),
     "corruptions": (_corruptions, "common corruptions by name"),
 }
 
@@ -131,7 +138,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     lp = sub.add_parser("list", help="list what can be named: attacks, suites, models, recipes, datasets, defenses, "
-                        "corruptions (one line each)")
+                        "detectors, corruptions (one line each)")
     lp.add_argument("what", choices=list(KINDS), metavar="WHAT",
                     help="; ".join(f"{k}: {usage}" for k, (_, usage) in KINDS.items()))
     lp.set_defaults(func=cmd_list)

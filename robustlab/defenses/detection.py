@@ -15,10 +15,13 @@ Detectors (:data:`DETECTORS`, built by name like every component):
   layer's output, trained on clean and noisy vs PGD training images.
 
 :func:`evaluate_detection` measures, per attack, the ROC area and the detection rate at the clean
-threshold, on the successful adversarial examples. :class:`DetectorAwarePGD`'s loss is the adaptive
-attack of Carlini & Wagner (2017): it raises the classifier's loss and lowers the detector's score at
-once (squeezers differentiated by BPDA with the identity), so detection and misclassification are
-attacked together.
+threshold, on the successful adversarial examples. :func:`detector_aware_pgd` is the first, simple
+adaptive attack (CE minus a fixed-weight hinge on the score); the strong one, with the CW margin, a
+per-sample trade-off search and a selective round, is
+:func:`robustlab.attacks.detector_aware.detector_aware_attack`, which takes ``lambda x:
+detector.score(model, x)`` (squeezers are differentiated by BPDA with the identity inside ``score``).
+The evaluation protocol (store rows, report, leaderboard) is
+:mod:`robustlab.eval.protocols.detection`.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 from robustlab.defenses.bpda import BPDA
 from robustlab.defenses.filters import median_filter
 from robustlab.errors import RobustlabError
-from robustlab.params import Configurable
+from robustlab.params import Configurable, parse_spec
 from robustlab.registry import Registry
 from robustlab.threat import ThreatModel
 
@@ -42,7 +45,13 @@ class Detector(Configurable):
     """Base: ``score(model, x)`` (N,) higher is more suspicious; ``fit`` for detectors that learn."""
 
     component: ClassVar[str] = "detector"
-    trained: ClassVar[bool] = False
+    trained: ClassVar[bool] = False  # fit() must run before score()
+    needs_adversarial: ClassVar[bool] = False  # fit() takes adversarial examples of its training images
+
+    @property
+    def fitted(self) -> bool:
+        """Whether ``score`` can run (always, for detectors that learn nothing)."""
+        return True
 
     def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             x_adv: torch.Tensor | None = None) -> "Detector":
@@ -60,6 +69,17 @@ DETECTORS: Registry[type[Detector]] = Registry("detector")
 
 def create_detector(name: str, **params: Any) -> Detector:
     return DETECTORS.get(name)(**params)
+
+
+def build_detector(spec: str | dict[str, Any]) -> Detector:
+    """A detector from a ``NAME[:key=value,...]`` spec or a ``{"name", "params"}`` config (unknown names
+    and parameters: one-line errors)."""
+    if isinstance(spec, dict):
+        if "name" not in spec:
+            raise RobustlabError(f"detector entry {spec!r} has no 'name'")
+        return create_detector(spec["name"], **dict(spec.get("params") or {}))
+    name, params = parse_spec(spec, "detector")
+    return create_detector(name, **params)
 
 
 @DETECTORS.register("squeeze")
@@ -118,7 +138,10 @@ def features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class Mahalanobis(Detector):
     """Mahalanobis detector on the penultimate features: class means and one shared covariance fitted
     on clean images (``fit``); the score is the smallest squared Mahalanobis distance to a class mean.
-    ``shrinkage``: ridge added to the covariance, relative to its mean eigenvalue."""
+    ``shrinkage``: ridge added to the covariance, relative to its mean eigenvalue. With shrinkage 0 the
+    score is -2 x the reference's (Lee et al.'s ``sample_estimator`` / ``get_Mahalanobis_score`` at noise
+    magnitude 0, one layer): same class means, same covariance of the class-centred features, inverted
+    by the pseudo-inverse as sklearn's EmpiricalCovariance does (tested)."""
 
     name = "mahalanobis"
     defaults = {"shrinkage": 0.01}
@@ -128,6 +151,10 @@ class Mahalanobis(Detector):
         self.means: torch.Tensor | None = None
         self.precision: torch.Tensor | None = None
 
+    @property
+    def fitted(self) -> bool:
+        return self.means is not None
+
     def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor | None = None) -> "Mahalanobis":
         with torch.no_grad():
             f = torch.cat([features(model, x[i:i + 256]) for i in range(0, len(x), 256)]).double()
@@ -136,7 +163,8 @@ class Mahalanobis(Detector):
         centered = f - means[torch.searchsorted(classes, y)]
         cov = centered.T @ centered / len(f)
         cov += self.params["shrinkage"] * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype)
-        self.means, self.precision = means.float(), torch.linalg.inv(cov).float()
+        # the pseudo-inverse, as the reference's sklearn EmpiricalCovariance: dead ReLU units make cov singular
+        self.means, self.precision = means.float(), torch.linalg.pinv(cov, hermitian=True).float()
         return self
 
     def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -160,6 +188,10 @@ class MagNet(Detector):
 
     def validate(self) -> None:
         self.autoencoder: nn.Module | None = None
+
+    @property
+    def fitted(self) -> bool:
+        return self.autoencoder is not None
 
     def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor | None = None) -> "MagNet":
         p = self.params
@@ -205,10 +237,14 @@ def layer_features(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 
 def lid(f: torch.Tensor, reference: torch.Tensor, k: int) -> torch.Tensor:
     """The maximum-likelihood estimate of local intrinsic dimensionality of each row of ``f`` among
-    its ``k`` nearest rows of ``reference``: -1 / mean_i log(r_i / r_k) (Amsaleg et al. 2015)."""
-    r = torch.cdist(f, reference).clamp_min(1e-12)
+    its ``k`` nearest rows of ``reference``: -1 / mean_i log(r_i / r_k) (Amsaleg et al. 2015). When
+    ``f`` is ``reference`` each row's zero distance to itself is skipped, which is exactly Ma et al.'s
+    ``mle_batch`` (tested); for rows not in ``reference`` their nearest neighbour counts (the reference
+    code drops the first column whatever it is, because it always scores a batch against itself)."""
+    # exact distances (the matrix-product shortcut leaves a point ~1e-3 away from itself)
+    r = torch.cdist(f, reference, compute_mode="donot_use_mm_for_euclid_dist").clamp_min(1e-12)
     near = r.topk(k + 1, dim=1, largest=False).values
-    near = near[:, 1:] if torch.isclose(near[:, 0], torch.zeros(())).all() else near[:, :k]  # skip itself
+    near = near[:, 1:] if (near[:, 0] <= 1e-12).all() else near[:, :k]  # skip itself
     return -1.0 / torch.log(near / near[:, -1:]).mean(dim=1).clamp_max(-1e-12)
 
 
@@ -222,10 +258,15 @@ class LID(Detector):
     name = "lid"
     defaults = {"k": 20, "reference": 500, "noise": 0.05, "seed": 0}
     trained = True
+    needs_adversarial = True
 
     def validate(self) -> None:
         self.reference: list[torch.Tensor] | None = None
         self.weights: torch.Tensor | None = None
+
+    @property
+    def fitted(self) -> bool:
+        return self.weights is not None
 
     def _vector(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         feats = layer_features(model, x)

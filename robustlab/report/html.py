@@ -17,7 +17,7 @@ import json
 from dataclasses import asdict, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from robustlab.report.plots import (
     ci_text,
@@ -447,43 +447,17 @@ def wrap_page(title: str, body: list[str], store: ResultsStore) -> str:
     )
 
 
-def _certified_page(store: ResultsStore, info: dict[str, Any], out: Path) -> dict[str, Path]:
-    from robustlab.report.certified import write_certified_report
-
-    return write_certified_report(store, info, out)
-
-
-# protocol -> the function that writes its report (the adversarial page is write_report's own)
-def _corruption_page(store: ResultsStore, info: dict, out: Path) -> dict[str, Path]:
-    """A corruption run's page: table, error-vs-severity plot, gallery."""
-    from robustlab.report.corruption import write_corruption_report
-
-    return write_corruption_report(store, info, out)
+# protocol -> the module whose ``write_<module>_report(store, info, out)`` writes its page (the
+# adversarial page is write_report's own); imported when a run of that protocol is reported
+PAGES = {"certified": "certified", "corruption": "corruption", "detection": "detection",
+         "segmentation": "segmentation", "verified": "verified", "zero-shot": "zero_shot"}
 
 
-def _verified_page(store: ResultsStore, info: dict, out: Path) -> dict[str, Path]:
-    """A verified run's page (IBP / CROWN-IBP bounds, the PGD soundness check)."""
-    from robustlab.report.verified import write_verified_report
+def _protocol_page(protocol: str) -> Callable[[ResultsStore, dict[str, Any], Path], dict[str, Path]]:
+    import importlib
 
-    return write_verified_report(store, info, out)
-
-
-def _segmentation_page(store: ResultsStore, info: dict, out: Path) -> dict[str, Path]:
-    """A segmentation run's page (mIoU and pixel accuracy, clean and robust; IoU per class)."""
-    from robustlab.report.segmentation import write_segmentation_report
-
-    return write_segmentation_report(store, info, out)
-
-
-def _zero_shot_page(store: ResultsStore, info: dict, out: Path) -> dict[str, Path]:
-    """A zero-shot run's page: a row per data set and the average, bars, adversarial examples."""
-    from robustlab.report.zero_shot import write_zero_shot_report
-
-    return write_zero_shot_report(store, info, out)
-
-
-PAGES = {"certified": _certified_page, "corruption": _corruption_page, "segmentation": _segmentation_page,
-         "verified": _verified_page, "zero-shot": _zero_shot_page}
+    module = PAGES[protocol]
+    return getattr(importlib.import_module(f"robustlab.report.{module}"), f"write_{module}_report")
 
 
 def _write_samples_csv(path: Path, rows: list[SampleRow], attack_names: dict[int, str]) -> None:
@@ -516,7 +490,7 @@ def write_report(store: ResultsStore, run: str, out_dir: str | Path, *, gallery_
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if info.get("protocol") in PAGES:  # runs of other protocols have their own page
-        return PAGES[info["protocol"]](store, info, out)
+        return _protocol_page(info["protocol"])(store, info, out)
 
     rows = store.samples(run_id, "main")
     partial = info.get("summary") is None

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from robustlab.errors import RobustlabError
 from robustlab.eval.protocols.adversarial import AdversarialProtocol
-from robustlab.eval.protocols.certified import CertifiedOptions, CertifiedProtocol
 from robustlab.eval.protocols.base import BatchContext, BatchOutput, Protocol, Task
+from robustlab.eval.protocols.certified import CertifiedOptions, CertifiedProtocol
 from robustlab.eval.protocols.corruption import CorruptionProtocol
+from robustlab.eval.protocols.detection import DetectionProtocol
 from robustlab.eval.protocols.segmentation import SegmentationProtocol
 from robustlab.eval.protocols.verified import VerifiedProtocol
 from robustlab.eval.protocols.zero_shot import ZeroShotProtocol
 
 PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (AdversarialProtocol, CertifiedProtocol, CorruptionProtocol,
-                                                            SegmentationProtocol, VerifiedProtocol, ZeroShotProtocol)}
+                                                            DetectionProtocol, SegmentationProtocol, VerifiedProtocol,
+                                                            ZeroShotProtocol)}
 
 
 def protocol_class(name: str) -> type[Protocol]:
@@ -24,5 +26,5 @@ def protocol_class(name: str) -> type[Protocol]:
 
 
 __all__ = ["PROTOCOLS", "AdversarialProtocol", "BatchContext", "BatchOutput", "CertifiedOptions", "CertifiedProtocol",
-           "CorruptionProtocol", "Protocol", "SegmentationProtocol", "Task", "VerifiedProtocol", "ZeroShotProtocol",
-           "protocol_class"]
+           "CorruptionProtocol", "DetectionProtocol", "Protocol", "SegmentationProtocol", "Task", "VerifiedProtocol",
+           "ZeroShotProtocol", "protocol_class"]
