@@ -69,7 +69,9 @@ def robust_set(store: ResultsStore, run_id: str, task: str) -> tuple[set[int], s
     return {r.sample_index for r in rows if r.clean_correct}, {r.sample_index for r in rows if r.robust}
 
 
-def run(dataset: str, n: int, db: Path) -> list[str]:
+def run(dataset: str, n: int, db: Path, partial: Path | None = None) -> list[str]:
+    """The section of one data set; with ``partial``, the table so far is written there after each row
+    (a long run that is stopped still leaves its finished rows)."""
     key, eps, rows_spec = SETTINGS[dataset]
     std, _ = get_model(key)
     x, y = load_split(dataset, "test")
@@ -134,6 +136,13 @@ def run(dataset: str, n: int, db: Path) -> list[str]:
                          f"{recipe.train_subset or 'all'} training images; clean test accuracy "
                          f"{100 * card['clean_accuracy']:.1f}% on the full test split, without the defense)")
             log(f"[{dataset}] {rows[-1]} ({time.perf_counter() - t0:.0f} s)")
+            if partial is not None:
+                partial.write_text("\n".join(_section(dataset, key, eps, n, base, rows, notes)
+                                             + ["", "(partial: the run was still going)"]), encoding="utf-8")
+    return _section(dataset, key, eps, n, base, rows, notes)
+
+
+def _section(dataset: str, key: str, eps: float, n: int, base: dict, rows: list[str], notes: list[str]) -> list[str]:
     head = [f"## {dataset}: Linf {eps:.4g}, first {n} test images (trained defenses)",
             f"undefended {key}: clean {100 * base['clean_accuracy']:.1f}%, robust (APGD-CE) "
             f"{100 * base['robust_accuracy']:.1f}%", "",
@@ -148,7 +157,12 @@ def main() -> None:
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--only", choices=sorted(SETTINGS))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--merge", action="store_true",
+                   help="only copy the tables of defenses_trained*.txt into defenses_adaptive.txt (its last section)")
     args = p.parse_args()
+    if args.merge:
+        merge()
+        return
     set_threads(args.threads)
     os.environ.setdefault("ROBUSTLAB_DATA", str(shared_data_dir()))  # the quilting library, MI reference set
     lines = ["# Trained defenses: non-adaptive vs adaptive robust accuracy", "", environment(), ""]
@@ -156,11 +170,29 @@ def main() -> None:
         db = RESULTS.parent / ".cache" / f"defenses_trained_{dataset}.db"
         db.parent.mkdir(exist_ok=True)
         db.unlink(missing_ok=True)
-        lines += run(dataset, args.n, db) + [""]
+        lines += run(dataset, args.n, db, RESULTS / f"defenses_trained_{dataset}.txt" if args.only else None) + [""]
     name = "defenses_trained" + (f"_{args.only}" if args.only else "")
     write = RESULTS / f"{name}.txt"
     write.write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))
+
+
+MARKER = "# Defenses that need a trained model or component (benchmarks/defenses_trained.py)"
+
+
+def merge() -> None:
+    """Put the tables of the trained-defense results (per data set files, or the combined one) into
+    defenses_adaptive.txt as its last section, replacing an earlier copy."""
+    files = [RESULTS / f"defenses_trained_{d}.txt" for d in SETTINGS]
+    files = [f for f in files if f.is_file()] or [RESULTS / "defenses_trained.txt"]
+    parts = []
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        parts.append(text[text.index("## "):].strip())
+    target = RESULTS / "defenses_adaptive.txt"
+    head = target.read_text(encoding="utf-8").split(MARKER)[0].rstrip()
+    doc = " ".join(__doc__.split("\n\n")[3].split())
+    target.write_text("\n\n".join([head, MARKER, doc, *parts]) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
