@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from leaderboard_store import add_run
 
+from robustlab import losses
 from robustlab.attacks import build_attacks, create_attack
 from robustlab.attacks.ensemble import WorstCaseEnsemble
 from robustlab.cli import main
@@ -149,6 +150,16 @@ def test_distillation_trains_at_temperature_and_deploys_at_one(digits_train):
     # deployed at T = 1: the raw logits, about T times larger than a standard model's; softmax saturates
     margin = lambda z: (z.topk(2, dim=1).values[:, 0] - z.topk(2, dim=1).values[:, 1]).median()  # noqa: E731
     assert margin(logits) > 5 * margin(reference)
+    # why the evaluation must use a logit loss: at T = 1 the softmax saturates and the cross-entropy's
+    # input gradients shrink by orders of magnitude against a standard model's; the DLR loss's do not
+    def gradient_norm(net, fn):
+        xg = x[:128].clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(fn(net(xg), y[:128]).sum(), xg)
+        return float(g.flatten(1).norm(dim=1).median())
+
+    ratio = {name: gradient_norm(model, fn) / gradient_norm(standard, fn)
+             for name, fn in (("ce", losses.cross_entropy), ("dlr", losses.dlr))}
+    assert ratio["ce"] < 1e-2 and ratio["dlr"] > 0.1, ratio
     # the distilled network: the teacher's soft labels at the same temperature
     student = create_objective("distillation", temperature=t, teacher=model)
     soft = F.softmax(logits / t, dim=1)
