@@ -22,6 +22,7 @@ from robustlab.defenses.base import Defense
 from robustlab.eval import sanity
 from robustlab.eval.store import ResultsStore
 from robustlab.models import create_model
+from robustlab.report.html import _model_notes
 from robustlab.report.leaderboard import build_leaderboard
 from robustlab.threat import ThreatModel
 from robustlab.training import TrainConfig, create_objective, train
@@ -124,6 +125,8 @@ def test_sampled_gradients_verdict_says_predictions_are_deterministic():
     assert verdict["status"] == "pass"
     assert verdict["detail"].startswith("predictions are deterministic")
     assert "sampled-gradients" in verdict["detail"]
+    notes = _model_notes({"model_info": {"source": "registry", **info}})  # the report says the same
+    assert "no: predictions are deterministic" in notes and "sampled-gradients" in notes
     noisy = DefendedModel(kwta, [create_defense("noise", sigma=0.1, draws=3)])  # truly randomized: still warned
     info = sanity.inspect_model(noisy, x)
     assert info["randomized"] is True and "attack_randomized" not in info
