@@ -155,14 +155,22 @@ class Recipe:
     adversarial: dict | None = None  # eps, steps, alpha, ramp_fraction (Linf PGD training)
     augment: bool = False
     seed: int = 0
+    objective: str | None = None  # a robustlab training recipe spec (e.g. "mixup"), in place of CE
+    teacher: str | None = None  # the reference model given as the recipe's teacher (distillation)
+    defense: str | None = None  # trained behind this defense (an encoding: thermometer); the card lists it
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe, with the recipe of the model it starts from (so changing that retrains this)."""
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        if out["weight_decay"] == 5e-4:  # the default, left out: recipes (and cached models) made before it was one
+        # fields added later are left out when unset (or at their default), so the cached models made
+        # before them still match
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__
+               if not (k in ("objective", "teacher", "defense") and getattr(self, k) is None)}
+        if out["weight_decay"] == 5e-4:
             del out["weight_decay"]
         if self.init:
             out["init_recipe"] = RECIPES[self.init].to_dict()
+        if self.teacher:
+            out["teacher_recipe"] = RECIPES[self.teacher].to_dict()
         return out
 
 
@@ -189,6 +197,32 @@ RECIPES = {
         # Segmentation (per-pixel labels): scenes of MNIST digits, 64x64, 11 classes with the background.
         Recipe("scenes_seg", "seg_unet", "scenes_mnist", train_subset=3000, epochs=5, batch_size=32, lr=0.003,
                optimizer="adam", weight_decay=0.0, arch_kwargs={"width": 8, "depth": 3}),
+        # Models the trained defenses need (benchmarks/defenses_trained.py): small, stated there.
+        Recipe("mnist_therm", "smallcnn", "mnist", train_subset=20000, epochs=1, batch_size=128, lr=0.05,
+               defense="thermometer:levels=16"),
+        Recipe("mnist_mixup", "smallcnn", "mnist", train_subset=10000, epochs=1, batch_size=128, lr=0.02,
+               init="mnist_std", objective="mixup"),
+        Recipe("mnist_kwta", "smallcnn", "mnist", train_subset=10000, epochs=1, batch_size=128, lr=0.02,
+               init="mnist_std", arch_kwargs={"activation": "kwta:0.1"}),
+        # At T = 100 the loss's gradients are 100 times smaller: a learning rate about 100 times the usual
+        Recipe("mnist_distill_t", "smallcnn", "mnist", train_subset=10000, epochs=1, batch_size=128, lr=5.0,
+               objective="distillation:temperature=100"),
+        Recipe("mnist_distill", "smallcnn", "mnist", train_subset=10000, epochs=1, batch_size=128, lr=5.0,
+               objective="distillation:temperature=100", teacher="mnist_distill_t"),
+        Recipe("mnist_igr", "smallcnn", "mnist", train_subset=5000, epochs=1, batch_size=128, lr=0.02,
+               init="mnist_std", objective="gradient-reg:weight=10"),
+        Recipe("cifar_therm", "cifar_cnn", "cifar10", train_subset=0, epochs=3, batch_size=128, lr=0.05,
+               augment=True, defense="thermometer:levels=16"),
+        Recipe("cifar_mixup", "cifar_cnn", "cifar10", train_subset=0, epochs=1, batch_size=128, lr=0.02,
+               init="cifar_std", objective="mixup"),
+        Recipe("cifar_kwta", "cifar_cnn", "cifar10", train_subset=0, epochs=1, batch_size=128, lr=0.02,
+               init="cifar_std", arch_kwargs={"activation": "kwta:0.1"}),
+        Recipe("cifar_distill_t", "cifar_cnn", "cifar10", train_subset=0, epochs=3, batch_size=128, lr=5.0,
+               objective="distillation:temperature=100"),
+        Recipe("cifar_distill", "cifar_cnn", "cifar10", train_subset=0, epochs=3, batch_size=128, lr=5.0,
+               objective="distillation:temperature=100", teacher="cifar_distill_t"),
+        Recipe("cifar_igr", "cifar_cnn", "cifar10", train_subset=4000, epochs=1, batch_size=128, lr=0.02,
+               init="cifar_std", objective="gradient-reg:weight=10"),
     )
 }
 
@@ -208,8 +242,10 @@ def _clean_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: i
 def get_model(key: str) -> tuple[nn.Module, dict[str, Any]]:
     """The reference model ``key`` in eval mode, and its card as a dict (training recipe, clean test
     accuracy, training seconds). Trained on first use (minutes on CPU), then loaded from the cache."""
+    from robustlab.defenses import DefendedModel, build_defenses
     from robustlab.models import ModelCard, create_model, load_checkpoint, save_checkpoint
-    from robustlab.training import TrainConfig, train
+    from robustlab.params import parse_spec
+    from robustlab.training import TrainConfig, create_objective, train
 
     recipe = RECIPES[key]
     path = _checkpoint_path(key)
@@ -231,10 +267,18 @@ def get_model(key: str) -> tuple[nn.Module, dict[str, Any]]:
     y = data.y
     num_classes = data.num_classes
     torch.manual_seed(recipe.seed)
-    model = create_model(recipe.architecture, num_classes=num_classes, **recipe.arch_kwargs)
+    defenses = build_defenses([recipe.defense]) if recipe.defense else []
+    channels = int(data.x.shape[1])
+    for d in defenses:  # an encoding in front (thermometer) changes what the architecture takes
+        channels = d.output_channels(channels)
+    # an encoding's 0/1 channels are fed as they are (no per-channel statistics exist for them)
+    norm = {"mean": (0.0,) * channels, "std": (1.0,) * channels} if defenses else {}
+    model = create_model(recipe.architecture, num_classes=num_classes, in_channels=channels, **norm,
+                         **recipe.arch_kwargs)
     if recipe.init:
         base, _ = get_model(recipe.init)
         model.load_state_dict(base.state_dict())
+    trained = DefendedModel(model, defenses) if defenses else model
     config = TrainConfig(
         epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr, optimizer=recipe.optimizer,
         schedule=recipe.schedule, seed=recipe.seed, weight_decay=recipe.weight_decay,
@@ -243,21 +287,28 @@ def get_model(key: str) -> tuple[nn.Module, dict[str, Any]]:
         adv = recipe.adversarial
         total = recipe.epochs * math.ceil(len(y) / recipe.batch_size)
         objective = _pgd_objective(adv["eps"], adv["steps"], adv["alpha"], int(adv["ramp_fraction"] * total), recipe.seed)
+    elif recipe.objective:
+        name, params = parse_spec(recipe.objective)
+        if recipe.teacher:
+            params["teacher"] = get_model(recipe.teacher)[0]
+        objective = create_objective(name, **params)
     elif recipe.augment:
         objective = _cifar_objective(recipe.seed)
     else:
         from robustlab.training.loop import standard_objective as objective
     log(f"[{key}] training {recipe.architecture} on {len(y)} {recipe.dataset} images ({recipe.epochs} epoch(s)) ...")
     t0 = time.perf_counter()
-    history = train(model, data, config, objective=objective, progress=None, on_epoch=lambda r: log(f"[{key}]   {r}"))
+    history = train(trained, data, config, objective=objective, progress=None, on_epoch=lambda r: log(f"[{key}]   {r}"))
     seconds = time.perf_counter() - t0
     model.eval()
     x_test, y_test = load_split(recipe.dataset, "test")
-    clean = _clean_accuracy(model, x_test, y_test)  # per-pixel labels: pixel accuracy
+    clean = _clean_accuracy(trained.eval(), x_test, y_test)
     log(f"[{key}] trained in {seconds:.0f} s; clean test accuracy {clean:.4f} on {len(y_test)} images")
     card = ModelCard.for_architecture(
         recipe.architecture,
         num_classes=num_classes,
+        in_channels=channels,
+        **norm,
         arch_kwargs=dict(recipe.arch_kwargs),
         dataset=recipe.dataset,
         training={"recipe": recipe.to_dict(), "seconds": round(seconds, 1), "history": history,

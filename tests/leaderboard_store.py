@@ -30,7 +30,7 @@ def add_run(store: ResultsStore, model: str = "net", *, sha: str | None = None, 
             n: int = 20, clean: int = 16, robust: int = 8, dataset: str = "cifar10", split: str = "test",
             norm: str = "linf", eps: float = 8 / 255, defenses: list[dict[str, Any]] | None = None,
             declared: dict[str, Any] | None = None, randomized: bool = False, checks: list[dict] | None = None,
-            fast: bool = False, extra: dict[str, Any] | None = None) -> str:
+            fast: bool = False, extra: dict[str, Any] | None = None, adaptive: bool = True) -> str:
     configs = attack_configs(attacks, norm, eps)
     config = {"model": model, "model_sha256": sha, "dataset": dataset, "split": split, "n": n, "seed": 0,
               "batch_size": 128, "norm": norm, "eps": eps, "attacks": configs, "eps_grid": [], "steps_grid": [],
@@ -42,6 +42,8 @@ def add_run(store: ResultsStore, model: str = "net", *, sha: str | None = None, 
         config["declared_strength"] = declared
     card = {"sha256": sha, "architecture": "resnet18", "source": "external"} if sha else None
     info = {"card": card, "source": "checkpoint" if sha else "registry", "randomized": randomized}
+    if defenses and adaptive:  # as evaluate() records a defended model attacked adaptively
+        info.update(defenses=defenses, adaptive_attack="BPDA through " + "+".join(d["name"] for d in defenses))
     records = [{"name": a["name"], "params": a["params"], "targeted": False} for a in configs]
     run_id = store.create_run("adversarial", config, ENV, info, records)
     store.add_task(run_id, "main", "main", n, {"eps": eps, "steps": None})

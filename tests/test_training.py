@@ -78,7 +78,7 @@ def test_registry_names_params_and_docs():
     with pytest.raises(RobustlabError, match="unknown training recipe"):
         create_objective("pgd-at2", THREAT)
     with pytest.raises(RobustlabError, match="needs a teacher"):
-        create_objective("distillation")
+        create_objective("distillation", teacher=3)
 
 
 @pytest.mark.parametrize("name", RECIPES)

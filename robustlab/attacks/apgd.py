@@ -12,7 +12,10 @@ iterations, ``l1_checkpoints``); no momentum.
 
 Each sample keeps its best-loss point; as soon as a sample is misclassified its first successful
 iterate is kept and the sample leaves the batch, so no compute is spent on it afterwards (restarts and
-target classes only re-attack the survivors).
+target classes only re-attack the survivors). With ``eot`` > 1 (a randomized model) success is judged
+on the logits averaged over the draws, which a fresh vote of the model may not confirm: the sample
+stays in the batch for the whole run and keeps its last successful iterate (pushed further into the
+adversarial region), as AutoAttack's APGD does with ``eot_iter``.
 
 Costs per sample, counted exactly: every step evaluates the loss and its input gradient at the new
 iterate (``eot`` forward and backward passes each); the last iterate of a run is only evaluated
@@ -186,7 +189,11 @@ class APGDBase(Attack):
                 logits, f, g = self._evaluate(model, z, s["labels"], objective, grad=not last)
                 run.spend(gradients=0 if last else eot, forwards=eot)
                 s["g"] = g
-            if run.retire(self.is_success(logits, s["y0"]), s["x_cur"], f):
+            if eot > 1:  # keep attacking: the last successful iterate survives a fresh vote better
+                ok = self.is_success(logits, s["y0"])
+                s["ok"] = ok if k == 0 else s["ok"] | ok
+                s["x_ok"] = s["x_cur"] if k == 0 else torch.where(ok.view(-1, *[1] * (x0.dim() - 1)), s["x_cur"], s["x_ok"])
+            elif run.retire(self.is_success(logits, s["y0"]), s["x_cur"], f):
                 if not run:
                     return run
                 s, f = run.kept(s, f)
@@ -229,7 +236,11 @@ class APGDBase(Attack):
                 s["reduced"], s["f_ckpt"] = reduce, s["f_best"]
                 s["n_up"] = torch.zeros_like(s["n_up"])
                 last_ckpt = k
-        run.close(s["x_best"], value=s["f_best"])
+        if eot > 1:
+            ok4 = s["ok"].view(-1, *[1] * (x0.dim() - 1))
+            run.close(torch.where(ok4, s["x_ok"], s["x_best"]), success=s["ok"], value=s["f_best"])
+        else:
+            run.close(s["x_best"], value=s["f_best"])
         return run
 
     # ------------------------------------------------------------------ the attack

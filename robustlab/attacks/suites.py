@@ -2,10 +2,14 @@
 
 ``standard`` follows AutoAttack's standard protocol: APGD-CE, APGD-T (DLR, 9 target classes), FAB-T
 (9 target classes), Square (5000 queries, its square-size schedule not rescaled, as in the reference);
-at L1, AutoAttack's L1 version: APGD-CE (5 restarts) and APGD-T (9 target classes); the runner attacks only still-robust points and keeps the
-worst case per sample. ``rand`` is for randomized defenses: APGD-CE and APGD-DLR with EOT over 20
-draws. An ensemble file lists attack specs, one per line (``#`` comments), or as a JSON list of
-strings or ``{"name": ..., "params": {...}}`` objects.
+at L1, AutoAttack's L1 version: APGD-CE (5 restarts) and APGD-T (9 target classes); the runner attacks
+only still-robust points and keeps the worst case per sample. ``rand`` is AutoAttack's version for
+randomized defenses: APGD-CE and APGD-DLR (untargeted, one restart, 100 steps) with EOT over 20
+draws. ``standard`` asked of a model whose predictions are randomized resolves to ``rand``
+(``build_attacks(..., randomized=True)``), as AutoAttack advises: the targeted, minimum-norm and
+query-based members of ``standard`` would see one draw per step. An ensemble file lists attack specs,
+one per line (``#`` comments), or as a JSON list of strings or ``{"name": ..., "params": {...}}``
+objects.
 """
 
 from __future__ import annotations
@@ -71,8 +75,15 @@ def read_ensemble_file(path: Path) -> list[str | dict]:
     return [line.split("#", 1)[0].strip() for line in text.splitlines() if line.split("#", 1)[0].strip()]
 
 
-def build_attacks(specs: list[str | dict], threat: ThreatModel) -> list[Attack]:
-    """Attacks from specs: ``NAME[:key=value,...]``, a suite name, or an ensemble file, in order."""
+def suite_for(name: str, randomized: bool) -> str:
+    """The suite to run for the suite ``name`` on a model whose predictions are (not) randomized:
+    ``standard`` becomes ``rand`` on a randomized one."""
+    return "rand" if randomized and name == "standard" else name
+
+
+def build_attacks(specs: list[str | dict], threat: ThreatModel, randomized: bool = False) -> list[Attack]:
+    """Attacks from specs: ``NAME[:key=value,...]``, a suite name, or an ensemble file, in order.
+    ``randomized``: the model's predictions are randomized (the ``standard`` suite resolves to ``rand``)."""
     attacks: list[Attack] = []
     for spec in specs:
         if isinstance(spec, dict):
@@ -80,13 +91,13 @@ def build_attacks(specs: list[str | dict], threat: ThreatModel) -> list[Attack]:
                 raise RobustlabError(f"attack entry {spec!r} has no 'name'")
             attacks.append(create_attack(spec["name"], threat, **dict(spec.get("params") or {})))
         elif is_ensemble_file(spec):
-            attacks += build_attacks(read_ensemble_file(Path(spec)), threat)
+            attacks += build_attacks(read_ensemble_file(Path(spec)), threat, randomized)
         else:
             name, params = parse_spec(spec)
             if name in SUITES:
                 if params:
                     raise RobustlabError(f"the {name!r} suite takes no parameters; list its attacks to change them")
-                attacks += SUITES.get(name)(threat)
+                attacks += SUITES.get(suite_for(name, randomized))(threat)
             else:
                 attacks.append(create_attack(name, threat, **params))
     if not attacks:

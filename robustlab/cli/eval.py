@@ -47,6 +47,7 @@ def apply_card_defenses(loaded: LoadedModel, extra: list[str] | None = None) -> 
 def cmd_eval(args: argparse.Namespace) -> int:
     from robustlab import distributed
     from robustlab.attacks import build_attacks
+    from robustlab.predictor import is_randomized
     from robustlab.data.image_folder import data_fingerprint
     from robustlab.eval.runner import EvalOptions, evaluate
     from robustlab.eval.store import ResultsStore
@@ -77,6 +78,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         data = data.subset(args.n)
     loaded.model.to(device)
     model = apply_card_defenses(loaded, args.defense)
+    if is_randomized(model):  # AutoAttack's advice: the rand version for randomized defenses
+        specs = args.attack or ["pgd"]
+        attacks = build_attacks(specs, threat, randomized=True)
+        if "standard" in specs:
+            _say("robustlab: note: the model's predictions are randomized: the standard suite runs as 'rand' "
+                 "(APGD-CE and APGD-DLR with EOT over 20 draws)")
     if is_segmentation(loaded, model, data, device):
         return _eval_segmentation(args, loaded, model, data, attacks, device)
     info = {"source": loaded.source, "spec": args.model, "card": loaded.card.to_dict() if loaded.card else None}
@@ -211,8 +218,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="strengths (iterations, or queries for black-box attacks) for the attack-strength curve "
                    "of the first attack that has one (auto, none, or 1,5,10)")
     e.add_argument("--attack", action="append", metavar="NAME[:key=value,...]",
-                   help="attack to run (repeat for an ensemble, run in order), a suite (standard, rand), or an "
-                   "ensemble file (.txt: one spec per line, .json: a list); default pgd")
+                   help="attack to run (repeat for an ensemble, run in order), a suite (standard, rand; standard runs "
+                   "as rand on a randomized defense), or an ensemble file (.txt: one spec per line, .json: a list); "
+                   "default pgd")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="auto")
     e.add_argument("--db", default=DEFAULT_DB)

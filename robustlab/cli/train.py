@@ -241,7 +241,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="train on the first N training images (under torchrun write --num-examples)")
     t.add_argument("--recipe", default="standard", metavar="NAME[:key=value,...]",
                    help="training objective: standard, pgd-at, trades, mart, fgsm-at, fast-at, n-fgsm, alp, clp, vat, "
-                        "gradient-reg, distillation (teacher=PATH), curriculum-at, dual-bn (clean and adversarial "
+                        "gradient-reg, distillation (temperature=T: the first network; with teacher=PATH: the "
+                        "distilled one), curriculum-at, dual-bn (clean and adversarial "
                         "BatchNorm), mmc (Max-Mahalanobis centers, radius=C), rst (teacher=PATH), uat (with --unlabeled), mma (max-margin) and dynamic-at (FOSC-stopped "
                         "PGD); e.g. trades:beta=6,steps=10 "
                         "(default standard)")

@@ -29,14 +29,30 @@ def large_eps(threat: ThreatModel, image_dim: int) -> float:
 
 def inspect_model(model: nn.Module, x: torch.Tensor, dense: bool = False) -> dict[str, Any]:
     """Facts about a model that change how its numbers must be read: which submodules were in train
-    mode (they are evaluated in eval mode), and whether two identical calls give different outputs."""
+    mode (they are evaluated in eval mode), and whether its outputs depend on random draws.
+
+    ``randomized``: its predictions do (two identical calls of the forward pass differ and the model
+    does not declare that only the attacker's view is random, or two predictions with different
+    generators disagree). ``attack_randomized``: only the attacker's view draws random numbers (a
+    defense that declares ``attack_randomized``, e.g. sampled gradients for k-WTA) while the
+    predictions are deterministic."""
+    from robustlab.predictor import predict
+
     forced = training_modules(model)
     with eval_mode(model), torch.no_grad():
         a = check_logits(model(x), x.shape[0], dense=dense)
         b = model(x)
-    scale = float(a.abs().max()) + 1e-12
-    randomized = not torch.isfinite(a).all() or float((a - b).abs().max()) > 1e-5 * scale
-    return {"eval_mode_forced": forced, "randomized": bool(randomized)}
+        scale = float(a.abs().max()) + 1e-12
+        differs = not torch.isfinite(a).all() or float((a - b).abs().max()) > 1e-5 * scale
+        declared = [d.name for d in getattr(model, "defenses", []) if getattr(d, "attack_randomized", False)]
+        attack_only = bool(differs and declared and not getattr(model, "randomized", False))
+        if attack_only:  # the attacker's view is random by declaration: are the predictions deterministic?
+            gens = [torch.Generator(device=x.device).manual_seed(s) for s in (1, 2)]
+            attack_only = torch.equal(predict(model, x, gens[0]), predict(model, x, gens[1]))
+    out = {"eval_mode_forced": forced, "randomized": bool(differs and not attack_only)}
+    if attack_only:
+        out["attack_randomized"] = declared
+    return out
 
 
 def mode_verdicts(info: dict[str, Any]) -> list[dict[str, str]]:
@@ -51,6 +67,10 @@ def mode_verdicts(info: dict[str, Any]) -> list[dict[str, str]]:
     if info.get("randomized"):
         out.append(verdict("randomized", "warn", "two identical calls gave different outputs: the model or defense "
                            "is randomized, so these numbers need an adaptive evaluation with EOT"))
+    elif info.get("attack_randomized"):
+        out.append(verdict("randomized", "pass", "predictions are deterministic (two predictions with different "
+                           "random draws gave the same labels); only the attacker's view draws random numbers, as "
+                           f"declared by {', '.join(info['attack_randomized'])} (gradients averaged over draws)"))
     else:
         out.append(verdict("randomized", "pass", "two identical calls gave the same output"))
     return out

@@ -379,10 +379,13 @@ def _model_notes(run: dict[str, Any]) -> str:
         ("Eval mode", (f"forced for {len(forced)} submodule(s) that were in train mode: <code>"
                        f"{_e(', '.join(map(str, forced)))}</code>") if forced else "model was already in eval mode"),
         ("Randomized", ("<strong>yes</strong>: output changes between identical calls; an EOT evaluation is needed"
-                        if info.get("randomized") else "no")),
+                        if info.get("randomized") else
+                        "no: predictions are deterministic; only the attacker's view draws random numbers "
+                        f"({_e(', '.join(map(str, info['attack_randomized'])))}: gradients averaged over draws)"
+                        if info.get("attack_randomized") else "no")),
     ]
     for key, value in info.items():
-        if key not in ("card", "source", "eval_mode_forced", "randomized"):
+        if key not in ("card", "source", "eval_mode_forced", "randomized", "attack_randomized"):
             items.append((key, _value_html(value)))
     parts = ["<h2>Model notes</h2>", _kv_table(items, raw=True)]
     card = info.get("card")

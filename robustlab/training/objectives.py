@@ -556,13 +556,18 @@ class GradientReg(Objective):
 @register_objective
 class Distillation(Objective):
     """Defensive distillation (Papernot et al., "Distillation as a Defense to Adversarial
-    Perturbations against Deep Neural Networks", IEEE S&P 2016): the student is trained on the
-    teacher's soft labels at temperature ``temperature`` (published: 100), i.e. the cross-entropy
-    between ``softmax(teacher(x) / T)`` and ``softmax(student(x) / T)``; at test time T is 1.
+    Perturbations against Deep Neural Networks", IEEE S&P 2016): both networks are trained with the
+    softmax at temperature ``temperature`` (published: 100) and deployed at T = 1 (the model's logits
+    are used as they are, so its softmax saturates: the logits come out about T times larger).
 
-    ``teacher``: an ``nn.Module`` (Python) or a checkpoint path (``X.safetensors`` with its card;
-    CLI). Known to mask gradients rather than add robustness (Carlini & Wagner 2016): evaluate with
-    the CW margin loss.
+    Without ``teacher`` this trains the first network: cross-entropy of ``softmax(model(x) / T)``
+    with the hard labels. With ``teacher`` (an ``nn.Module`` in Python or a checkpoint path
+    ``X.safetensors`` with its card, e.g. the first network) it trains the distilled one: the
+    cross-entropy between ``softmax(teacher(x) / T)`` and ``softmax(model(x) / T)``.
+
+    Known to mask gradients rather than add robustness (Carlini & Wagner 2016): the saturated softmax
+    at T = 1 makes the cross-entropy's gradient vanish, so a loss on the logits (CW margin, DLR) is
+    the honest attack.
     """
 
     name = "distillation"
@@ -570,7 +575,7 @@ class Distillation(Objective):
     adversarial = False
 
     def __init__(self, threat: ThreatModel | None = None, teacher: Any = None, **params: Any) -> None:
-        self.teacher, described = load_teacher(self.name, teacher)
+        self.teacher, described = (None, "") if teacher is None or teacher == "" else load_teacher(self.name, teacher)
         super().__init__(threat, teacher=described, **params)
 
     def validate(self) -> None:
@@ -579,9 +584,13 @@ class Distillation(Objective):
 
     def loss(self, model, x, y, generator):
         t = self.params["temperature"]
-        self.teacher.to(x.device)
-        with torch.no_grad():
-            soft = F.softmax(self.teacher(x).float() / t, dim=1)
         logits = model(x)
-        loss = -(soft * F.log_softmax(logits.float() / t, dim=1)).sum(dim=1).mean()
+        log_probs = F.log_softmax(logits.float() / t, dim=1)
+        if self.teacher is None:  # the first network: hard labels at temperature T
+            loss = F.nll_loss(log_probs, y)
+        else:
+            self.teacher.to(x.device)
+            with torch.no_grad():
+                soft = F.softmax(self.teacher(x).float() / t, dim=1)
+            loss = -(soft * log_probs).sum(dim=1).mean()
         return loss, {"clean_acc": _accuracy(logits, y)}

@@ -382,7 +382,11 @@ class AdversarialProtocol(Protocol):
         """A full evaluation runs at least the reference ensemble (``standard``; ``rand`` for a
         randomized model): each of its attacks, at least as strong (steps, restarts, EOT draws, queries,
         target classes), in any order and with any attacks added. A run may instead declare a stronger
-        ensemble in its config: ``declared_strength = {"at_least": "standard", "reason": "..."}``."""
+        ensemble in its config: ``declared_strength = {"at_least": "standard", "reason": "..."}``.
+        A defended model's run also needs its adaptive evaluation (:func:`non_adaptive_only`)."""
+        unreliable = non_adaptive_only(run)
+        if unreliable:  # no declared strength makes up for it
+            return [unreliable]
         config = cls.normalize_config(run["config"])
         reference = "rand" if (run.get("model_info") or {}).get("randomized") else "standard"
         declared = config.get("declared_strength")
@@ -399,6 +403,23 @@ class AdversarialProtocol(Protocol):
             short = [f"{k} {p.get(k)} < {v}" for p in same[:1] for k, v in need.items() if _number(p.get(k)) < v]
             missing.append(f"{ref.name} ({', '.join(short)})" if short else ref.name)
         return [f"weaker than the {reference} ensemble: lacks {', '.join(missing)}"] if missing else []
+
+
+def non_adaptive_only(run: dict[str, Any]) -> str | None:
+    """Why a defended model's run is not an adaptive evaluation (None if it is, or the model is not
+    defended): no adaptive attack recorded (the defense was not paired with its attack: a run stored by
+    code that did not pair them), or its main (adaptive) task missing with only the non-adaptive tasks
+    stored. Such a run's robust accuracy is what the defense's authors would have printed."""
+    config, info = run.get("config") or {}, run.get("model_info") or {}
+    if not (config.get("defenses") or info.get("defenses")):
+        return None
+    mark = "unreliable: a defended model evaluated only non-adaptively"
+    if not info.get("adaptive_attack"):
+        return f"{mark} (no adaptive attack recorded)"
+    tasks = run.get("tasks")
+    if tasks is not None and not any(t.get("task") == "main" for t in tasks):
+        return f"{mark} (its adaptive task is missing)"
+    return None
 
 
 def worst_case(store: ResultsStore, run: dict[str, Any], main: list[SampleRow],
