@@ -44,3 +44,45 @@ def test_brendel_bethge_points_reverify_under_another_view_of_the_model(data, no
     assert (gap < -1e-5 * scale.clamp_min(1)).all(), gap
     channels_last = res.x_adv.contiguous(memory_format=torch.channels_last)
     assert (predict(model, channels_last) != y).all()
+
+
+# ---------------------------------------------------------------------- perturb's default (defect 3)
+
+
+@pytest.fixture(scope="module")
+def digits_folder(digits_model, digits_test, tmp_path_factory):
+    """(checkpoint of the digits model, a folder of 40 digits test images as 8-bit PNG)."""
+    import numpy as np
+    from PIL import Image
+
+    from robustlab.models import ModelCard, save_checkpoint
+
+    root = tmp_path_factory.mktemp("perturb")
+    ckpt = save_checkpoint(digits_model, root / "digits", ModelCard.for_architecture("digits_cnn", num_classes=10))
+    images = root / "images"
+    images.mkdir()
+    for i in range(40):
+        pixels = (digits_test.x[i, 0].numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(pixels).save(images / f"{i:02d}.png")
+    return ckpt, images
+
+
+def _changed(capsys) -> int:
+    err = capsys.readouterr().err
+    line = next(s for s in err.splitlines() if "prediction changed on" in s)
+    return int(line.split("prediction changed on ")[1].split()[0])
+
+
+def test_perturb_default_changes_predictions_where_pgd_does(digits_folder, tmp_path, capsys):
+    from robustlab.cli import main
+
+    ckpt, images = digits_folder
+    common = ["perturb", "--model", str(ckpt), "--norm", "linf", "--eps", "0.1", "--images", str(images),
+              "--device", "cpu"]
+    assert main([*common, "--out", str(tmp_path / "default")]) == 0
+    default = _changed(capsys)
+    assert main([*common, "--out", str(tmp_path / "ssp"), "--attack", "ssp"]) == 0
+    ssp = _changed(capsys)
+    # The default used to be SSP, which changes few predictions of a small model (the trap of
+    # issue 20, defect 3); the default now changes many, and more than SSP does.
+    assert default >= 12 and default > ssp, (default, ssp)
