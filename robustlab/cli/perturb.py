@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import argparse
 
-from robustlab.cli.common import MODEL_HELP, _argument_type, _device, _number, _say, _threat
+from robustlab.cli.common import (
+    MODEL_HELP,
+    _argument_type,
+    _device,
+    _number,
+    _say,
+    _threat,
+)
 from robustlab.cli.inputs import add_weights_arguments
 from robustlab.errors import RobustlabError
+
+#: The default attack: PGD against the model's own predictions (no labels needed). SSP, the default
+#: before, distorts features rather than predictions and changed 0% to 6.5% of a small MNIST model's
+#: predictions at Linf 0.1 where PGD changed 17% to 25% (issue 20, defect 3; ssp_transfer.txt).
+DEFAULT_ATTACK = "pgd"
 
 
 def cmd_perturb(args: argparse.Namespace) -> int:
@@ -35,12 +47,13 @@ def cmd_perturb(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    pt = sub.add_parser("perturb", help="perturb every image of a folder (no labels needed), e.g. with the "
-                        "label-free ssp attack, and write the results as PNG")
+    pt = sub.add_parser("perturb", help="perturb every image of a folder (no labels needed: the model's own "
+                        "predictions are attacked) and write the results as PNG")
     pt.add_argument("--model", required=True, help=f"{MODEL_HELP}; its predictions are attacked")
     add_weights_arguments(pt)
-    pt.add_argument("--attack", default="ssp", metavar="NAME[:key=value,...]",
-                    help="default ssp (feature-space, label-free); any untargeted attack works")
+    pt.add_argument("--attack", default=DEFAULT_ATTACK, metavar="NAME[:key=value,...]",
+                    help=f"default {DEFAULT_ATTACK} against the model's own predictions; any untargeted attack "
+                         "works, e.g. ssp (feature-space, label-free: it changes few predictions of small models)")
     pt.add_argument("--norm", required=True)
     pt.add_argument("--eps", required=True, type=_argument_type(_number))
     pt.add_argument("--images", required=True, help="folder of images (sub-folders included)")
