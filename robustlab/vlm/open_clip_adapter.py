@@ -87,7 +87,7 @@ def check_local_name(name: str) -> str:
     if name.startswith("local-dir:"):
         return name
     if open_clip.get_model_config(name) is None:
-        known = [m for m in open_clip.list_models() if "ViT-B" in m][:6]
+        known = [m for m in open_clip.list_models() if m.startswith("ViT-B-")][:6]
         raise RobustlabError(f"open_clip knows no architecture {name!r}; e.g. {', '.join(known)} "
                              "(`python -c 'import open_clip; print(open_clip.list_models())'` lists all)")
     text_cfg = (open_clip.get_model_config(name) or {}).get("text_cfg") or {}
