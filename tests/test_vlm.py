@@ -309,3 +309,18 @@ def test_imagenet_style_folder_streams_with_names_from_its_synset_file(tiny, tmp
     with pytest.raises(RobustlabError, match="class names missing for data set 'imagenet-val'"):
         (tmp_path / "LOC_synset_mapping.txt").unlink()
         build_sets(vlm, [f"imagenet-val:{tmp_path}"])
+
+
+def test_resize_follows_pils_bicubic_and_squash_keeps_everything():
+    from PIL import Image
+
+    from robustlab.vlm.base import resize_square
+
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    ours = resize_square(x, 20)  # shorter side 40 -> 20, then the centre 20 x 20 of 20 x 30
+    pil = np.asarray(Image.fromarray(img).resize((30, 20), Image.Resampling.BICUBIC), dtype=np.float32) / 255
+    ref = torch.from_numpy(pil[:, 5:25]).permute(2, 0, 1)[None]
+    assert (ours - ref).abs().max() < 2.5 / 255  # PIL rounds to uint8 on the way
+    assert resize_square(x, 20, crop=False).shape == (1, 3, 20, 20)

@@ -15,6 +15,7 @@ from robustlab.cli.common import (
     _say,
     _threat,
 )
+from robustlab.cli.inputs import check_data_spec
 from robustlab.errors import RobustlabError
 
 DEFAULT_EPS_TEXT = "1/255,4/255"
@@ -47,6 +48,8 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
     if args.n is not None and args.n < 1:
         raise RobustlabError(f"--n must be >= 1, got {args.n}")
     specs = parse_data_list(args.data)
+    for spec in specs:  # unknown names and missing folders fail before the model is loaded
+        check_data_spec(spec)
     prompts = _prompt_files(args.prompts)
     device = _device(args.device)
     vlm, info = load_vlm(args.vlm, args.weights, device)

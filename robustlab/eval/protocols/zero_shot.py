@@ -52,7 +52,7 @@ EXAMPLES_PER_SET = 2  # broken examples kept per data set (at its largest epsilo
 def eps_key(eps: float) -> str:
     """An epsilon as the summary names it: ``1/255`` for whole 255ths, else ``%g``."""
     k = eps * 255
-    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 and round(k) > 0 else f"{eps:g}"
+    return f"{round(k)}/255" if abs(k - round(k)) < 1e-4 and round(k) > 0 else f"{eps:g}"
 
 
 @dataclass
@@ -248,7 +248,7 @@ class ZeroShotProtocol(Protocol):
                 for d in sets]
         digest = hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()[:8]
         names = ", ".join(d["dataset"] for d in sets)
-        title = (f"zero-shot · {names} · {config['norm']} ε = {', '.join(eps_key(e) for e in eps)} · "
+        title = (f"zero-shot · {names} · {config['norm']} ε = {', '.join(eps_key(float(e)) for e in config['eps'])} · "
                  f"prompts and sizes {digest}")
         return (run["dataset"], cls.name, config["norm"], eps, digest), title
 
