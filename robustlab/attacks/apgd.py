@@ -110,7 +110,7 @@ class APGDBase(Attack):
         """(logits, per-sample objective, input gradient of the objective or None), each averaged over
         ``eot`` passes. Parameters get no gradient: autograd is asked for the input's only."""
         forward, value = model_objective(model, lambda out: objective(out, labels), x.shape[0],
-                                         dense=labels.dim() > 1)
+                                         dense=labels.dim() == 3)  # per-pixel labels (N, H, W); MM passes (N, 2) pairs
         return eot_gradient(forward, value, x, self.params["eot"], grad=grad)
 
     def _l1_step(self, g: torch.Tensor, step: torch.Tensor, frac: torch.Tensor, x_cur: torch.Tensor) -> torch.Tensor:

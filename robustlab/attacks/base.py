@@ -173,7 +173,7 @@ class Attack(Configurable):
         """
         objective = get_loss(loss)
         forward, value = model_objective(model, lambda out: objective(out, y, self.targeted), x.shape[0],
-                                         dense=y.dim() > 1)
+                                         dense=y.dim() == 3)
         logits, _, grad = eot_gradient(forward, value, x, eot)
         return logits, grad
 
