@@ -230,14 +230,18 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(seg_model, scenes_te
 
 def test_report_page_and_leaderboard_columns(seg_model, scenes_test, tmp_path):
     from robustlab.report.html import write_report
+    from robustlab.report.leaderboard import leaderboard
 
     with ResultsStore(tmp_path / "r.db") as store:
         result = run(seg_model, scenes_test.subset(8), SegmentationProtocol([create_attack("fgsm", THREAT)], 11), store)
         paths = write_report(store, result.run_id, tmp_path / "rep")
+        groups = leaderboard(store)
     html = paths["html"].read_text()
     assert "Segmentation report" in html and "IoU per class" in html
     assert json.loads(paths["summary"].read_text())["summary"]["robust_miou"] == result.summary["robust_miou"]
-    assert SegmentationProtocol.leaderboard_columns[0] == "robust_miou"
+    (group,) = groups
+    assert group.protocol == "segmentation" and group.columns[:2] == ("robust_miou", "clean_miou")
+    assert "robust mIoU" in group.title and group.rows[0].rank == 1
 
 
 # ------------------------------------------------------------------------------------ the error lines
@@ -283,3 +287,35 @@ def test_card_records_the_task():
     assert ModelCard.from_dict({k: v for k, v in card.to_dict().items() if k != "task"}).task == "classification"
     with pytest.raises(RobustlabError, match="task must be one of classification, segmentation"):
         ModelCard.from_dict({**card.to_dict(), "task": "detection"})
+
+
+def test_cli_eval_picks_the_segmentation_protocol_and_certify_refuses(seg_model, tmp_path, capsys):
+    from robustlab.cli import main
+    from robustlab.models import save_checkpoint
+
+    path = tmp_path / "seg.safetensors"
+    save_checkpoint(seg_model, path, ModelCard.for_architecture("seg_unet", num_classes=11,
+                                                                arch_kwargs={"width": 8, "depth": 2}))
+    db = str(tmp_path / "r.db")
+    capsys.readouterr()
+    assert main(["eval", "--model", str(path), "--data", "scenes-digits", "--n", "8", "--norm", "linf", "--eps", "0.1",
+                 "--attack", "pgd:steps=2", "--db", db, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["protocol"] == "segmentation" and out["n"] == 8 and out["robust_miou"] <= out["clean_miou"]
+    assert main(["certify", "--model", str(path), "--data", "digits", "--samples", "2", "--sigma", "0.25", "--n", "10", "--n0", "5",
+                 "--db", db]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [("robustlab: error: the model returns per-pixel logits of shape (2, 11, 8, 8) (N, classes, H, W): it "
+                   "is a segmentation model and cannot be evaluated as a classifier; use `robustlab eval` (it picks the "
+                   "segmentation protocol) or robustlab.eval.protocols.SegmentationProtocol")]
+
+
+def test_a_defended_segmentation_model_is_attacked_adaptively(seg_model, scenes_test, tmp_path):
+    from robustlab.defenses import DefendedModel, build_defenses
+    from robustlab.eval.runner import segment
+
+    defended = DefendedModel(seg_model, build_defenses(["noise:sigma=0.05"]))
+    with ResultsStore(tmp_path / "r.db") as store:
+        result = segment(defended, scenes_test.subset(4), [create_attack("pgd", THREAT, steps=2)], store)
+    assert [d["name"] for d in result.summary["defenses"]] == ["noise"]
+    assert result.summary["attacks"][0]["params"]["eot"] > 1  # gradients averaged over the noise draws

@@ -164,8 +164,7 @@ def _eval_segmentation(args: argparse.Namespace, loaded: LoadedModel, model: tor
                        attacks: list[Any], device: Any) -> int:
     """``robustlab eval`` of a segmentation model: the segmentation protocol (mIoU and pixel accuracy,
     clean and under the attacks on the per-pixel loss)."""
-    from robustlab.eval.protocols import SegmentationProtocol
-    from robustlab.eval.runner import run
+    from robustlab.eval.runner import segment
     from robustlab.eval.store import ResultsStore
     from robustlab.report.segmentation import format_segmentation_summary
 
@@ -174,14 +173,14 @@ def _eval_segmentation(args: argparse.Namespace, loaded: LoadedModel, model: tor
              if on]
     if given:
         raise RobustlabError(f"{', '.join(given)} apply to classifiers; {args.model} is a segmentation model")
-    protocol = SegmentationProtocol(attacks, data.num_classes, tuple(args.eps_grid or ()), list(data.classes))
     info = {"source": loaded.source, "spec": args.model, "card": loaded.card.to_dict() if loaded.card else None,
             "task": "segmentation"}
     extra = {"data": data.describe} if getattr(data, "describe", None) else {}
     store = ResultsStore(args.db, readonly=False)
     try:
-        result = run(model, data, protocol, store, seed=args.seed, batch_size=args.batch_size, examples=0,
-                     extra=extra, model_name=args.model, model_info=info, resume=args.resume, device=device, log=_say)
+        result = segment(model, data, attacks, store, eps_grid=tuple(args.eps_grid or ()), seed=args.seed,
+                         batch_size=args.batch_size, extra=extra, model_name=args.model, model_info=info,
+                         resume=args.resume, device=device, log=_say)
     finally:
         store.discard_if_unused()
     if args.json:

@@ -170,7 +170,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     card, acc = card_for(model, summary.get("final_val", {}), {})
     path = save_checkpoint(weights(model).cpu(), out, card)
-    _say(f"clean test accuracy {100 * acc:.2f}% after {seconds:.1f}s")
+    what = "pixel accuracy" if data.dense else "accuracy"  # per-pixel labels: a segmentation model
+    _say(f"clean test {what} {100 * acc:.2f}% after {seconds:.1f}s")
     print(path)
     if history.ema is not None:
         ema_card, ema_acc = card_for(history.ema, summary.get("ema_val", {}), {"weights": "ema"})

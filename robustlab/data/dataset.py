@@ -44,6 +44,8 @@ class Dataset(abc.ABC):
 
     #: True when every image is held in memory (``batch`` decodes and transforms nothing).
     in_memory: bool = False
+    #: True when the labels are per pixel, (N, H, W) (a segmentation data set, robustlab.data.dense).
+    dense: bool = False
 
     @abc.abstractmethod
     def __len__(self) -> int: ...

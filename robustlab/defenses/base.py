@@ -199,7 +199,9 @@ class DefendedModel(Predictor):
 
     def forward_with(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         with torch.no_grad():
-            return check_logits(self.model(self._defend(x, generator, "predict")), x.shape[0])
+            # a classifier's (N, classes) or a segmentation model's (N, classes, H, W): the protocols
+            # check which one they take before a run
+            return check_logits(self.model(self._defend(x, generator, "predict")), x.shape[0], dense=None)
 
     def naive(self) -> nn.Module:
         """The attacker's view of one who treats the defended model as a plain one (what a defense's

@@ -5,8 +5,8 @@ every batch), sharding across torchrun ranks, the results store, progress. What 
 batch does, and how its rows become numbers, is the protocol's (``robustlab.eval.protocols``).
 
 ``evaluate(model, data, attacks, store)`` runs the adversarial protocol; ``certify(model, data,
-options, store)`` the certified one (randomized smoothing); ``run(model, data, protocol, store)`` any
-protocol.
+options, store)`` the certified one (randomized smoothing); ``segment(model, data, attacks, store)``
+the segmentation one; ``run(model, data, protocol, store)`` any protocol.
 """
 
 from __future__ import annotations
@@ -156,6 +156,35 @@ def certify(
     check_base_model(model)
     protocol = CertifiedProtocol(options, data.num_classes)
     return run(model, data, protocol, store, seed=seed, batch_size=batch_size, examples=0, **kwargs)
+
+
+def segment(
+    model: nn.Module,
+    data: Dataset,
+    attacks: list[Attack],
+    store: ResultsStore | None,
+    *,
+    eps_grid: tuple[float, ...] = (),
+    seed: int = 0,
+    batch_size: int = 64,
+    **kwargs: Any,
+) -> RunResult:
+    """Evaluate the segmentation model ``model`` on the per-pixel data ``data``: mIoU and pixel
+    accuracy, clean and under ``attacks`` on the per-pixel loss (the segmentation protocol, at the
+    attacks' epsilon and at each of ``eps_grid``). A :class:`~robustlab.defenses.DefendedModel` is
+    attacked adaptively (:func:`adaptive_attacks`) and its defenses are recorded with the run. Other
+    keyword arguments are :func:`run`'s."""
+    from robustlab.eval.protocols.segmentation import SegmentationProtocol
+
+    defenses = None
+    if isinstance(model, DefendedModel):
+        needs = model.needs()
+        attacks = adaptive_attacks(attacks, needs)
+        defenses = model.configs()
+        kwargs["model_info"] = {**(kwargs.get("model_info") or {}), "defenses": defenses,
+                                "adaptive_attack": needs.describe()}
+    protocol = SegmentationProtocol(attacks, data.num_classes, eps_grid, list(data.classes), defenses=defenses)
+    return run(model, data, protocol, store, seed=seed, batch_size=batch_size, **{"examples": 0, **kwargs})
 
 
 def adaptive_attacks(attacks: list[Attack], needs: AttackerNeeds) -> list[Attack]:

@@ -27,6 +27,12 @@ How the next protocols plug in (one protocol module, one metric, one CLI command
   corruption at the data transform seam with ``ctx.generator()`` and records correct / prediction
   into ``corruption_samples``; ``summarize`` feeds
   :class:`~robustlab.eval.metrics.CorruptionError` against the baseline run the config names (mCE).
+- **segmentation** (``dense = True``: per-pixel logits (N, classes, H, W), per-pixel labels (N, H, W),
+  checked by the runner before anything is written): ``plan`` gives ``main`` and one task per epsilon
+  of the grid; ``run_batch`` runs every attack on every sample (the per-pixel loss averaged over the
+  pixels), keeps per sample the image with the fewest correct pixels and records pixel and per-class
+  intersection / union counts, clean and adversarial, into ``segmentation_samples``;
+  :class:`~robustlab.eval.metrics.SegmentationScore` gives pixel accuracy and mIoU.
 - **zero-shot**: the model is a zero-shot head over class names and templates (the config records
   both); one run per data set with the adversarial protocol's tasks, or one protocol whose tasks are
   data sets; rows go to ``zero_shot_samples``; :class:`~robustlab.eval.metrics.ZeroShotAccuracy`

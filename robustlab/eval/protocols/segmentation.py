@@ -68,7 +68,11 @@ class SegmentationProtocol(Protocol):
     )
 
     def __init__(self, attacks: list[Attack], num_classes: int, eps_grid: tuple[float, ...] = (),
-                 classes: list[str] | None = None) -> None:
+                 classes: list[str] | None = None, defenses: list[dict[str, Any]] | None = None) -> None:
+        """``attacks``: one threat model, untargeted, each able to attack dense outputs (made adaptive
+        to ``defenses`` by the caller, :func:`robustlab.eval.runner.segment`); ``classes``: names
+        recorded with the run (background first); ``defenses``: the configs of the defenses in front of
+        the model, recorded."""
         if not attacks:
             raise RobustlabError("give at least one attack")
         not_dense = [a.name for a in attacks if not a.dense]
@@ -87,12 +91,15 @@ class SegmentationProtocol(Protocol):
         self.num_classes = int(num_classes)
         self.eps_grid = tuple(sorted({float(e) for e in eps_grid}))
         self.classes = list(classes) if classes else None
+        self.defenses = list(defenses or [])
 
     def config(self) -> dict[str, Any]:
         config = {"norm": self.threat.norm, "eps": self.threat.eps, "attacks": [a.config() for a in self.attacks],
                   "eps_grid": list(self.eps_grid), "num_classes": self.num_classes}
         if self.classes:
             config["classes"] = self.classes
+        if self.defenses:
+            config["defenses"] = self.defenses
         return config
 
     def attack_records(self) -> list[dict[str, Any]]:
@@ -223,7 +230,7 @@ class SegmentationProtocol(Protocol):
             # the generic names (RunResult, tables that show accuracies): pixel accuracies
             "clean_accuracy": clean.get("pixel_accuracy"), "robust_accuracy": adv.get("pixel_accuracy"),
             "clean_iou": clean.get("iou"), "robust_iou": adv.get("iou"),
-            "attacks": per_attack, "eps_curve": curve, "rejected": rejected,
+            "attacks": per_attack, "eps_curve": curve, "rejected": rejected, "defenses": config.get("defenses", []),
             "seconds": round(sum(c["seconds"] for t in run["tasks"] for c in store.attack_costs(run_id, t["task"])), 4),
         }
         if run.get("status") != "complete":
