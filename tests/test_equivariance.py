@@ -99,13 +99,13 @@ def test_cost_counter_and_batching(digits_model, batch):
 
 
 class DenseToy(nn.Module):
-    """A tiny fully convolutional segmenter: (N, 1, H, W) -> (N, 3, H, W) logits."""
+    """A tiny fully convolutional segmenter: (N, 1, H, W) -> (N, classes, H, W) logits."""
 
-    def __init__(self) -> None:
+    def __init__(self, classes: int = 3) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
-        self.head = nn.Conv2d(8, 3, 1)
+        self.head = nn.Conv2d(8, classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
@@ -122,6 +122,20 @@ def test_dense_model(digits_test):
     assert mean_loss(d, xc) < mean_loss(d, x) - 0.01
     with torch.no_grad():  # the corrected image segmented: dense logits
         assert model(dm.defenses[0].transform(x, gen(1))).shape == (16, 3, 8, 8)
+
+
+def test_runs_in_the_segmentation_protocol(tmp_path):
+    from robustlab.data import load_dataset
+    from robustlab.eval.runner import segment
+
+    data = load_dataset("scenes-digits", "test").subset(8)
+    model = apply_defenses(DenseToy(classes=data.num_classes).eval(), ["equivariance:eps=0.05,steps=2,views=2,eot=2"])
+    with ResultsStore(tmp_path / "s.db") as store:
+        res = segment(model, data, [create_attack("pgd", ThreatModel("linf", 0.05), steps=2)], store, batch_size=8,
+                      progress=False)
+    s = res.summary
+    assert s["defenses"][0]["name"] == "equivariance"
+    assert 0.0 <= s["robust_miou"] <= 1.0 and 0.0 <= s["clean_miou"] <= 1.0
 
 
 def test_feature_maps_go_back_to_the_image_frame(digits_test):
