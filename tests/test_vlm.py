@@ -239,3 +239,88 @@ def test_cli_zeroshot_runs_and_refuses_bad_input(tiny, tmp_path, capsys):
     assert "unknown template set 'nosuch'" in capsys.readouterr().err
     assert main([*base, "--data", "digits", "--prompts", "cifar10=x.txt"]) == 2
     assert "--prompts for cifar10, which is not among the data sets" in capsys.readouterr().err
+
+
+def test_at_model_size_resizes_named_data_before_the_attack_streaming(tiny):
+    from robustlab.vlm.suite import build_sets
+
+    _, vlm = tiny
+    native, resized = (build_sets(vlm, ["digits"], n=5, templates="tecoa", at_model_size=flag)[0] for flag in (False, True))
+    assert native.data.image_shape == (1, 8, 8) and resized.data.image_shape == (1, 16, 16)
+    assert not resized.data.in_memory and resized.prompts.templates == ["This is a photo of a {}"]
+    assert resized.describe()["image_shape"] == [1, 16, 16]  # part of the run's configuration
+
+
+def test_interrupted_zero_shot_run_resumes_to_the_numbers_of_an_uninterrupted_one(tiny, tmp_path, monkeypatch):
+    from robustlab.attacks import build_attacks
+    from robustlab.eval.protocols.zero_shot import ZeroShotProtocol
+    from robustlab.eval.runner import zero_shot
+    from robustlab.eval.store import ResultsStore
+    from robustlab.threat import ThreatModel
+    from robustlab.vlm.suite import build_sets
+
+    _, vlm = tiny
+    sets = build_sets(vlm, ["digits"], n=30)
+    attacks = build_attacks(["pgd:steps=3"], ThreatModel("linf", 4 / 255))
+    kw = {"batch_size": 10, "progress": False, "sanity_checks": False}
+    full = zero_shot(sets, attacks, ResultsStore(tmp_path / "a.db"), **kw)
+    original, calls = ZeroShotProtocol.run_batch, []
+
+    def killed_at_the_fourth_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ZeroShotProtocol, "run_batch", killed_at_the_fourth_batch)
+    store = ResultsStore(tmp_path / "b.db")
+    with pytest.raises(KeyboardInterrupt):
+        zero_shot(sets, attacks, store, **kw)
+    monkeypatch.setattr(ZeroShotProtocol, "run_batch", original)
+    resumed = zero_shot(sets, attacks, store, resume=True, **kw)
+    assert resumed.resumed and resumed.summary["datasets"] == full.summary["datasets"]
+    for task in ("digits@1/255", "digits@4/255"):
+        a = [tuple(r) for r in ResultsStore(tmp_path / "a.db").sample_rows("zero_shot_samples", full.run_id, task)]
+        b = [tuple(r) for r in store.sample_rows("zero_shot_samples", resumed.run_id, task)]
+        assert [r[2:] for r in a] == [r[2:] for r in b]  # every per-sample outcome, not only the totals
+
+
+def test_zero_shot_head_saves_as_safetensors_every_tensor_once(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, vlm = tiny
+    head = ZeroShotClassifier(vlm, text_classifier(vlm, CLASSES, TEMPLATES))
+    assert set(dict(vlm.visual.named_parameters())) and all(
+        p is q for p, q in zip(vlm.visual.parameters(), vlm.clip.visual.parameters()))
+    save_file(head.state_dict(), str(tmp_path / "head.safetensors"))  # refuses tensors that share memory
+    assert torch.equal(load_file(str(tmp_path / "head.safetensors"))["weights"], head.weights)
+
+
+def test_imagenet_style_folder_streams_with_names_from_its_synset_file(tiny, tmp_path):
+    from robustlab.vlm.suite import build_sets
+
+    _, vlm = tiny
+    _png_folder(tmp_path / "val", ["n01443537", "n01440764"], per_class=2, size=(20, 24))
+    (tmp_path / "LOC_synset_mapping.txt").write_text("n01443537 goldfish, Carassius\nn01440764 tench, Tinca tinca\n")
+    (s,) = build_sets(vlm, [f"imagenet-val:{tmp_path}"])
+    assert s.key == "imagenet-val" and not s.data.in_memory and s.data.image_shape == (3, 16, 16)
+    assert s.prompts.classnames == ["goldfish", "tench"]  # label order from the mapping file, names from it too
+    assert s.data.labels.tolist() == [1, 1, 0, 0]  # files sorted by folder: n01440764 (tench, label 1) first
+    with pytest.raises(RobustlabError, match="class names missing for data set 'imagenet-val'"):
+        (tmp_path / "LOC_synset_mapping.txt").unlink()
+        build_sets(vlm, [f"imagenet-val:{tmp_path}"])
+
+
+def test_resize_follows_pils_bicubic_and_squash_keeps_everything():
+    from PIL import Image
+
+    from robustlab.vlm.base import resize_square
+
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    ours = resize_square(x, 20)  # shorter side 40 -> 20, then the centre 20 x 20 of 20 x 30
+    pil = np.asarray(Image.fromarray(img).resize((30, 20), Image.Resampling.BICUBIC), dtype=np.float32) / 255
+    ref = torch.from_numpy(pil[:, 5:25]).permute(2, 0, 1)[None]
+    assert (ours - ref).abs().max() < 2.5 / 255  # PIL rounds to uint8 on the way
+    assert resize_square(x, 20, crop=False).shape == (1, 3, 20, 20)

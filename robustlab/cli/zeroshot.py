@@ -15,6 +15,7 @@ from robustlab.cli.common import (
     _say,
     _threat,
 )
+from robustlab.cli.inputs import check_data_spec
 from robustlab.errors import RobustlabError
 
 DEFAULT_EPS_TEXT = "1/255,4/255"
@@ -47,11 +48,13 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
     if args.n is not None and args.n < 1:
         raise RobustlabError(f"--n must be >= 1, got {args.n}")
     specs = parse_data_list(args.data)
+    for spec in specs:  # unknown names and missing folders fail before the model is loaded
+        check_data_spec(spec)
     prompts = _prompt_files(args.prompts)
     device = _device(args.device)
     vlm, info = load_vlm(args.vlm, args.weights, device)
     sets = build_sets(vlm, specs, split=args.split, root=args.data_root, n=args.n, prompts=prompts,
-                      templates=args.templates)
+                      templates=args.templates, at_model_size=args.at_model_size)
     distributed.init_from_env()
     store = ResultsStore(args.db, readonly=False) if distributed.is_main() else None
     try:
@@ -99,8 +102,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "{folder: name}, \"templates\": [...]}, or text (one class per line in label order, or "
                    "'FOLDER: name'; lines with {} are templates); repeat per data set")
     z.add_argument("--templates", metavar="SET",
-                   help="prompt template set for every data set: photo, digits, clothing or single (default: "
+                   help="prompt template set for every data set: photo, digits, clothing, single or tecoa (default: "
                    "each data set's own)")
+    z.add_argument("--at-model-size", action="store_true",
+                   help="resize named data sets to the model's input size before the attack (TeCoA's protocol: "
+                   "eps then holds at 224x224); default: attack at the data set's own resolution, the model resizes "
+                   "after. Image folders are always resized and cropped to the model's input size")
     z.add_argument("--batch-size", type=int, default=64)
     z.add_argument("--seed", type=int, default=0)
     z.add_argument("--device", default="auto")

@@ -26,18 +26,18 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def resize_square(x: torch.Tensor, size: int, mode: str = "bicubic") -> torch.Tensor:
+def resize_square(x: torch.Tensor, size: int, mode: str = "bicubic", crop: bool = True) -> torch.Tensor:
     """Images ``x`` (N, C, H, W) resized so the shorter side is ``size``, then centre-cropped to
-    ``size`` x ``size`` (CLIP's Resize + CenterCrop), differentiably. Downsampling is antialiased;
-    bicubic overshoot is clamped back into [0, 1]. Images already ``size`` x ``size`` pass unchanged."""
+    ``size`` x ``size`` (CLIP's Resize + CenterCrop; ``crop=False``: squashed to the square),
+    differentiably, with antialiased (PIL-like) kernels; bicubic overshoot is clamped back into [0, 1].
+    Images already ``size`` x ``size`` pass unchanged."""
     h, w = x.shape[-2:]
     if (h, w) == (size, size):
         return x
     scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    align = False if mode in ("bilinear", "bicubic") else None
-    out = F.interpolate(x, size=(nh, nw), mode=mode, align_corners=align,
-                        antialias=mode in ("bilinear", "bicubic") and scale < 1)
+    nh, nw = (max(size, round(h * scale)), max(size, round(w * scale))) if crop else (size, size)
+    smooth = mode in ("bilinear", "bicubic")  # antialiased kernels: PIL's (as CLIP's own preprocessing)
+    out = F.interpolate(x, size=(nh, nw), mode=mode, align_corners=False if smooth else None, antialias=smooth)
     if mode == "bicubic":
         out = out.clamp(0.0, 1.0)
     top, left = (nh - size) // 2, (nw - size) // 2
@@ -49,21 +49,24 @@ class VisionLanguageModel(nn.Module):
 
     Attributes: ``image_size`` (the side the image tower takes), ``mean`` / ``std`` (its
     normalization, tuples in [0, 1] units), ``visual`` (the image tower: what adaptation trains),
-    ``channels`` (3 for CLIP; 1-channel inputs are repeated to 3).
-    Subclasses set ``visual`` and implement :meth:`encode_preprocessed`, :meth:`encode_text` and
-    :attr:`logit_scale`.
+    ``channels`` (3 for CLIP; 1-channel inputs are repeated to 3), ``resize_mode`` (the
+    interpolation, bicubic for CLIP) and ``crop`` (shorter side + centre crop, else squash).
+    Subclasses set ``visual`` (or define it as a property returning a tower registered elsewhere in
+    the model: every tensor should appear once in the state dict, which safetensors requires) and
+    implement :meth:`encode_preprocessed`, :meth:`encode_text` and :attr:`logit_scale`.
     """
 
     visual: nn.Module
 
     def __init__(self, image_size: int, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
-                 channels: int = 3, resize_mode: str = "bicubic") -> None:
+                 channels: int = 3, resize_mode: str = "bicubic", crop: bool = True) -> None:
         super().__init__()
         if int(image_size) < 1:
             raise RobustlabError(f"image_size must be a positive number of pixels, got {image_size}")
         self.image_size = int(image_size)
         self.channels = int(channels)
         self.resize_mode = resize_mode
+        self.crop = bool(crop)
         self.normalize = Normalize(mean, std)
 
     @property
@@ -94,7 +97,7 @@ class VisionLanguageModel(nn.Module):
             if c != 1:
                 raise RobustlabError(f"the model takes {self.channels}-channel (or grey) images, got {c} channels")
             x01 = x01.expand(-1, self.channels, -1, -1)
-        x01 = resize_square(x01, self.image_size, self.resize_mode)
+        x01 = resize_square(x01, self.image_size, self.resize_mode, self.crop)
         return self.normalize(x01)
 
     def encode_preprocessed(self, x: torch.Tensor) -> torch.Tensor:

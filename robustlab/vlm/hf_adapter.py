@@ -54,10 +54,15 @@ class HFClipVLM(VisionLanguageModel):
                  mean: Any = CLIP_MEAN, std: Any = CLIP_STD, name: str = "") -> None:
         super().__init__(image_size or int(model.config.vision_config.image_size), mean, std)
         self.clip = model
-        self.visual = HFVisualTower(model.vision_model, model.visual_projection)
+        # not registered: its parts already are, under clip (the state dict holds every tensor once)
+        object.__setattr__(self, "_visual", HFVisualTower(model.vision_model, model.visual_projection))
         self.tokenizer = tokenizer
         self.context_length = int(model.config.text_config.max_position_embeddings)
         self.name = name
+
+    @property
+    def visual(self) -> nn.Module:
+        return self._visual
 
     def encode_preprocessed(self, x: torch.Tensor) -> torch.Tensor:
         return self.visual(x)

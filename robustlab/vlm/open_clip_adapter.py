@@ -43,23 +43,28 @@ def _side(size: Any) -> int:
 class OpenClipVLM(VisionLanguageModel):
     """An open_clip ``CLIP`` / ``CustomTextCLIP`` model (``model``) with its tokenizer.
 
-    Preprocessing comes from the model: ``image_size`` from its image tower, mean / std and the
-    interpolation from its ``preprocess_cfg`` when it has one (else CLIP's). ``visual`` is the image
-    tower; the text tower stays in ``clip``.
+    Preprocessing comes from the model: ``image_size`` from its image tower, mean / std, the
+    interpolation and squash-or-crop from its ``preprocess_cfg`` when it has one (else CLIP's; a
+    ``longest``-side resize with padding is done as shorter side + crop). ``visual`` is the image
+    tower (``clip.visual``, so the state dict holds every tensor once); the text tower stays in ``clip``.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, name: str = "") -> None:
         cfg = getattr(model.visual, "preprocess_cfg", None) or {}
         interpolation = cfg.get("interpolation", "bicubic")
         super().__init__(_side(model.visual.image_size), cfg.get("mean", CLIP_MEAN), cfg.get("std", CLIP_STD),
-                         resize_mode="bilinear" if interpolation == "bilinear" else "bicubic")
+                         resize_mode="bilinear" if interpolation == "bilinear" else "bicubic",
+                         crop=cfg.get("resize_mode", "shortest") != "squash")
         self.clip = model
-        self.visual = model.visual
         if tokenizer is None:
             context = int(getattr(model, "context_length", 77) or 77)
             tokenizer = _open_clip().tokenizer.SimpleTokenizer(context_length=context)
         self.tokenizer = tokenizer
         self.name = name
+
+    @property
+    def visual(self) -> nn.Module:  # the open_clip model's own image tower (registered once, under clip)
+        return self.clip.visual
 
     def encode_preprocessed(self, x: torch.Tensor) -> torch.Tensor:
         return self.clip.encode_image(x)
@@ -84,7 +89,7 @@ def check_local_name(name: str) -> str:
     if name.startswith("local-dir:"):
         return name
     if open_clip.get_model_config(name) is None:
-        known = [m for m in open_clip.list_models() if "ViT-B" in m][:6]
+        known = [m for m in open_clip.list_models() if m.startswith("ViT-B-")][:6]
         raise RobustlabError(f"open_clip knows no architecture {name!r}; e.g. {', '.join(known)} "
                              "(`python -c 'import open_clip; print(open_clip.list_models())'` lists all)")
     text_cfg = (open_clip.get_model_config(name) or {}).get("text_cfg") or {}

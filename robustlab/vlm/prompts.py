@@ -2,7 +2,7 @@
 
 Named template sets (``TEMPLATE_SETS``): ``photo`` (the "a photo of a {}." family CLIP uses for natural
 images), ``digits`` (short prompts for digit images), ``clothing`` (Fashion-MNIST), ``single`` (only
-"a photo of a {}."). Every data set robustlab ships or reads by name has its class names (from
+"a photo of a {}.") and ``tecoa`` (the single prompt of TeCoA's evaluation code). Every data set robustlab ships or reads by name has its class names (from
 :mod:`robustlab.data.classes`, written as words) and a template set (``DATASET_PROMPTS``).
 
 For any other data (an image folder, other names) give a prompts file:
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from robustlab.vlm.zeroshot import check_templates
 
 TEMPLATE_SETS: dict[str, list[str]] = {
     "single": ["a photo of a {}."],
+    "tecoa": ["This is a photo of a {}"],  # the one prompt TeCoA's code evaluates with
     "photo": [
         "a photo of a {}.",
         "a blurry photo of a {}.",
@@ -74,7 +75,6 @@ class Prompts:
     classnames: list[str]
     templates: list[str]
     source: str = ""
-    template_set: str = field(default="")
 
     def config(self) -> dict[str, Any]:
         return {"classnames": list(self.classnames), "templates": list(self.templates), "source": self.source}
@@ -107,16 +107,16 @@ def prompts_for(dataset: str, classes: list[str], prompts_file: str | Path | Non
         names, file_templates = read_prompts_file(prompts_file, classes)
         source = str(prompts_file)
         if file_templates is not None:
-            chosen, set_name = file_templates, ""
+            chosen = file_templates
     elif key in DEFAULT_CLASSES and list(classes) == DEFAULT_CLASSES[key]:
         names = list(_WORDS.get(key) or [words(c) for c in classes])
         source = f"robustlab's {key} class names"
     else:
         names, source = _folder_names(dataset, classes, folder)
     if templates is not None:
-        chosen, set_name = (template_set(templates), templates) if isinstance(templates, str) else (list(templates), "")
+        chosen = template_set(templates) if isinstance(templates, str) else list(templates)
     chosen = check_templates(chosen if chosen is not None else template_set(set_name))
-    return Prompts(names, chosen, source, set_name)
+    return Prompts(names, chosen, source)
 
 
 def _folder_names(dataset: str, classes: list[str], folder: str | Path | None) -> tuple[list[str], str]:

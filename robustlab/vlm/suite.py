@@ -27,7 +27,8 @@ class ZeroShotSet:
 
     def describe(self) -> dict[str, Any]:
         """What the run's configuration records about it (hashed: a resumed run must match)."""
-        out = {"dataset": self.key, "split": self.data.split, "n": len(self.data), **self.prompts.config()}
+        out = {"dataset": self.key, "split": self.data.split, "n": len(self.data),
+               "image_shape": list(self.data.image_shape), **self.prompts.config()}
         fingerprint = data_fingerprint(self.data)
         if fingerprint is not None:
             out["data_fingerprint"] = fingerprint
@@ -42,13 +43,19 @@ def parse_data_list(text: str) -> list[str]:
     return list(dict.fromkeys(specs))
 
 
-def load_set_data(spec: str, split: str, root: str | Path | None, image_size: int) -> tuple[str, Dataset, Path | None]:
+def load_set_data(spec: str, split: str, root: str | Path | None, image_size: int,
+                  at_model_size: bool = False) -> tuple[str, Dataset, Path | None]:
     """(key, data, folder) for one data spec: a named data set at its own resolution (the model resizes
-    it, after the attack), or an image folder streamed from disk and resized + centre-cropped to the
-    model's ``image_size`` (so batches stack; epsilons then hold at the model's resolution)."""
+    it, after the attack), or with ``at_model_size`` resized to the model's ``image_size`` batch by
+    batch before the attack (as TeCoA's evaluation does); an image folder is always streamed from disk
+    and resized + centre-cropped to ``image_size`` (so batches stack; epsilons then hold at the model's
+    resolution)."""
     folder = parse_folder_spec(spec)
     if folder is None:
-        return spec.strip().lower().replace("-", "_"), load_dataset(spec, split, root=root), None
+        key = spec.strip().lower().replace("-", "_")
+        if at_model_size:
+            return key, load_dataset(spec, split, root=root, transform=resize_center_crop(image_size), stream=True), None
+        return key, load_dataset(spec, split, root=root), None
     name, path = folder
     data = load_dataset(name, split if name == "imagefolder" else "val", root=path,
                         transform=resize_center_crop(image_size), stream=True)
@@ -58,14 +65,15 @@ def load_set_data(spec: str, split: str, root: str | Path | None, image_size: in
 
 def build_sets(vlm: VisionLanguageModel, specs: list[str], *, split: str = "test", root: str | Path | None = None,
                n: int | None = None, prompts: dict[str, str] | None = None,
-               templates: str | list[str] | None = None) -> list[ZeroShotSet]:
+               templates: str | list[str] | None = None, at_model_size: bool = False) -> list[ZeroShotSet]:
     """The zero-shot sets for data ``specs``: each data set (its first ``n`` images), its class
     names and templates (``prompts``: key or spec -> prompts file; ``templates``: a template set name
-    or list for all), and its head."""
+    or list for all), and its head. ``at_model_size``: named data sets are resized to the model's input
+    size before the attack (see :func:`load_set_data`)."""
     prompts = dict(prompts or {})
     sets: list[ZeroShotSet] = []
     for spec in specs:
-        key, data, folder = load_set_data(spec, split, root, vlm.image_size)
+        key, data, folder = load_set_data(spec, split, root, vlm.image_size, at_model_size)
         if any(s.key == key for s in sets):
             raise RobustlabError(f"data set {key!r} is given twice")
         if n is not None:

@@ -22,6 +22,8 @@ clean accuracy and the robust accuracy at each epsilon, and their averages over 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -50,7 +52,7 @@ EXAMPLES_PER_SET = 2  # broken examples kept per data set (at its largest epsilo
 def eps_key(eps: float) -> str:
     """An epsilon as the summary names it: ``1/255`` for whole 255ths, else ``%g``."""
     k = eps * 255
-    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 and round(k) > 0 else f"{eps:g}"
+    return f"{round(k)}/255" if abs(k - round(k)) < 1e-4 and round(k) > 0 else f"{eps:g}"
 
 
 @dataclass
@@ -235,13 +237,20 @@ class ZeroShotProtocol(Protocol):
 
     @classmethod
     def leaderboard_group(cls, run: dict[str, Any]) -> tuple[tuple, str]:
-        """Runs on the same data sets (in the same order) at the same norm and epsilons compare; they
-        rank by the average robust accuracy at the first epsilon, then the next ones."""
+        """Runs compare when they saw the same data sets (in the same order, at the same image size: the
+        resolution the perturbation lives at; the same image-folder files) through the same class names
+        and templates, at the same norm and epsilons. They rank by the average robust accuracy at the
+        first epsilon, then the next ones."""
         config = run["config"]
         eps = tuple(round(float(e), 8) for e in config["eps"])
-        names = ", ".join(d["dataset"] for d in config.get("datasets", []))
-        title = f"zero-shot · {names} · {config['norm']} ε = {', '.join(eps_key(e) for e in eps)}"
-        return (run["dataset"], cls.name, config["norm"], eps), title
+        sets = config.get("datasets", [])
+        same = [[d["dataset"], d.get("image_shape"), d.get("data_fingerprint"), d["classnames"], d["templates"]]
+                for d in sets]
+        digest = hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()[:8]
+        names = ", ".join(d["dataset"] for d in sets)
+        title = (f"zero-shot · {names} · {config['norm']} ε = {', '.join(eps_key(float(e)) for e in config['eps'])} · "
+                 f"prompts and sizes {digest}")
+        return (run["dataset"], cls.name, config["norm"], eps, digest), title
 
     @classmethod
     def leaderboard_strength(cls, run: dict[str, Any]) -> list[str]:
