@@ -284,3 +284,18 @@ def test_modes_on_a_hugging_face_tower(tmp_path):
         prompted = prepare(vlm, "vpt:pad=2,tokens=2", torch.Generator().manual_seed(0))
         prompted.prompt_tokens.tokens.normal_()
         assert not torch.allclose(prompted.encode_image(x), ref)
+
+
+def test_adaptations_of_an_open_clip_tower_save_and_load(tmp_path):
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    for mode in ("full", "vpt:pad=2,tokens=2,deep=true"):
+        adapted = prepare(_open_clip_vlm(), mode, torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            for p in adapted.parameters():
+                if p.requires_grad:
+                    p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(4)))
+        path = save_adapted(adapted, tmp_path / mode.split(":")[0], base="open_clip:tiny-test")
+        again = load_adapted(path, _open_clip_vlm())
+        with torch.no_grad():
+            assert torch.equal(adapted.encode_image(x), again.encode_image(x))
+            assert not torch.allclose(again.encode_image(x), _open_clip_vlm().encode_image(x))

@@ -97,7 +97,8 @@ class AdaptedVLM(VisionLanguageModel):
     temperature and preprocessing are ``base``'s."""
 
     def __init__(self, base: VisionLanguageModel, mode: AdaptMode, generator: torch.Generator | None = None) -> None:
-        super().__init__(base.image_size, base.mean, base.std, channels=base.channels, resize_mode=base.resize_mode)
+        super().__init__(base.image_size, base.mean, base.std, channels=base.channels, resize_mode=base.resize_mode,
+                         crop=getattr(base, "crop", True))
         self.base = base
         self.mode = mode
         vpt = mode.kind == "vpt"
@@ -220,8 +221,8 @@ def adapt(
 
 def save_adapted(adapted: AdaptedVLM, path: str | Path, base: str, training: dict[str, Any] | None = None,
                  base_weights: str | None = None) -> Path:
-    """Write what adaptation changed to ``X.safetensors`` (the whole image tower for full/last; the
-    prompts alone for vpt) and ``X.json`` (format, the base model's spec ``base`` and its
+    """Write what adaptation changed to ``X.safetensors`` (the image tower's state dict under
+    ``visual.`` for full/last; the prompts alone for vpt) and ``X.json`` (format, the base model's spec ``base`` and its
     ``base_weights`` file if the spec needs one, the mode, how it was trained). Load with :func:`load_adapted` on the same base model."""
     from safetensors.torch import save_file
 
@@ -230,12 +231,13 @@ def save_adapted(adapted: AdaptedVLM, path: str | Path, base: str, training: dic
     p = Path(path)
     weights = p if p.suffix == ".safetensors" else p.with_name(p.name + ".safetensors")
     weights.parent.mkdir(parents=True, exist_ok=True)
-    state = adapted.state_dict()
-    if adapted.mode.kind == "vpt":
-        keep = set(trainable_names(adapted))
-    else:
-        keep = {k for k in state if k.startswith("base.visual.")}
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items() if k in keep}
+    tensors = {}
+    parts = {"padding": adapted.padding, "prompt_tokens": adapted.prompt_tokens}
+    if adapted.mode.kind != "vpt":
+        parts["visual"] = adapted.visual
+    for prefix, module in parts.items():
+        if module is not None:
+            tensors.update({f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()})
     save_file(tensors, str(weights), metadata={"format": ADAPTED_FORMAT})
     card = {"format": ADAPTED_FORMAT, "base": base, "base_weights": base_weights, "mode": asdict(adapted.mode), "mode_spec": adapted.mode.describe(),
             "training": training or {}, "sha256": sha256_file(weights)}
@@ -272,11 +274,16 @@ def load_adapted(path: str | Path, base: VisionLanguageModel, device: str | torc
         raise RobustlabError(f"adapted weights {weights} do not match the sha256 in their card")
     adapted = prepare(base, AdaptMode(**card["mode"]))
     tensors = load_file(str(weights))
-    own = adapted.state_dict()
-    bad = [k for k, v in tensors.items() if k not in own or own[k].shape != v.shape]
-    if bad:
-        raise RobustlabError(f"adapted weights {weights} do not fit the base model {card['base']!r} (first: {bad[0]})")
-    adapted.load_state_dict(tensors, strict=False)
+    parts = {"padding": adapted.padding, "prompt_tokens": adapted.prompt_tokens, "visual": adapted.visual}
+    for prefix, module in parts.items():
+        state = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        if not state:
+            continue
+        try:
+            module.load_state_dict(state, strict=True)
+        except (RuntimeError, AttributeError) as err:
+            first = str(err).splitlines()[0]
+            raise RobustlabError(f"adapted weights {weights} do not fit the base model {card['base']!r} ({first})") from None
     for q in adapted.parameters():
         q.requires_grad_(False)
     return adapted.to(device).eval()
