@@ -65,12 +65,15 @@ def _models() -> list[tuple[str, str]]:
 
 
 def _recipes() -> list[tuple[str, str]]:
+    import robustlab.vlm  # noqa: F401  (registers the vision-language recipes)
     from robustlab.training.objectives import OBJECTIVES
 
     out = []
     for name in OBJECTIVES.names():
         cls = OBJECTIVES.get(name)
         tag = "adversarial" if getattr(cls, "adversarial", False) else "standard"
+        if cls.model_kind != "classifier":
+            tag += ", robustlab adapt"
         out.append((name, f"[{tag}] {_first_sentence(cls)}"))
     return out
 

@@ -39,8 +39,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from robustlab.models.kwta import parse_activation
 
     parse_activation(args.activation or "relu")  # a bad activation is said before any data is loaded
+    import robustlab.vlm  # noqa: F401  (registers the vision-language recipes, to name them in errors)
+
     name, params = parse_spec(args.recipe, "recipe")
     recipe = OBJECTIVES.get(name)
+    if recipe.model_kind != "classifier":
+        raise RobustlabError(f"recipe {name!r} adapts a vision-language model: run it with `robustlab adapt --recipe "
+                             f"{name}` (robustlab train trains classifiers)")
     threat = _threat(args.norm, args.eps) if args.eps is not None else None
     if recipe.adversarial and threat is None:
         raise RobustlabError(f"recipe {name!r} trains against a threat model: give --eps (and --norm, default linf)")

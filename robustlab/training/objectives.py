@@ -84,6 +84,9 @@ class Objective(Configurable):
     single_step: ClassVar[bool] = False
     uses_unlabeled: ClassVar[bool] = False
     needs_dual_bn: ClassVar[bool] = False
+    # what the recipe trains: "classifier" (robustlab train) or "vision-language" (robustlab adapt:
+    # the zero-shot head or image tower of a CLIP-like model, robustlab.vlm)
+    model_kind: ClassVar[str] = "classifier"
 
     def __init__(self, threat: ThreatModel | None = None, **params: Any) -> None:
         if threat is not None and not isinstance(threat, ThreatModel):

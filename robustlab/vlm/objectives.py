@@ -58,6 +58,7 @@ class TeCoA(PGDAT):
     of ``alpha`` (default: eps, the paper's 2 steps of 1/255 at 1/255) from a uniform random start."""
 
     name = "tecoa"
+    model_kind = "vision-language"
     defaults: ClassVar[dict[str, Any]] = {"steps": 2, "alpha": None, "random_start": True, "eps_warmup": 0.0}
 
     def perturb(self, model, x, y, generator=None):
@@ -75,6 +76,7 @@ class FARE(Objective):
     gives it. Logs ``embedding_l2``: the mean L2 distance between ``phi(x_adv)`` and ``phi_orig(x)``."""
 
     name = "fare"
+    model_kind = "vision-language"
     defaults: ClassVar[dict[str, Any]] = {"steps": 10, "alpha": None, "random_start": True, "eps_warmup": 0.0}
 
     def __init__(self, threat: ThreatModel | None = None, original: nn.Module | None = None, **params: Any) -> None:

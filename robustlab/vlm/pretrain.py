@@ -80,6 +80,7 @@ class ClipContrastive(Objective):
     Logs ``clean_acc``: the share of images whose most similar caption in the batch is a positive."""
 
     name = "clip-contrastive"
+    model_kind = "vision-language"
     adversarial = False
     defaults: ClassVar[dict[str, Any]] = {"prompts": []}
 
