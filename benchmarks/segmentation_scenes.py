@@ -2,10 +2,10 @@
 
 What is measured, on one run:
 
-- The model: ``seg_unet`` (width 8, 3 poolings, 11 classes: background + 10 digits) trained with the
+- The model: ``seg_unet`` (width 16, 3 poolings, 11 classes: background + 10 digits) trained with the
   standard recipe through robustlab's training loop on the first 3,000 scenes of ``scenes-mnist``
   train (64x64, 2-4 MNIST train digits of 20-36 pixels on plain / noise / texture backgrounds;
-  ``robustlab.data.scenes``), 5 epochs of Adam (sizes for 2 shared CPU cores); cached as ``benchmarks/.cache/scenes_seg.safetensors``
+  ``robustlab.data.scenes``), 6 epochs of Adam (sizes for 2 shared CPU cores); cached as ``benchmarks/.cache/scenes_seg.safetensors``
   (``benchmarks/common.py``'s ``get_model("scenes_seg")``) for the equivariance defense to reuse.
 - mIoU and pixel accuracy on the first ``--n`` scenes of ``scenes-mnist`` test (made from MNIST test
   digits), clean and under robustlab's PGD and APGD-CE on the per-pixel cross-entropy averaged over
@@ -18,7 +18,7 @@ What is measured, on one run:
   same draws); its images are scored by the same metric. The two mIoU should agree within the noise of
   the random starts; the CPU time of both is given as a ratio (process time, one thread, same process).
 
-Usage: nice python benchmarks/segmentation_scenes.py [--n 200] [--steps 20] [--threads 1]
+Usage: nice python benchmarks/segmentation_scenes.py [--n 100] [--steps 20] [--threads 1]
 (torchattacks is in the dev extra: pip install torchattacks). The report is printed and written to
 benchmarks/results/segmentation_scenes.txt.
 """
@@ -85,7 +85,7 @@ def torchattacks_pgd(model, data, eps: float, steps: int, alpha: float) -> tuple
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=200, help="test scenes to evaluate (the first N of scenes-mnist test)")
+    parser.add_argument("--n", type=int, default=100, help="test scenes to evaluate (the first N of scenes-mnist test)")
     parser.add_argument("--steps", type=int, default=20, help="iterations of every attack")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args()
