@@ -121,6 +121,7 @@ ROWS: list[Spec] = [
     Spec("brendel-bethge", "min", "linf", {"steps": 100, "lr": 0.01}, n=SOME,
          note="foolbox gets lr / batch size (its trust region scales with the batch, see peers.py)"),
     Spec("brendel-bethge", "min", "l1", {"steps": 100, "lr": 0.01}, n=SOME),
+    Spec("brendel-bethge", "min", "l0", {"steps": 100, "lr": 0.01}, n=SOME),
     Spec("onepixel", "sparse", "linf", {"pixels": 1, "steps": 10, "popsize": 30}, n=SOME),
     Spec("pixle", "sparse", "linf", {"restarts": 10, "iterations": 10, "x_dimensions": [2, 10], "y_dimensions": [2, 10]},
          n=SOME),
