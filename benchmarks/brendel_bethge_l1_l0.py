@@ -99,7 +99,7 @@ def compare(name, model, x, y, norm, steps, lr, exact=None):
     fb_cpu = time.process_time() - c0
     theirs = judged(model, threat, x, y, adv)
     wins = int((ours < theirs * (1 - 1e-3)).sum()), int((theirs < ours * (1 - 1e-3)).sum())
-    line = (f"{name:<10}{norm:<4}{len(y):>4}  robustlab {median(ours):>8.4g} ({int(torch.isfinite(ours).sum())} broken)  "
+    line = (f"{name:<12}{norm:<4}{len(y):>4}  robustlab {median(ours):>8.4g} ({int(torch.isfinite(ours).sum())} broken)  "
             f"foolbox {median(theirs):>8.4g} ({int(torch.isfinite(theirs).sum())} broken)  "
             f"smaller: robustlab {wins[0]}, foolbox {wins[1]}  CPU {ours_cpu:.1f}/{fb_cpu:.1f}s")
     if exact is not None:
