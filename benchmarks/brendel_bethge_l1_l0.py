@@ -27,7 +27,7 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -120,8 +120,8 @@ def main() -> None:
     test = load_dataset("digits", "test")
     lines = ["Brendel-Bethge L1 and L0: robustlab vs foolbox 3 (L1/L0BrendelBethgeAttack), same starting points",
              f"machine: {environment()}",
-             f"budget: {args.steps} steps, lr {args.lr} (foolbox: lr / batch size); first {args.n} correctly "
-             "classified points; median norm (L1: sum |change|; L0: changed pixels), failures count as infinite",
+             (f"budget: {args.steps} steps, lr {args.lr} (foolbox: lr / batch size); first {args.n} correctly "
+              "classified points; median norm (L1: sum |change|; L0: changed pixels), failures count as infinite"),
              ""]
     cnn = digits_cnn()
     x, y = first_correct(cnn, test.x, test.y, args.n)
