@@ -393,7 +393,7 @@ def _metric(cell: dict, tool: str) -> str:
         m = median(t["dist"])
         return f"med {m:.4g}" + (f" ({int(t['broken'].sum())}/{len(t['broken'])})" if not t["broken"].all() else "")
     if len(t.get("fits", ())) > 1:
-        return f"{sum(t['fits']) / len(t['fits']):.1f}% (" + "/".join(f"{a:.0f}" for a in t["fits"]) + ")"
+        return f"{sum(t['fits']) / len(t['fits']):.1f}% (" + "/".join(f"{a:.1f}" for a in t["fits"]) + ")"
     n = len(t["broken"])
     return f"{100.0 * (1 - float(t['broken'].float().mean())) if n else math.nan:.1f}%"
 
