@@ -23,13 +23,18 @@ The subproblems are solved exactly, batched over samples:
 - Linf: bisection on the Linf radius eps of the answer; a radius is feasible if the hyperplane meets
   the box ``x0 +- eps`` (within the pixel box) at a point within the trust region (the L2-smallest
   such point, ``clip(lam * b)``, ``lam`` by bisection).
+- L1 and L0: through the Lagrangian, which separates per coordinate (L1: a soft threshold; L0: keep
+  the clean value or move, whichever is cheaper); the hyperplane's multiplier and the trust
+  region's weight are found by nested bisection (:meth:`BrendelBethge._step_lagrangian`). For L1
+  (convex) that is the subproblem's solution; for L0 (not convex) a solution of its Lagrangian
+  relaxation. L0 counts changed values
+  of the flat input in the subproblem, changed pixels (:mod:`robustlab.threat`) in the result.
 
 When the linearized boundary cannot be reached within the trust region, the step goes as far
 towards it as the trust region allows. A point counts as adversarial only with a logit-gap margin
 (:data:`MARGIN`), so that a returned point keeps its label under another batch or memory layout of
-the same model; the returned points are verified by one last query. One gradient and one forward per step and sample, plus the
-label queries of the start; all counted per sample. L1 and L0 (the paper's other variants) are not
-built yet.
+the same model; the returned points are verified by one last query. One gradient and one forward
+per step and sample, plus the label queries of the start; all counted per sample.
 """
 
 from __future__ import annotations
@@ -45,6 +50,11 @@ from robustlab.errors import RobustlabError
 
 #: Bisection rounds of the subproblem solvers (float64: 2^-50 of the initial bracket).
 ROUNDS = 50
+#: L1 and L0 (:meth:`BrendelBethge._step_lagrangian`): bisection rounds on the hyperplane multiplier
+#: and on the log of the trust-region weight, and that weight's range relative to the box.
+T_ROUNDS = 40
+TAU_ROUNDS = 20
+TAU_MIN, TAU_MAX = 1e-9, 1e3
 
 #: The logit-gap margin a point needs to count as adversarial, relative to its largest logit (at
 #: least 1). The walk converges onto the decision boundary; a point whose gap is a rounding error
@@ -90,7 +100,7 @@ def _hyperplane_box_min_l2(b: torch.Tensor, c: torch.Tensor, lo: torch.Tensor, h
 
 @register_attack
 class BrendelBethge(Attack):
-    """Brendel-Bethge, L2 and Linf, white-box, minimum-norm.
+    """Brendel-Bethge, L2, Linf, L1 and L0, white-box, minimum-norm.
 
     steps: boundary steps; lr: trust-region size (relative, see the module docstring); lr_decay,
     lr_num_decay: its schedule; momentum: averaging of the boundary normal; overshoot: how far past
@@ -99,7 +109,7 @@ class BrendelBethge(Attack):
     """
 
     name = "brendel-bethge"
-    norms = ("l2", "linf")
+    norms = ("l2", "linf", "l1", "l0")
     minimum_norm = True
     defaults = {
         "steps": 1000, "lr": 1e-3, "lr_decay": 0.5, "lr_num_decay": 20, "momentum": 0.8, "overshoot": 1.1,
@@ -125,11 +135,19 @@ class BrendelBethge(Attack):
 
     def _toward(self, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Points between x0 (t = 0) and x1 (t = 1): L2 the blend; Linf x1 clipped to the Linf ball
-        of radius t * ||x1 - x0||_inf around x0."""
+        of radius t * ||x1 - x0||_inf around x0; L1 every change soft-thresholded by (1 - t) times
+        the largest; L0 x1's values where the change is at most t times the largest, x0's elsewhere."""
         t = t.view(-1, *[1] * (x0.dim() - 1))
-        if self.threat.norm == "l2":
+        norm = self.threat.norm
+        if norm == "l2":
             return (1 - t) * x0 + t * x1
-        r = (x1 - x0).flatten(1).abs().amax(dim=1).view_as(t) * t
+        diff = x1 - x0
+        top = diff.flatten(1).abs().amax(dim=1).view_as(t)
+        if norm == "l1":  # every change shrunk by the same amount (soft threshold (1 - t) * max)
+            return x0 + diff.sign() * (diff.abs() - (1 - t) * top).clamp_min(0)
+        if norm == "l0":  # x1 where the change is at most t * max: fewer changed values near x0
+            return torch.where(diff.abs() <= t * top, x1, x0)
+        r = top * t
         return torch.minimum(torch.maximum(x1, x0 - r), x0 + r)
 
     @staticmethod
@@ -196,6 +214,71 @@ class BrendelBethge(Attack):
             low = torch.where(ok, low, mid)
         return torch.where((reach & found).unsqueeze(1), best, closest)
 
+    def _step_l1(self, d, b, c, lo, hi, r) -> torch.Tensor:
+        """argmin ||delta - d||_1 s.t. b.delta = c, ||delta||_2 <= r, lo <= delta <= hi."""
+
+        def coords(t, tau):  # the box-clipped prox of tau * |. - d| at t * b
+            v = t * b - d
+            return torch.minimum(torch.maximum(d + v.sign() * (v.abs() - tau).clamp_min(0), lo), hi)
+
+        return self._step_lagrangian(coords, d, b, c, lo, hi, r)
+
+    def _step_l0(self, d, b, c, lo, hi, r) -> torch.Tensor:
+        """argmin #{i: delta_i != d_i} s.t. b.delta = c, ||delta||_2 <= r, lo <= delta <= hi
+        (approximately: the Lagrangian's per-coordinate choice, see :meth:`_step_lagrangian`)."""
+
+        def coords(t, tau):  # per coordinate: stay at d, or pay tau and move to clip(t * b)
+            v = torch.minimum(torch.maximum(t * b, lo), hi)
+            move = tau + 0.5 * v * v - t * b * v < 0.5 * d * d - t * b * d
+            return torch.where(move, v, d)
+
+        return self._step_lagrangian(coords, d, b, c, lo, hi, r)
+
+    def _step_lagrangian(self, coords, d, b, c, lo, hi, r) -> torch.Tensor:
+        """The L1 and L0 subproblems through their Lagrangian. With a multiplier mu > 0 of the trust
+        region and lam of the hyperplane, each coordinate solves ``min_delta cost(delta - d) +
+        mu / 2 delta^2 - lam b delta`` in its box; with ``tau = 1 / mu`` and ``t = lam / mu`` that is
+        ``coords(t, tau)`` (L1: a soft threshold of ``t * b`` around ``d``; L0: stay at ``d`` or move
+        to ``clip(t * b)``, whichever is cheaper). For a given tau, ``b . delta`` grows with t:
+        bisection finds the t that meets the hyperplane (from above). A larger tau weighs the norm
+        more against the step's L2 length: bisection on log tau finds the largest tau whose step
+        fits the trust region (tau -> 0 is the L2-smallest step onto the hyperplane)."""
+        closest = self._toward_plane(b, c, lo, hi, r)
+        reach = min_norm_to_hyperplane(b, c, lo, hi, "l2").norm(dim=1) <= r
+        m = c.shape[0]
+        span = (hi - lo).abs().amax(dim=1, keepdim=True)
+        bmax = b.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+
+        def on_plane(tau):
+            # Bracket t (the step clips at the box beyond |t| * |b_i| > span + tau + |d|) and bisect.
+            top = (span + tau + d.abs().amax(dim=1, keepdim=True)) / bmax
+            low, high = -top, top.clone()
+            for _ in range(T_ROUNDS):
+                mid = (low + high) / 2
+                below = (b * coords(mid, tau)).sum(dim=1, keepdim=True) < c.unsqueeze(1)
+                low = torch.where(below, mid, low)
+                high = torch.where(below, high, mid)
+            return coords(high, tau)
+
+        # tau in [TAU_MIN, TAU_MAX] * the scale of one coordinate's change; log-bisection.
+        scale = span.clamp_min(1e-12)
+        log_lo = torch.full((m, 1), TAU_MIN, dtype=d.dtype, device=d.device).log()
+        log_hi = torch.full((m, 1), TAU_MAX, dtype=d.dtype, device=d.device).log()
+        best = on_plane(log_hi.exp() * scale)
+        fits = best.norm(dim=1) <= r * (1 + 1e-9)
+        open_ = ~fits
+        if bool(open_.any()):
+            fallback = on_plane(log_lo.exp() * scale)
+            best = torch.where(fits.unsqueeze(1), best, fallback)
+            for _ in range(TAU_ROUNDS):
+                mid = (log_lo + log_hi) / 2
+                step = on_plane(mid.exp() * scale)
+                ok = (step.norm(dim=1) <= r * (1 + 1e-9)) & open_
+                best = torch.where(ok.unsqueeze(1), step, best)
+                log_lo = torch.where(ok.unsqueeze(1), mid, log_lo)
+                log_hi = torch.where(ok.unsqueeze(1) | ~open_.unsqueeze(1), log_hi, mid)
+        return torch.where(reach.unsqueeze(1), best, closest)
+
     # ------------------------------------------------------------------ the attack
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator) -> AttackResult:
@@ -225,7 +308,7 @@ class BrendelBethge(Attack):
         decay_every = max(1, p["steps"] // p["lr_num_decay"])
         region_scale = dim * (hi_box - lo_box)
         normal = None
-        solve = self._step_l2 if self.threat.norm == "l2" else self._step_linf
+        solve = {"l2": self._step_l2, "linf": self._step_linf, "l1": self._step_l1, "l0": self._step_l0}[self.threat.norm]
         x0f = x0.flatten(1).double()
         for step in range(1, p["steps"] + 1):
             cur_req = cur.detach().requires_grad_(True)
