@@ -235,16 +235,14 @@ def layer_features(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return got
 
 
-def lid(f: torch.Tensor, reference: torch.Tensor, k: int) -> torch.Tensor:
+def lid(f: torch.Tensor, reference: torch.Tensor, k: int, exclude_self: bool = False) -> torch.Tensor:
     """The maximum-likelihood estimate of local intrinsic dimensionality of each row of ``f`` among
-    its ``k`` nearest rows of ``reference``: -1 / mean_i log(r_i / r_k) (Amsaleg et al. 2015). When
-    ``f`` is ``reference`` each row's zero distance to itself is skipped, which is exactly Ma et al.'s
-    ``mle_batch`` (tested); for rows not in ``reference`` their nearest neighbour counts (the reference
-    code drops the first column whatever it is, because it always scores a batch against itself)."""
-    # exact distances (the matrix-product shortcut leaves a point ~1e-3 away from itself)
-    r = torch.cdist(f, reference, compute_mode="donot_use_mm_for_euclid_dist").clamp_min(1e-12)
-    near = r.topk(k + 1, dim=1, largest=False).values
-    near = near[:, 1:] if (near[:, 0] <= 1e-12).all() else near[:, :k]  # skip itself
+    its ``k`` nearest rows of ``reference``: -1 / mean_i log(r_i / r_k) (Amsaleg et al. 2015).
+    ``exclude_self``: ``f`` is ``reference`` (row i of both the same point), so each row's nearest
+    neighbour, itself, is skipped; that is Ma et al.'s ``mle_batch``, which scores a batch against
+    itself (tested). The detector scores images against a separate reference set (no skipping)."""
+    r = torch.cdist(f, reference).clamp_min(1e-12)
+    near = r.topk(k + int(exclude_self), dim=1, largest=False).values[:, int(exclude_self):]
     return -1.0 / torch.log(near / near[:, -1:]).mean(dim=1).clamp_max(-1e-12)
 
 
