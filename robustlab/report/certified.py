@@ -4,11 +4,9 @@ sections as every report, plus ``summary.json`` and ``samples.csv`` (one row per
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 
-from robustlab.eval.protocols import protocol_class
 from robustlab.eval.store import ResultsStore
 from robustlab.report import html as page
 from robustlab.report.plots import (
@@ -84,30 +82,8 @@ def _body(run: dict[str, Any], summary: dict[str, Any], rows: list[Any], partial
     return parts
 
 
-def _write_samples(path: Path, rows: list[Any]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        if not rows:
-            return
-        names = [k for k in rows[0].keys() if k not in ("run_id", "task")]  # noqa: SIM118 (an sqlite3.Row)
-        writer.writerow(names)
-        for r in rows:
-            writer.writerow(["" if r[k] is None else r[k] for k in names])
-
-
 def write_certified_report(store: ResultsStore, info: dict[str, Any], out: Path) -> dict[str, Path]:
     """``report.html``, ``summary.json`` and ``samples.csv`` of a certified run into ``out``."""
-    run_id = info["run_id"]
-    partial = info.get("summary") is None
-    summary = protocol_class(info["protocol"]).summarize(store, info) if partial else info["summary"]
-    checks = info.get("checks") or []
-    rows = store.sample_rows(protocol_class(info["protocol"]).sample_table, run_id, "main")
-    body = [*_body(info, summary, rows, partial), page._checks(checks, partial), page._model_notes(info),
-            page._environment(info)]
-    html_path = out / "report.html"
-    html_path.write_text(page.wrap_page(f"robustlab certification: {info['model']} ({run_id})", body, store),
-                         encoding="utf-8")
-    summary_path = page.write_summary_json(out / "summary.json", info, summary, checks, partial)
-    samples_path = out / "samples.csv"
-    _write_samples(samples_path, rows)
-    return {"html": html_path, "summary": summary_path, "samples": samples_path}
+    return page.write_protocol_report(store, info, out, "robustlab certification", _body)
+
+

@@ -80,24 +80,9 @@ def plot_roc(rows: list[Any], attacks: list[str], threshold: float, fpr: float) 
 
 def write_detection_report(store: Any, info: dict[str, Any], out: Path) -> dict[str, Path]:
     """``report.html``, ``summary.json`` and ``samples.csv`` of a detection run into ``out``."""
-    from robustlab.eval.protocols import protocol_class
     from robustlab.report import html as page
-    from robustlab.report.certified import _write_samples
 
-    run_id = info["run_id"]
-    protocol = protocol_class(info["protocol"])
-    partial = info.get("summary") is None
-    summary = protocol.summarize(store, info) if partial else info["summary"]
-    checks = info.get("checks") or []
-    rows = store.sample_rows(protocol.sample_table, run_id, "main")
-    body = [*_body(info, summary, rows, partial), page._checks(checks, partial), page._model_notes(info),
-            page._environment(info)]
-    html_path = out / "report.html"
-    html_path.write_text(page.wrap_page(f"robustlab detection: {info['model']} ({run_id})", body, store), encoding="utf-8")
-    summary_path = page.write_summary_json(out / "summary.json", info, summary, checks, partial)
-    samples_path = out / "samples.csv"
-    _write_samples(samples_path, rows)
-    return {"html": html_path, "summary": summary_path, "samples": samples_path}
+    return page.write_protocol_report(store, info, out, "robustlab detection", _body)
 
 
 def _body(run: dict[str, Any], s: dict[str, Any], rows: list[Any], partial: bool) -> list[str]:

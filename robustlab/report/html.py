@@ -433,6 +433,39 @@ def write_summary_json(path: Path, info: dict[str, Any], summary: dict[str, Any]
     return path
 
 
+def write_rows_csv(path: Path, rows: list[Any]) -> Path:
+    """A protocol's stored per-sample rows as CSV (every column but the run and the task)."""
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        if rows:
+            names = [k for k in rows[0].keys() if k not in ("run_id", "task")]  # noqa: SIM118 (an sqlite3.Row)
+            writer.writerow(names)
+            for r in rows:
+                writer.writerow(["" if r[k] is None else r[k] for k in names])
+    return path
+
+
+def write_protocol_report(
+    store: ResultsStore, info: dict[str, Any], out: Path, title: str,
+    body: Callable[[dict[str, Any], dict[str, Any], list[Any], bool], list[str]],
+) -> dict[str, Path]:
+    """``report.html``, ``summary.json`` and ``samples.csv`` of a run whose protocol keeps its rows in
+    the task ``main`` (certified, verified, detection, segmentation): the summary from the store for
+    an unfinished run, ``body(run, summary, rows, partial)`` the page's own sections, then the checks,
+    model notes and environment every page shows. ``title``: e.g. "robustlab certification"."""
+    run_id = info["run_id"]
+    protocol = protocol_class(info["protocol"])
+    partial = info.get("summary") is None
+    summary = protocol.summarize(store, info) if partial else info["summary"]
+    checks = info.get("checks") or []
+    rows = store.sample_rows(protocol.sample_table, run_id, "main")
+    sections = [*body(info, summary, rows, partial), _checks(checks, partial), _model_notes(info), _environment(info)]
+    html_path = out / "report.html"
+    html_path.write_text(wrap_page(f"{title}: {info['model']} ({run_id})", sections, store), encoding="utf-8")
+    return {"html": html_path, "summary": write_summary_json(out / "summary.json", info, summary, checks, partial),
+            "samples": write_rows_csv(out / "samples.csv", rows)}
+
+
 def wrap_page(title: str, body: list[str], store: ResultsStore) -> str:
     """The whole HTML document around the sections of ``body`` (inline CSS, footer)."""
     try:

@@ -5,7 +5,6 @@ and ``samples.csv`` (one row per sample of the main task)."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -51,29 +50,10 @@ def plot_miou_curve(curve: list[dict[str, Any]], norm: str, title: str) -> bytes
 
 def write_segmentation_report(store: Any, info: dict[str, Any], out: Path) -> dict[str, Path]:
     """``report.html``, ``summary.json`` and ``samples.csv`` of a segmentation run into ``out``."""
-    from robustlab.eval.protocols import protocol_class
     from robustlab.report import html as page
 
-    run_id = info["run_id"]
-    partial = info.get("summary") is None
-    protocol = protocol_class(info["protocol"])
-    summary = protocol.summarize(store, info) if partial else info["summary"]
-    checks = info.get("checks") or []
-    rows = store.sample_rows(protocol.sample_table, run_id, "main")
-    body = [*_body(info, summary, partial), page._checks(checks, partial), page._model_notes(info),
-            page._environment(info)]
-    html_path = out / "report.html"
-    html_path.write_text(page.wrap_page(f"robustlab segmentation: {info['model']} ({run_id})", body, store),
-                         encoding="utf-8")
-    summary_path = page.write_summary_json(out / "summary.json", info, summary, checks, partial)
-    samples_path = out / "samples.csv"
-    names = [c for c, _ in protocol.sample_columns]
-    with samples_path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["sample_index", *names])
-        for r in rows:
-            writer.writerow([r["sample_index"], *("" if r[c] is None else r[c] for c in names)])
-    return {"html": html_path, "summary": summary_path, "samples": samples_path}
+    return page.write_protocol_report(store, info, out, "robustlab segmentation",
+                                      lambda run, s, rows, partial: _body(run, s, partial))
 
 
 def _body(run: dict[str, Any], s: dict[str, Any], partial: bool) -> list[str]:
