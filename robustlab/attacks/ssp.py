@@ -170,12 +170,6 @@ class FolderResult:
         return sum(self.changed) / len(self.changed) if self.changed else 0.0
 
 
-def _list_images(folder: Path) -> list[Path]:
-    from robustlab.data.image_folder import list_images
-
-    return list_images(folder)
-
-
 def _to_uint8(x_adv: torch.Tensor, x: torch.Tensor) -> np.ndarray:
     """8-bit images (N, H, W) or (N, H, W, 3) of ``x_adv``, with each pixel's change from ``x`` (which
     lies on the 1/255 grid) rounded towards zero, so the written image never leaves the threat model."""
@@ -213,19 +207,13 @@ def perturb_folder(
     ``model_desc``. Returns a :class:`FolderResult`.
     """
     from robustlab.data.arrays import uint8_images_to_tensor
+    from robustlab.data.image_folder import folder_to_folder
     from robustlab.models.probe import probe_model
     from robustlab.seeding import make_generator
 
-    src, dst = Path(in_dir).expanduser().resolve(), Path(out_dir).expanduser().resolve()
-    if not src.is_dir():
-        raise RobustlabError(f"input folder {src} does not exist or is not a folder")
-    if dst == src or src in dst.parents:
-        raise RobustlabError(f"output folder {dst} must lie outside the input folder {src}")
     if batch_size < 1:
         raise RobustlabError(f"batch_size must be >= 1, got {batch_size}")
-    sources = _list_images(src)
-    if not sources:
-        raise RobustlabError(f"no images in {src} (extensions: png, jpg, jpeg, bmp, webp)")
+    src, dst, sources = folder_to_folder(in_dir, out_dir)
     targets = [dst / p.relative_to(src).with_suffix(".png") for p in sources]
     seen: dict[Path, Path] = {}
     for s, t in zip(sources, targets):

@@ -181,6 +181,21 @@ def list_images(folder: Path) -> list[Path]:
     )
 
 
+def folder_to_folder(in_dir: str | Path, out_dir: str | Path) -> tuple[Path, Path, list[Path]]:
+    """(source folder, output folder, the source's images) for commands that write a processed copy
+    of every image of a folder (perturb, purify); one-line errors for a missing source, an output
+    folder inside the source, and a source without images."""
+    src, dst = Path(in_dir).expanduser().resolve(), Path(out_dir).expanduser().resolve()
+    if not src.is_dir():
+        raise RobustlabError(f"input folder {src} does not exist or is not a folder")
+    if dst == src or src in dst.parents:
+        raise RobustlabError(f"output folder {dst} must lie outside the input folder {src}")
+    sources = list_images(src)
+    if not sources:
+        raise RobustlabError(f"no images in {src} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return src, dst, sources
+
+
 def load_unlabeled_images(folder: str | Path, image_size: int | None = None) -> torch.Tensor:
     """Every image below ``folder`` (any layout; class folders, if any, are ignored), decoded into
     memory as float32 (N, C, H, W) in [0, 1], in sorted path order. ``image_size`` resizes to

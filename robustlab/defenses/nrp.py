@@ -108,23 +108,16 @@ def purify_folder(purifier: nn.Module, in_dir: str | Path, out_dir: str | Path, 
     from robustlab.data.image_folder import (
         _GRAY_MODES,
         decode_image,
-        list_images,
+        folder_to_folder,
         probe_image,
     )
     from robustlab.progress import progress as show_progress
 
-    src, dst = Path(in_dir).expanduser().resolve(), Path(out_dir).expanduser().resolve()
-    if not src.is_dir():
-        raise RobustlabError(f"input folder {src} does not exist or is not a folder")
-    if dst == src or src in dst.parents:
-        raise RobustlabError(f"output folder {dst} must lie outside the input folder {src}")
     if batch_size < 1:
         raise RobustlabError(f"batch size must be >= 1, got {batch_size}")
     if size is not None and size < 1:
         raise RobustlabError(f"size must be >= 1, got {size}")
-    sources = list_images(src)
-    if not sources:
-        raise RobustlabError(f"no images in {src} (extensions: png, jpg, jpeg, bmp, webp)")
+    src, dst, sources = folder_to_folder(in_dir, out_dir)
     channels = int(purifier.channels)
     probes = [probe_image(p) for p in sources]
     if channels == 1:
