@@ -9,22 +9,21 @@ bound propagation: ``--eps``, ``--norm``).
 from __future__ import annotations
 
 import argparse
-import json
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from robustlab.cli.common import (
+    add_model_data_options,
+    add_store_options,
     _argument_type,
     _device,
     _floats,
-    _number,
-    _say,
-    add_model_data_options,
-    add_store_options,
     load_data,
     load_model_on,
+    _number,
+    print_run,
+    _say,
 )
 from robustlab.errors import RobustlabError
 
@@ -95,36 +94,24 @@ def cmd_certify(args: argparse.Namespace) -> int:
     s = result.summary
     if s.get("protocol") == "verified":
         return _print_verified(args, data, result)
-    if args.json:
-        out = {
-            "run_id": result.run_id, "db": str(Path(args.db)), "resumed": result.resumed, "model": args.model,
-            "dataset": data.name, "split": data.split, "method": s["method"], "noise": s["noise"], "norm": s["norm"],
-            "n": s["n"], "settings": s["settings"], "certified_accuracy": s["certified_accuracy"], "acr": s["acr"],
-            "abstain_rate": s["abstain_rate"], "ci95": s["ci95"], "lie_check": s["lie_check"],
-            "empirical": s["empirical"], "checks": result.checks, "seconds": s["seconds"],
-        }
-        print(json.dumps(out, indent=2))
-    else:
-        print(format_certified(s, result.checks, f"{args.model} on {data.name}:{data.split}"))
-        print(f"run {result.run_id} in {args.db}; `robustlab report {result.run_id} --db {args.db}` writes the report")
-    return 0
+    keys = ("method", "noise", "norm", "n", "settings", "certified_accuracy", "acr", "abstain_rate", "ci95",
+            "lie_check", "empirical")
+    fields = {"model": args.model, "dataset": data.name, "split": data.split, **{k: s[k] for k in keys},
+              "checks": result.checks, "seconds": s["seconds"]}
+    return print_run(args, result, format_certified(s, result.checks, f"{args.model} on {data.name}:{data.split}"),
+                     fields)
 
 
 def _print_verified(args: argparse.Namespace, data, result) -> int:
     from robustlab.report.verified import format_verified
 
     s = result.summary
-    if args.json:
-        keys = ("method", "threat", "n", "clean_accuracy", "verified_accuracy", "empirical_robust_accuracy", "gap",
-                "lies", "ci95", "median_margin_lower", "soundness_attack")
-        out = {"run_id": result.run_id, "db": str(Path(args.db)), "resumed": result.resumed, "model": args.model,
-               "dataset": data.name, "split": data.split, **{k: s.get(k) for k in keys},
-               "certified_accuracy": {f"{s['threat']['eps']:g}": s["verified_accuracy"]}, "checks": result.checks}
-        print(json.dumps(out, indent=2))
-    else:
-        print(format_verified(s, result.checks, f"{args.model} on {data.name}:{data.split}"))
-        print(f"run {result.run_id} in {args.db}; `robustlab report {result.run_id} --db {args.db}` writes the report")
-    return 0
+    keys = ("method", "threat", "n", "clean_accuracy", "verified_accuracy", "empirical_robust_accuracy", "gap",
+            "lies", "ci95", "median_margin_lower", "soundness_attack")
+    fields = {"model": args.model, "dataset": data.name, "split": data.split, **{k: s.get(k) for k in keys},
+              "certified_accuracy": {f"{s['threat']['eps']:g}": s["verified_accuracy"]}, "checks": result.checks}
+    return print_run(args, result, format_verified(s, result.checks, f"{args.model} on {data.name}:{data.split}"),
+                     fields)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -118,6 +118,20 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
+def print_run(args: argparse.Namespace, result, text: str, fields: dict) -> int:
+    """A finished run on standard output: with ``--json`` its id, store, whether it resumed, and
+    ``fields``; otherwise ``text`` and the command that writes its report. Returns 0."""
+    import json
+
+    if args.json:
+        print(json.dumps({"run_id": result.run_id, "db": str(Path(args.db)), "resumed": result.resumed, **fields},
+                         indent=2))
+    else:
+        print(text)
+        print(f"run {result.run_id} in {args.db}; `robustlab report {result.run_id} --db {args.db}` writes the report")
+    return 0
+
+
 def _require_db(db: str) -> None:
     if not Path(db).is_file():
         raise RobustlabError(f"no results store at {db}; run `robustlab eval ... --db {db}` first")

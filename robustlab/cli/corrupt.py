@@ -9,10 +9,8 @@ evaluate a model under corruptions into the results store (error per corruption 
 from __future__ import annotations
 
 import argparse
-import json
-from typing import Any
 
-from robustlab.cli.common import DEFAULT_DB, _device, _say
+from robustlab.cli.common import DEFAULT_DB, _device, _say, print_run
 from robustlab.errors import RobustlabError
 
 SUITES = ("mnist-c", "imagenet-c", "imagenet-c-extra", "all-c")
@@ -143,16 +141,9 @@ def _evaluate(args: argparse.Namespace) -> int:
                      extra={"classes": list(data.classes)}, model_name=args.model, model_info=info,
                      resume=args.resume, device=device, progress=args.progress, log=_say)
     s = result.summary
-    if args.json:
-        keep = ("model", "dataset", "split", "n", "clean_accuracy", "clean_error", "mean_corruption_error",
-                "corruption_accuracy", "errors", "per_corruption", "baseline", "mce", "relative_mce", "seconds")
-        out: dict[str, Any] = {"run_id": result.run_id, "db": args.db, "resumed": result.resumed,
-                               **{k: s.get(k) for k in keep}}
-        print(json.dumps(out, indent=2))
-    else:
-        print(format_corruption_summary(s))
-        print(f"run {result.run_id} in {args.db}; `robustlab report {result.run_id} --db {args.db}` writes the report")
-    return 0
+    keep = ("model", "dataset", "split", "n", "clean_accuracy", "clean_error", "mean_corruption_error",
+            "corruption_accuracy", "errors", "per_corruption", "baseline", "mce", "relative_mce", "seconds")
+    return print_run(args, result, format_corruption_summary(s), {k: s.get(k) for k in keep})
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

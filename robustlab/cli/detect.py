@@ -15,19 +15,18 @@ set overlaps the evaluated test images.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from robustlab.cli.common import (
-    _argument_type,
-    _device,
-    _number,
-    _say,
-    _threat,
     add_model_data_options,
     add_store_options,
+    _argument_type,
+    _device,
     load_data,
     load_model_on,
+    _number,
+    print_run,
+    _say,
+    _threat,
 )
 from robustlab.errors import RobustlabError
 
@@ -81,17 +80,13 @@ def cmd_detect(args: argparse.Namespace) -> int:
         store.discard_if_unused()
         store.close()
     s = result.summary
-    if args.json:
-        keys = ("n", "threat", "detector", "fpr", "threshold", "clean_accuracy", "clean_flag_rate", "robust_accuracy",
-                "non_adaptive", "undefended_robust_accuracy", "auc", "detection_rate", "adaptive_auc",
-                "adaptive_detection_rate", "attacks", "ci95", "seconds")
-        out = {"run_id": result.run_id, "db": str(Path(args.db)), "resumed": result.resumed, "model": args.model,
-               "dataset": data.name, "split": data.split, **{k: s.get(k) for k in keys}, "checks": result.checks}
-        print(json.dumps(out, indent=2))
-    else:
-        print(format_detection(s, result.checks, f"{args.model} on {data.name}:{data.split}"))
-        print(f"run {result.run_id} in {args.db}; `robustlab report {result.run_id} --db {args.db}` writes the report")
-    return 0
+    keys = ("n", "threat", "detector", "fpr", "threshold", "clean_accuracy", "clean_flag_rate", "robust_accuracy",
+            "non_adaptive", "undefended_robust_accuracy", "auc", "detection_rate", "adaptive_auc",
+            "adaptive_detection_rate", "attacks", "ci95", "seconds")
+    fields = {"model": args.model, "dataset": data.name, "split": data.split, **{k: s.get(k) for k in keys},
+              "checks": result.checks}
+    return print_run(args, result, format_detection(s, result.checks, f"{args.model} on {data.name}:{data.split}"),
+                     fields)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -5,19 +5,18 @@ accuracy, clean and under the attacks, through the segmentation protocol."""
 from __future__ import annotations
 
 import argparse
-import json
 import warnings
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from robustlab.cli.common import (
+    _argument_type,
     DATA_HELP,
     DEFAULT_DB,
-    MODEL_HELP,
-    _argument_type,
     _device,
     _floats,
+    MODEL_HELP,
     _number,
+    print_run,
     _say,
     _steps_grid,
     _threat,
@@ -117,35 +116,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not distributed.is_main():
         return 0
     s = result.summary
-    if args.json:
-        out = {
-            "run_id": result.run_id,
-            "db": str(Path(args.db)),
-            "resumed": result.resumed,
-            "model": args.model,
-            "dataset": data.name,
-            "split": data.split,
-            "n": s["n"],
-            "threat": s["threat"],
-            "clean_accuracy": s["clean_accuracy"],
-            "robust_accuracy": s["robust_accuracy"],
-            "ensemble_robust_accuracy": s["ensemble_robust_accuracy"],
-            "ci95": s["ci95"],
-            "defenses": s.get("defenses", []),
-            "attacks": [
-                {k: a[k] for k in ("name", "params", "robust_accuracy", "seconds", "broken", "gradients", "forwards")}
-                for a in s["attacks"]
-            ],
-            "eps_curve": s["eps_curve"],
-            "steps_curve": s["steps_curve"],
-            "checks": result.checks,
-            "seconds": s["seconds"],
-        }
-        print(json.dumps(out, indent=2))
-    else:
-        print(format_summary(s, result.checks))
-        print(f"run {result.run_id} in {args.db}; `robustlab report {result.run_id} --db {args.db}` writes the report")
-    return 0
+    fields = {
+        "model": args.model,
+        "dataset": data.name,
+        "split": data.split,
+        "n": s["n"],
+        "threat": s["threat"],
+        "clean_accuracy": s["clean_accuracy"],
+        "robust_accuracy": s["robust_accuracy"],
+        "ensemble_robust_accuracy": s["ensemble_robust_accuracy"],
+        "ci95": s["ci95"],
+        "defenses": s.get("defenses", []),
+        "attacks": [
+            {k: a[k] for k in ("name", "params", "robust_accuracy", "seconds", "broken", "gradients", "forwards")}
+            for a in s["attacks"]
+        ],
+        "eps_curve": s["eps_curve"],
+        "steps_curve": s["steps_curve"],
+        "checks": result.checks,
+        "seconds": s["seconds"],
+    }
+    return print_run(args, result, format_summary(s, result.checks), fields)
 
 
 def is_segmentation(loaded: LoadedModel, model: torch.nn.Module, data: Any, device: Any) -> bool:
@@ -190,13 +181,8 @@ def _eval_segmentation(args: argparse.Namespace, loaded: LoadedModel, model: tor
                          resume=args.resume, device=device, log=_say)
     finally:
         store.discard_if_unused()
-    if args.json:
-        print(json.dumps({"run_id": result.run_id, "db": str(Path(args.db)), "resumed": result.resumed,
-                          **result.summary, "checks": result.checks}, indent=2))
-    else:
-        print(format_segmentation_summary(result.summary, result.checks))
-        print(f"run {result.run_id} in {args.db}; `robustlab report {result.run_id} --db {args.db}` writes the report")
-    return 0
+    return print_run(args, result, format_segmentation_summary(result.summary, result.checks),
+                     {**result.summary, "checks": result.checks})
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

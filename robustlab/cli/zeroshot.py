@@ -4,14 +4,13 @@ many data sets in one run, recorded in the results store."""
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from robustlab.cli.common import (
-    DEFAULT_DB,
     _argument_type,
+    DEFAULT_DB,
     _device,
     _floats,
+    print_run,
     _say,
     _threat,
 )
@@ -66,13 +65,8 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
             store.discard_if_unused()
     if not distributed.is_main():
         return 0
-    if args.json:
-        print(json.dumps({"run_id": result.run_id, "db": str(Path(args.db)), "resumed": result.resumed,
-                          **result.summary, "checks": result.checks}, indent=2))
-    else:
-        print(format_zero_shot(result.summary, result.checks))
-        print(f"run {result.run_id} in {args.db}; `robustlab report {result.run_id} --db {args.db}` writes the report")
-    return 0
+    return print_run(args, result, format_zero_shot(result.summary, result.checks),
+                     {**result.summary, "checks": result.checks})
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
