@@ -56,22 +56,22 @@ SIGMA = 0.2
 EPS = (0.3, 0.15)
 
 
-def purifier_for(model, train_n: int, epochs: int, ssp_steps: int) -> tuple[Path, dict]:
+def purifier_for(model, train_n: int, epochs: int, ssp_steps: int, train_eps: float) -> tuple[Path, dict]:
     """The defender's purifier (cached when its recipe matches), its path and card training record."""
     from robustlab.data import load_dataset
     from robustlab.models.purifier import load_purifier, save_purifier
     from robustlab.training import TrainConfig
     from robustlab.training.purifier import PurifierConfig, train_purifier
 
-    path = CACHE / "nrp_scenes_seg.safetensors"
+    path = CACHE / ("nrp_scenes_seg.safetensors" if train_eps == TRAIN_EPS else f"nrp_scenes_seg_{train_eps:g}.safetensors")
     recipe = {"dataset": "scenes_mnist", "train_n": train_n, "epochs": epochs, "ssp_steps": ssp_steps,
-              "layer": LAYER, "eps": TRAIN_EPS}
+              "layer": LAYER, "eps": train_eps}
     if path.is_file():
         _, card = load_purifier(path)
         if card.training.get("bench_recipe") == recipe:
             return path, card.training
     data = load_dataset("scenes_mnist", "train", root=shared_data_dir()).subset(train_n)
-    config = PurifierConfig(eps=TRAIN_EPS, steps=ssp_steps, layer=LAYER, train=TrainConfig(
+    config = PurifierConfig(eps=train_eps, steps=ssp_steps, layer=LAYER, train=TrainConfig(
         epochs=epochs, batch_size=32, lr=1e-3, optimizer="adam", weight_decay=0.0, schedule="cosine", seed=0))
     log(f"training a purifier on {train_n} scenes, {epochs} epoch(s), against scenes_seg {LAYER} ...")
     c0 = time.process_time()
@@ -125,6 +125,8 @@ def main() -> None:
     ap.add_argument("--train-n", type=int, default=2000, help="training scenes of the purifier")
     ap.add_argument("--epochs", type=int, default=2, help="purifier training epochs")
     ap.add_argument("--ssp-steps", type=int, default=3, help="SSP steps per purifier training batch")
+    ap.add_argument("--train-eps", type=float, default=TRAIN_EPS, help="SSP Linf budget of purifier training")
+    ap.add_argument("--out", default=str(RESULTS / "nrp_segmentation.txt"), help="report file")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = ap.parse_args()
     set_threads(args.threads)
@@ -136,7 +138,7 @@ def main() -> None:
 
     model, card = get_model("scenes_seg")
     model.eval()
-    p_def, rec = purifier_for(model, args.train_n, args.epochs, args.ssp_steps)
+    p_def, rec = purifier_for(model, args.train_n, args.epochs, args.ssp_steps, args.train_eps)
     data = load_dataset("scenes_mnist", "test", root=shared_data_dir()).subset(args.n)
     nrp = apply_defenses(model, [f"nrp:purifier={p_def}"])
     dynamic = apply_defenses(model, [f"nrp:purifier={p_def},dynamic=true,sigma={SIGMA},draws={args.draws}"])
@@ -151,13 +153,13 @@ def main() -> None:
          f"clean mIoU {100 * card.get('clean_miou', float('nan')):.1f}% where recorded)" if "clean_miou" in card else
          "model: benchmarks/.cache/scenes_seg (standard training on 3,000 scenes of scenes-mnist train)"),
         (f"purifier: residual (default), label-free on the first {args.train_n} scenes of scenes-mnist train, "
-         f"{args.epochs} epoch(s) (batch 32, Adam 1e-3, cosine), SSP Linf {TRAIN_EPS} {args.ssp_steps} steps against "
+         f"{args.epochs} epoch(s) (batch 32, Adam 1e-3, cosine), SSP Linf {args.train_eps:g} {args.ssp_steps} steps against "
          f"scenes_seg layer {rec['layer']} (the protected model's own bottleneck); final relative feature loss "
          f"{final.get('train_feature_loss', float('nan')):.3f} (unpurified SSP images "
          f"{final.get('train_feature_loss_unpurified', float('nan')):.3f}), pixel loss "
          f"{final.get('train_pixel_loss', float('nan')):.4f}; {rec.get('cpu_seconds', float('nan'))} CPU s"),
         (f"test: the first {len(data)} scenes of scenes-mnist test; attacks: PGD-{args.steps} on the per-pixel "
-         f"cross-entropy, random start, step 2.5 eps/steps; dynamic NRP: noise sigma {SIGMA} clipped to {TRAIN_EPS}, "
+         f"cross-entropy, random start, step 2.5 eps/steps; dynamic NRP: noise sigma {SIGMA} clipped to {args.train_eps:g}, "
          f"vote over {args.draws} draws per pixel, EOT over {args.draws} draws per step"),
         ("non-adaptive = transfer: PGD crafted on the undefended scenes_seg (no separate surrogate), all steps, then "
          "judged on each pipeline; adaptive = runner.segment on the DefendedModel (gradients through the purifier; "
@@ -168,7 +170,7 @@ def main() -> None:
 
     def flush(done: float | None) -> None:
         note = [] if done is None else [f"(partial: finished up to eps {done:g})", ""]
-        write_report("\n".join([*head, *note, *table, ""]) + "\n", RESULTS / "nrp_segmentation.txt")
+        write_report("\n".join([*head, *note, *table, ""]) + "\n", Path(args.out))
 
     log("clean ...")
     for name, pipe in pipelines.items():
