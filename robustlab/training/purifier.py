@@ -141,8 +141,10 @@ class NRPObjective(Objective):
         return {**super().config(), "feature_network": self.feature_desc}
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator=None) -> torch.Tensor:
-        """SSP against the feature network (the purifier plays no part)."""
-        return self.ssp.run(self.feature_network, x, torch.zeros_like(y), generator).x_adv
+        """SSP against the feature network (the purifier plays no part). SSP ignores labels: it gets
+        one dummy label per image whatever ``y`` is (per-image, or per-pixel on segmentation data)."""
+        dummy = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        return self.ssp.run(self.feature_network, x, dummy, generator).x_adv
 
     def feature_loss(self, purified: torch.Tensor, clean_features: torch.Tensor) -> torch.Tensor:
         """Per-sample relative squared feature distance ``||F(purified) - F(x)||^2 / ||F(x)||^2``."""
