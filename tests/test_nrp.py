@@ -20,7 +20,7 @@ from robustlab.models import ModelCard, save_checkpoint
 from robustlab.models.purifier import build_purifier, load_purifier, save_purifier
 from robustlab.threat import ThreatModel
 from robustlab.training import TrainConfig
-from robustlab.training.purifier import NRPObjective, PurifierConfig, train_purifier
+from robustlab.training.purifier import NRPObjective, PurifierConfig, default_layer, train_purifier
 
 EPS = 0.3
 
@@ -202,3 +202,20 @@ def test_purify_train_cli_writes_a_purifier_and_resumes(tmp_path, capsys):
     assert main([*args, "--resume"]) == 0  # a finished run resumes to the same purifier
     assert all(torch.equal(first[k], v) for k, v in load_purifier(out)[0].state_dict().items())
     assert first["last.weight"].abs().sum() > 0  # it did train
+
+
+def test_a_purifier_whose_output_left_the_box_is_pulled_back(digits_model, digits_train):
+    """A purifier whose output is below 0 everywhere is black after its clip and passes no gradient
+    through it; training's pixel loss reads the output before the clip, so the loss still has a
+    gradient that brings the output back (a purifier trained at SSP 0.3 on scenes collapsed so)."""
+    torch.manual_seed(0)
+    purifier = build_purifier("residual", 1)
+    with torch.no_grad():
+        purifier.last.bias.fill_(-2.0)  # x + correction < 0 for every pixel: a black image
+    x = digits_train.x[:16]
+    assert torch.equal(purifier(x), torch.zeros_like(x))
+    layer = default_layer(digits_model, tuple(x.shape[1:]))
+    objective = NRPObjective(ThreatModel("linf", EPS), digits_model, "digits_cnn", layer=layer, steps=1)
+    loss, _ = objective.loss(purifier, x, digits_train.y[:16], torch.Generator().manual_seed(0))
+    loss.backward()
+    assert purifier.last.bias.grad is not None and float(purifier.last.bias.grad) < -1.0  # descent raises the output

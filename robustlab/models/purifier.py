@@ -84,12 +84,18 @@ class Purifier(nn.Module):
         nn.init.zeros_(self.last.weight)  # an untrained purifier is the identity
         nn.init.zeros_(self.last.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + correction`` before the clip to [0, 1] (training's pixel loss reads it: a pixel pushed
+        outside the box gets no gradient through the clip, and a purifier whose output left the box
+        everywhere could never come back)."""
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise RobustlabError(
                 f"the purifier takes images with {self.channels} channel(s) (N, {self.channels}, H, W), "
                 f"got shape {tuple(x.shape)}")
-        return (x + self.last(self.trunk(self.act(self.first(x))))).clamp(0.0, 1.0)
+        return x + self.last(self.trunk(self.act(self.first(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.raw(x).clamp(0.0, 1.0)
 
 
 @PURIFIERS.register("residual")

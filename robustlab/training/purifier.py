@@ -158,9 +158,13 @@ class NRPObjective(Objective):
         with torch.no_grad():
             clean = self.features(x)
             before = self.feature_loss(x_adv, clean).mean()
-        purified = model(x_adv)
+        purifier = getattr(model, "purifier", model)
+        raw = purifier.raw(x_adv) if hasattr(purifier, "raw") else model(x_adv)
+        purified = raw.clamp(0.0, 1.0)
         feat = self.feature_loss(purified, clean).mean()
-        pixel = (purified - x).square().mean()
+        # on the output before its clip: pixels pushed out of [0, 1] are pulled back (through the clip
+        # alone they get no gradient, and a purifier once all outside the box stays dead: black images)
+        pixel = (raw - x).square().mean()
         loss = p["feature_weight"] * feat + p["pixel_weight"] * pixel
         logs: Logs = {"feature_loss": feat.detach(), "feature_loss_unpurified": before, "pixel_loss": pixel.detach()}
         disc = getattr(model, "discriminator", None)
