@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--pgd-steps", type=int, default=10)
     ap.add_argument("--pretrain-per-source", type=int, default=3000)
     ap.add_argument("--pretrain-epochs", type=int, default=6)
+    ap.add_argument("--seed", type=int, default=0, help="training seed (batch order, attack starts inside training)")
     ap.add_argument("--tag", default="", help="suffix of the results file")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -123,7 +124,7 @@ def main() -> None:
     objectives = [o.strip() for o in args.objectives.split(",")]
     grid_rows = []  # (objective, eps, mode, lr, epoch, val clean, val robust, score, visual state)
     base_cfg = {"epochs": args.epochs, "batch_size": 128, "optimizer": "adam", "weight_decay": 0.0,
-                "warmup_epochs": 0.0, "seed": 0}
+                "warmup_epochs": 0.0, "seed": args.seed}
     original = load_tiny_clip(path)
     val_head = text_classifier(original, names, templates)
     o = per_image(ZeroShotClassifier(original, val_head), val_x, val_y, train_eps, args.pgd_steps, seed=7)
@@ -198,7 +199,7 @@ def render(args, path, eval_sets, others, results, grid_rows, selected, val_orig
         "",
         f"Tiny CLIP: {path.name} (pretrained by benchmarks/vlm_tecoa.py on mnist, fashion_mnist, cifar10, digits).",
         (f"Adaptation: {args.adapt_on} train images 0..{args.adapt_n - 1} ({args.adapt_n}), batch 128, Adam, cosine over "
-         f"{args.epochs} epochs, no weight decay; TeCoA: PGD 2 steps of eps (Mao et al.); FARE: PGD 10 steps."),
+         f"{args.epochs} epochs, no weight decay, training seed {args.seed}; TeCoA: PGD 2 steps of eps (Mao et al.); FARE: PGD 10 steps."),
         (f"Grid: objective {args.objectives} x training eps {args.train_eps} (/255) x mode {args.modes} (FARE: full) x "
          f"lr {args.lrs} x epochs 1..{args.epochs} (checkpoint after each epoch of the run)."),
         (f"Selection rule (fixed before the run): per objective and training eps, the grid point with the highest "
