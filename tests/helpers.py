@@ -60,6 +60,22 @@ def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x).argmax(dim=1)
 
 
+def linear_digits_classifier(x: torch.Tensor, y: torch.Tensor, k: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A linear softmax classifier trained on ``(x, y)`` in float64, where the smallest misclassifying
+    perturbations are known exactly: (model, its first ``k`` correctly classified images, their labels)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(x[0].numel(), 10)).double()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    x = x.double()
+    for _ in range(150):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    correct = (predict(model, x) == y).nonzero()[:k, 0]
+    return model, x[correct], y[correct]
+
+
 def robust_fraction(result) -> float:
     """The fraction of an AttackResult's samples the attack did not break."""
     return float((~result.success).float().mean())

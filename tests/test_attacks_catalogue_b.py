@@ -22,7 +22,7 @@ from robustlab.errors import RobustlabError
 from robustlab.eval.structured import evaluate_patch, evaluate_spatial, evaluate_universal
 from robustlab.threat import ThreatModel
 from robustlab.threat_kinds import PatchThreat, SpatialThreat, UniversalThreat, threat_from_dict
-from helpers import gen, predict
+from helpers import gen, linear_digits_classifier, predict
 
 
 class Counting(nn.Module):
@@ -300,17 +300,7 @@ def linear(digits_train):
     """A linear softmax classifier on the digits (float64), where the smallest misclassifying
     perturbation is an exact projection onto a hyperplane within the box: (model, 10 correctly
     classified training images, labels)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).double()
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    x, y = digits_train.x.double(), digits_train.y
-    for _ in range(150):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    model.eval()
-    correct = (predict(model, x) == y).nonzero()[:10, 0]
-    return model, x[correct], y[correct]
+    return linear_digits_classifier(digits_train.x, digits_train.y, 10)
 
 
 @pytest.mark.parametrize("norm", ["l2", "linf"])

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import gen, predict
-from torch import nn
+from helpers import gen, linear_digits_classifier, predict
 
 from robustlab.attacks import create_attack
 from robustlab.attacks.fab import min_norm_to_hyperplane
@@ -97,17 +96,7 @@ def test_perturb_default_changes_predictions_where_pgd_does(digits_folder, tmp_p
 def linear(digits_train):
     """A linear softmax classifier on the digits (float64), where the smallest misclassifying L1 and
     L0 perturbations are known exactly: (model, 8 correctly classified training images, labels)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).double()
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    x, y = digits_train.x.double(), digits_train.y
-    for _ in range(150):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    model.eval()
-    correct = (predict(model, x) == y).nonzero()[:8, 0]
-    return model, x[correct], y[correct]
+    return linear_digits_classifier(digits_train.x, digits_train.y, 8)
 
 
 def _exact_minimum(model, x, y, norm):
