@@ -36,12 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (
     RESULTS,
     environment,
-    load_split,
     log,
     set_threads,
     write_report,
 )
-from benchmarks.lenet_mnist import get_lenet
+from benchmarks.lenet_mnist import correct_test_images, get_lenet
 from robustlab.attacks import create_attack
 from robustlab.threat import ThreatModel
 
@@ -76,12 +75,8 @@ def main() -> None:
     set_threads(args.threads)
     warnings.filterwarnings("ignore")
     model = get_lenet()
-    x, y = load_split("mnist", "test")
-    x, y = x[: args.n], y[: args.n]
-    with torch.no_grad():
-        ok = model(x).argmax(1) == y
-    x, y = x[ok], y[ok]
-    lines = [f"CW-L2 default budget on the issue-20 LeNet (MNIST), {int(ok.sum())} of the first {args.n} test "
+    x, y = correct_test_images(model, args.n)
+    lines = [f"CW-L2 default budget on the issue-20 LeNet (MNIST), {len(y)} of the first {args.n} test "
              f"images correctly classified; {environment()}",
              f"budget: {BUDGET}, confidence 0", ""]
     results = {}

@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, environment, load_split, log, set_threads, write_report  # noqa: E402
-from benchmarks.lenet_mnist import get_lenet  # noqa: E402
+from benchmarks.common import RESULTS, environment, log, set_threads, write_report  # noqa: E402
+from benchmarks.lenet_mnist import correct_test_images, get_lenet  # noqa: E402
 from robustlab.attacks import create_attack  # noqa: E402
 from robustlab.threat import ThreatModel, norms  # noqa: E402
 
@@ -49,11 +49,7 @@ def main() -> None:
     set_threads(args.threads)
     warnings.filterwarnings("ignore")
     model = get_lenet()
-    x, y = load_split("mnist", "test")
-    x, y = x[: args.n], y[: args.n]
-    with torch.no_grad():
-        ok = model(x).argmax(1) == y
-    x, y = x[ok], y[ok]
+    x, y = correct_test_images(model, args.n)
     k, gen = args.k, torch.Generator().manual_seed(0)
     rows = []
 

@@ -68,3 +68,13 @@ def get_lenet(seed: int = 0, subset: int = 0) -> nn.Module:
 
 if __name__ == "__main__":
     get_lenet()
+
+
+def correct_test_images(model: nn.Module, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) of the first ``n`` MNIST test images that ``model`` classifies correctly."""
+    x, y = load_split("mnist", "test")
+    x, y = x[:n], y[:n]
+    with torch.no_grad():
+        ok = model(x).argmax(1) == y
+    return x[ok], y[ok]
+
