@@ -11,7 +11,8 @@ fooled at the locations of its last step.
 Evaluation places the trained patch on each image at ``locations``: ``worst`` tries every position
 on a grid of stride ``stride`` (in order, the last row and column always included) and stops at the
 first that the model misclassifies; ``random`` uses one uniformly random position. The point
-returned for an unbroken sample is the patch at its highest-loss position tried.
+returned for an unbroken sample is the patch at its highest-loss position tried; ``params`` holds each
+sample's (row, column) of the patch's top-left corner.
 
 ``run`` fits the patch on the batch; :meth:`AdversarialPatch.fit` gives the patch itself, e.g.
 trained on training images and evaluated on test images
@@ -112,9 +113,11 @@ class AdversarialPatch(Attack):
             x_adv = t.apply(x, patch, top.to(dev), left.to(dev))
             with torch.no_grad():
                 success = self.is_success(check_logits(model(x_adv), n), y)
-            return AttackResult(x_adv, success, torch.zeros_like(forwards), forwards + 1)
+            return AttackResult(x_adv, success, torch.zeros_like(forwards), forwards + 1,
+                                params=torch.stack([top, left], dim=1).to(dev))
         pos = patch_positions(h, w, t.size, self.params["stride"]).to(dev)
         x_adv = t.apply(x, patch, pos[:1, 0].expand(n), pos[:1, 1].expand(n))
+        where = pos[:1].expand(n, 2).clone()
         best = torch.full((n,), -float("inf"), dtype=x.dtype, device=dev)
         success = torch.zeros(n, dtype=torch.bool, device=dev)
         live = torch.arange(n, device=dev)
@@ -130,10 +133,11 @@ class AdversarialPatch(Attack):
                 hit = self.is_success(logits, y[live])
                 better = (loss > best[live]) | hit
                 x_adv[live[better]] = cand[better]
+                where[live[better]] = pos[k]
                 best[live[better]] = loss[better]
                 success[live[hit]] = True
                 live = live[~hit]
-        return AttackResult(x_adv, success, torch.zeros_like(forwards), forwards)
+        return AttackResult(x_adv, success, torch.zeros_like(forwards), forwards, params=where)
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator) -> AttackResult:
         patch, grads, fwds = self.fit(model, x, y, generator)
