@@ -78,7 +78,9 @@ class AdversarialPatch(Attack):
         n, c, h, w = x.shape
         t.check_image(h, w)
         dev = x.device
-        patch = torch.rand(c, t.size, t.size, generator=generator, device=dev, dtype=x.dtype)
+        # drawn where the generator lives (its locations and order are drawn on the CPU), then moved
+        where = generator.device if generator is not None else dev
+        patch = torch.rand(c, t.size, t.size, generator=generator, device=where, dtype=x.dtype).to(dev)
         patch = patch * (t.upper - t.lower) + t.lower
         grads = torch.zeros(n, dtype=torch.long, device=dev)
         for _ in range(p["epochs"]):

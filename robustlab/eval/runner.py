@@ -33,7 +33,7 @@ from robustlab.defenses import AttackerNeeds, DefendedModel
 from robustlab.errors import RobustlabError
 from robustlab.eval import sanity
 from robustlab.eval.protocols.adversarial import AdversarialOptions, AdversarialProtocol
-from robustlab.eval.protocols.base import BatchContext, Protocol, Task
+from robustlab.eval.protocols.base import BatchContext, Protocol, RunFiles, Task
 from robustlab.eval.protocols.certified import CertifiedOptions, CertifiedProtocol
 from robustlab.eval.protocols.zero_shot import DEFAULT_EPS, EXAMPLES_PER_SET, ZeroShotProtocol
 from robustlab.eval.store import ResultsStore
@@ -305,6 +305,7 @@ def run(
 
         try:
             try:
+                _prepare(model, protocol, store, run_id, seed, device, log)
                 _run_tasks(model, data, protocol, tasks, store, run_id, seed, batch_size, examples, device, progress)
             except BaseException:
                 if main:
@@ -321,6 +322,19 @@ def run(
             if main:
                 store.release_lease(run_id)
         return distributed.broadcast(result)
+
+
+def _prepare(model: nn.Module, protocol: Protocol, store: ResultsStore | None, run_id: str | None, seed: int,
+             device: torch.device, log: Callable[[str], None]) -> None:
+    """The protocol's once-per-run fits, kept with the run in the store (rank 0); other torchrun ranks
+    read rank 0's files and fit nothing."""
+    if distributed.is_main():
+        files = RunFiles(lambda name: store.load_file(run_id, name), lambda name, data: store.save_file(run_id, name, data))
+        protocol.prepare(model, files, seed, device, log)
+        distributed.broadcast(files.seen)
+    else:
+        seen = distributed.broadcast(None)
+        protocol.prepare(model, RunFiles(seen.get), seed, device, log)
 
 
 def _batch(data: Dataset, start: int, stop: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,8 @@ tasks (the main evaluation, each point of an epsilon or steps curve, each sanity
 into batches. A batch's per-sample rows and its "done" mark are written in one transaction, so a run
 killed at any moment resumes from the batches that are done, with no sample lost or counted twice. A
 batch that runs long also keeps its state between two of its steps (``partial_batches``: opaque bytes
-of the protocol's, e.g. ``robustlab.attacks.ensemble.EnsembleState``) until its rows replace it.
+of the protocol's, e.g. ``robustlab.attacks.ensemble.EnsembleState``) until its rows replace it. A
+protocol may keep bytes with a whole run (``run_files``: e.g. a universal perturbation fitted once).
 """
 
 from __future__ import annotations
@@ -90,6 +91,13 @@ CREATE TABLE IF NOT EXISTS partial_batches (
     state BLOB NOT NULL,                 -- a batch between two of its steps (the protocol's bytes)
     saved TEXT NOT NULL,
     PRIMARY KEY (run_id, task, batch_index)
+);
+CREATE TABLE IF NOT EXISTS run_files (    -- bytes a protocol keeps with a run, e.g. a fitted universal perturbation
+    run_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    data BLOB NOT NULL,
+    saved TEXT NOT NULL,
+    PRIMARY KEY (run_id, name)
 );
 CREATE TABLE IF NOT EXISTS adversarial_samples (
     run_id TEXT NOT NULL,
@@ -515,6 +523,19 @@ class ResultsStore:
         """The state saved for an unfinished batch, if any."""
         row = self.db.execute("SELECT state FROM partial_batches WHERE run_id = ? AND task = ? AND batch_index = ?",
                               (run_id, task, int(batch_index))).fetchone()
+        return row[0] if row else None
+
+    def save_file(self, run_id: str, name: str, data: bytes) -> None:
+        """Keep ``data`` with the run under ``name`` (a protocol's fitted state, e.g. a universal
+        perturbation fitted once per run, so a resumed run reuses it)."""
+        self._require_writable()
+        self.db.execute("INSERT OR REPLACE INTO run_files VALUES (?, ?, ?, ?)", (run_id, name, data, _now()))
+
+    def load_file(self, run_id: str, name: str) -> bytes | None:
+        """What :meth:`save_file` kept for the run under ``name``, if anything."""
+        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'run_files'").fetchone():
+            return None  # a store written before the table existed, opened read-only
+        row = self.db.execute("SELECT data FROM run_files WHERE run_id = ? AND name = ?", (run_id, name)).fetchone()
         return row[0] if row else None
 
     def ensure_sample_table(self, table: str, columns: Sequence[tuple[str, str]]) -> None:

@@ -7,7 +7,8 @@ evaluations.
   there is, and the entry says so.
 - **Groups.** Runs are comparable when they share the protocol, the split, the data's fingerprint
   (image folders: which files) and the protocol's ``leaderboard_group`` key (the adversarial
-  protocol: data set, norm, epsilon).
+  protocol: data set, norm, epsilon). A run of several threat models (structured) is one run per
+  threat model here (``leaderboard_views``), each ranked only in its own group.
 - **Full evaluations rank; weaker ones are shown, marked, never ranked.** A run is a full evaluation
   when its protocol finds nothing missing (``leaderboard_strength``: e.g. at least the standard attack
   ensemble) and it covers as many samples as the largest such run of its group. Each model's entry in
@@ -260,11 +261,12 @@ def build_leaderboard(store: ResultsStore) -> Leaderboard:
             run["config"] = {**run["config"], "attacks": [{k: a[k] for k in ("name", "params", "targeted")}
                                                           for a in store.get_run(run["run_id"])["attacks"]]}
         protocol = PROTOCOLS[run["protocol"]]
-        key, title = protocol.leaderboard_group(run)
-        data = run["config"].get("data_fingerprint")  # image folders: which files (two folders are two data sets)
-        gkey = json.dumps([run["protocol"], run.get("split", ""), data, *key], default=str)
-        buckets.setdefault(gkey, []).append((run, gkey))
-        titles.setdefault(gkey, group_title(run, protocol, title) + (f" [files {data[:8]}]" if data else ""))
+        for view in protocol.leaderboard_views(run):  # a run of several threat models: one view each
+            key, title = protocol.leaderboard_group(view)
+            data = view["config"].get("data_fingerprint")  # image folders: which files (two folders are two data sets)
+            gkey = json.dumps([view["protocol"], view.get("split", ""), data, *key], default=str)
+            buckets.setdefault(gkey, []).append((view, gkey))
+            titles.setdefault(gkey, group_title(view, protocol, title) + (f" [files {data[:8]}]" if data else ""))
 
     groups: list[LeaderboardGroup] = []
     for gkey, members in buckets.items():

@@ -115,6 +115,10 @@ def _threat_slug(entry: RunEntry) -> str:
     if "norm" in threat and "eps" in threat:
         norm = {"linf": "Linf", "l2": "L2", "l1": "L1"}.get(str(threat["norm"]).lower(), str(threat["norm"]))
         return f"{norm}-{_eps_text(threat['norm'], threat['eps']).replace('/', '_')}"
+    if "kind" in threat:  # a structured threat model: its kind and parameters, e.g. spatial-30-3
+        values = [f"{v:g}" if isinstance(v, (int, float)) else str(v) for k, v in threat.items()
+                  if k not in ("kind", "lower", "upper")]
+        return "-".join([str(threat["kind"]), *values]).replace("/", "_")
     return entry.protocol
 
 
@@ -143,7 +147,7 @@ def robustbench_record(model: ModelEntry, row: LeaderboardRow, group: Leaderboar
         "dataset": entry.dataset,
         "venue": card.get("venue", ""),
         "architecture": card.get("architecture") or card.get("entry_point") or "",
-        "eps": _eps_text(threat["norm"], threat["eps"]) if "eps" in threat else None,
+        "eps": _eps_text(threat["norm"], threat["eps"]) if "eps" in threat and "norm" in threat else None,
         "clean_acc": _percent(entry.metrics.get("clean_accuracy", entry.summary.get("clean_accuracy"))),
         "reported": _percent(robust),
         "unreliable": entry.unreliable,

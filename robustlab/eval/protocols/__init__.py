@@ -9,12 +9,13 @@ from robustlab.eval.protocols.certified import CertifiedOptions, CertifiedProtoc
 from robustlab.eval.protocols.corruption import CorruptionProtocol
 from robustlab.eval.protocols.detection import DetectionProtocol
 from robustlab.eval.protocols.segmentation import SegmentationProtocol
+from robustlab.eval.protocols.structured import StructuredProtocol
 from robustlab.eval.protocols.verified import VerifiedProtocol
 from robustlab.eval.protocols.zero_shot import ZeroShotProtocol
 
 PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (AdversarialProtocol, CertifiedProtocol, CorruptionProtocol,
-                                                            DetectionProtocol, SegmentationProtocol, VerifiedProtocol,
-                                                            ZeroShotProtocol)}
+                                                            DetectionProtocol, SegmentationProtocol, StructuredProtocol,
+                                                            VerifiedProtocol, ZeroShotProtocol)}
 
 
 def protocol_class(name: str) -> type[Protocol]:
@@ -26,5 +27,5 @@ def protocol_class(name: str) -> type[Protocol]:
 
 
 __all__ = ["PROTOCOLS", "AdversarialProtocol", "BatchContext", "BatchOutput", "CertifiedOptions", "CertifiedProtocol",
-           "CorruptionProtocol", "DetectionProtocol", "Protocol", "SegmentationProtocol", "Task", "VerifiedProtocol",
+           "CorruptionProtocol", "DetectionProtocol", "Protocol", "SegmentationProtocol", "StructuredProtocol", "Task", "VerifiedProtocol",
            "ZeroShotProtocol", "protocol_class"]

@@ -9,13 +9,19 @@ torchrun ranks, the store, progress. A protocol owns:
   points, sanity checks;
 - ``task_data(task, data)`` / ``task_model(task, model)``: what a task reads and runs on (the run's
   data and model unless its tasks each have their own, as zero-shot's data sets do);
+- ``prepare(model, files, seed, device, log)``: once per run (and per resumed session) before any batch,
+  for what a run fits once (the structured protocol's universal perturbations and patches): fit and
+  keep the result in ``files`` (:class:`RunFiles`, bytes stored with the run), or take it from there
+  when a resumed run kept it; under torchrun rank 0 prepares and the other ranks read its files;
 - ``run_batch(model, x, y, task, ctx)``: the per-batch work, returning per-sample rows for its own
   table (``sample_table`` with ``sample_columns``), costs, rejected claims and examples to keep;
 - ``final_checks(...)``: verdicts that need the live model (run once at the end);
 - ``summarize(store, run, checks)`` (a classmethod): the summary computed from the store alone, with
   its :mod:`robustlab.eval.metrics` objects, so ``eval``, ``report`` and ``leaderboard`` read the
   same numbers, for finished and unfinished runs alike;
-- ``leaderboard_group(run)`` (a classmethod): which runs are comparable, and the number they rank by.
+- ``leaderboard_group(run)`` (a classmethod): which runs are comparable, and the number they rank by;
+  ``leaderboard_views(run)``: a run that holds several threat models (structured) is seen by the
+  leaderboard as one run per threat model, each ranked in its own group.
 
 How the next protocols plug in (one protocol module, one metric, one CLI command each):
 
@@ -92,6 +98,27 @@ class BatchContext:
                               device=self.device)
 
 
+class RunFiles:
+    """Bytes kept with a run by name (the store's ``run_files``), for what a protocol fits once per run.
+    ``seen``: every name read or written, with its bytes (what other torchrun ranks are given)."""
+
+    def __init__(self, load: Callable[[str], bytes | None], save: Callable[[str, bytes], None] | None = None) -> None:
+        self._load, self._save = load, save
+        self.seen: dict[str, bytes] = {}
+
+    def get(self, name: str) -> bytes | None:
+        data = self._load(name)
+        if data is not None:
+            self.seen[name] = data
+        return data
+
+    def put(self, name: str, data: bytes) -> None:
+        if self._save is None:
+            raise RuntimeError(f"run file {name!r} is written by rank 0 only")
+        self._save(name, data)
+        self.seen[name] = data
+
+
 @dataclass
 class BatchOutput:
     """A finished batch: per-sample rows (the protocol table's columns, sample_index first), per-step
@@ -134,6 +161,11 @@ class Protocol:
         (zero-shot: each data set's zero-shot head over one shared vision-language model)."""
         return model
 
+    def prepare(self, model: nn.Module, files: RunFiles, seed: int, device: torch.device,
+                log: Callable[[str], None] = lambda msg: None) -> None:
+        """What the run fits once before its batches (seeded by the run's ``seed``), kept in (or,
+        resumed, read from) ``files``."""
+
     def run_batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: BatchContext) -> BatchOutput:
         raise NotImplementedError
 
@@ -161,6 +193,12 @@ class Protocol:
         """(key, title): runs with the same key are compared with each other (the leaderboard adds the
         protocol and the split to the key); an empty title lets the leaderboard write one."""
         return (run["dataset"], cls.name), f"{run['dataset']} · {cls.name}"
+
+    @classmethod
+    def leaderboard_views(cls, run: dict[str, Any]) -> list[dict[str, Any]]:
+        """The run as the leaderboard ranks it: itself, or (a run of several threat models) one run dict
+        per threat model, each with its own summary and config, grouped and ranked separately."""
+        return [run]
 
     @classmethod
     def leaderboard_strength(cls, run: dict[str, Any]) -> list[str]:
