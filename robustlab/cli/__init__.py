@@ -25,6 +25,7 @@ from robustlab.cli import (
     perturb,
     purify,
     report,
+    structured,
     train,
     zeroshot,
     zoo,
@@ -35,8 +36,8 @@ from robustlab.errors import RobustlabError
 __all__ = ["DEFAULT_DB", "build_parser", "main"]
 
 # One module per command, in the order `robustlab --help` lists them.
-COMMANDS = (train, eval, certify, corrupt, detect, zeroshot, adapt, purify, report, leaderboard, perturb, zoo, listing,
-            demo)
+COMMANDS = (train, eval, certify, corrupt, detect, structured, zeroshot, adapt, purify, report, leaderboard, perturb, zoo,
+            listing, demo)
 
 
 # What a Ctrl-C leaves behind, per command.
@@ -45,6 +46,8 @@ INTERRUPTED = {
     "certify": "finished batches are saved in the results store, continue with --resume",
     "zeroshot": "finished batches are saved in the results store, continue with --resume",
     "detect": "finished batches are saved in the results store, continue with --resume",
+    "structured": "finished batches and fitted perturbations and patches are saved in the results store, continue "
+                  "with --resume",
     "corrupt": "finished batches are saved (files: run the same command again; evaluations: add --resume)",
     "adapt": "the training state is saved after every finished epoch; continue with --resume",
     "train": "the training state is saved after every finished epoch and every --save-every-minutes inside one; "

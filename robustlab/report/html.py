@@ -433,12 +433,14 @@ def write_summary_json(path: Path, info: dict[str, Any], summary: dict[str, Any]
     return path
 
 
-def write_rows_csv(path: Path, rows: list[Any]) -> Path:
-    """A protocol's stored per-sample rows as CSV (every column but the run and the task)."""
+def write_rows_csv(path: Path, rows: list[Any], with_task: bool = False) -> Path:
+    """A protocol's stored per-sample rows as CSV (every column but the run and, unless ``with_task``,
+    the task)."""
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         if rows:
-            names = [k for k in rows[0].keys() if k not in ("run_id", "task")]  # noqa: SIM118 (an sqlite3.Row)
+            drop = ("run_id",) if with_task else ("run_id", "task")
+            names = [k for k in rows[0].keys() if k not in drop]  # noqa: SIM118 (an sqlite3.Row)
             writer.writerow(names)
             for r in rows:
                 writer.writerow(["" if r[k] is None else r[k] for k in names])
@@ -447,23 +449,26 @@ def write_rows_csv(path: Path, rows: list[Any]) -> Path:
 
 def write_protocol_report(
     store: ResultsStore, info: dict[str, Any], out: Path, title: str,
-    body: Callable[[dict[str, Any], dict[str, Any], list[Any], bool], list[str]],
+    body: Callable[[dict[str, Any], dict[str, Any], list[Any], bool], list[str]], *, all_tasks: bool = False,
 ) -> dict[str, Path]:
     """``report.html``, ``summary.json`` and ``samples.csv`` of a run whose protocol keeps its rows in
-    the task ``main`` (certified, verified, detection, segmentation): the summary from the store for
-    an unfinished run, ``body(run, summary, rows, partial)`` the page's own sections, then the checks,
-    model notes and environment every page shows. ``title``: e.g. "robustlab certification"."""
+    the task ``main`` (certified, verified, detection, segmentation), or with ``all_tasks`` in every
+    task of the run in order (structured: one task per threat model; the CSV then has a task column):
+    the summary from the store for an unfinished run, ``body(run, summary, rows, partial)`` the page's
+    own sections, then the checks, model notes and environment every page shows. ``title``: e.g.
+    "robustlab certification"."""
     run_id = info["run_id"]
     protocol = protocol_class(info["protocol"])
     partial = info.get("summary") is None
     summary = protocol.summarize(store, info) if partial else info["summary"]
     checks = info.get("checks") or []
-    rows = store.sample_rows(protocol.sample_table, run_id, "main")
+    tasks = [t["task"] for t in info["tasks"]] if all_tasks else ["main"]
+    rows = [r for task in tasks for r in store.sample_rows(protocol.sample_table, run_id, task)]
     sections = [*body(info, summary, rows, partial), _checks(checks, partial), _model_notes(info), _environment(info)]
     html_path = out / "report.html"
     html_path.write_text(wrap_page(f"{title}: {info['model']} ({run_id})", sections, store), encoding="utf-8")
     return {"html": html_path, "summary": write_summary_json(out / "summary.json", info, summary, checks, partial),
-            "samples": write_rows_csv(out / "samples.csv", rows)}
+            "samples": write_rows_csv(out / "samples.csv", rows, with_task=all_tasks)}
 
 
 def wrap_page(title: str, body: list[str], store: ResultsStore) -> str:
@@ -486,7 +491,7 @@ def wrap_page(title: str, body: list[str], store: ResultsStore) -> str:
 # protocol -> the module whose ``write_<module>_report(store, info, out)`` writes its page (the
 # adversarial page is write_report's own); imported when a run of that protocol is reported
 PAGES = {"certified": "certified", "corruption": "corruption", "detection": "detection",
-         "segmentation": "segmentation", "verified": "verified", "zero-shot": "zero_shot"}
+         "segmentation": "segmentation", "structured": "structured", "verified": "verified", "zero-shot": "zero_shot"}
 
 
 def _protocol_page(protocol: str) -> Callable[[ResultsStore, dict[str, Any], Path], dict[str, Path]]:
