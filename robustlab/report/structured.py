@@ -120,8 +120,8 @@ def _body(store: Any, run: dict[str, Any], s: dict[str, Any], partial: bool) -> 
                  ("Claims rejected by verification", t.get("rejected", 0)), ("Seconds", page._seconds(t.get("seconds")))]
         if t.get("median_fooling"):
             m = t["median_fooling"]
-            items.append(("Median transformation that fooled", f"|angle| {m['angle']:.3g}°, |dx| {m['dx']:.3g} px, "
-                                                               f"|dy| {m['dy']:.3g} px"))
+            text = f"|angle| {m['angle']:.3g}°, |dx| {m['dx']:.3g} px, |dy| {m['dy']:.3g} px"
+            items.append(("Median transformation that fooled", text))
         if t.get("draws"):
             items.append(("Random positions per image", t["draws"]))
         if t.get("fit"):
