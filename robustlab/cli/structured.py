@@ -19,52 +19,63 @@ from robustlab.cli.common import (
     _say,
     add_model_data_options,
     add_store_options,
-    load_data,
     load_model_on,
     print_run,
 )
+from robustlab.cli.inputs import check_data_spec, load_data_for_model
 from robustlab.errors import RobustlabError
 
 
 def cmd_structured(args: argparse.Namespace) -> int:
-    from robustlab.data import load_dataset
+    from robustlab.data.image_folder import data_fingerprint
     from robustlab.eval.protocols.structured import StructuredProtocol, parse_threat
     from robustlab.eval.runner import run
     from robustlab.eval.store import ResultsStore
-    from robustlab.report.structured import format_structured
 
     threats = [parse_threat(spec) for spec in args.threat]  # bad specs fail before anything is loaded
     if args.fit_n < 1:
         raise RobustlabError(f"--fit-n must be >= 1 (universal perturbations and patches are fitted on that many "
                              f"training images), got {args.fit_n}")
-    data = load_data(args)
+    if args.samples is not None and args.samples < 1:
+        raise RobustlabError(f"the number of images must be >= 1, got {args.samples}")
+    check_data_spec(args.data)
+    device = _device(args.device)
+    loaded = load_model_on(args.model, device)
+    data = load_data_for_model(args.data, args.split, args.data_root, loaded.card)
+    if args.samples:
+        if args.samples > len(data):
+            _say(f"robustlab: note: {args.samples} images asked for, but {data.name}:{data.split} has {len(data)}; "
+                 f"using all {len(data)}")
+        data = data.subset(args.samples)
     fit, source = None, ""
     fitting = [t.name for t in threats if t.fits]
     if fitting:
         try:
-            train = load_dataset(args.data, "train", root=args.data_root)
+            train = load_data_for_model(args.data, "train", args.data_root, loaded.card)
         except RobustlabError as exc:
             raise RobustlabError(f"{fitting[0]} is fitted on training images, but {args.data} has no train split to "
                                  f"read them from ({exc})") from None
-        if len(train) == 0:
-            raise RobustlabError(f"{fitting[0]} is fitted on training images, but {data.name}:train is empty")
         k = min(args.fit_n, len(train))
         if k < args.fit_n:
-            _say(f"robustlab: note: --fit-n {args.fit_n} asked for, but {data.name}:train has {len(train)} images; "
+            _say(f"robustlab: note: --fit-n {args.fit_n} asked for, but {train.name}:train has {len(train)} images; "
                  f"fitting on all {k}")
-        fit, source = train.batch(range(k)), f"{data.name}:train[0:{k}]"
+        fit, source = train.batch(range(k)), f"{train.name}:train[0:{k}]"
     protocol = StructuredProtocol(threats, tuple(data.image_shape), fit, source)  # image-size checks
-    device = _device(args.device)
-    loaded = load_model_on(args.model, device)
     info = {"source": loaded.source, "spec": args.model, "card": loaded.card.to_dict() if loaded.card else None}
+    extra = {"classes": list(data.classes)}
+    fingerprint = data_fingerprint(data)
+    if fingerprint is not None:  # an image folder: which files, so runs on other folders are not compared
+        extra["data_fingerprint"] = fingerprint
     store = ResultsStore(args.db, readonly=False)
     try:
         result = run(loaded.model.eval(), data, protocol, store, seed=args.seed, batch_size=args.batch_size,
-                     examples=0, extra={"classes": list(data.classes)}, model_name=args.model, model_info=info,
-                     resume=args.resume, device=device, log=_say)
+                     examples=0, extra=extra, model_name=args.model, model_info=info, resume=args.resume,
+                     device=device, log=_say)
     finally:
         store.discard_if_unused()
         store.close()
+    from robustlab.report.structured import format_structured
+
     s = result.summary
     fields = {"model": args.model, "dataset": data.name, "split": data.split,
               **{k: s.get(k) for k in ("n", "clean_accuracy", "robust_accuracy", "threats", "fit", "seconds")},
