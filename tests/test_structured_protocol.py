@@ -24,7 +24,11 @@ from robustlab.eval.protocols.structured import (
 )
 from robustlab.eval.runner import run
 from robustlab.eval.store import ResultsStore
-from robustlab.eval.structured import evaluate_patch, evaluate_spatial, evaluate_universal
+from robustlab.eval.structured import (
+    evaluate_patch,
+    evaluate_spatial,
+    evaluate_universal,
+)
 from robustlab.models import load_model
 from robustlab.report.leaderboard import leaderboard
 
@@ -173,7 +177,7 @@ def test_killed_run_resumes_to_identical_rows_without_refitting(model, data, tmp
     assert resumed.resumed and fits["n"] == 0  # both fits were kept with the run before the crash
     assert sum("using the" in line for line in logs) == 2
     assert got == want
-    strip = lambda s: {k: {kk: vv for kk, vv in v.items() if kk not in ("seconds", "fit")}  # noqa: E731
+    strip = lambda s: {k: {kk: vv for kk, vv in v.items() if kk not in ("seconds", "fit")}
                        for k, v in s["threats"].items()}
     assert strip(resumed.summary) == strip(full.summary)
 
@@ -194,7 +198,7 @@ def test_numbers_equal_the_library_evaluation_on_the_same_seed(model, data, tmp_
                                generator=fit_generator(seed, specs[2].name),
                                eval_generator=batch_generator(seed, specs[2].name, 0))
     s = result.summary["threats"]
-    same = lambda a, b: a == pytest.approx(b, abs=1e-7)  # noqa: E731 (the library's means are float32)
+    same = lambda a, b: a == pytest.approx(b, abs=1e-7)  # the library means are float32
     assert same(s[specs[0].name]["robust_accuracy"], lib_spatial.robust_accuracy["worst case"])
     assert same(s[specs[1].name]["robust_accuracy"], lib_universal.robust_accuracy["universal"])
     assert same(s[specs[1].name]["fooling_rate"], lib_universal.extras["fooling_rate"])
