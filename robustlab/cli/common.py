@@ -152,13 +152,15 @@ def _threat(norm: str, eps: float):
 
 # ---------------------------------------------------------------------- options several commands share
 
-def add_model_data_options(p: argparse.ArgumentParser, samples_flag: str = "--n") -> None:
-    """--model, --data, --split, --data-root, the sample count (``samples_flag``), --device, --seed."""
+def add_model_data_options(p: argparse.ArgumentParser, samples_flag: str | tuple[str, ...] = "--n") -> None:
+    """--model, --data, --split, --data-root, the sample count (``samples_flag``, or several names of
+    it), --device, --seed."""
     p.add_argument("--model", required=True, help="registry name, checkpoint path, or file.py:function / module:function")
     p.add_argument("--data", required=True, help="data set name (digits, mnist, cifar10, ...) or folder")
     p.add_argument("--split", default="test", help="data split (default test)")
     p.add_argument("--data-root", help="folder with the data set files (default: $ROBUSTLAB_DATA or ./data)")
-    p.add_argument(samples_flag, dest="samples", type=int, help="use the first N images of the split, in order")
+    flags = (samples_flag,) if isinstance(samples_flag, str) else samples_flag
+    p.add_argument(*flags, dest="samples", type=int, help="use the first N images of the split, in order")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw of the run (default 0)")
 

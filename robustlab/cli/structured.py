@@ -27,6 +27,7 @@ from robustlab.errors import RobustlabError
 
 
 def cmd_structured(args: argparse.Namespace) -> int:
+    from robustlab import distributed
     from robustlab.data.image_folder import data_fingerprint
     from robustlab.eval.protocols.structured import StructuredProtocol, parse_threat
     from robustlab.eval.runner import run
@@ -66,14 +67,18 @@ def cmd_structured(args: argparse.Namespace) -> int:
     fingerprint = data_fingerprint(data)
     if fingerprint is not None:  # an image folder: which files, so runs on other folders are not compared
         extra["data_fingerprint"] = fingerprint
-    store = ResultsStore(args.db, readonly=False)
+    # Under torchrun: every rank evaluates its share of the batches; rank 0 fits, owns the store and prints.
+    distributed.init_from_env()
+    store = ResultsStore(args.db, readonly=False) if distributed.is_main() else None
     try:
         result = run(loaded.model.eval(), data, protocol, store, seed=args.seed, batch_size=args.batch_size,
                      examples=0, extra=extra, model_name=args.model, model_info=info, resume=args.resume,
                      device=device, log=_say)
     finally:
-        store.discard_if_unused()
-        store.close()
+        if store is not None:
+            store.discard_if_unused()  # a run that failed before it began leaves no empty store behind
+    if not distributed.is_main():
+        return 0
     from robustlab.report.structured import format_structured
 
     s = result.summary
@@ -89,7 +94,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("structured", help="evaluate under spatial transformations, a universal perturbation or an "
                        "adversarial patch, each as its own threat model")
-    add_model_data_options(p)
+    add_model_data_options(p, ("--n", "--num-examples"))  # torchrun's parser takes --n for its --nnodes
     p.add_argument("--threat", action="append", required=True, metavar="KIND[:key=value,...]",
                    help="a threat model, one task of the run each (repeat for several): " + threat_help().replace(
                        "%", "%%") + ". spatial: rotations up to angle degrees and shifts up to shift pixels, worst "

@@ -334,7 +334,7 @@ def _prepare(model: nn.Module, protocol: Protocol, store: ResultsStore | None, r
         distributed.broadcast(files.seen)
     else:
         seen = distributed.broadcast(None)
-        protocol.prepare(model, RunFiles(seen.get), seed, device, log)
+        protocol.prepare(model, RunFiles(seen.get), seed, device, lambda msg: None)
 
 
 def _batch(data: Dataset, start: int, stop: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
