@@ -30,6 +30,7 @@ from robustlab.eval.structured import (
     evaluate_universal,
 )
 from robustlab.models import load_model
+from robustlab.report.html import write_report
 from robustlab.report.leaderboard import leaderboard
 
 SPATIAL = "spatial:angle=20,shift=1,angles=9,shifts=3,steps=5"
@@ -160,6 +161,11 @@ def test_killed_run_resumes_to_identical_rows_without_refitting(model, data, tmp
     db = tmp_path / "resumed.db"
     with ResultsStore(db) as store, pytest.raises(Crash):
         run(model, test, crashing, store, batch_size=16, seed=3)
+    with ResultsStore(db) as store:  # the interrupted run's report: partial numbers, said so
+        (killed,) = store.list_runs()
+        paths = write_report(store, killed["run_id"], tmp_path / "partial")
+    assert "INCOMPLETE RUN" in paths["html"].read_text()
+    assert len(paths["samples"].read_text().splitlines()) == 1 + 48 + 16  # spatial done, one universal batch
 
     fits = {"n": 0}
     for cls in (UniversalSGD, AdversarialPatch):
@@ -171,10 +177,20 @@ def test_killed_run_resumes_to_identical_rows_without_refitting(model, data, tmp
 
         monkeypatch.setattr(cls, "fit", counted)
     logs = []
+    again = _protocol(train)
+    batches = {"n": 0}
+    original_again = again.run_batch
+
+    def counting(*args, **kwargs):
+        batches["n"] += 1
+        return original_again(*args, **kwargs)
+
+    again.run_batch = counting
     with ResultsStore(db) as store:
-        resumed = run(model, test, _protocol(train), store, batch_size=16, seed=3, resume=True, log=logs.append)
+        resumed = run(model, test, again, store, batch_size=16, seed=3, resume=True, log=logs.append)
         got = {t: _rows(store, resumed.run_id, t) for t in resumed.summary["threats"]}
     assert resumed.resumed and fits["n"] == 0  # both fits were kept with the run before the crash
+    assert batches["n"] == 9 - 4  # 3 threat models x 3 batches, 4 finished before the crash are not redone
     assert sum("using the" in line for line in logs) == 2
     assert got == want
     strip = lambda s: {k: {kk: vv for kk, vv in v.items() if kk not in ("seconds", "fit")}
