@@ -65,3 +65,30 @@ def test_two_process_training_matches_one_process(tmp_path):
     for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-3, rtol=1e-3), k
     assert abs(c1.clean_accuracy - c2.clean_accuracy) <= 0.01
+
+
+@pytest.mark.slow
+def test_two_process_structured_run_equals_one_process(tmp_path, digits_model, capsys):
+    """``robustlab structured`` under torchrun: rank 0 fits and keeps the universal perturbation and the
+    patch, every rank evaluates its batches with them, and the store holds what one process writes."""
+    ckpt = save_checkpoint(digits_model, tmp_path / "m.safetensors", ModelCard.for_architecture("digits_cnn"))
+    args = ["structured", "--model", str(ckpt), "--data", "digits", "--num-examples", "96", "--fit-n", "200",
+            "--batch-size", "16", "--device", "cpu", "--json", "--threat", "spatial:angle=20,shift=1,angles=9,shifts=3",
+            "--threat", "universal:norm=linf,eps=0.15,epochs=3", "--threat", "patch:size=3,epochs=3,draws=3"]
+    assert main([*args, "--db", str(tmp_path / "one.db")]) == 0
+    one = json.loads(capsys.readouterr().out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ROBUSTLAB_BACKEND": "gloo"}
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+         "-m", "robustlab", *args, "--db", str(tmp_path / "two.db")],
+        check=False, capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout)["robust_accuracy"] == one["robust_accuracy"]
+    rows = "SELECT * FROM structured_samples ORDER BY task, sample_index"
+    a = [r[1:-1] for r in sqlite3.connect(tmp_path / "one.db").execute(rows)]  # no run id, no seconds
+    b = [r[1:-1] for r in sqlite3.connect(tmp_path / "two.db").execute(rows)]
+    assert len(a) == 3 * 96 and a == b
+    fits = "SELECT name, data FROM run_files WHERE name NOT LIKE '%:record' ORDER BY name"  # records hold seconds
+    a = sqlite3.connect(tmp_path / "one.db").execute(fits).fetchall()
+    assert len(a) == 2 and a == sqlite3.connect(tmp_path / "two.db").execute(fits).fetchall()

@@ -287,36 +287,3 @@ def test_leaderboard_strength_of_each_threat_model():
     weak = StructuredProtocol.leaderboard_strength(view("patch:size=4,epochs=3,stride=4,draws=2", 100))
     assert len(weak) == 4
 
-
-@pytest.mark.slow
-def test_two_process_run_equals_one_process(checkpoint, tmp_path, capsys):
-    """Under torchrun rank 0 fits and keeps the perturbation and the patch; every rank evaluates its
-    share of the batches with them, and the store holds exactly what one process writes."""
-    import os
-    import sqlite3
-    import subprocess
-    import sys
-
-    args = ["structured", "--model", str(checkpoint), "--data", "digits", "--num-examples", "96", "--fit-n",
-            str(FIT_N), "--batch-size", "16", "--device", "cpu", "--json"]
-    for t in THREATS:
-        args += ["--threat", t]
-    assert main([*args, "--db", str(tmp_path / "one.db")]) == 0
-    one = json.loads(capsys.readouterr().out)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ROBUSTLAB_BACKEND": "gloo"}
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29533", "-m", "robustlab", *args, "--db", str(tmp_path / "two.db")],
-                         check=False, capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    two = json.loads(res.stdout)
-    assert two["robust_accuracy"] == one["robust_accuracy"]
-    query = "SELECT * FROM {} ORDER BY 1, 2, 3"
-    for table in ("structured_samples", "run_files"):
-        a = sqlite3.connect(tmp_path / "one.db").execute(query.format(table)).fetchall()
-        b = sqlite3.connect(tmp_path / "two.db").execute(query.format(table)).fetchall()
-        if table == "structured_samples":
-            strip = lambda r: r[1:-1]
-        else:  # the fitted perturbation and patch, byte for byte (the fit records hold seconds)
-            strip = lambda r: r[1:2] if r[1].endswith(":record") else r[1:3]
-        assert len(a) == 3 * 96 if table == "structured_samples" else len(a) == 4
-        assert [strip(r) for r in a] == [strip(r) for r in b]
