@@ -51,7 +51,6 @@ def library(model, specs, x, y, fx, fy):
     weights zeroed: the same float rounding, so a signed-gradient fit takes the same steps)."""
     from robustlab.models.runtime import fast_runtime
 
-    s, u, p = specs
     with fast_runtime(model, x):
         return _library(model, specs, x, y, fx, fy)
 
