@@ -131,6 +131,12 @@ def test_cli_end_to_end_store_report_and_leaderboard(checkpoint, tmp_path, capsy
     assert by_title["digits · universal linf eps=0.15"].rows[0].robust_accuracy == universal["robust_accuracy"]
     assert by_title["digits · patch 3x3px"].columns[:2] == ("robust_accuracy", "random_position_accuracy")
 
+    # the leaderboard site: one RobustBench-style record per threat model
+    assert main(["leaderboard", "--db", str(db), "--site", str(tmp_path / "site"), "--no-reports"]) == 0
+    records = sorted(p.parent.name for p in (tmp_path / "site" / "json" / "digits" / "test").glob("*/*.json"))
+    assert records == ["patch-3", "spatial-20-1", "universal-linf-0.15"]
+    capsys.readouterr()
+
     # --resume of the finished run gives it back
     assert _cli(checkpoint, db, "--json", "--resume") == 0
     again = json.loads(capsys.readouterr().out)

@@ -99,7 +99,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="a threat model, one task of the run each (repeat for several): " + threat_help().replace(
                        "%", "%%") + ". spatial: rotations up to angle degrees and shifts up to shift pixels, worst "
                    "case over a grid of angles x shifts x shifts and first-order ascent (steps, restarts); "
-                   "universal: one perturbation of norm <= eps for every image (uap: epochs, batch_size, alpha); "
+                   "universal: one perturbation of norm <= eps for every image (uap: epochs, batch_size, alpha: "
+                   "its step, auto eps/10); "
                    "patch: a size x size patch anywhere (epochs, batch_size, lr of its fit; worst position on a "
                    "grid of stride; draws random positions per image)")
     p.add_argument("--fit-n", type=int, default=1000,

@@ -84,7 +84,8 @@ def threat_help() -> str:
     """Every kind with its parameters and defaults, for the command's help."""
     parts = []
     for kind, (threat, attack) in PARAMETERS.items():
-        keys = [f"{k}={'REQUIRED' if v is None else v}" for k, v in {**threat, **attack}.items()]
+        keys = [f"{k}={'REQUIRED' if v is None else v}" for k, v in threat.items()]
+        keys += [f"{k}={'auto' if v is None else v}" for k, v in attack.items()]
         parts.append(f"{kind}:{','.join(keys)}")
     return "; ".join(parts)
 
