@@ -293,3 +293,24 @@ def test_leaderboard_strength_of_each_threat_model():
     weak = StructuredProtocol.leaderboard_strength(view("patch:size=4,epochs=3,stride=4,draws=2", 100))
     assert len(weak) == 4
 
+
+
+def test_full_strength_runs_rank_only_within_their_threat_model(checkpoint, tmp_path, capsys):
+    from helpers import save_tiny_net
+
+    _, tiny = save_tiny_net(tmp_path / "tiny")
+    db = tmp_path / "rank.db"
+    base = ["structured", "--data", "digits", "--n", "40", "--device", "cpu", "--db", str(db), "--json"]
+    universal = ["--threat", "universal:norm=linf,eps=0.2", "--fit-n", "1000"]  # the defaults: full strength
+    assert main([*base, "--model", str(checkpoint), *universal]) == 0
+    assert main([*base, "--model", str(tiny), *universal]) == 0
+    assert main([*base, "--model", str(checkpoint), "--threat", "spatial:angle=30,shift=3,attacks=grid"]) == 0
+    capsys.readouterr()
+    with ResultsStore(db, readonly=True) as store:
+        groups = {g.title: g for g in leaderboard(store)}
+    assert sorted(groups) == ["digits · spatial angle<=30deg shift<=3px", "digits · universal linf eps=0.2"]
+    ranked = groups["digits · universal linf eps=0.2"].rows
+    assert [r.rank for r in ranked] == [1, 2] and ranked[0].robust_accuracy >= ranked[1].robust_accuracy
+    assert {r.entry.name for r in ranked} == {str(checkpoint), str(tiny)}
+    (alone,) = groups["digits · spatial angle<=30deg shift<=3px"].rows
+    assert alone.rank == 1 and alone.entry.name == str(checkpoint)
