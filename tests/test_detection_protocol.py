@@ -168,6 +168,35 @@ def test_detector_aware_attack_evades_a_detector_plain_pgd_trips(digits_model, d
     assert fooled(new.x_adv) >= fooled(old)
 
 
+def test_consistent_views_round_only_adds_and_a_fooling_start_is_kept(digits_model, digits_test):
+    """Given the detector's views (feature squeezing's squeezed copies), a consistent round first pushes
+    the input and every view to one wrong class; the rounds after it start where it started, so every
+    point fooled without it is fooled with it. A start (``init``) that already fools classifier and
+    detector is returned as it is, without a gradient."""
+    model, det = digits_model, build_detector("squeeze:bits=1,median=2")
+    x, y = digits_test.x[:100], digits_test.y[:100]
+    with torch.no_grad():
+        keep = model(x).argmax(1) == y
+    x, y = x[keep], y[keep]
+    clean = det.score(model, digits_test.x[200:400]).detach()
+    tau, scale = threshold_at(clean, 0.05), float(clean.std())
+    threat, options = ThreatModel("linf", 0.1), DetectorAwareOptions(steps=25, rounds=2)
+
+    def attack(views=None, init=None, xs=x, ys=y):
+        return detector_aware_attack(model, lambda z: det.score(model, z), xs, ys, threat, tau, scale, options,
+                                     torch.Generator().manual_seed(0), views=views, init=init)
+
+    plain, viewed = attack(), attack(views=det.views)
+    assert plain.success.sum() >= 10 and not (plain.success & ~viewed.success).any()
+    with torch.no_grad():  # success is the exact check: misclassified and not flagged
+        assert torch.equal(viewed.success, (model(viewed.x_adv).argmax(1) != y) & (det.score(model, viewed.x_adv) <= tau))
+    hit = viewed.success
+    again = attack(init=viewed.x_adv[hit], xs=x[hit], ys=y[hit])
+    assert again.success.all() and (again.gradients == 0).all() and torch.equal(again.x_adv, viewed.x_adv[hit])
+    old = {"adaptive": {"name": "detector-aware", "params": {"steps": 100, "rounds": 4}}}  # stored before the round
+    assert DetectionProtocol.normalize_config(old)["adaptive"]["params"]["views_first"] is False
+
+
 @pytest.mark.parametrize("spec, message", [
     ("squeez", "unknown detector 'squeez'"),
     ("squeeze:bits=9", "bits must be in 0..8"),

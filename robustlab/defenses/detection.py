@@ -47,6 +47,7 @@ class Detector(Configurable):
     component: ClassVar[str] = "detector"
     trained: ClassVar[bool] = False  # fit() must run before score()
     needs_adversarial: ClassVar[bool] = False  # fit() takes adversarial examples of its training images
+    compares_views: ClassVar[bool] = False  # score() compares the model's outputs on views(x) with its output on x
 
     @property
     def fitted(self) -> bool:
@@ -62,6 +63,12 @@ class Detector(Configurable):
     def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Differentiable in ``x`` where the detector allows (the adaptive attack uses it)."""
         raise NotImplementedError
+
+    def views(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """For detectors that compare the model's outputs on transformed copies of the input
+        (``compares_views``): those copies, differentiable (BPDA where the transform is not), so the
+        adaptive attack can make the model agree on all of them. Empty for the others."""
+        return []
 
     def fitted_state(self) -> dict[str, torch.Tensor]:
         """What ``fit`` learned, as named contiguous CPU tensors of their own (safetensors writes them;
@@ -100,6 +107,7 @@ class FeatureSqueezing(Detector):
 
     name = "squeeze"
     defaults = {"bits": 1, "median": 2}
+    compares_views = True
 
     def validate(self) -> None:
         if not (0 <= self.params["bits"] <= 8 and (self.params["median"] == 0 or 2 <= self.params["median"] <= 5)):
@@ -116,9 +124,12 @@ class FeatureSqueezing(Detector):
             out.append(lambda t, k=self.params["median"]: median_filter(t, k))
         return out
 
+    def views(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [s(x) for s in self.squeezers()]
+
     def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         p = F.softmax(model(x), dim=1)
-        gaps = [(p - F.softmax(model(s(x)), dim=1)).abs().sum(dim=1) for s in self.squeezers()]
+        gaps = [(p - F.softmax(model(v), dim=1)).abs().sum(dim=1) for v in self.views(x)]
         return torch.stack(gaps).max(dim=0).values
 
 

@@ -184,6 +184,14 @@ class DetectionProtocol(Protocol):
                 "threshold": self.calibration.threshold, "pgd": self.pgd.config(),
                 "adaptive": a.config() if a is not None else None}
 
+    @classmethod
+    def normalize_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """Runs stored before the consistent-views round existed ran without it."""
+        adaptive = config.get("adaptive")
+        if adaptive and "views_first" not in (adaptive.get("params") or {}):
+            config = {**config, "adaptive": {**adaptive, "params": {**adaptive["params"], "views_first": False}}}
+        return config
+
     def attack_records(self) -> list[dict[str, Any]]:
         out = [{**self.pgd.config(), "targeted": False, "minimum_norm": False}]
         if self.options.adaptive is not None:
@@ -234,9 +242,10 @@ class DetectionProtocol(Protocol):
                               "forwards": int(res.forwards.sum())})
                 if self.options.adaptive is not None:
                     t1 = time.perf_counter()
+                    views = self.detector.views if self.detector.compares_views else None
                     adv = detector_aware_attack(model, lambda z: self.detector.score(model, z), xs, ys, self.threat,
                                                 tau, self.calibration.scale, self.options.adaptive,
-                                                ctx.generator(_ADAPTIVE_KEY), ctx.status)
+                                                ctx.generator(_ADAPTIVE_KEY), ctx.status, views)
                     judged = self._judge(model, xs, adv.x_adv, ys)
                     ada_cols = self._scatter(judged, idx, b)
                     robust[idx[judged[3]]] = False
