@@ -62,8 +62,9 @@ def run(dataset: str, n: int, only: list[str] | None, adaptive: DetectorAwareOpt
     threat = ThreatModel("linf", eps)
     lines = [f"## {dataset}: {key}, Linf {eps:.4g}; {n} evaluated test images; detectors fitted on train[0:{FIT_N}], "
              f"threshold at 5% FPR on train[{FIT_N}:{FIT_N + CAL_N}] (clean)", "",
-             f"Plain attack PGD-40 (CE); adaptive: detector-aware, {adaptive.steps} steps x {adaptive.rounds} rounds "
-             "(a selective round, then the weighted search); old adaptive: detector_aware_pgd, 100 steps, weight 2.", "",
+             (f"Plain attack PGD-40 (CE); adaptive: detector-aware, {adaptive.steps} steps x {adaptive.rounds} rounds "
+              "(a selective round, then the weighted search; for squeeze a consistent-views round of as many steps "
+              "first); old adaptive: detector_aware_pgd, 100 steps, weight 2."), "",
              "| detector | clean acc. | AUC (PGD) | detected (PGD) | fooled: PGD / old adaptive / new adaptive | "
              "detected (new adaptive) | robust acc.: classifier alone / + detector vs PGD / + detector, worst case | "
              "fit s (wall) | attack CPU s |",

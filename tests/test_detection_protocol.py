@@ -168,6 +168,35 @@ def test_detector_aware_attack_evades_a_detector_plain_pgd_trips(digits_model, d
     assert fooled(new.x_adv) >= fooled(old)
 
 
+def test_consistent_views_round_only_adds_and_a_fooling_start_is_kept(digits_model, digits_test):
+    """Given the detector's views (feature squeezing's squeezed copies), a consistent round first pushes
+    the input and every view to one wrong class; the rounds after it start where it started, so every
+    point fooled without it is fooled with it. A start (``init``) that already fools classifier and
+    detector is returned as it is, without a gradient."""
+    model, det = digits_model, build_detector("squeeze:bits=1,median=2")
+    x, y = digits_test.x[:100], digits_test.y[:100]
+    with torch.no_grad():
+        keep = model(x).argmax(1) == y
+    x, y = x[keep], y[keep]
+    clean = det.score(model, digits_test.x[200:400]).detach()
+    tau, scale = threshold_at(clean, 0.05), float(clean.std())
+    threat, options = ThreatModel("linf", 0.1), DetectorAwareOptions(steps=25, rounds=2)
+
+    def attack(views=None, init=None, xs=x, ys=y):
+        return detector_aware_attack(model, lambda z: det.score(model, z), xs, ys, threat, tau, scale, options,
+                                     torch.Generator().manual_seed(0), views=views, init=init)
+
+    plain, viewed = attack(), attack(views=det.views)
+    assert plain.success.sum() >= 10 and not (plain.success & ~viewed.success).any()
+    with torch.no_grad():  # success is the exact check: misclassified and not flagged
+        assert torch.equal(viewed.success, (model(viewed.x_adv).argmax(1) != y) & (det.score(model, viewed.x_adv) <= tau))
+    hit = viewed.success
+    again = attack(init=viewed.x_adv[hit], xs=x[hit], ys=y[hit])
+    assert again.success.all() and (again.gradients == 0).all() and torch.equal(again.x_adv, viewed.x_adv[hit])
+    old = {"adaptive": {"name": "detector-aware", "params": {"steps": 100, "rounds": 4}}}  # stored before the round
+    assert DetectionProtocol.normalize_config(old)["adaptive"]["params"]["views_first"] is False
+
+
 @pytest.mark.parametrize("spec, message", [
     ("squeez", "unknown detector 'squeez'"),
     ("squeeze:bits=9", "bits must be in 0..8"),
@@ -194,21 +223,77 @@ def test_unfitted_detector_and_bad_fpr_are_refused(digits_model, tmp_path, capsy
     assert code == 2 and err == ["robustlab: error: --fpr must be in (0, 1) (a false-positive rate), got 1.5"]
 
 
-def test_cli_refits_the_detector_identically_so_resume_finds_the_run(tmp_path, capsys):
-    """`robustlab detect --resume` refits the detector (seeded) and fixes the same threshold, so the
-    configuration hash matches and a finished run is found again rather than started anew."""
+def _checkpoint(tmp_path):
     from robustlab.models import ModelCard, create_model, save_checkpoint
 
     torch.manual_seed(0)
-    save_checkpoint(create_model("digits_cnn", num_classes=10), tmp_path / "m.safetensors",
-                    ModelCard.for_architecture("digits_cnn", num_classes=10))
-    args = ["detect", "--model", str(tmp_path / "m.safetensors"), "--data", "digits", "--n", "16", "--detector",
-            "lid:reference=100", "--norm", "linf", "--eps", "0.1", "--fit-n", "300", "--calibration-n", "100",
-            "--adaptive-steps", "5", "--adaptive-rounds", "1", "--db", str(tmp_path / "d.db"), "--resume", "--json"]
-    assert main(args) == 0
-    first = json.loads(capsys.readouterr().out)
-    assert main(args) == 0
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(create_model("digits_cnn", num_classes=10), path, ModelCard.for_architecture("digits_cnn", num_classes=10))
+    return str(path)
+
+
+def test_resumed_cli_run_loads_the_fitted_detector_and_gives_identical_rows(tmp_path, capsys, monkeypatch):
+    """The detector is fitted once per run: a killed `robustlab detect` resumed with --resume loads the
+    fitted state from the store (no second fit, not even for a finished run), finds its run by the same
+    threshold, and ends with the rows of an uninterrupted run."""
+    from robustlab.defenses.detection import LID
+
+    fits = {"n": 0}
+    original_fit = LID.fit
+
+    def counting_fit(self, *args, **kwargs):
+        fits["n"] += 1
+        return original_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(LID, "fit", counting_fit)
+    model = _checkpoint(tmp_path)
+
+    def args(db):
+        return ["detect", "--model", model, "--data", "digits", "--n", "48", "--batch-size", "16",
+                "--detector", "lid:reference=100", "--norm", "linf", "--eps", "0.1", "--fit-n", "300",
+                "--calibration-n", "100", "--pgd-steps", "5", "--adaptive-steps", "5", "--adaptive-rounds", "1",
+                "--db", str(tmp_path / db), "--resume", "--json"]
+
+    assert main(args("full.db")) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert fits["n"] == 1
+    original_batch = DetectionProtocol.run_batch
+    calls = {"n": 0}
+
+    def crashing(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return original_batch(self, *a, **k)
+
+    monkeypatch.setattr(DetectionProtocol, "run_batch", crashing)
+    assert main(args("resumed.db")) != 0
+    monkeypatch.setattr(DetectionProtocol, "run_batch", original_batch)
+    assert fits["n"] == 2 and calls["n"] == 2  # a new run fits; killed in its second batch
+    capsys.readouterr()
+    assert main(args("resumed.db")) == 0
     captured = capsys.readouterr()
-    again = json.loads(captured.out)
-    assert "already complete" in captured.err and again["run_id"] == first["run_id"] and again["resumed"]
-    assert again["threshold"] == first["threshold"] and again["robust_accuracy"] == first["robust_accuracy"]
+    resumed = json.loads(captured.out)
+    assert fits["n"] == 2 and "loaded the state fitted on these 300 training images" in captured.err
+    assert resumed["resumed"] and resumed["threshold"] == full["threshold"]
+    with ResultsStore(tmp_path / "full.db") as a, ResultsStore(tmp_path / "resumed.db") as b:
+        assert _rows(b, resumed["run_id"]) == _rows(a, full["run_id"])
+        assert len(_rows(b, resumed["run_id"])) == 48
+    keys = ("clean_accuracy", "robust_accuracy", "auc", "detection_rate", "adaptive_detection_rate", "threshold")
+    assert {k: resumed[k] for k in keys} == {k: full[k] for k in keys}
+    assert main(args("resumed.db")) == 0  # finished: found again, still without fitting
+    again = json.loads(capsys.readouterr().out)
+    assert fits["n"] == 2 and again["run_id"] == resumed["run_id"]
+
+
+@pytest.mark.parametrize("spec", ["mahalanobis", "magnet:steps=50", "lid:reference=100"])
+def test_fitted_state_restores_the_same_scores(spec, digits_model, digits_train, digits_test):
+    from safetensors.torch import load, save
+
+    model, x, y = digits_model, digits_train.x[:300], digits_train.y[:300]
+    x_adv = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).sign()).clamp(0, 1)
+    fitted = build_detector(spec).fit(model, x, y, x_adv)
+    restored = build_detector(spec).load_fitted_state(load(save(fitted.fitted_state())))
+    assert restored.fitted
+    with torch.no_grad():
+        assert torch.equal(restored.score(model, digits_test.x[:50]), fitted.score(model, digits_test.x[:50]))

@@ -7,9 +7,9 @@ fixes its threshold on other clean images at a false-positive rate, and runs a f
 and it needs options eval has no use for (fit and calibration sizes, the false-positive rate, the
 adaptive attack's budget). One protocol, one command, as ``certify`` and ``corrupt``.
 
-The detector is fitted on the first ``--fit-n`` images of the model's training split (seeded, so a
-``--resume`` refits it identically) and its threshold fixed on the next ``--calibration-n``; neither
-set overlaps the evaluated test images.
+The detector is fitted on the first ``--fit-n`` images of the model's training split (seeded) and its
+threshold fixed on the next ``--calibration-n``; neither set overlaps the evaluated test images. The
+fitted state is kept in the store, so ``--resume`` loads it rather than fitting again.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         DetectionOptions,
         DetectionProtocol,
         calibrate,
-        fit_detector,
+        fit_detector_once,
     )
     from robustlab.eval.runner import run
     from robustlab.eval.store import ResultsStore
@@ -65,14 +65,14 @@ def cmd_detect(args: argparse.Namespace) -> int:
     x_fit, y_fit = train.batch(range(args.fit_n))
     x_cal, _ = train.batch(range(args.fit_n, need))
     model = loaded.model.eval()
-    _say(f"robustlab: fitting detector {args.detector} on {args.fit_n} training images")
-    fit = fit_detector(detector, model, x_fit.to(device), y_fit.to(device), threat, seed=args.seed)
-    fit["source"] = f"{data.name}:train[0:{args.fit_n}]"
-    cal = calibrate(detector, model, x_cal.to(device), args.fpr, f"{data.name}:train[{args.fit_n}:{need}]")
-    protocol = DetectionProtocol(detector, threat, cal, options, fit)
     info = {"source": loaded.source, "spec": args.model, "card": loaded.card.to_dict() if loaded.card else None}
     store = ResultsStore(args.db, readonly=False)
     try:
+        fit, _ = fit_detector_once(detector, model, x_fit.to(device), y_fit.to(device), threat, store,
+                                        seed=args.seed, resume=args.resume, log=lambda m: _say(f"robustlab: {m}"))
+        fit["source"] = f"{data.name}:train[0:{args.fit_n}]"
+        cal = calibrate(detector, model, x_cal.to(device), args.fpr, f"{data.name}:train[{args.fit_n}:{need}]")
+        protocol = DetectionProtocol(detector, threat, cal, options, fit)
         result = run(model, data, protocol, store, seed=args.seed, batch_size=args.batch_size, examples=0,
                      extra={"classes": list(data.classes)}, model_name=args.model, model_info=info,
                      resume=args.resume, device=device, log=_say)

@@ -47,6 +47,7 @@ class Detector(Configurable):
     component: ClassVar[str] = "detector"
     trained: ClassVar[bool] = False  # fit() must run before score()
     needs_adversarial: ClassVar[bool] = False  # fit() takes adversarial examples of its training images
+    compares_views: ClassVar[bool] = False  # score() compares the model's outputs on views(x) with its output on x
 
     @property
     def fitted(self) -> bool:
@@ -62,6 +63,22 @@ class Detector(Configurable):
     def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Differentiable in ``x`` where the detector allows (the adaptive attack uses it)."""
         raise NotImplementedError
+
+    def views(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """For detectors that compare the model's outputs on transformed copies of the input
+        (``compares_views``): those copies, differentiable (BPDA where the transform is not), so the
+        adaptive attack can make the model agree on all of them. Empty for the others."""
+        return []
+
+    def fitted_state(self) -> dict[str, torch.Tensor]:
+        """What ``fit`` learned, as named contiguous CPU tensors of their own (safetensors writes them;
+        empty for detectors that learn nothing), so a fitted detector can be kept and restored
+        (``load_fitted_state``) instead of fitted again."""
+        return {}
+
+    def load_fitted_state(self, state: dict[str, torch.Tensor]) -> "Detector":
+        """Restore what ``fitted_state`` returned (scores then equal those of the detector it came from)."""
+        return self
 
 
 DETECTORS: Registry[type[Detector]] = Registry("detector")
@@ -90,6 +107,7 @@ class FeatureSqueezing(Detector):
 
     name = "squeeze"
     defaults = {"bits": 1, "median": 2}
+    compares_views = True
 
     def validate(self) -> None:
         if not (0 <= self.params["bits"] <= 8 and (self.params["median"] == 0 or 2 <= self.params["median"] <= 5)):
@@ -106,9 +124,12 @@ class FeatureSqueezing(Detector):
             out.append(lambda t, k=self.params["median"]: median_filter(t, k))
         return out
 
+    def views(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [s(x) for s in self.squeezers()]
+
     def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         p = F.softmax(model(x), dim=1)
-        gaps = [(p - F.softmax(model(s(x)), dim=1)).abs().sum(dim=1) for s in self.squeezers()]
+        gaps = [(p - F.softmax(model(v), dim=1)).abs().sum(dim=1) for v in self.views(x)]
         return torch.stack(gaps).max(dim=0).values
 
 
@@ -167,6 +188,13 @@ class Mahalanobis(Detector):
         self.means, self.precision = means.float(), torch.linalg.pinv(cov, hermitian=True).float()
         return self
 
+    def fitted_state(self) -> dict[str, torch.Tensor]:
+        return {"means": self.means.cpu().clone(), "precision": self.precision.cpu().clone()} if self.fitted else {}
+
+    def load_fitted_state(self, state: dict[str, torch.Tensor]) -> "Mahalanobis":
+        self.means, self.precision = state["means"], state["precision"]
+        return self
+
     def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.means is None:
             raise RobustlabError("detector 'mahalanobis' is not fitted: call fit(model, clean images, labels) first")
@@ -197,9 +225,7 @@ class MagNet(Detector):
         p = self.params
         g = torch.Generator().manual_seed(p["seed"])
         torch.manual_seed(p["seed"])
-        c, w = x.shape[1], p["width"]
-        ae = nn.Sequential(nn.Conv2d(c, w, 3, padding=1), nn.Sigmoid(), nn.Conv2d(w, w, 3, padding=1), nn.Sigmoid(),
-                           nn.Conv2d(w, c, 3, padding=1), nn.Sigmoid())
+        ae = self._autoencoder(x.shape[1])
         opt = torch.optim.Adam(ae.parameters(), lr=p["lr"])
         for _ in range(p["steps"]):
             batch = x[torch.randint(len(x), (min(128, len(x)),), generator=g)]
@@ -208,10 +234,29 @@ class MagNet(Detector):
             opt.zero_grad()
             loss.backward()
             opt.step()
+        return self._keep(ae)
+
+    def _autoencoder(self, channels: int) -> nn.Module:
+        w = self.params["width"]
+        return nn.Sequential(nn.Conv2d(channels, w, 3, padding=1), nn.Sigmoid(), nn.Conv2d(w, w, 3, padding=1),
+                             nn.Sigmoid(), nn.Conv2d(w, channels, 3, padding=1), nn.Sigmoid())
+
+    def _keep(self, ae: nn.Module) -> "MagNet":
         self.autoencoder = ae.eval()
         for q in ae.parameters():
             q.requires_grad_(False)
         return self
+
+    def fitted_state(self) -> dict[str, torch.Tensor]:
+        if self.autoencoder is None:
+            return {}
+        return {f"autoencoder.{k}": v.detach().cpu().clone() for k, v in self.autoencoder.state_dict().items()}
+
+    def load_fitted_state(self, state: dict[str, torch.Tensor]) -> "MagNet":
+        weights = {k.removeprefix("autoencoder."): v for k, v in state.items()}
+        ae = self._autoencoder(weights["0.weight"].shape[1])
+        ae.load_state_dict(weights)
+        return self._keep(ae)
 
     def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.autoencoder is None:
@@ -235,13 +280,26 @@ def layer_features(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return got
 
 
-def lid(f: torch.Tensor, reference: torch.Tensor, k: int, exclude_self: bool = False) -> torch.Tensor:
+def distances(f: torch.Tensor, reference: torch.Tensor, reference_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """Euclidean distances from each row of ``f`` to each row of ``reference`` (a constant: no gradient
+    flows to it), as sqrt(|a|^2 + |b|^2 - 2 a.b): one matrix product forward and one backward.
+    ``reference_sq``: the rows' squared norms, if already known. torch.cdist takes the same shortcut
+    for large inputs, but also differentiates the reference and rebuilds padded copies of both sides
+    on every call (twice the cost inside an attack; benchmarks/detection_lid_cost.py)."""
+    ref = reference.detach()
+    sq = (ref * ref).sum(dim=1) if reference_sq is None else reference_sq
+    d2 = (f * f).sum(dim=1, keepdim=True) + sq - 2 * (f @ ref.T)
+    return d2.clamp_min(1e-24).sqrt()
+
+
+def lid(f: torch.Tensor, reference: torch.Tensor, k: int, exclude_self: bool = False,
+        reference_sq: torch.Tensor | None = None) -> torch.Tensor:
     """The maximum-likelihood estimate of local intrinsic dimensionality of each row of ``f`` among
     its ``k`` nearest rows of ``reference``: -1 / mean_i log(r_i / r_k) (Amsaleg et al. 2015).
     ``exclude_self``: ``f`` is ``reference`` (row i of both the same point), so each row's nearest
     neighbour, itself, is skipped; that is Ma et al.'s ``mle_batch``, which scores a batch against
     itself (tested). The detector scores images against a separate reference set (no skipping)."""
-    r = torch.cdist(f, reference).clamp_min(1e-12)
+    r = distances(f, reference, reference_sq)
     near = r.topk(k + int(exclude_self), dim=1, largest=False).values[:, int(exclude_self):]
     return -1.0 / torch.log(near / near[:, -1:]).mean(dim=1).clamp_max(-1e-12)
 
@@ -260,6 +318,7 @@ class LID(Detector):
 
     def validate(self) -> None:
         self.reference: list[torch.Tensor] | None = None
+        self.reference_sq: list[torch.Tensor] | None = None  # their squared norms, computed once
         self.weights: torch.Tensor | None = None
 
     @property
@@ -267,8 +326,16 @@ class LID(Detector):
         return self.weights is not None
 
     def _vector(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """(N, layers): the LID of each image's layer outputs among the reference's."""
         feats = layer_features(model, x)
-        return torch.stack([lid(f, ref.to(f.device), self.params["k"]) for f, ref in zip(feats, self.reference)], dim=1)
+        return torch.stack([lid(f, ref.to(f.device), self.params["k"], reference_sq=sq.to(f.device))
+                            for f, ref, sq in zip(feats, self.reference, self.reference_sq)], dim=1)
+
+    def _vectors(self, model: nn.Module, x: torch.Tensor, batch: int = 250) -> torch.Tensor:
+        """``_vector`` without gradients, in batches (all of one layer's outputs for thousands of
+        images would take gigabytes)."""
+        with torch.no_grad():
+            return torch.cat([self._vector(model, x[i:i + batch]) for i in range(0, len(x), batch)])
 
     def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor | None = None) -> "LID":
         """``x``: clean training images, the first ``reference`` of which (in a random order) become
@@ -285,11 +352,11 @@ class LID(Detector):
         ref_idx, train_idx = order[:p["reference"]], order[p["reference"]:]
         with torch.no_grad():
             self.reference = [f.detach() for f in layer_features(model, x[ref_idx])]
+        self.reference_sq = [(f * f).sum(dim=1) for f in self.reference]
         xt, adv = x[train_idx], x_adv[train_idx]
         noisy = (xt + p["noise"] * torch.randn(xt.shape, generator=g)).clamp(0, 1)
-        with torch.no_grad():
-            neg = torch.cat([self._vector(model, xt), self._vector(model, noisy)])
-            pos = self._vector(model, adv)
+        neg = torch.cat([self._vectors(model, xt), self._vectors(model, noisy)])
+        pos = self._vectors(model, adv)
         feats = torch.cat([neg, pos])
         self.mean, self.std = feats.mean(0), feats.std(0).clamp_min(1e-6)
         z = torch.cat([(feats - self.mean) / self.std, torch.ones(len(feats), 1)], dim=1)
@@ -305,6 +372,21 @@ class LID(Detector):
 
         opt.step(closure)
         self.weights = w.detach()
+        return self
+
+    def fitted_state(self) -> dict[str, torch.Tensor]:
+        if self.weights is None:
+            return {}
+        state = {"mean": self.mean, "std": self.std, "weights": self.weights}
+        for i, (ref, sq) in enumerate(zip(self.reference, self.reference_sq)):
+            state[f"reference.{i}"], state[f"reference_sq.{i}"] = ref, sq
+        return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+
+    def load_fitted_state(self, state: dict[str, torch.Tensor]) -> "LID":
+        layers = sum(k.startswith("reference.") for k in state)
+        self.reference = [state[f"reference.{i}"] for i in range(layers)]
+        self.reference_sq = [state[f"reference_sq.{i}"] for i in range(layers)]
+        self.mean, self.std, self.weights = state["mean"], state["std"], state["weights"]
         return self
 
     def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:

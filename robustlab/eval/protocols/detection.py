@@ -6,7 +6,10 @@ Before the run: the detector is fitted (:func:`fit_detector`, on training images
 examples of them) and its threshold fixed on separate clean images at a false-positive rate
 (:func:`calibrate`, 5% by default). Both are recorded in the run's configuration (detector, fit and
 calibration data, threshold, the spread of clean scores the adaptive attack scales by), so a resumed
-run must reproduce them exactly (fitting is seeded).
+run must reproduce them exactly. It does not fit again: :func:`fit_detector_once` keeps the fitted
+state in the store (``ResultsStore.save_fitted``) under :func:`fit_key`, a hash of everything the fit
+depends on (detector configuration, model weights, training images and labels, threat, seed), and a
+resumed run loads it; the threshold is recomputed from it (cheap, and exact).
 
 One task, ``main``. Per batch: every image's clean prediction and detector score; then, on the
 correctly classified ones, PGD (``pgd_steps``, CE loss, the classifier alone: what a
@@ -27,6 +30,8 @@ misclassified adversarial examples against the clean scores of all evaluated ima
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -89,6 +94,46 @@ def fit_detector(detector: Detector, model: nn.Module, x: torch.Tensor, y: torch
     return record
 
 
+def fit_key(detector: Detector, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
+            seed: int = 0, attack_steps: int = 10) -> str:
+    """A hash of everything :func:`fit_detector` depends on: the detector's configuration, the model's
+    weights (names, shapes, bytes), the training images and labels, the threat model, seed and PGD steps
+    (for detectors fitted on adversarial examples). Equal keys: equal fits."""
+    h = hashlib.sha256()
+    weights = model.state_dict()
+    h.update(json.dumps({"format": 1, "detector": detector.config(), "threat": [threat.norm, float(threat.eps)],
+                         "seed": seed, "attack_steps": attack_steps,
+                         "data": [[list(t.shape), str(t.dtype)] for t in (x, y)],
+                         "weights": {k: [list(v.shape), str(v.dtype)] for k, v in weights.items()}},
+                        sort_keys=True).encode())
+    for t in (*weights.values(), x, y):
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def fit_detector_once(detector: Detector, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
+                      store: ResultsStore, seed: int = 0, attack_steps: int = 10,
+                      resume: bool = False, log=lambda msg: None) -> tuple[dict[str, Any], bool]:
+    """:func:`fit_detector`, once per run: the fitted state is kept in ``store`` under :func:`fit_key`,
+    and with ``resume`` a state kept there is loaded instead of fitting again (a new run always fits).
+    Returns the fit's record (the same either way) and whether it was loaded. ``log`` says which."""
+    from safetensors.torch import load, save
+
+    if not detector.trained:
+        return fit_detector(detector, model, x, y, threat, seed, attack_steps), False
+    key = fit_key(detector, model, x, y, threat, seed, attack_steps)
+    kept = store.load_fitted(key) if resume else None
+    if kept is not None:
+        state, record = kept
+        detector.load_fitted_state(load(state))
+        log(f"detector {detector.name}: loaded the state fitted on these {len(x)} training images from the store")
+        return record, True
+    log(f"detector {detector.name}: fitting on {len(x)} training images")
+    record = fit_detector(detector, model, x, y, threat, seed, attack_steps)
+    store.save_fitted(key, f"detector:{detector.name}", save(detector.fitted_state()), record)
+    return record, False
+
+
 @dataclass
 class DetectionOptions:
     """The attacks of a detection run: PGD steps, and the adaptive attack (None: PGD only, which the
@@ -138,6 +183,14 @@ class DetectionProtocol(Protocol):
                 "fit": self.fit, "calibration": asdict(self.calibration), "fpr": self.calibration.fpr,
                 "threshold": self.calibration.threshold, "pgd": self.pgd.config(),
                 "adaptive": a.config() if a is not None else None}
+
+    @classmethod
+    def normalize_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """Runs stored before the consistent-views round existed ran without it."""
+        adaptive = config.get("adaptive")
+        if adaptive and "views_first" not in (adaptive.get("params") or {}):
+            config = {**config, "adaptive": {**adaptive, "params": {**adaptive["params"], "views_first": False}}}
+        return config
 
     def attack_records(self) -> list[dict[str, Any]]:
         out = [{**self.pgd.config(), "targeted": False, "minimum_norm": False}]
@@ -189,9 +242,10 @@ class DetectionProtocol(Protocol):
                               "forwards": int(res.forwards.sum())})
                 if self.options.adaptive is not None:
                     t1 = time.perf_counter()
+                    views = self.detector.views if self.detector.compares_views else None
                     adv = detector_aware_attack(model, lambda z: self.detector.score(model, z), xs, ys, self.threat,
                                                 tau, self.calibration.scale, self.options.adaptive,
-                                                ctx.generator(_ADAPTIVE_KEY), ctx.status)
+                                                ctx.generator(_ADAPTIVE_KEY), ctx.status, views)
                     judged = self._judge(model, xs, adv.x_adv, ys)
                     ada_cols = self._scatter(judged, idx, b)
                     robust[idx[judged[3]]] = False
