@@ -41,7 +41,7 @@ fewer, stated per row), budgets per row below, reduced from the defaults so that
 runs in well under an hour on 2 shared CPU cores with ``nice``; both tools get the same budget.
 Models: ``benchmarks/common.py`` (mnist_std, mnist_pgd, cifar_std, cifar_at; trained on first use).
 
-Usage: python benchmarks/fidelity_matrix.py [--only pgd,boundary] [--models mnist_std,cifar_std]
+Usage: python benchmarks/fidelity_matrix.py [--only pgd,boundary,fmn:linf] [--models mnist_std,cifar_std]
        [--scale 1.0] [--threads 1] [--seed 0]
 The report is printed and written to benchmarks/results/fidelity_matrix.txt.
 """
@@ -160,7 +160,7 @@ ROWS: list[Spec] = [
     Spec("fmn", "min", "l1", {"steps": 100}),
     Spec("ddn", "min", "l2", {"steps": 100}),
     Spec("jsma", "min", "l0", {}, n=SOME, eps={"mnist": 78, "cifar10": 307},
-         note="the L0 budget of torchattacks' default gamma 0.1: 10% of the input's values (pixels for robustlab)"),
+         note="the L0 budget of torchattacks' default gamma 0.1: 10% of the input's values (pixels for robustlab); robustlab at its default n_target_classes 9; ART and torchattacks: theta 1, gamma 0.1"),
 ]
 FIT_IMAGES = FIT
 
@@ -469,12 +469,12 @@ def all_specs(only: set[str] | None) -> list[Spec]:
     for name in ATTACKS.names():
         if name not in listed:
             specs.append(Spec(name, "fixed", "-"))
-    return [s for s in specs if not only or s.attack in only]
+    return [s for s in specs if not only or s.attack in only or f"{s.attack}:{s.norm}" in only]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="", help="comma-separated attack names")
+    ap.add_argument("--only", default="", help="comma-separated attack names, or attack:norm for one row")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=1)

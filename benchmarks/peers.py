@@ -279,6 +279,17 @@ def _jsma_ta(model, row):
     return _ta(torchattacks.JSMA(model, theta=p.get("theta", 1.0), gamma=p.get("gamma", 0.1)))
 
 
+def _jsma_art(model, row):
+    from art.attacks.evasion import SaliencyMapMethod
+
+    p = row.params
+    # ART aims each point at a random other class (numpy's global generator, seeded by build_peer)
+    # and raises the two features with the largest target gradient per step (no pairwise map).
+    attack = SaliencyMapMethod(_art_classifier(model, row), theta=p.get("theta", 1.0), gamma=p.get("gamma", 0.1),
+                               batch_size=256, verbose=False)
+    return lambda x, y: torch.from_numpy(attack.generate(x.numpy()))
+
+
 def _uap_art(model, row):
     from art.attacks.evasion import UniversalPerturbation
 
@@ -353,7 +364,7 @@ PEERS: dict[str, dict[str, Callable[[nn.Module, Row], PeerFn]]] = {
     "brendel-bethge": {"foolbox": _bb_fb},
     "fmn": {"foolbox": _fmn_fb},
     "ddn": {"foolbox": _ddn_fb},
-    "jsma": {"torchattacks": _jsma_ta},
+    "jsma": {"torchattacks": _jsma_ta, "art": _jsma_art},
     "onepixel": {"torchattacks": _onepixel_ta},
     "pixle": {"torchattacks": _pixle_ta},
     "uap": {"art": _uap_art},

@@ -182,11 +182,12 @@ def test_jsma_stays_within_its_pixel_budget_and_breaks_most_points(cnn):
     result = create_attack("jsma", threat).run(model, x, y, gen())
     assert bool(threat.contains(result.x_adv, x, tol=0).all())
     assert torch.equal(predict(model, result.x_adv) != y, result.success)
-    assert float(result.success.float().mean()) >= 0.7  # torchattacks' JSMA: 75% here, robustlab 85%
-    # Two gradients per pair taken, at most 5 pairs for 10 pixels; one forward per iteration + ranking.
-    assert int(result.gradients.max()) <= 10 and int(result.forwards.max()) <= 7
+    assert float(result.success.float().mean()) >= 0.95  # torchattacks' JSMA: 75% here; one target: 85%
+    # Per (point, target) run: one forward and two gradients per iteration, at most 6 iterations (5
+    # pairs for 10 pixels, then the check); 9 targets, plus the clean forward that ranks them.
+    assert int(result.gradients.max()) <= 9 * 12 and int(result.forwards.max()) <= 9 * 6 + 1
     # Broken samples stop: they spent fewer iterations than the budget allows.
-    assert int(result.gradients[result.success].min()) < 10
+    assert int(result.gradients[result.success].min()) < 9 * 12
     with pytest.raises(RobustlabError, match="supports norms"):
         create_attack("jsma", ThreatModel("l2", 1.0))
 
