@@ -22,6 +22,7 @@ from robustlab.errors import RobustlabError
 from robustlab.eval.protocols.detection import (
     DetectionOptions,
     DetectionProtocol,
+    DetectorData,
     calibrate,
 )
 from robustlab.eval.runner import run
@@ -39,9 +40,15 @@ class Crash(Exception):
 
 
 @pytest.fixture(scope="module")
-def fitted(digits_model, digits_train):
-    detector = build_detector("mahalanobis").fit(digits_model, digits_train.x[:600], digits_train.y[:600])
-    return detector, calibrate(detector, digits_model, digits_train.x[600:1000], 0.05, "digits:train[600:1000]")
+def fitting(digits_train):
+    x, y = digits_train.x, digits_train.y
+    return DetectorData(x[:600], y[:600], x[600:1000], 0.05, "digits:train[0:600]", "digits:train[600:1000]")
+
+
+@pytest.fixture(scope="module")
+def fitted(digits_model, fitting):
+    detector = build_detector("mahalanobis").fit(digits_model, fitting.x, fitting.y)
+    return detector, calibrate(detector, digits_model, fitting.x_cal, 0.05, fitting.cal_source)
 
 
 def _rows(store, run_id):
@@ -55,12 +62,13 @@ def _numbers(summary):
     return out
 
 
-def test_rows_follow_the_threshold_and_the_summary_follows_the_rows(digits_model, digits_test, fitted, tmp_path):
-    detector, cal = fitted
+def test_rows_follow_the_threshold_and_the_summary_follows_the_rows(digits_model, digits_test, fitting, fitted,
+                                                                    tmp_path):
+    _, cal = fitted  # the threshold the run must fix for itself in prepare
     data = digits_test.subset(60)
     with ResultsStore(tmp_path / "d.db") as store:
-        result = run(digits_model, data, DetectionProtocol(detector, THREAT, cal, OPTIONS, {"n": 600}), store,
-                     batch_size=32, examples=0)
+        protocol = DetectionProtocol(build_detector("mahalanobis"), THREAT, fitting, OPTIONS)
+        result = run(digits_model, data, protocol, store, batch_size=32, examples=0)
         rows = store.sample_rows("detection_samples", result.run_id, "main")
         config = store.get_run(result.run_id)["config"]
         paths = write_report(store, result.run_id, tmp_path / "report")
@@ -70,7 +78,11 @@ def test_rows_follow_the_threshold_and_the_summary_follows_the_rows(digits_model
     assert len(paths["samples"].read_text().splitlines()) == 61
     (group,) = board
     assert "mahalanobis" in group.title and "weaker than the default" in " ".join(group.rows[0].notes)
-    assert len(rows) == 60 and config["threshold"] == cal.threshold and config["fpr"] == 0.05
+    # fitted inside the run (its fast memory layout): the same threshold up to float rounding
+    assert protocol.calibration.threshold == pytest.approx(cal.threshold, rel=1e-5)
+    assert result.summary["threshold"] == protocol.calibration.threshold
+    cal = protocol.calibration
+    assert len(rows) == 60 and config["fpr"] == 0.05 and "threshold" not in config
     for r in rows:
         assert r["clean_flagged"] == (r["clean_score"] > cal.threshold)
         for a in ("pgd", "adaptive"):
@@ -92,12 +104,12 @@ def test_rows_follow_the_threshold_and_the_summary_follows_the_rows(digits_model
     assert [c["name"] for c in result.checks][-1] == "adaptive attack"
 
 
-def test_killed_run_resumes_to_the_rows_of_an_uninterrupted_one(digits_model, digits_test, fitted, tmp_path, monkeypatch):
-    detector, cal = fitted
+def test_killed_run_resumes_to_the_rows_of_an_uninterrupted_one(digits_model, digits_test, fitting, tmp_path,
+                                                                monkeypatch):
     data = digits_test.subset(48)
 
     def protocol():
-        return DetectionProtocol(detector, THREAT, cal, OPTIONS, {"n": 600})
+        return DetectionProtocol(build_detector("mahalanobis"), THREAT, fitting, OPTIONS)
 
     with ResultsStore(tmp_path / "full.db") as store:
         full = run(digits_model, data, protocol(), store, seed=3, batch_size=16, examples=0)
@@ -213,10 +225,11 @@ def test_bad_detector_specs_are_one_line_errors(spec, message, capsys, tmp_path)
     assert not db.exists()
 
 
-def test_unfitted_detector_and_bad_fpr_are_refused(digits_model, tmp_path, capsys):
-    with pytest.raises(RobustlabError, match="not fitted"):
-        DetectionProtocol(build_detector("magnet"), THREAT, calibrate(build_detector("squeeze"), digits_model,
-                                                                      torch.rand(20, 1, 8, 8)))
+def test_bad_fit_data_and_bad_fpr_are_refused(tmp_path, capsys):
+    with pytest.raises(RobustlabError, match="at least 2 clean calibration images"):
+        DetectorData(torch.rand(20, 1, 8, 8), torch.zeros(20, dtype=torch.long), torch.rand(1, 1, 8, 8))
+    with pytest.raises(RobustlabError, match="one label each"):
+        DetectorData(torch.rand(20, 1, 8, 8), torch.zeros(19, dtype=torch.long), torch.rand(5, 1, 8, 8))
     code = main(["detect", "--model", "digits_cnn", "--data", "digits", "--detector", "squeeze", "--norm", "linf",
                  "--eps", "0.1", "--fpr", "1.5", "--db", str(tmp_path / "d.db")])
     err = capsys.readouterr().err.strip().splitlines()
@@ -234,7 +247,7 @@ def _checkpoint(tmp_path):
 
 def test_resumed_cli_run_loads_the_fitted_detector_and_gives_identical_rows(tmp_path, capsys, monkeypatch):
     """The detector is fitted once per run: a killed `robustlab detect` resumed with --resume loads the
-    fitted state from the store (no second fit, not even for a finished run), finds its run by the same
+    fitted state kept with its run (no second fit, not even for a finished run), fixes the same
     threshold, and ends with the rows of an uninterrupted run."""
     from robustlab.defenses.detection import LID
 
@@ -274,7 +287,7 @@ def test_resumed_cli_run_loads_the_fitted_detector_and_gives_identical_rows(tmp_
     assert main(args("resumed.db")) == 0
     captured = capsys.readouterr()
     resumed = json.loads(captured.out)
-    assert fits["n"] == 2 and "loaded the state fitted on these 300 training images" in captured.err
+    assert fits["n"] == 2 and "loaded the state fitted on these 300 training images when this run started" in captured.err
     assert resumed["resumed"] and resumed["threshold"] == full["threshold"]
     with ResultsStore(tmp_path / "full.db") as a, ResultsStore(tmp_path / "resumed.db") as b:
         assert _rows(b, resumed["run_id"]) == _rows(a, full["run_id"])

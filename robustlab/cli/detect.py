@@ -38,8 +38,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from robustlab.eval.protocols.detection import (
         DetectionOptions,
         DetectionProtocol,
-        calibrate,
-        fit_detector_once,
+        DetectorData,
     )
     from robustlab.eval.runner import run
     from robustlab.eval.store import ResultsStore
@@ -68,11 +67,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
     info = {"source": loaded.source, "spec": args.model, "card": loaded.card.to_dict() if loaded.card else None}
     store = ResultsStore(args.db, readonly=False)
     try:
-        fit, _ = fit_detector_once(detector, model, x_fit.to(device), y_fit.to(device), threat, store,
-                                        seed=args.seed, resume=args.resume, log=lambda m: _say(f"robustlab: {m}"))
-        fit["source"] = f"{data.name}:train[0:{args.fit_n}]"
-        cal = calibrate(detector, model, x_cal.to(device), args.fpr, f"{data.name}:train[{args.fit_n}:{need}]")
-        protocol = DetectionProtocol(detector, threat, cal, options, fit)
+        fitting = DetectorData(x_fit, y_fit, x_cal, args.fpr, f"{data.name}:train[0:{args.fit_n}]",
+                               f"{data.name}:train[{args.fit_n}:{need}]")
+        protocol = DetectionProtocol(detector, threat, fitting, options)
         result = run(model, data, protocol, store, seed=args.seed, batch_size=args.batch_size, examples=0,
                      extra={"classes": list(data.classes)}, model_name=args.model, model_info=info,
                      resume=args.resume, device=device, log=_say)

@@ -538,23 +538,6 @@ class ResultsStore:
         row = self.db.execute("SELECT data FROM run_files WHERE run_id = ? AND name = ?", (run_id, name)).fetchone()
         return row[0] if row else None
 
-    def save_fitted(self, key: str, kind: str, state: bytes, meta: dict[str, Any]) -> None:
-        """Keep a component fitted before a run (a detector's learned state: opaque bytes, and JSON
-        ``meta``) under ``key``, a hash of everything the fit depends on, so a resumed run loads it
-        instead of fitting again (replacing one kept under the same key). The table is made on first use."""
-        self._require_writable()
-        self.db.execute("CREATE TABLE IF NOT EXISTS fitted (key TEXT PRIMARY KEY, kind TEXT NOT NULL, "
-                        "state BLOB NOT NULL, meta TEXT NOT NULL, created TEXT NOT NULL)")
-        self.db.execute("INSERT OR REPLACE INTO fitted VALUES (?, ?, ?, ?, ?)",
-                        (key, kind, state, json.dumps(meta, sort_keys=True), _now()))
-
-    def load_fitted(self, key: str) -> tuple[bytes, dict[str, Any]] | None:
-        """The (state, meta) kept by ``save_fitted`` under ``key``, or None."""
-        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'fitted'").fetchone():
-            return None
-        row = self.db.execute("SELECT state, meta FROM fitted WHERE key = ?", (key,)).fetchone()
-        return (bytes(row[0]), json.loads(row[1])) if row else None
-
     def ensure_sample_table(self, table: str, columns: Sequence[tuple[str, str]]) -> None:
         """Create a protocol's per-sample table if missing: (run_id, task, sample_index) and ``columns``
         (name, SQL type) after them."""

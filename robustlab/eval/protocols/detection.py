@@ -2,14 +2,13 @@
 threshold fixed on clean images before any attack, under plain PGD and under the adaptive attack on
 classifier and detector together.
 
-Before the run: the detector is fitted (:func:`fit_detector`, on training images; LID also on PGD
-examples of them) and its threshold fixed on separate clean images at a false-positive rate
-(:func:`calibrate`, 5% by default). Both are recorded in the run's configuration (detector, fit and
-calibration data, threshold, the spread of clean scores the adaptive attack scales by), so a resumed
-run must reproduce them exactly. It does not fit again: :func:`fit_detector_once` keeps the fitted
-state in the store (``ResultsStore.save_fitted``) under :func:`fit_key`, a hash of everything the fit
-depends on (detector configuration, model weights, training images and labels, threat, seed), and a
-resumed run loads it; the threshold is recomputed from it (cheap, and exact).
+Before any batch (``prepare``, once per run): the detector is fitted (:func:`fit_detector`, on the
+clean training images of :class:`DetectorData`; LID also on PGD examples of them, seeded by the run)
+and its threshold fixed on separate clean images at a false-positive rate (:func:`calibrate`, 5% by
+default). The run's configuration records what they are fitted and calibrated on; the fitted state
+(``detector.safetensors``) and the operating point (``calibration.json``: threshold and the spread of
+clean scores the adaptive attack scales by) are kept with the run in the store's run files, so a
+resumed run loads the state instead of fitting again (and recomputes the same threshold).
 
 One task, ``main``. Per batch: every image's clean prediction and detector score; then, on the
 correctly classified ones, PGD (``pgd_steps``, CE loss, the classifier alone: what a
@@ -30,12 +29,11 @@ misclassified adversarial examples against the clean scores of all evaluated ima
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -46,7 +44,7 @@ from robustlab.defenses.detection import Detector, roc_auc, scores, threshold_at
 from robustlab.errors import RobustlabError
 from robustlab.eval import sanity
 from robustlab.eval.metrics import wilson_interval
-from robustlab.eval.protocols.base import BatchContext, BatchOutput, Protocol, Task
+from robustlab.eval.protocols.base import BatchContext, BatchOutput, Protocol, RunFiles, Task
 from robustlab.eval.store import ResultsStore
 from robustlab.models.runtime import eval_mode
 from robustlab.threat import ThreatModel
@@ -77,8 +75,11 @@ def calibrate(detector: Detector, model: nn.Module, x: torch.Tensor, fpr: float 
     return Calibration(threshold_at(s, fpr), float(fpr), float(s.double().std()), len(x), source)
 
 
+FIT_ATTACK_STEPS = 10  # PGD steps of the adversarial examples a detector like LID is fitted on
+
+
 def fit_detector(detector: Detector, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
-                 seed: int = 0, attack_steps: int = 10) -> dict[str, Any]:
+                 seed: int = 0, attack_steps: int = FIT_ATTACK_STEPS) -> dict[str, Any]:
     """Fit ``detector`` on the clean training images ``x`` (labels ``y``); a detector trained to tell
     clean from adversarial images (LID) also gets PGD examples of them (``attack_steps`` steps in
     ``threat``, seeded). Returns what was done, for the run's configuration."""
@@ -94,44 +95,30 @@ def fit_detector(detector: Detector, model: nn.Module, x: torch.Tensor, y: torch
     return record
 
 
-def fit_key(detector: Detector, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
-            seed: int = 0, attack_steps: int = 10) -> str:
-    """A hash of everything :func:`fit_detector` depends on: the detector's configuration, the model's
-    weights (names, shapes, bytes), the training images and labels, the threat model, seed and PGD steps
-    (for detectors fitted on adversarial examples). Equal keys: equal fits."""
-    h = hashlib.sha256()
-    weights = model.state_dict()
-    h.update(json.dumps({"format": 1, "detector": detector.config(), "threat": [threat.norm, float(threat.eps)],
-                         "seed": seed, "attack_steps": attack_steps,
-                         "data": [[list(t.shape), str(t.dtype)] for t in (x, y)],
-                         "weights": {k: [list(v.shape), str(v.dtype)] for k, v in weights.items()}},
-                        sort_keys=True).encode())
-    for t in (*weights.values(), x, y):
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+@dataclass
+class DetectorData:
+    """What the detector is fitted on (clean training images ``x`` with labels ``y``) and what its
+    threshold is fixed on (other clean images ``x_cal``, at false-positive rate ``fpr``), with where
+    they come from (for the run's record)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    x_cal: torch.Tensor
+    fpr: float = 0.05
+    source: str = ""
+    cal_source: str = ""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fpr < 1:
+            raise RobustlabError(f"the false-positive rate must be in (0, 1), got {self.fpr:g}")
+        if len(self.x) < 1 or len(self.x) != len(self.y):
+            raise RobustlabError(f"the detector needs clean training images with one label each, got {len(self.x)} "
+                                 f"images and {len(self.y)} labels")
+        if len(self.x_cal) < 2:
+            raise RobustlabError("the detector's threshold needs at least 2 clean calibration images")
 
 
-def fit_detector_once(detector: Detector, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
-                      store: ResultsStore, seed: int = 0, attack_steps: int = 10,
-                      resume: bool = False, log=lambda msg: None) -> tuple[dict[str, Any], bool]:
-    """:func:`fit_detector`, once per run: the fitted state is kept in ``store`` under :func:`fit_key`,
-    and with ``resume`` a state kept there is loaded instead of fitting again (a new run always fits).
-    Returns the fit's record (the same either way) and whether it was loaded. ``log`` says which."""
-    from safetensors.torch import load, save
-
-    if not detector.trained:
-        return fit_detector(detector, model, x, y, threat, seed, attack_steps), False
-    key = fit_key(detector, model, x, y, threat, seed, attack_steps)
-    kept = store.load_fitted(key) if resume else None
-    if kept is not None:
-        state, record = kept
-        detector.load_fitted_state(load(state))
-        log(f"detector {detector.name}: loaded the state fitted on these {len(x)} training images from the store")
-        return record, True
-    log(f"detector {detector.name}: fitting on {len(x)} training images")
-    record = fit_detector(detector, model, x, y, threat, seed, attack_steps)
-    store.save_fitted(key, f"detector:{detector.name}", save(detector.fitted_state()), record)
-    return record, False
+_STATE_FILE, _CALIBRATION_FILE = "detector.safetensors", "calibration.json"
 
 
 @dataclass
@@ -166,31 +153,58 @@ class DetectionProtocol(Protocol):
     # ranked by the honest number; clean accuracy, then the plain-PGD AUC, break ties
     leaderboard_columns = ("robust_accuracy", "clean_accuracy", "auc", "adaptive_detection_rate")
 
-    def __init__(self, detector: Detector, threat: ThreatModel, calibration: Calibration,
-                 options: DetectionOptions | None = None, fit: dict[str, Any] | None = None) -> None:
-        if detector.trained and not detector.fitted:
-            raise RobustlabError(f"detector {detector.name!r} is not fitted: fit it on clean training images first")
-        self.detector, self.threat, self.calibration = detector, threat, calibration
+    def __init__(self, detector: Detector, threat: ThreatModel, data: DetectorData,
+                 options: DetectionOptions | None = None) -> None:
+        self.detector, self.threat, self.data = detector, threat, data
         self.options = options or DetectionOptions()
         if self.options.pgd_steps < 1:
             raise RobustlabError(f"PGD steps must be >= 1, got {self.options.pgd_steps}")
         self.pgd = create_attack("pgd", threat, steps=self.options.pgd_steps)
-        self.fit = dict(fit or {})
+        self.calibration: Calibration | None = None  # set by prepare
 
     def config(self) -> dict[str, Any]:
-        a = self.options.adaptive
+        a, d = self.options.adaptive, self.data
+        fit: dict[str, Any] = {"n": len(d.x), "source": d.source}
+        if self.detector.needs_adversarial:
+            fit["adversarial"] = create_attack("pgd", self.threat, steps=FIT_ATTACK_STEPS).config()
         return {"norm": self.threat.norm, "eps": self.threat.eps, "detector": self.detector.config(),
-                "fit": self.fit, "calibration": asdict(self.calibration), "fpr": self.calibration.fpr,
-                "threshold": self.calibration.threshold, "pgd": self.pgd.config(),
-                "adaptive": a.config() if a is not None else None}
+                "fit": fit, "calibration": {"n": len(d.x_cal), "source": d.cal_source, "fpr": d.fpr},
+                "fpr": d.fpr, "pgd": self.pgd.config(), "adaptive": a.config() if a is not None else None}
 
     @classmethod
     def normalize_config(cls, config: dict[str, Any]) -> dict[str, Any]:
-        """Runs stored before the consistent-views round existed ran without it."""
+        """Runs stored before the consistent-views round existed ran without it; runs stored before the
+        fit moved into the run kept its outcome (threshold, scale) in the configuration."""
         adaptive = config.get("adaptive")
         if adaptive and "views_first" not in (adaptive.get("params") or {}):
             config = {**config, "adaptive": {**adaptive, "params": {**adaptive["params"], "views_first": False}}}
+        if "threshold" in config:
+            cal = config.get("calibration") or {}
+            config = {k: v for k, v in config.items() if k != "threshold"}
+            config["calibration"] = {"n": cal.get("n"), "source": cal.get("source", ""), "fpr": cal.get("fpr")}
         return config
+
+    def prepare(self, model: nn.Module, files: RunFiles, seed: int, device: torch.device,
+                log: Callable[[str], None] = lambda msg: None) -> None:
+        """Fit the detector (or load the state this run fitted before it was interrupted), then fix its
+        threshold on the calibration images."""
+        from safetensors.torch import load, save
+
+        d, name = self.data, self.detector.name
+        if self.detector.trained:
+            kept = files.get(_STATE_FILE)
+            if kept is not None:
+                self.detector.load_fitted_state(load(kept))
+                log(f"robustlab: detector {name}: loaded the state fitted on these {len(d.x)} training images "
+                    f"when this run started")
+            else:
+                log(f"robustlab: detector {name}: fitting on {len(d.x)} training images")
+                fit_detector(self.detector, model, d.x.to(device), d.y.to(device), self.threat, seed, FIT_ATTACK_STEPS)
+                files.put(_STATE_FILE, save({k: v.detach().cpu().contiguous()
+                                             for k, v in self.detector.fitted_state().items()}))
+        self.calibration = calibrate(self.detector, model, d.x_cal.to(device), d.fpr, d.cal_source)
+        if files.get(_CALIBRATION_FILE) is None:
+            files.put(_CALIBRATION_FILE, json.dumps(asdict(self.calibration)).encode())
 
     def attack_records(self) -> list[dict[str, Any]]:
         out = [{**self.pgd.config(), "targeted": False, "minimum_norm": False}]
@@ -279,6 +293,10 @@ class DetectionProtocol(Protocol):
     @classmethod
     def summarize(cls, store: ResultsStore, run: dict[str, Any], checks: list[dict[str, str]] | None = None) -> dict[str, Any]:
         config = run["config"]
+        kept = store.load_file(run["run_id"], _CALIBRATION_FILE)
+        calibration = json.loads(kept) if kept is not None else dict(config.get("calibration") or {})
+        if kept is None and "threshold" in config:  # stored before the fit moved into the run
+            calibration["threshold"] = config["threshold"]
         rows = store.sample_rows(cls.sample_table, run["run_id"], "main")
         n = len(rows)
         clean = [r["clean_score"] for r in rows]
@@ -311,7 +329,8 @@ class DetectionProtocol(Protocol):
         summary = {
             "protocol": cls.name, "model": run["model"], "dataset": run["dataset"], "split": run["split"],
             "n": n, "threat": {"norm": config["norm"], "eps": config["eps"]},
-            "detector": config["detector"], "fpr": config["fpr"], "threshold": config["threshold"],
+            "detector": config["detector"], "fpr": config["fpr"], "threshold": calibration.get("threshold"),
+            "calibration": calibration,
             "clean_accuracy": correct / n if n else None,
             "clean_flag_rate": sum(r["clean_flagged"] for r in rows) / n if n else None,
             "robust_accuracy": acc,
