@@ -280,7 +280,7 @@ def render(args, path, t_pre, pool, n_train, eval_sets, results, grid, selected,
         "",
         (f"Pretraining: {path.name}: CLIP loss on captions of {args.pretrain_per_source} train images each of mnist, "
          f"fashion_mnist, cifar10 (all 10 classes), {args.pretrain_epochs} epochs, Adam 2e-3 cosine; no digits; "
-         f"{t_pre} CPU s."),
+         f"{t_pre} CPU s in the session that finished it (a resumed pretraining counts only its last session)."),
         (f"Adaptation: CIFAR-10 classes A {list(pool.classes)} (even labels), {n_train} train images NOT used in "
          f"pretraining; validation: the {len(pool) - n_train} further ones (never trained on). Batch 128, Adam, cosine "
          f"over {args.epochs} epochs, no weight decay, seed {args.seed}. TeCoA: PGD 2 steps of eps; FARE: PGD 10 steps."),
