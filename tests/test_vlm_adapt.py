@@ -218,7 +218,7 @@ def test_cli_adapts_saves_and_the_adaptation_loads_by_spec(pretrained, digits, t
         assert not torch.equal(adapted.encode_image(x), original.encode_image(x))
         assert torch.equal(adapted.encode_text(["the digit 3."]), original.encode_text(["the digit 3."]))
     assert main([*args[:7], "--recipe", "trades", *args[9:]]) == 2
-    assert "robustlab adapt trains with tecoa or fare, got recipe 'trades'" in capsys.readouterr().err
+    assert "robustlab adapt trains with tecoa, fare or clip-contrastive, got recipe 'trades'" in capsys.readouterr().err
     assert main([*args[:9], "--mode", "vpt:pad=2,tokens=0,deep=maybe", *args[11:]]) == 2
     assert "deep must be true or false" in capsys.readouterr().err
 

@@ -282,7 +282,7 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, make_lr_lambda(config.schedule, total, warmup, config.milestones, config.gamma)
     )
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)  # CUDA in practice (float16 is CUDA's AMP type)
     ema = ModelEMA(model, config.ema_decay) if config.ema_decay else None
     best = _Best()
     history = TrainHistory()

@@ -47,14 +47,19 @@ def load_vlm(spec: str, weights: str | os.PathLike[str] | None = None,
     return model, {"spec": spec, **info}
 
 
-@register_vlm_loader("open_clip", "open_clip:NAME")
+@register_vlm_loader("open_clip", "open_clip:NAME[:FILE]")
 def _open_clip(name: str, weights: str | None, device: str | torch.device) -> tuple[VisionLanguageModel, dict[str, Any]]:
     from robustlab.models.checkpoint import sha256_file
     from robustlab.vlm.open_clip_adapter import load_open_clip
 
+    arch, sep, path = name.partition(":")
+    if sep and arch != "local-dir":  # open_clip:NAME:FILE, the weights in the spec
+        if weights is not None:
+            raise RobustlabError(f"open_clip:{name} names its weights file; leave out --weights")
+        name, weights = arch, path
     if weights is None:
-        raise RobustlabError(f"open_clip:{name} needs --weights FILE, a local open_clip checkpoint (nothing is "
-                             "downloaded)")
+        raise RobustlabError(f"open_clip:{name} needs --weights FILE (or open_clip:NAME:FILE), a local open_clip "
+                             "checkpoint (nothing is downloaded)")
     model = load_open_clip(name, weights, device)
     return model, {"source": "open_clip", "weights": weights, "weights_sha256": sha256_file(weights)}
 

@@ -2,7 +2,10 @@
 
 ``load_open_clip(name, weights)`` builds architecture ``name`` (a name open_clip knows, e.g.
 ``ViT-B-32`` or ``ViT-B-32-quickgelu`` for OpenAI's weights) and loads a checkpoint from a local
-file: safetensors, or a state dict saved with ``torch.save`` (read with ``weights_only=True``).
+file: safetensors, a state dict saved with ``torch.save`` (read with ``weights_only=True``), or a
+TorchScript archive as OpenAI's ``clip`` package ships (``ViT-B-32.pt``), read by open_clip's own
+:func:`open_clip.load_openai_model` (only its tensors are kept; the archive's code is never run), with
+the architecture built with QuickGELU as every OpenAI CLIP model is.
 Nothing is downloaded: pretrained tags (``openai``, ``laion2b_s34b_b79k``) and ``hf-hub:`` names are
 refused, and so are models whose tokenizer would come from the Hugging Face hub.
 Install with ``pip install 'robustlab[vlm]'`` (open-clip-torch).
@@ -12,6 +15,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -112,13 +117,45 @@ def load_open_clip(name: str, weights: str | os.PathLike[str] | None = None,
             raise RobustlabError(f"open_clip checkpoint {str(weights)!r} is not a file; robustlab never downloads "
                                  "weights (pretrained tags such as 'openai' are not accepted): give a local .safetensors, "
                                  ".pt or .bin file")
+    openai_archive = weights is not None and is_torchscript_archive(path)
     model = open_clip.create_model(name, pretrained=None, load_weights=False, pretrained_image=False,
-                                   pretrained_text=False, device="cpu")
-    if weights is not None:
+                                   pretrained_text=False, device="cpu", force_quick_gelu=openai_archive)
+    if openai_archive:
+        load_openai_archive_into(model, path, name)
+    elif weights is not None:
         load_checkpoint_into(model, path, name)
     model.eval()
     tokenizer = open_clip.get_tokenizer(name) if not name.startswith("local-dir:") else None
     return OpenClipVLM(model, tokenizer, name).to(device)
+
+
+def is_torchscript_archive(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip with a ``constants.pkl`` record), the format of
+    the ``.pt`` files OpenAI's ``clip`` package downloads, rather than a state dict."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n == "constants.pkl" or n.endswith("/constants.pkl") for n in archive.namelist())
+
+
+def load_openai_archive_into(model: nn.Module, path: Path, name: str) -> None:
+    """Load OpenAI's TorchScript archive ``path`` into the open_clip ``model`` (architecture ``name``):
+    open_clip reads it (:func:`open_clip.load_openai_model`: its tensors, float16 in OpenAI's files,
+    into a float32 CLIP), then its state dict loads strictly; one error line when the archive is no
+    CLIP model or not one of architecture ``name``."""
+    open_clip = _open_clip()
+    try:
+        with warnings.catch_warnings():  # torch.jit.load's deprecation notice
+            warnings.simplefilter("ignore", FutureWarning)
+            source = open_clip.load_openai_model(str(path), precision="fp32", device="cpu")
+    except (RuntimeError, KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError) as exc:
+        raise RobustlabError(f"{path} is a TorchScript archive but not an OpenAI CLIP model open_clip can read "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    state = source.state_dict()
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError:
+        raise RobustlabError(mismatch_line(model.state_dict(), state, path, name)) from None
 
 
 def load_checkpoint_into(model: nn.Module, path: Path, name: str) -> None:

@@ -15,8 +15,9 @@ with all classes distinct it is exactly CLIP's).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -39,6 +40,28 @@ class CaptionSource:
     data: Dataset
     classnames: list[str]
     templates: list[str]
+
+
+def caption_sources(specs: Sequence[str], split: str = "train", root: str | Path | None = None,
+                    prompts: dict[str, str] | None = None, templates: str | list[str] | None = None,
+                    image_size: int = 32) -> list[CaptionSource]:
+    """The caption sources for data ``specs`` (named data sets read from ``root``, or image folders
+    resized to ``image_size``), each with robustlab's class names and templates for it, or those of
+    ``prompts`` (key or spec -> prompts file) and ``templates`` (a template set name or list for all)."""
+    from robustlab.vlm.prompts import prompts_for
+    from robustlab.vlm.suite import load_set_data, parse_data_list
+
+    prompts = dict(prompts or {})
+    sources: list[CaptionSource] = []
+    for spec in parse_data_list(",".join(specs)):
+        key, data, folder = load_set_data(spec, split, root, image_size)
+        if any(s.name == key for s in sources):
+            raise RobustlabError(f"data set {key!r} is given twice")
+        p = prompts_for(key, list(data.classes), prompts.pop(key, None) or prompts.pop(spec, None), templates, folder)
+        sources.append(CaptionSource(key, data, p.classnames, p.templates))
+    if prompts:
+        raise RobustlabError(f"--prompts names {', '.join(sorted(prompts))}, which is not among the data sets")
+    return sources
 
 
 def caption_dataset(sources: Sequence[CaptionSource], image_size: int, per_source: int | None = None,
@@ -116,12 +139,15 @@ def pretrain_tiny_clip(
     per_source: int | None = None,
     device: str | torch.device = "cpu",
     progress: bool | None = None,
-    checkpoint_dir: str | None = None,
+    checkpoint_dir: str | Path | None = None,
     resume: bool = False,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[TinyCLIP, TrainHistory, dict[str, Any]]:
     """A tiny CLIP pretrained on ``sources`` (Adam, cosine schedule by default); returns the model
     (eval mode), the loop's history and a JSON description of the training (for the card). The
-    vocabulary is every word of every caption. Seeded by ``train_config.seed``."""
+    vocabulary is every word of every caption. Seeded by ``train_config.seed``. ``checkpoint_dir`` /
+    ``resume`` / ``on_epoch``: the training loop's (a resumed run ends with the weights of an
+    uninterrupted one)."""
     config = config or TinyCLIPConfig()
     train_config = train_config or TrainConfig(epochs=10, batch_size=128, lr=2e-3, optimizer="adam",
                                                weight_decay=1e-4, warmup_epochs=0.5)
@@ -130,7 +156,7 @@ def pretrain_tiny_clip(
     model = TinyCLIP(config, build_vocab([p for ps in prompts for p in ps]))
     objective = ClipContrastive(prompts=prompts)
     history = train(model, data, train_config, objective, device=device, progress=progress,
-                    checkpoint_dir=checkpoint_dir, resume=resume)
+                    checkpoint_dir=checkpoint_dir, resume=resume, on_epoch=on_epoch)
     model.eval()
     described = {
         "objective": "multi-positive CLIP loss, learned temperature",
