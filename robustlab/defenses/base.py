@@ -18,7 +18,9 @@ the model. What it declares:
   one draw but needs EOT from its attacker declares more);
 - ``adaptive_attacks``: attacks (``NAME[:key=value,...]`` specs) built for this defense that the
   evaluation adds to the adaptive ones (the thermometer's LS-PGA, which ascends over the codes a pixel
-  can take rather than over pixels).
+  can take rather than over pixels);
+- ``attack_loss``: the loss gradient attacks maximize in place of cross-entropy (default None: the
+  attack's own), for models whose logits saturate the softmax (``margin-loss``, the MMC head).
 
 Two optional hooks for defenses that need more than the image:
 
@@ -57,13 +59,15 @@ class AttackerNeeds:
     """What an adaptive attack on a defended model must do: average gradients over ``eot`` draws
     (1: deterministic), differentiate non-differentiable steps by BPDA (``bpda`` names them), attack
     through iterative steps (``through`` names them), subtract the penalties of the defenses
-    ``penalty`` names from its loss, and add the attacks ``attacks`` specifies (the defenses' own)."""
+    ``penalty`` names from its loss, add the attacks ``attacks`` specifies (the defenses' own), and
+    maximize ``loss`` where an attack maximizes cross-entropy (None: keep it)."""
 
     eot: int = 1
     bpda: tuple[str, ...] = ()
     through: tuple[str, ...] = ()
     penalty: tuple[str, ...] = ()
     attacks: tuple[str, ...] = ()
+    loss: str | None = None
 
     def describe(self) -> str:
         parts = []
@@ -75,6 +79,8 @@ class AttackerNeeds:
             parts.append(f"gradients through {', '.join(self.through)}")
         if self.penalty:
             parts.append(f"loss minus the objective of {', '.join(self.penalty)}")
+        if self.loss:
+            parts.append(f"{self.loss} loss in place of cross-entropy")
         if self.attacks:
             parts.append(f"plus {', '.join(self.attacks)}")
         return "; ".join(parts) or "plain gradients (the defended model is differentiable and deterministic)"
@@ -92,6 +98,8 @@ class Defense(Configurable):
     default_draws: ClassVar[int] = 1
     # attacks built for this defense, added to the adaptive ones (specs NAME[:key=value,...])
     adaptive_attacks: ClassVar[tuple[str, ...]] = ()
+    # the loss adaptive attacks maximize in place of cross-entropy (None: the attack's own)
+    attack_loss: ClassVar[str | None] = None
 
     def transform(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The defense's operation on a batch (N, C, H, W) in [0, 1]; random draws from ``generator``
@@ -225,6 +233,7 @@ class DefendedModel(Predictor):
             through=tuple(d.name for d in self.defenses if d.iterative),
             penalty=tuple(d.name for d in self.defenses if d.has_penalty),
             attacks=tuple(dict.fromkeys(a for d in self.defenses for a in d.adaptive_attacks)),
+            loss=next((d.attack_loss for d in self.defenses if d.attack_loss), None),
         )
 
     def discrete_encoding(self) -> tuple[Defense, nn.Module] | None:

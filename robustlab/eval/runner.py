@@ -217,11 +217,12 @@ def zero_shot(
 def adaptive_attacks(attacks: list[Attack], needs: AttackerNeeds, dense: bool = False) -> list[Attack]:
     """The attacks made adaptive to a defense: gradient attacks that average over draws (an ``eot``
     parameter left at 1) average over the defense's ``needs.eot`` draws. BPDA and gradients through
-    iterative steps are the defended model's own forward pass, so every attack gets them. The attacks
+    iterative steps are the defended model's own forward pass, so every attack gets them. Attacks on
+    cross-entropy maximize ``needs.loss`` instead where a defense declares one (``Attack.with_loss``). The attacks
     the defenses declare as their own (``needs.attacks``, e.g. the thermometer's LS-PGA) are added on
     the given attacks' threat model, unless one of that name is given already or it cannot run there
     (another norm; per-pixel labels when ``dense``)."""
-    out = list(attacks)
+    out = [a.with_loss(needs.loss) for a in attacks] if needs.loss else list(attacks)
     if needs.eot > 1:
         out = [a.with_params(eot=needs.eot) if a.params.get("eot") == 1 else a for a in out]
     given = {a.name for a in out}
