@@ -4,6 +4,8 @@
    robust at Linf 0.3 under the adaptive BPDA attack. If that is gradient masking that BPDA does not
    undo, gradient-free attacks find what BPDA missed: Square (5000 queries, score-based) on every
    point BPDA left robust, and HopSkipJump (decision-based, Linf, 5000 queries) on a subset of them.
+   The thermometer also gets its own attack, LS-PGA (ascent over each pixel's reachable codes), alone
+   on every clean-correct point and after BPDA.
 2. TV minimization (randomized, 4 prediction draws): the adaptive attack averaged 4 EOT draws; here
    APGD-CE with EOT over 16 and 32 draws attacks the points the 4-draw attack left robust.
 
@@ -61,6 +63,16 @@ def discretizing(label: str, model_key: str, spec: str, n: int, hsj: int) -> lis
         clean = defended.predict(x, torch.Generator().manual_seed(999)) == y
     bpda, s1 = robust_after(defended, create_attack("apgd-ce", THREAT, steps=100), x, y, clean)
     log(f"[{label}] BPDA APGD-CE: {int(bpda.sum())} robust ({s1:.0f} s)")
+    bpda_only, extra = bpda.clone(), []
+    if spec.startswith("thermometer"):  # its own attack: alone, then on what BPDA left
+        alone, s5 = robust_after(defended, create_attack("ls-pga", THREAT), x, y, clean, seed=3)
+        log(f"[{label}] LS-PGA alone: {int(alone.sum())} robust ({s5:.0f} s)")
+        bpda, s6 = robust_after(defended, create_attack("ls-pga", THREAT), x, y, bpda)
+        log(f"[{label}] + LS-PGA: {int(bpda.sum())} robust ({s6:.0f} s)")
+        extra = [f"| LS-PGA 100 steps alone (the thermometer's own attack), on every clean-correct point | "
+                 f"{100 * float(alone.sum()) / n:.1f}% | {s5:.0f} |",
+                 f"| then LS-PGA 100 steps on the points BPDA left robust (worst case so far) | "
+                 f"{100 * float(bpda.sum()) / n:.1f}% | {s6:.0f} |"]
     square, s2 = robust_after(defended, create_attack("square", THREAT, queries=5000), x, y, bpda)
     log(f"[{label}] + Square: {int(square.sum())} robust ({s2:.0f} s)")
     subset = square.clone()
@@ -74,8 +86,10 @@ def discretizing(label: str, model_key: str, spec: str, n: int, hsj: int) -> lis
         f"## {label}: {model_key} behind {spec}, Linf {EPS}, first {n} MNIST test images", "",
         "| attack | robust accuracy | CPU seconds |", "| --- | --- | --- |",
         f"| clean | {pct(clean)} | |",
-        f"| APGD-CE 100 steps, BPDA (the adaptive attack of defenses_adaptive) | {pct(bpda)} | {s1:.0f} |",
-        f"| then Square 5000 queries on the points BPDA left robust | {pct(square)} | {s2:.0f} |",
+        f"| APGD-CE 100 steps, BPDA (the adaptive attack of defenses_adaptive) | {pct(bpda_only)} | {s1:.0f} |",
+        *extra,
+        f"| then Square 5000 queries on the points {'BPDA and LS-PGA' if extra else 'BPDA'} left robust | "
+        f"{pct(square)} | {s2:.0f} |",
         f"| Square 5000 queries alone, on every clean-correct point | {pct(square_all)} | {s4:.0f} |",
         f"| then HopSkipJump (Linf, 5000 queries) on the first {int(subset.sum())} points both left robust | "
         f"{int(subset.sum()) - int(hop.sum())} of {int(subset.sum())} broken | {s3:.0f} |", "",

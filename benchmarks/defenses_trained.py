@@ -50,6 +50,12 @@ SETTINGS = {
         ("distillation T=100", "mnist_distill", None),
         ("gradient-reg weight=10", "mnist_igr", None),
         ("mixup-inference", "mnist_mixup", ["mixup-inference:reference=mnist:train,draws=16"]),
+        # MMC: its card declares margin-loss (cross-entropy saturates on its head), so the adaptive
+        # attack is APGD-DLR and the non-adaptive one APGD-CE; the CE model with the same adversarial
+        # training beside it (plain model: PGD-CE and the standard suite)
+        ("MMC (standard)", "mnist_mmc", ["margin-loss"]),
+        ("MMC + PGD-AT", "mnist_mmc_pgd", ["margin-loss"]),
+        ("CE + PGD-AT", "mnist_pgd", None),
         ("quilting", "mnist_std", ["quilting:library=mnist:train,library_images=1000,library_patches=5000,"
                                    "patch=4,draws=4"]),
     ]),
@@ -70,10 +76,13 @@ def robust_set(store: ResultsStore, run_id: str, task: str) -> tuple[set[int], s
     return {r.sample_index for r in rows if r.clean_correct}, {r.sample_index for r in rows if r.robust}
 
 
-def run(dataset: str, n: int, db: Path, partial: Path | None = None) -> list[str]:
+def run(dataset: str, n: int, db: Path, partial: Path | None = None, rows: list[str] | None = None) -> list[str]:
     """The section of one data set; with ``partial``, the table so far is written there after each row
-    (a long run that is stopped still leaves its finished rows)."""
+    (a long run that is stopped still leaves its finished rows); ``rows``: only the rows whose label
+    starts with one of these."""
     key, eps, rows_spec = SETTINGS[dataset]
+    if rows:
+        rows_spec = [r for r in rows_spec if any(r[0].startswith(w) for w in rows)]
     std, _ = get_model(key)
     x, y = load_split(dataset, "test")
     x, y = x[:n], y[:n]
@@ -159,6 +168,10 @@ def main() -> None:
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--only", choices=sorted(SETTINGS))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rows", action="append", metavar="LABEL",
+                   help="only the rows whose label starts with LABEL (repeat); the report goes to --out")
+    p.add_argument("--out", default="defenses_trained",
+                   help="report name under benchmarks/results (with --only: NAME_DATASET.txt)")
     p.add_argument("--merge", action="store_true",
                    help="only copy the tables of defenses_trained*.txt into defenses_adaptive.txt (its last section)")
     args = p.parse_args()
@@ -169,11 +182,12 @@ def main() -> None:
     os.environ.setdefault("ROBUSTLAB_DATA", str(shared_data_dir()))  # the quilting library, MI reference set
     lines = ["# Trained defenses: non-adaptive vs adaptive robust accuracy", "", environment(), ""]
     for dataset in ([args.only] if args.only else list(SETTINGS)):
-        db = RESULTS.parent / ".cache" / f"defenses_trained_{dataset}.db"
+        db = RESULTS.parent / ".cache" / f"{args.out}_{dataset}.db"
         db.parent.mkdir(exist_ok=True)
         db.unlink(missing_ok=True)
-        lines += run(dataset, args.n, db, RESULTS / f"defenses_trained_{dataset}.txt" if args.only else None) + [""]
-    name = "defenses_trained" + (f"_{args.only}" if args.only else "")
+        partial = RESULTS / f"{args.out}_{dataset}.txt" if args.only else None
+        lines += run(dataset, args.n, db, partial, args.rows) + [""]
+    name = args.out + (f"_{args.only}" if args.only else "")
     write = RESULTS / f"{name}.txt"
     write.write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))

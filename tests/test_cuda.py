@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from robustlab.attacks import ATTACKS, create_attack
+from robustlab.defenses import apply_defenses
 from robustlab.eval.runner import EvalOptions, evaluate
 from robustlab.eval.store import ResultsStore
 from robustlab.models import ModelCard, create_model, save_checkpoint
@@ -36,15 +37,35 @@ def surrogate(digits_model, tmp_path_factory) -> str:
     return str(path)
 
 
+class Decode(torch.nn.Module):
+    """A thermometer code (N, C * levels, H, W) back to the image (bucket / levels), so the digits model
+    runs behind the encoding."""
+
+    def __init__(self, levels: int) -> None:
+        super().__init__()
+        self.levels = levels
+
+    def forward(self, code: torch.Tensor) -> torch.Tensor:
+        return code.unflatten(1, (-1, self.levels)).mean(dim=2)
+
+
+def attacked_model(name: str, digits_model: torch.nn.Module) -> torch.nn.Module:
+    """The digits model, behind a 16-level thermometer for ls-pga (which attacks an encoding)."""
+    if name != "ls-pga":
+        return digits_model
+    return apply_defenses(torch.nn.Sequential(Decode(16), digits_model), ["thermometer:levels=16"]).eval()
+
+
 @pytest.mark.parametrize("name", ATTACKS.names())
 def test_every_attack_runs_on_cuda_as_on_cpu(name, digits_model, digits_test, surrogate):
     cls = ATTACKS.get(name)
     threat = ThreatModel(cls.norms[0], EPS[cls.norms[0]])
     params = {**BUDGETS.get(name, {}), **({"surrogate": surrogate} if name == "transfer" else {})}
     x, y = digits_test.x[:64], digits_test.y[:64]
-    gpu_model = copy.deepcopy(digits_model).to(CUDA)
+    cpu_model = attacked_model(name, digits_model)
+    gpu_model = copy.deepcopy(cpu_model).to(CUDA)
     results = {}
-    for device, model in (("cpu", digits_model), ("cuda", gpu_model)):
+    for device, model in (("cpu", cpu_model), ("cuda", gpu_model)):
         gen = torch.Generator(device=device).manual_seed(0)
         results[device] = create_attack(name, threat, **params).run(model, x.to(device), y.to(device), gen)
     r = results["cuda"]

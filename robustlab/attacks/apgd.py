@@ -273,6 +273,10 @@ class APGDCE(APGDBase):
 
     name = "apgd-ce"
 
+    def with_loss(self, loss: str) -> "APGDBase":
+        """APGD-DLR with these parameters for ``loss="dlr"``; itself for other losses."""
+        return APGDDLR(self.threat, targeted=self.targeted, **self.params) if loss == "dlr" else self
+
     def _objective(self) -> Objective:
         targeted = self.targeted
         return lambda logits, labels: cross_entropy(logits, labels, targeted)

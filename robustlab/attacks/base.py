@@ -116,6 +116,12 @@ class Attack(Configurable):
             out[key] = value
         return out
 
+    def with_loss(self, loss: str) -> "Attack":
+        """This attack maximizing ``loss`` (a name of :data:`robustlab.losses.LOSSES`) where it maximizes
+        cross-entropy (a ``loss`` parameter at ``ce``); itself otherwise. For models whose logits
+        saturate the softmax, so that cross-entropy has no gradient (the MMC head)."""
+        return self.with_params(loss=loss) if self.params.get("loss") == "ce" else self
+
     def with_threat(self, threat: ThreatModel) -> "Attack":
         return type(self)(threat, targeted=self.targeted, **self.params)
 

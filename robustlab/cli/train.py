@@ -111,6 +111,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     declared = ([d.config() for d in build_defenses(["sampled-gradients"])]
                 if parse_activation(args.activation or "relu") else [])
     arch_kwargs.update(getattr(objective, "model_options", dict)())  # e.g. mmc: the MMC head
+    # a recipe may declare what its models' attackers need (mmc: a margin loss, cross-entropy saturates)
+    declared += [d.config() for d in build_defenses(getattr(objective, "declared_defenses", list)())]
     base = create_model(args.model, num_classes=data.num_classes, in_channels=channels, **arch_kwargs)
     # With --defense the model trains behind the defenses (attacks in adversarial recipes go through
     # them adaptively: BPDA where declared); the checkpoint holds the model, its card the defenses.

@@ -5,6 +5,7 @@ from robustlab.defenses import (  # noqa: F401  (registers the defenses)
     equivariance,
     filters,
     jpeg,
+    margin,
     mixup_inference,
     nrp,
     quilting,

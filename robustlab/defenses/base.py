@@ -15,7 +15,12 @@ the model. What it declares:
   ``eot`` draws of it while predictions take one pass (the sampled gradient estimate of a model whose
   gradients are masked, k-WTA: defense ``sampled-gradients``);
 - ``attack_draws``: the EOT draws an attack averages (default ``draws``; a defense that predicts from
-  one draw but needs EOT from its attacker declares more).
+  one draw but needs EOT from its attacker declares more);
+- ``adaptive_attacks``: attacks (``NAME[:key=value,...]`` specs) built for this defense that the
+  evaluation adds to the adaptive ones (the thermometer's LS-PGA, which ascends over the codes a pixel
+  can take rather than over pixels);
+- ``attack_loss``: the loss gradient attacks maximize in place of cross-entropy (default None: the
+  attack's own), for models whose logits saturate the softmax (``margin-loss``, the MMC head).
 
 Two optional hooks for defenses that need more than the image:
 
@@ -29,7 +34,8 @@ Two optional hooks for defenses that need more than the image:
 :class:`DefendedModel` chains defenses in order in front of a model. Its ``forward`` is what attacks
 differentiate (BPDA where declared); its ``predict`` is what the evaluation counts (the real
 transforms, a majority vote over draws for randomized ones). ``needs()`` gathers the declarations
-into :class:`AttackerNeeds`, which the evaluation uses to make attacks adaptive.
+into :class:`AttackerNeeds`, which the evaluation uses to make attacks adaptive. An attack that
+needs to see the encoding itself asks the model for it with ``discrete_encoding()``.
 """
 
 from __future__ import annotations
@@ -52,13 +58,16 @@ from robustlab.registry import Registry
 class AttackerNeeds:
     """What an adaptive attack on a defended model must do: average gradients over ``eot`` draws
     (1: deterministic), differentiate non-differentiable steps by BPDA (``bpda`` names them), attack
-    through iterative steps (``through`` names them), and subtract the penalties of the defenses
-    ``penalty`` names from its loss."""
+    through iterative steps (``through`` names them), subtract the penalties of the defenses
+    ``penalty`` names from its loss, add the attacks ``attacks`` specifies (the defenses' own), and
+    maximize ``loss`` where an attack maximizes cross-entropy (None: keep it)."""
 
     eot: int = 1
     bpda: tuple[str, ...] = ()
     through: tuple[str, ...] = ()
     penalty: tuple[str, ...] = ()
+    attacks: tuple[str, ...] = ()
+    loss: str | None = None
 
     def describe(self) -> str:
         parts = []
@@ -70,6 +79,10 @@ class AttackerNeeds:
             parts.append(f"gradients through {', '.join(self.through)}")
         if self.penalty:
             parts.append(f"loss minus the objective of {', '.join(self.penalty)}")
+        if self.loss:
+            parts.append(f"{self.loss} loss in place of cross-entropy")
+        if self.attacks:
+            parts.append(f"plus {', '.join(self.attacks)}")
         return "; ".join(parts) or "plain gradients (the defended model is differentiable and deterministic)"
 
 
@@ -83,6 +96,10 @@ class Defense(Configurable):
     attack_randomized: ClassVar[bool] = False
     # draws a prediction votes over, and EOT draws an attack averages (randomized defenses)
     default_draws: ClassVar[int] = 1
+    # attacks built for this defense, added to the adaptive ones (specs NAME[:key=value,...])
+    adaptive_attacks: ClassVar[tuple[str, ...]] = ()
+    # the loss adaptive attacks maximize in place of cross-entropy (None: the attack's own)
+    attack_loss: ClassVar[str | None] = None
 
     def transform(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The defense's operation on a batch (N, C, H, W) in [0, 1]; random draws from ``generator``
@@ -215,7 +232,18 @@ class DefendedModel(Predictor):
             bpda=tuple(d.name for d in self.defenses if not d.differentiable),
             through=tuple(d.name for d in self.defenses if d.iterative),
             penalty=tuple(d.name for d in self.defenses if d.has_penalty),
+            attacks=tuple(dict.fromkeys(a for d in self.defenses for a in d.adaptive_attacks)),
+            loss=next((d.attack_loss for d in self.defenses if d.attack_loss), None),
         )
+
+    def discrete_encoding(self) -> tuple[Defense, nn.Module] | None:
+        """(the encoding, the model behind it) when the defenses are one discrete input encoding, a
+        defense with the bucket methods ``buckets``, ``relax`` and ``bucket_value`` (the thermometer);
+        else None. What LS-PGA attacks."""
+        if len(self.defenses) == 1 and all(callable(getattr(self.defenses[0], m, None))
+                                           for m in ("buckets", "relax", "bucket_value")):
+            return self.defenses[0], self.model
+        return None
 
     def attack_penalty(self, x: torch.Tensor) -> torch.Tensor | None:
         """The sum of the defenses' penalties at ``x`` (N,), differentiable, random draws from

@@ -26,7 +26,7 @@ from torch import nn
 
 import robustlab
 from robustlab import distributed
-from robustlab.attacks.base import Attack
+from robustlab.attacks.base import ATTACKS, Attack
 from robustlab.certify.smoothing import check_base_model
 from robustlab.data import Dataset, is_dense
 from robustlab.defenses import AttackerNeeds, DefendedModel
@@ -39,6 +39,7 @@ from robustlab.eval.protocols.zero_shot import DEFAULT_EPS, EXAMPLES_PER_SET, Ze
 from robustlab.eval.store import ResultsStore
 from robustlab.models.probe import probe_model
 from robustlab.models.runtime import fast_runtime, full_float32
+from robustlab.params import parse_spec
 from robustlab.progress import TimeLeft
 from robustlab.progress import progress as show_progress
 
@@ -181,7 +182,7 @@ def segment(
     defenses = None
     if isinstance(model, DefendedModel):
         needs = model.needs()
-        attacks = adaptive_attacks(attacks, needs)
+        attacks = adaptive_attacks(attacks, needs, dense=True)
         defenses = model.configs()
         kwargs["model_info"] = {**(kwargs.get("model_info") or {}), "defenses": defenses,
                                 "adaptive_attack": needs.describe()}
@@ -213,13 +214,26 @@ def zero_shot(
                model_info=info, **kwargs)
 
 
-def adaptive_attacks(attacks: list[Attack], needs: AttackerNeeds) -> list[Attack]:
+def adaptive_attacks(attacks: list[Attack], needs: AttackerNeeds, dense: bool = False) -> list[Attack]:
     """The attacks made adaptive to a defense: gradient attacks that average over draws (an ``eot``
     parameter left at 1) average over the defense's ``needs.eot`` draws. BPDA and gradients through
-    iterative steps are the defended model's own forward pass, so every attack gets them."""
-    if needs.eot <= 1:
-        return list(attacks)
-    return [a.with_params(eot=needs.eot) if a.params.get("eot") == 1 else a for a in attacks]
+    iterative steps are the defended model's own forward pass, so every attack gets them. Attacks on
+    cross-entropy maximize ``needs.loss`` instead where a defense declares one (``Attack.with_loss``). The attacks
+    the defenses declare as their own (``needs.attacks``, e.g. the thermometer's LS-PGA) are added on
+    the given attacks' threat model, unless one of that name is given already or it cannot run there
+    (another norm; per-pixel labels when ``dense``)."""
+    out = [a.with_loss(needs.loss) for a in attacks] if needs.loss else list(attacks)
+    if needs.eot > 1:
+        out = [a.with_params(eot=needs.eot) if a.params.get("eot") == 1 else a for a in out]
+    given = {a.name for a in out}
+    for spec in needs.attacks:
+        name, params = parse_spec(spec, "attack")
+        cls = ATTACKS.get(name)
+        threat = out[0].threat
+        if name in given or threat.norm not in cls.norms or (dense and not cls.dense):
+            continue
+        out.append(cls(threat, targeted=out[0].targeted, **params))
+    return out
 
 
 @full_float32()  # the model as defined, not TF32 on CUDA (see full_float32)

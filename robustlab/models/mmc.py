@@ -5,9 +5,12 @@ Discriminant Analysis Networks", ICML 2018).
 The network's output is read as features ``z`` (one per class dimension); the K class centers ``mu_k``
 lie on a sphere of radius C with the largest equal separation (pairwise inner product ``-C^2/(K-1)``).
 The MMC loss trains ``||z - mu_y||^2 / 2`` (recipe ``mmc``); the prediction rule is the nearest center.
-:class:`MMCHead` makes that rule the model's output, ``logits_k = -||z - mu_k||^2``, so attacks
-(cross-entropy on these logits, the loss for this rule) and evaluations work on it unchanged. As a
-model option: ``create_model(name, head="mmc:C")`` (recorded in the card's ``arch_kwargs``).
+:class:`MMCHead` makes that rule the model's output, ``logits_k = -||z - mu_k||^2``, so attacks and
+evaluations work on it unchanged. Cross-entropy is not the loss for this rule: the logit gaps are of
+order C^2 and saturate the softmax, so its gradient vanishes; attacks must take a margin (the model's
+card declares the ``margin-loss`` defense, :mod:`robustlab.defenses.margin`, which makes the
+evaluation's adaptive attacks do so). As a model option: ``create_model(name, head="mmc:C")``
+(recorded in the card's ``arch_kwargs``).
 """
 
 from __future__ import annotations
