@@ -81,7 +81,10 @@ def run(dataset: str, n: int, db: Path, partial: Path | None = None, only_rows: 
     key, eps, rows_spec = SETTINGS[dataset]
     if only_rows:
         rows_spec = [r for r in rows_spec if any(w.lower() in r[0].lower() for w in only_rows)]
-    kept_rows, kept_notes = _existing(partial) if partial is not None and only_rows else ([], [])
+
+    def merged(rows: list[str], notes: list[str]) -> tuple[list[str], list[str]]:
+        # read at each write, so runs of other rows of the same data set going on beside this one keep theirs
+        return _merged(*(_existing(partial) if partial is not None and only_rows else ([], [])), rows, notes)
     std, _ = get_model(key)
     x, y = load_split(dataset, "test")
     x, y = x[:n], y[:n]
@@ -147,9 +150,9 @@ def run(dataset: str, n: int, db: Path, partial: Path | None = None, only_rows: 
                          f"encoding if it has one, else without the defense)")
             log(f"[{dataset}] {rows[-1]} ({time.perf_counter() - t0:.0f} s)")
             if partial is not None:
-                partial.write_text("\n".join(_section(dataset, key, eps, n, base, *_merged(kept_rows, kept_notes, rows, notes))
+                partial.write_text("\n".join(_section(dataset, key, eps, n, base, *merged(rows, notes))
                                              + ["", "(partial: the run was still going)"]), encoding="utf-8")
-    return _section(dataset, key, eps, n, base, *_merged(kept_rows, kept_notes, rows, notes))
+    return _section(dataset, key, eps, n, base, *merged(rows, notes))
 
 
 def _label(line: str) -> str:
