@@ -11,8 +11,10 @@ them into the data set's existing results file in place of the rows of the same 
 
 Models (benchmarks/common.py, trained on first use; small CPU budgets, stated in the output):
 thermometer (16 levels) trained on the encoding; mixup, k-WTA (ratio 0.1) and input-gradient
-regularization fine-tuned from the standard model; defensive distillation at T = 100 (the first
-network on hard labels, then the distilled one on its soft labels), deployed at T = 1.
+regularization (Adam: SGD diverges on the double-backpropagation loss) fine-tuned from the standard
+model; defensive distillation at T = 100 (the first network on hard labels, then the distilled one on
+its soft labels; Adam, as SGD has no working learning rate at T = 100 in a short run:
+``distillation_training.py``), deployed at T = 1.
 
 Attacks: input defenses (thermometer, quilting, mixup inference, k-WTA with ``sampled-gradients``) are
 evaluated as in ``defenses_adaptive.py``: APGD-CE (100 steps) run adaptively (BPDA with the defense's
@@ -232,7 +234,7 @@ def merge() -> None:
         parts.append(text[text.index("## "):].strip())
     target = RESULTS / "defenses_adaptive.txt"
     head = target.read_text(encoding="utf-8").split(MARKER)[0].rstrip()
-    doc = " ".join(__doc__.split("\n\n")[3].split())
+    doc = " ".join(next(p for p in __doc__.split("\n\n") if p.startswith("Attacks:")).split())
     target.write_text("\n\n".join([head, MARKER, doc, *parts]) + "\n", encoding="utf-8")
 
 
