@@ -4,12 +4,17 @@ distillation and input-gradient regularization. The missing rows of ``defenses_a
 same columns: clean, non-adaptive, transfer, adaptive, the per-sample worst case, the undefended
 standard model's robust accuracy under the same attack.
 
-    python benchmarks/defenses_trained.py [--n 100] [--only mnist|cifar10]
+    python benchmarks/defenses_trained.py [--n 100] [--only mnist|cifar10] [--rows LABEL,...]
+
+``--rows`` (with ``--only``) runs only the rows whose label contains one of the given words and puts
+them into the data set's existing results file in place of the rows of the same label, the others kept.
 
 Models (benchmarks/common.py, trained on first use; small CPU budgets, stated in the output):
 thermometer (16 levels) trained on the encoding; mixup, k-WTA (ratio 0.1) and input-gradient
-regularization fine-tuned from the standard model; defensive distillation at T = 100 (the first
-network on hard labels, then the distilled one on its soft labels), deployed at T = 1.
+regularization (Adam: SGD diverges on the double-backpropagation loss) fine-tuned from the standard
+model; defensive distillation at T = 100 (the first network on hard labels, then the distilled one on
+its soft labels; Adam, as SGD has no working learning rate at T = 100 in a short run:
+``distillation_training.py``), deployed at T = 1.
 
 Attacks: input defenses (thermometer, quilting, mixup inference, k-WTA with ``sampled-gradients``) are
 evaluated as in ``defenses_adaptive.py``: APGD-CE (100 steps) run adaptively (BPDA with the defense's
@@ -76,13 +81,18 @@ def robust_set(store: ResultsStore, run_id: str, task: str) -> tuple[set[int], s
     return {r.sample_index for r in rows if r.clean_correct}, {r.sample_index for r in rows if r.robust}
 
 
-def run(dataset: str, n: int, db: Path, partial: Path | None = None, rows: list[str] | None = None) -> list[str]:
+def run(dataset: str, n: int, db: Path, partial: Path | None = None, only_rows: list[str] | None = None) -> list[str]:
     """The section of one data set; with ``partial``, the table so far is written there after each row
-    (a long run that is stopped still leaves its finished rows); ``rows``: only the rows whose label
-    starts with one of these."""
+    (a long run that is stopped still leaves its finished rows). With ``only_rows``, only the rows whose
+    label contains one of these words run, and the rows of ``partial`` (if it exists) with other
+    labels are kept."""
     key, eps, rows_spec = SETTINGS[dataset]
-    if rows:
-        rows_spec = [r for r in rows_spec if any(r[0].startswith(w) for w in rows)]
+    if only_rows:
+        rows_spec = [r for r in rows_spec if any(w.lower() in r[0].lower() for w in only_rows)]
+
+    def merged(rows: list[str], notes: list[str]) -> tuple[list[str], list[str]]:
+        # read at each write, so runs of other rows of the same data set going on beside this one keep theirs
+        return _merged(*(_existing(partial) if partial is not None and only_rows else ([], [])), rows, notes)
     std, _ = get_model(key)
     x, y = load_split(dataset, "test")
     x, y = x[:n], y[:n]
@@ -148,9 +158,32 @@ def run(dataset: str, n: int, db: Path, partial: Path | None = None, rows: list[
                          f"encoding if it has one, else without the defense)")
             log(f"[{dataset}] {rows[-1]} ({time.perf_counter() - t0:.0f} s)")
             if partial is not None:
-                partial.write_text("\n".join(_section(dataset, key, eps, n, base, rows, notes)
+                partial.write_text("\n".join(_section(dataset, key, eps, n, base, *merged(rows, notes))
                                              + ["", "(partial: the run was still going)"]), encoding="utf-8")
-    return _section(dataset, key, eps, n, base, rows, notes)
+    return _section(dataset, key, eps, n, base, *merged(rows, notes))
+
+
+def _label(line: str) -> str:
+    """The row label of a table row ``| label | ...`` or a note ``- label: ...``."""
+    return line.split("|")[1].strip() if line.startswith("|") else line[2:].split(": model ")[0]
+
+
+def _existing(path: Path) -> tuple[list[str], list[str]]:
+    """(table rows, notes) of an earlier results file of one data set (empty if there is none)."""
+    if not path.is_file():
+        return [], []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows = [ln for ln in lines if ln.startswith("| ") and not ln.startswith("| defense") and not ln.startswith("| ---")]
+    return rows, [ln for ln in lines if ln.startswith("- ") and ": model " in ln]
+
+
+def _merged(kept_rows: list[str], kept_notes: list[str], rows: list[str], notes: list[str]) -> tuple[list[str], list[str]]:
+    """The earlier rows and notes with those of the labels just run replaced (new labels appended)."""
+    new = {_label(r): r for r in rows}
+    new_notes = {_label(nt): nt for nt in notes}
+    out_rows = [new.pop(_label(r), r) for r in kept_rows] + list(new.values())
+    out_notes = [new_notes.pop(_label(nt), nt) for nt in kept_notes] + list(new_notes.values())
+    return out_rows, out_notes
 
 
 def _section(dataset: str, key: str, eps: float, n: int, base: dict, rows: list[str], notes: list[str]) -> list[str]:
@@ -168,26 +201,26 @@ def main() -> None:
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--only", choices=sorted(SETTINGS))
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--rows", action="append", metavar="LABEL",
-                   help="only the rows whose label starts with LABEL (repeat); the report goes to --out")
-    p.add_argument("--out", default="defenses_trained",
-                   help="report name under benchmarks/results (with --only: NAME_DATASET.txt)")
+    p.add_argument("--rows", help="with --only: run only the rows whose label contains one of these comma-separated "
+                                  "words, replacing those rows in the data set's results file")
     p.add_argument("--merge", action="store_true",
                    help="only copy the tables of defenses_trained*.txt into defenses_adaptive.txt (its last section)")
     args = p.parse_args()
     if args.merge:
         merge()
         return
+    if args.rows and not args.only:
+        p.error("--rows needs --only")
     set_threads(args.threads)
     os.environ.setdefault("ROBUSTLAB_DATA", str(shared_data_dir()))  # the quilting library, MI reference set
     lines = ["# Trained defenses: non-adaptive vs adaptive robust accuracy", "", environment(), ""]
     for dataset in ([args.only] if args.only else list(SETTINGS)):
-        db = RESULTS.parent / ".cache" / f"{args.out}_{dataset}.db"
+        db = RESULTS.parent / ".cache" / f"defenses_trained_{dataset}{'_' + args.rows.replace(',', '_') if args.rows else ''}.db"
         db.parent.mkdir(exist_ok=True)
         db.unlink(missing_ok=True)
-        partial = RESULTS / f"{args.out}_{dataset}.txt" if args.only else None
-        lines += run(dataset, args.n, db, partial, args.rows) + [""]
-    name = args.out + (f"_{args.only}" if args.only else "")
+        lines += run(dataset, args.n, db, RESULTS / f"defenses_trained_{dataset}.txt" if args.only else None,
+                     args.rows.split(",") if args.rows else None) + [""]
+    name = "defenses_trained" + (f"_{args.only}" if args.only else "")
     write = RESULTS / f"{name}.txt"
     write.write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))
@@ -207,7 +240,7 @@ def merge() -> None:
         parts.append(text[text.index("## "):].strip())
     target = RESULTS / "defenses_adaptive.txt"
     head = target.read_text(encoding="utf-8").split(MARKER)[0].rstrip()
-    doc = " ".join(__doc__.split("\n\n")[3].split())
+    doc = " ".join(next(p for p in __doc__.split("\n\n") if p.startswith("Attacks:")).split())
     target.write_text("\n\n".join([head, MARKER, doc, *parts]) + "\n", encoding="utf-8")
 
 

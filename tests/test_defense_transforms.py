@@ -221,3 +221,23 @@ def test_quilting_builds_images_from_library_patches():
     assert not torch.equal(out, q.transform(x, torch.Generator().manual_seed(1)))
     with pytest.raises(RobustlabError, match="3-channel|1-channel"):
         q.transform(torch.rand(1, 3, 8, 8))
+
+
+def test_quilting_searches_neighbours_once_per_batch_across_draws(monkeypatch):
+    from robustlab.data import load_dataset
+
+    q = create_defense("quilting", library="digits:train", library_patches=2000, patch=2, neighbors=5)
+    x = load_dataset("digits", "test").x[:6]
+    expected = [q.transform(x, torch.Generator().manual_seed(s)) for s in range(3)]
+    q._last = None
+    calls = []
+    real = torch.cdist
+    monkeypatch.setattr(torch, "cdist", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fresh = create_defense("quilting", library="digits:train", library_patches=2000, patch=2, neighbors=5)
+    for s in range(3):  # three draws on one batch (EOT, a vote): one search, the same outputs as before
+        assert torch.equal(fresh.transform(x, torch.Generator().manual_seed(s)), expected[s])
+    assert len(calls) == 1
+    other = x.clone()
+    other[0, 0, 0, 0] += 0.5  # another batch is searched again
+    fresh.transform(other, torch.Generator().manual_seed(0))
+    assert len(calls) == 2

@@ -5,6 +5,10 @@ Simplification, said plainly: patches are laid on a grid without overlap, so the
 seam between neighbouring patches as in Efros & Freeman's quilting; the defense's mechanism (a
 non-differentiable, randomized projection onto clean patches) is the same, and so is the attack that
 breaks it: BPDA with the identity and EOT over the random choices (Athalye et al. 2018).
+
+Cost: the nearest-neighbour search (a distance to every library patch) is most of the defense's work
+and does not depend on the random choice, so the neighbours of the last batch are kept and reused when
+the same batch comes again: an attack's EOT draws and a prediction's vote over draws search once.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class Quilting(Defense):
                                  "library_patches >= neighbors")
         self._patches: torch.Tensor | None = None
         self._shape: tuple[int, ...] | None = None
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (patches of the last batch, their neighbours)
         self._build()  # a missing library fails here, before anything runs
 
     def _build(self) -> torch.Tensor:
@@ -70,9 +75,19 @@ class Quilting(Defense):
         padded = F.pad(x, (0, pw, 0, ph), mode="replicate")
         cols = F.unfold(padded, k, stride=k).transpose(1, 2)  # N, P, C*k*k
         flat = cols.reshape(-1, cols.shape[-1])
-        near = torch.cdist(flat, library).topk(self.params["neighbors"], dim=1, largest=False).indices
+        near = self._neighbors(flat.detach(), library)
         pick = torch.randint(self.params["neighbors"], (len(flat),), generator=generator,
                              device=generator.device if generator is not None else "cpu").to(x.device)
         chosen = library[near[torch.arange(len(flat), device=x.device), pick]]
         out = F.fold(chosen.view(n, -1, chosen.shape[-1]).transpose(1, 2), padded.shape[-2:], k, stride=k)
         return out[..., :h, :w]
+
+    def _neighbors(self, flat: torch.Tensor, library: torch.Tensor) -> torch.Tensor:
+        """Indices (P, neighbors) of the library patches nearest each row of ``flat``; the last batch's
+        are reused when the same patches come again (EOT draws, prediction votes)."""
+        last = self._last
+        if last is not None and last[0].shape == flat.shape and last[0].device == flat.device and torch.equal(last[0], flat):
+            return last[1]
+        near = torch.cdist(flat, library).topk(self.params["neighbors"], dim=1, largest=False).indices
+        self._last = (flat.clone(), near)
+        return near
