@@ -8,7 +8,7 @@ and its threshold fixed on separate clean images at a false-positive rate (:func
 default). The run's configuration records what they are fitted and calibrated on; the fitted state
 (``detector.safetensors``) and the operating point (``calibration.json``: threshold and the spread of
 clean scores the adaptive attack scales by) are kept with the run in the store's run files, so a
-resumed run loads the state instead of fitting again (and recomputes the same threshold).
+resumed run loads both instead of fitting and calibrating again.
 
 One task, ``main``. Per batch: every image's clean prediction and detector score; then, on the
 correctly classified ones, PGD (``pgd_steps``, CE loss, the classifier alone: what a
@@ -202,8 +202,11 @@ class DetectionProtocol(Protocol):
                 fit_detector(self.detector, model, d.x.to(device), d.y.to(device), self.threat, seed, FIT_ATTACK_STEPS)
                 files.put(_STATE_FILE, save({k: v.detach().cpu().contiguous()
                                              for k, v in self.detector.fitted_state().items()}))
-        self.calibration = calibrate(self.detector, model, d.x_cal.to(device), d.fpr, d.cal_source)
-        if files.get(_CALIBRATION_FILE) is None:
+        kept = files.get(_CALIBRATION_FILE)
+        if kept is not None:  # the operating point this run fixed when it started, exactly
+            self.calibration = Calibration(**json.loads(kept))
+        else:
+            self.calibration = calibrate(self.detector, model, d.x_cal.to(device), d.fpr, d.cal_source)
             files.put(_CALIBRATION_FILE, json.dumps(asdict(self.calibration)).encode())
 
     def attack_records(self) -> list[dict[str, Any]]:
