@@ -25,10 +25,13 @@ The subproblems are solved exactly, batched over samples:
   such point, ``clip(lam * b)``, ``lam`` by bisection).
 - L1 and L0: through the Lagrangian, which separates per coordinate (L1: a soft threshold; L0: keep
   the clean value or move, whichever is cheaper); the hyperplane's multiplier and the trust
-  region's weight are found by nested bisection (:meth:`BrendelBethge._step_lagrangian`). For L1
-  (convex) that is the subproblem's solution; for L0 (not convex) a solution of its Lagrangian
-  relaxation. L0 counts changed values
-  of the flat input in the subproblem, changed pixels (:mod:`robustlab.threat`) in the result.
+  region's weight are found by nested bisection (:meth:`BrendelBethge._step_lagrangian`), and each
+  candidate step is put exactly on the hyperplane by changing only the coordinates it already moves
+  (:func:`_onto_plane`); a step counts only if it then lies on the hyperplane and in the trust
+  region. For L1 (convex) that is the subproblem's solution; for L0 (not convex) a solution of its
+  Lagrangian relaxation, which with a slack trust region is the exact answer of the linear problem
+  (the coordinates with the largest reach first). L0 counts changed values of the flat input in the
+  subproblem, changed pixels (:mod:`robustlab.threat`) in the result.
 
 When the linearized boundary cannot be reached within the trust region, the step goes as far
 towards it as the trust region allows. A point counts as adversarial only with a logit-gap margin
