@@ -57,7 +57,7 @@ ROUNDS = 50
 #: and on the log of the trust-region weight, and that weight's range relative to the box. The step
 #: is touched onto the hyperplane afterwards (:func:`_onto_plane`), so the multiplier only needs to
 #: find the set of moved coordinates (30 rounds: 1e-9 of its bracket), and the weight is found to 1%
-#: (12 rounds over 27.6 in log): 40 and 20 rounds cost 1.6x the solver time for the same points
+#: (12 rounds over 27.6 in log): 40 and 20 rounds cost 1.8x the solver time for the same points
 #: (10 MNIST points in L0: 9 of 10 equal, one 4 instead of 5 pixels).
 T_ROUNDS = 30
 TAU_ROUNDS = 12
