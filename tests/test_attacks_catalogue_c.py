@@ -125,13 +125,15 @@ def _exact_minimum(model, x, y, norm):
 @pytest.mark.parametrize("norm", ["l1", "l0"])
 def test_brendel_bethge_l1_l0_near_the_exact_minimum_on_a_linear_model(linear, norm):
     model, x, y = linear
-    steps = 60 if norm == "l1" else 150  # L0 leaves the noise start's support more slowly
-    res = create_attack("brendel-bethge", ThreatModel(norm, 1.0), steps=steps, lr=0.05).run(model, x, y, gen(0))
+    res = create_attack("brendel-bethge", ThreatModel(norm, 1.0), steps=60, lr=0.05).run(model, x, y, gen(0))
     assert res.success.all() and (predict(model, res.x_adv) != y).all()
     assert ((res.x_adv >= 0) & (res.x_adv <= 1)).all()
     ours = ThreatModel(norm, 1.0).distance(res.x_adv, x).double()
     ratio = ours / _exact_minimum(model, x, y, norm)
     assert float(ratio.min()) >= 1 - 1e-6  # nothing beats the exact answer
-    # L1 is convex: the walk finds the minimum. L0 is not: the median point changes 3.5x the fewest
-    # pixels possible here (foolbox's L0BrendelBethgeAttack at 60 steps: 43 to 64 of the 64 pixels).
-    assert float(ratio.median()) <= (1.02 if norm == "l1" else 5.0), ratio
+    # L1 is convex: the walk finds the minimum. L0 is not, but its step solves the linear problem
+    # exactly when the trust region allows (the greedy answer): the walk finds the fewest pixels
+    # (measured: all 8 points exact; before the step had to reach the hyperplane, 3 to 13 pixels).
+    assert float(ratio.median()) <= (1.02 if norm == "l1" else 1.0 + 1e-9), ratio
+    if norm == "l0":
+        assert float(ratio.mean()) <= 1.25, ratio
