@@ -169,12 +169,20 @@ def _label(line: str) -> str:
 
 
 def _existing(path: Path) -> tuple[list[str], list[str]]:
-    """(table rows, notes) of an earlier results file of one data set (empty if there is none)."""
+    """(table rows, notes) of an earlier results file of one data set (empty if there is none); the notes
+    are every line after the table, so hand-written notes under it survive a ``--rows`` rerun."""
     if not path.is_file():
         return [], []
     lines = path.read_text(encoding="utf-8").splitlines()
     rows = [ln for ln in lines if ln.startswith("| ") and not ln.startswith("| defense") and not ln.startswith("| ---")]
-    return rows, [ln for ln in lines if ln.startswith("- ") and ": model " in ln]
+    # the notes: everything after the table (model notes, replaced by label, and free text, kept as written)
+    after = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].startswith("| ")), len(lines) - 1) + 1
+    notes = lines[after:]
+    while notes and not notes[0].strip():
+        notes.pop(0)
+    while notes and not notes[-1].strip():
+        notes.pop()
+    return rows, notes
 
 
 def _merged(kept_rows: list[str], kept_notes: list[str], rows: list[str], notes: list[str]) -> tuple[list[str], list[str]]:
