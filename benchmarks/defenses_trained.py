@@ -159,8 +159,11 @@ def run(dataset: str, n: int, db: Path, partial: Path | None = None, only_rows: 
             log(f"[{dataset}] {rows[-1]} ({time.perf_counter() - t0:.0f} s)")
             if partial is not None:
                 partial.write_text("\n".join(_section(dataset, key, eps, n, base, *merged(rows, notes))
-                                             + ["", "(partial: the run was still going)"]), encoding="utf-8")
+                                             + ["", PARTIAL]), encoding="utf-8")
     return _section(dataset, key, eps, n, base, *merged(rows, notes))
+
+
+PARTIAL = "(partial: the run was still going)"
 
 
 def _label(line: str) -> str:
@@ -177,7 +180,7 @@ def _existing(path: Path) -> tuple[list[str], list[str]]:
     rows = [ln for ln in lines if ln.startswith("| ") and not ln.startswith("| defense") and not ln.startswith("| ---")]
     # the notes: everything after the table (model notes, replaced by label, and free text, kept as written)
     after = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].startswith("| ")), len(lines) - 1) + 1
-    notes = lines[after:]
+    notes = [ln for ln in lines[after:] if ln != PARTIAL]
     while notes and not notes[0].strip():
         notes.pop(0)
     while notes and not notes[-1].strip():
