@@ -4,7 +4,9 @@ attack with more draws and a larger sigma on what is left.
 
     python benchmarks/kwta_bpda.py [--n 100]
 
-Surrogate (BPDA, straight-through): the forward pass is the real k-WTA; the backward pass is that of
+The first rows are what the attack ``kwta-bpda`` (robustlab/attacks/kwta_bpda.py) does, which the
+``sampled-gradients`` defense now declares. Surrogate (:class:`robustlab.models.kwta.SmoothKWTA`, BPDA,
+straight-through): the forward pass is the real k-WTA; the backward pass is that of
 ``x * sigmoid((x - t) / tau)``, with ``t`` the layer's k-th largest value (held fixed), so activations
 just below the threshold, which a small step would make winners, get a gradient, where the real k-WTA
 gives them none. ``tau`` is a fraction of the layer's spread (its standard deviation per sample).
@@ -14,7 +16,6 @@ Each attack runs on the points every attack above left robust; judged by the rea
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -30,25 +31,8 @@ from defenses_trained import SETTINGS  # noqa: E402
 
 from robustlab.attacks import create_attack  # noqa: E402
 from robustlab.defenses import apply_defenses  # noqa: E402
-from robustlab.models.kwta import KWTA  # noqa: E402
+from robustlab.models.kwta import swap_kwta  # noqa: E402
 from robustlab.threat import ThreatModel  # noqa: E402
-
-
-class SmoothKWTA(nn.Module):
-    """k-WTA forward, the gradient of a sigmoid-gated relaxation backward (straight-through)."""
-
-    def __init__(self, ratio: float, tau: float) -> None:
-        super().__init__()
-        self.ratio, self.tau = ratio, tau
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(x.shape[0], -1)
-        k = max(1, math.ceil(self.ratio * flat.shape[1]))
-        t = flat.topk(k, dim=1).values[:, -1:].detach()
-        scale = self.tau * flat.detach().std(dim=1, keepdim=True).clamp_min(1e-6)
-        soft = flat * torch.sigmoid((flat - t) / scale)
-        hard = flat * (flat >= t)
-        return (soft + (hard - soft).detach()).reshape(x.shape)
 
 
 def with_smooth(model: nn.Module, tau: float) -> nn.Module:
@@ -56,10 +40,7 @@ def with_smooth(model: nn.Module, tau: float) -> nn.Module:
     import copy
 
     twin = copy.deepcopy(model)
-    for parent in list(twin.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, KWTA):
-                setattr(parent, name, SmoothKWTA(child.ratio, tau))
+    swap_kwta(twin, tau)
     return twin.eval()
 
 
