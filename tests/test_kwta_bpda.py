@@ -19,14 +19,17 @@ def _net() -> nn.Module:
 
 
 def test_smooth_kwta_same_values_and_gradient_below_threshold():
-    x = torch.randn(3, 50, requires_grad=True)
+    x = torch.randn(3, 50, generator=torch.Generator().manual_seed(0), requires_grad=True)
     hard, smooth = KWTA(0.1)(x), SmoothKWTA(0.1)(x)
     assert torch.equal(hard, smooth)
     (g_hard,) = torch.autograd.grad(hard.sum(), x)
     (g_soft,) = torch.autograd.grad(SmoothKWTA(0.1)(x).sum(), x)
     losers = hard == 0
     assert g_hard[losers].abs().max() == 0  # the real k-WTA: no gradient to the units that lost
-    assert (g_soft[losers].abs() > 1e-3).sum() >= losers.sum() // 4  # the surrogate: those near the threshold get one
+    # the surrogate: the loser nearest the threshold in each sample (the one a small step makes a winner) gets one
+    runner_up = x.detach().masked_fill(~losers, -torch.inf).argmax(1)
+    assert (g_soft[torch.arange(3), runner_up].abs() > 1e-2).all()
+    assert ((g_soft.abs() > 1e-3) & losers).any(1).all()
 
 
 def test_swap_kwta_round_trip():
