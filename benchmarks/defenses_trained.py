@@ -159,8 +159,11 @@ def run(dataset: str, n: int, db: Path, partial: Path | None = None, only_rows: 
             log(f"[{dataset}] {rows[-1]} ({time.perf_counter() - t0:.0f} s)")
             if partial is not None:
                 partial.write_text("\n".join(_section(dataset, key, eps, n, base, *merged(rows, notes))
-                                             + ["", "(partial: the run was still going)"]), encoding="utf-8")
+                                             + ["", PARTIAL]), encoding="utf-8")
     return _section(dataset, key, eps, n, base, *merged(rows, notes))
+
+
+PARTIAL = "(partial: the run was still going)"
 
 
 def _label(line: str) -> str:
@@ -169,12 +172,20 @@ def _label(line: str) -> str:
 
 
 def _existing(path: Path) -> tuple[list[str], list[str]]:
-    """(table rows, notes) of an earlier results file of one data set (empty if there is none)."""
+    """(table rows, notes) of an earlier results file of one data set (empty if there is none); the notes
+    are every line after the table, so hand-written notes under it survive a ``--rows`` rerun."""
     if not path.is_file():
         return [], []
     lines = path.read_text(encoding="utf-8").splitlines()
     rows = [ln for ln in lines if ln.startswith("| ") and not ln.startswith("| defense") and not ln.startswith("| ---")]
-    return rows, [ln for ln in lines if ln.startswith("- ") and ": model " in ln]
+    # the notes: everything after the table (model notes, replaced by label, and free text, kept as written)
+    after = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].startswith("| ")), len(lines) - 1) + 1
+    notes = [ln for ln in lines[after:] if ln != PARTIAL]
+    while notes and not notes[0].strip():
+        notes.pop(0)
+    while notes and not notes[-1].strip():
+        notes.pop()
+    return rows, notes
 
 
 def _merged(kept_rows: list[str], kept_notes: list[str], rows: list[str], notes: list[str]) -> tuple[list[str], list[str]]:

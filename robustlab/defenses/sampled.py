@@ -7,7 +7,9 @@ gradient over random points near the input. Declared as a defense (``sampled-gra
 go through unchanged (the identity, one pass), while the attacker's view adds Gaussian noise of
 standard deviation ``sigma`` to the input, so the attacks' EOT over ``draws`` draws computes the
 sampled gradient estimate ``mean_i grad f(x + sigma * n_i)``. A k-WTA checkpoint trained with
-``robustlab train --activation kwta:R`` records it in its card, so its evaluation is adaptive.
+``robustlab train --activation kwta:R`` records it in its card, so its evaluation is adaptive. It also
+declares ``kwta-bpda`` (:mod:`robustlab.attacks.kwta_bpda`, BPDA through smooth k-WTA layers), which
+the adaptive evaluation adds: on the MNIST k-WTA model it breaks what the sampled estimate leaves.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ class SampledGradients(Defense):
     name = "sampled-gradients"
     defaults = {"sigma": 0.1, "draws": 16}
     attack_randomized = True
+    # BPDA through smooth k-WTA layers: stronger and cheaper than the sampled estimate on k-WTA models
+    adaptive_attacks = ("kwta-bpda",)
 
     def validate(self) -> None:
         if not 0.0 < self.params["sigma"] <= 1.0:

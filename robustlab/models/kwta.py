@@ -40,6 +40,40 @@ class KWTA(nn.Module):
         return f"ratio={self.ratio:g}"
 
 
+class SmoothKWTA(nn.Module):
+    """The attacker's k-WTA (BPDA): the forward values of :class:`KWTA`, the backward pass of the
+    relaxation ``x * sigmoid((x - t) / (tau * s))``, with ``t`` the layer's k-th largest value and ``s``
+    its standard deviation per sample (both held fixed), so units just below the threshold, which a
+    small step makes winners, get a gradient where the real k-WTA gives them none."""
+
+    def __init__(self, ratio: float, tau: float = 0.1) -> None:
+        super().__init__()
+        _check_ratio(ratio)
+        self.ratio, self.tau = float(ratio), float(tau)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(x.shape[0], -1)
+        k = max(1, math.ceil(self.ratio * flat.shape[1]))
+        threshold = flat.topk(k, dim=1).values[:, -1:].detach()
+        scale = self.tau * flat.detach().std(dim=1, keepdim=True).clamp_min(1e-6)
+        soft = flat * torch.sigmoid((flat - threshold) / scale)
+        hard = flat * (flat >= threshold)
+        return (soft + (hard - soft).detach()).reshape(x.shape)
+
+
+def swap_kwta(model: nn.Module, tau: float | None) -> int:
+    """Replace (in place) every :class:`KWTA` of ``model`` by a :class:`SmoothKWTA` of temperature
+    ``tau``, or with ``tau=None`` every SmoothKWTA back by a KWTA. Returns how many were replaced."""
+    old, make = (KWTA, lambda m: SmoothKWTA(m.ratio, tau)) if tau is not None else (SmoothKWTA, lambda m: KWTA(m.ratio))
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is old:
+                setattr(parent, name, make(child))
+                replaced += 1
+    return replaced
+
+
 def _check_ratio(ratio: float) -> None:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0:
         raise RobustlabError(f"k-WTA ratio must be in (0, 1], got {ratio!r}")
