@@ -4,11 +4,17 @@ default results store."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from robustlab.errors import RobustlabError
+
+if TYPE_CHECKING:
+    from robustlab.eval.store import ResultsStore
 
 DEFAULT_DB = "results.db"
 
@@ -112,6 +118,24 @@ def _device(name: str | None):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RobustlabError("--device cuda was asked for but no CUDA device is available")
     return device
+
+
+@contextlib.contextmanager
+def rank_store(db: str) -> Iterator[ResultsStore | None]:
+    """The results store of a command's run as torchrun ranks share it: rank 0 opens ``db`` for
+    writing, the other ranks get None (rank 0 hands out their batches and writes their rows). On the way
+    out a store the run never wrote to is removed, so a run that failed before it began leaves no empty
+    store behind."""
+    from robustlab import distributed
+    from robustlab.eval.store import ResultsStore
+
+    distributed.init_from_env()
+    store = ResultsStore(db, readonly=False) if distributed.is_main() else None
+    try:
+        yield store
+    finally:
+        if store is not None:
+            store.discard_if_unused()
 
 
 def _say(msg: str) -> None:

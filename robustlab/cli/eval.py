@@ -17,6 +17,7 @@ from robustlab.cli.common import (
     MODEL_HELP,
     _number,
     print_run,
+    rank_store,
     _say,
     _steps_grid,
     _threat,
@@ -49,7 +50,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from robustlab.predictor import is_randomized
     from robustlab.data.image_folder import data_fingerprint
     from robustlab.eval.runner import EvalOptions, evaluate
-    from robustlab.eval.store import ResultsStore
     from robustlab.models import load_model
     from robustlab.models.dual_bn import current_bn_branch
     from robustlab.report.text import format_summary
@@ -105,14 +105,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         extra=extra,
     )
     # Under torchrun: every rank attacks its share of the batches; rank 0 owns the store and prints.
-    distributed.init_from_env()
-    store = ResultsStore(args.db, readonly=False) if distributed.is_main() else None
-    try:
+    with rank_store(args.db) as store:
         result = evaluate(model, data, attacks, store, model_name=args.model, model_info=info, options=options,
                           resume=args.resume, device=device, log=_say)
-    finally:
-        if store is not None:
-            store.discard_if_unused()  # a run that failed before it began leaves no empty store behind
     if not distributed.is_main():
         return 0
     s = result.summary

@@ -21,6 +21,7 @@ from robustlab.cli.common import (
     add_store_options,
     load_model_on,
     print_run,
+    rank_store,
 )
 from robustlab.cli.inputs import check_data_spec, load_data_for_model
 from robustlab.errors import RobustlabError
@@ -31,7 +32,6 @@ def cmd_structured(args: argparse.Namespace) -> int:
     from robustlab.data.image_folder import data_fingerprint
     from robustlab.eval.protocols.structured import StructuredProtocol, parse_threat
     from robustlab.eval.runner import run
-    from robustlab.eval.store import ResultsStore
 
     threats = [parse_threat(spec) for spec in args.threat]  # bad specs fail before anything is loaded
     if args.fit_n < 1:
@@ -68,15 +68,10 @@ def cmd_structured(args: argparse.Namespace) -> int:
     if fingerprint is not None:  # an image folder: which files, so runs on other folders are not compared
         extra["data_fingerprint"] = fingerprint
     # Under torchrun: every rank evaluates its share of the batches; rank 0 fits, owns the store and prints.
-    distributed.init_from_env()
-    store = ResultsStore(args.db, readonly=False) if distributed.is_main() else None
-    try:
+    with rank_store(args.db) as store:
         result = run(loaded.model.eval(), data, protocol, store, seed=args.seed, batch_size=args.batch_size,
                      examples=0, extra=extra, model_name=args.model, model_info=info, resume=args.resume,
                      device=device, log=_say)
-    finally:
-        if store is not None:
-            store.discard_if_unused()  # a run that failed before it began leaves no empty store behind
     if not distributed.is_main():
         return 0
     from robustlab.report.structured import format_structured

@@ -11,6 +11,7 @@ from robustlab.cli.common import (
     _device,
     _floats,
     print_run,
+    rank_store,
     _say,
     _threat,
 )
@@ -34,7 +35,6 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
     from robustlab import distributed
     from robustlab.attacks import build_attacks
     from robustlab.eval.runner import zero_shot
-    from robustlab.eval.store import ResultsStore
     from robustlab.report.zero_shot import format_zero_shot
     from robustlab.vlm.loading import load_vlm
     from robustlab.vlm.suite import build_sets, parse_data_list
@@ -54,15 +54,10 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
     vlm, info = load_vlm(args.vlm, args.weights, device)
     sets = build_sets(vlm, specs, split=args.split, root=args.data_root, n=args.n, prompts=prompts,
                       templates=args.templates, at_model_size=args.at_model_size)
-    distributed.init_from_env()
-    store = ResultsStore(args.db, readonly=False) if distributed.is_main() else None
-    try:
+    with rank_store(args.db) as store:
         result = zero_shot(sets, attacks, store, eps=eps, sanity_checks=not args.no_sanity, vlm_info=info,
                            seed=args.seed, batch_size=args.batch_size, model_name=args.vlm, resume=args.resume,
                            device=device, log=_say)
-    finally:
-        if store is not None:
-            store.discard_if_unused()
     if not distributed.is_main():
         return 0
     return print_run(args, result, format_zero_shot(result.summary, result.checks),
