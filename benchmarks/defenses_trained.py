@@ -48,6 +48,7 @@ from robustlab.predictor import predict  # noqa: E402
 from robustlab.threat import ThreatModel  # noqa: E402
 
 # row: (label, model key, defense specs or None for a plain model)
+DEFAULT_N = {"mnist": 100, "cifar10": 50}  # the sizes the committed tables were measured at
 SETTINGS = {
     "mnist": ("mnist_std", 0.3, [
         ("thermometer:levels=16", "mnist_therm", ["thermometer:levels=16"]),
@@ -209,7 +210,8 @@ def _section(dataset: str, key: str, eps: float, n: int, base: dict, rows: list[
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=100)
+    p.add_argument("--n", type=int, help="first N test images (default: the size of the data set's table, "
+                   + ", ".join(f"{k} {v}" for k, v in DEFAULT_N.items()) + ")")
     p.add_argument("--only", choices=sorted(SETTINGS))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rows", help="with --only: run only the rows whose label contains one of these comma-separated "
@@ -226,10 +228,15 @@ def main() -> None:
     os.environ.setdefault("ROBUSTLAB_DATA", str(shared_data_dir()))  # the quilting library, MI reference set
     lines = ["# Trained defenses: non-adaptive vs adaptive robust accuracy", "", environment(), ""]
     for dataset in ([args.only] if args.only else list(SETTINGS)):
+        n = args.n or DEFAULT_N[dataset]
+        table = RESULTS / f"defenses_trained_{dataset}.txt"
+        if args.rows and table.is_file() and f"first {n} test images" not in table.read_text(encoding="utf-8"):
+            p.error(f"{table.name} was measured on another number of test images than --n {n}: rerun every row "
+                    "or give its --n, so one table never mixes sizes")
         db = RESULTS.parent / ".cache" / f"defenses_trained_{dataset}{'_' + args.rows.replace(',', '_') if args.rows else ''}.db"
         db.parent.mkdir(exist_ok=True)
         db.unlink(missing_ok=True)
-        lines += run(dataset, args.n, db, RESULTS / f"defenses_trained_{dataset}.txt" if args.only else None,
+        lines += run(dataset, n, db, RESULTS / f"defenses_trained_{dataset}.txt" if args.only else None,
                      args.rows.split(",") if args.rows else None) + [""]
     name = "defenses_trained" + (f"_{args.only}" if args.only else "")
     write = RESULTS / f"{name}.txt"
