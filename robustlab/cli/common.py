@@ -202,12 +202,18 @@ def load_data(args: argparse.Namespace):
 
     if args.samples is not None and args.samples < 1:
         raise RobustlabError(f"the number of images must be >= 1, got {args.samples}")
-    data = load_dataset(args.data, args.split, root=args.data_root)
-    if args.samples:
-        if args.samples > len(data):
-            _say(f"robustlab: note: {args.samples} images asked for, but {data.name}:{data.split} has {len(data)}; "
+    return first_samples(load_dataset(args.data, args.split, root=args.data_root), args.samples)
+
+
+def first_samples(data, samples: int | None):
+    """``data`` cut to its first ``samples`` (all of it for None), saying so when it has fewer."""
+    if samples is not None and samples < 1:
+        raise RobustlabError(f"the number of images must be >= 1, got {samples}")
+    if samples:
+        if samples > len(data):
+            _say(f"robustlab: note: {samples} images asked for, but {data.name}:{data.split} has {len(data)}; "
                  f"using all {len(data)}")
-        data = data.subset(args.samples)
+        data = data.subset(samples)
     return data
 
 

@@ -19,6 +19,7 @@ from robustlab.cli.common import (
     _say,
     add_model_data_options,
     add_store_options,
+    first_samples,
     load_model_on,
     print_run,
     rank_store,
@@ -42,12 +43,7 @@ def cmd_structured(args: argparse.Namespace) -> int:
     check_data_spec(args.data)
     device = _device(args.device)
     loaded = load_model_on(args.model, device)
-    data = load_data_for_model(args.data, args.split, args.data_root, loaded.card)
-    if args.samples:
-        if args.samples > len(data):
-            _say(f"robustlab: note: {args.samples} images asked for, but {data.name}:{data.split} has {len(data)}; "
-                 f"using all {len(data)}")
-        data = data.subset(args.samples)
+    data = first_samples(load_data_for_model(args.data, args.split, args.data_root, loaded.card), args.samples)
     fit, source = None, ""
     fitting = [t.name for t in threats if t.fits]
     if fitting:
