@@ -34,6 +34,7 @@ from robustlab.attacks import sparse_rs  # noqa: F401  (registers sparse-rs)
 from robustlab.attacks import jsma  # noqa: F401  (registers jsma)
 from robustlab.attacks import lspga  # noqa: F401  (registers ls-pga)
 from robustlab.attacks import kwta_bpda  # noqa: F401  (registers kwta-bpda)
+from robustlab.attacks import quilting_search  # noqa: F401  (registers quilting-search)
 from robustlab.attacks.suites import SUITES, build_attacks
 
 __all__ = [

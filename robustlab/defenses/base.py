@@ -34,8 +34,9 @@ Two optional hooks for defenses that need more than the image:
 :class:`DefendedModel` chains defenses in order in front of a model. Its ``forward`` is what attacks
 differentiate (BPDA where declared); its ``predict`` is what the evaluation counts (the real
 transforms, a majority vote over draws for randomized ones). ``needs()`` gathers the declarations
-into :class:`AttackerNeeds`, which the evaluation uses to make attacks adaptive. An attack that
-needs to see the encoding itself asks the model for it with ``discrete_encoding()``.
+into :class:`AttackerNeeds`, which the evaluation uses to make attacks adaptive. An attack built
+for one defense reaches its internals through ``sole_defense(methods)``: ``discrete_encoding()``
+(LS-PGA, the thermometer), ``patch_library()`` (quilting-search, image quilting).
 """
 
 from __future__ import annotations
@@ -236,14 +237,24 @@ class DefendedModel(Predictor):
             loss=next((d.attack_loss for d in self.defenses if d.attack_loss), None),
         )
 
+    def sole_defense(self, *methods: str) -> tuple[Defense, nn.Module] | None:
+        """(the defense, the model behind it) when the defenses are one defense that has every method
+        of ``methods``; else None. How an attack built for one defense reaches its internals."""
+        if len(self.defenses) == 1 and all(callable(getattr(self.defenses[0], m, None)) for m in methods):
+            return self.defenses[0], self.model
+        return None
+
     def discrete_encoding(self) -> tuple[Defense, nn.Module] | None:
         """(the encoding, the model behind it) when the defenses are one discrete input encoding, a
         defense with the bucket methods ``buckets``, ``relax`` and ``bucket_value`` (the thermometer);
         else None. What LS-PGA attacks."""
-        if len(self.defenses) == 1 and all(callable(getattr(self.defenses[0], m, None))
-                                           for m in ("buckets", "relax", "bucket_value")):
-            return self.defenses[0], self.model
-        return None
+        return self.sole_defense("buckets", "relax", "bucket_value")
+
+    def patch_library(self) -> tuple[Defense, nn.Module] | None:
+        """(the quilting defense, the model behind it) when the defenses are one patch-library
+        projection (methods ``library``, ``to_patches``, ``from_patches``, ``nearest``); else None.
+        What ``quilting-search`` attacks."""
+        return self.sole_defense("library", "to_patches", "from_patches", "nearest")
 
     def attack_penalty(self, x: torch.Tensor) -> torch.Tensor | None:
         """The sum of the defenses' penalties at ``x`` (N,), differentiable, random draws from

@@ -4,7 +4,9 @@ images, drawn at random among the ``neighbors`` nearest ones, so the output is m
 Simplification, said plainly: patches are laid on a grid without overlap, so there is no minimum-error
 seam between neighbouring patches as in Efros & Freeman's quilting; the defense's mechanism (a
 non-differentiable, randomized projection onto clean patches) is the same, and so is the attack that
-breaks it: BPDA with the identity and EOT over the random choices (Athalye et al. 2018).
+breaks it: BPDA with the identity and EOT over the random choices (Athalye et al. 2018). The defense
+also declares its own attack, ``quilting-search`` (:mod:`robustlab.attacks.quilting_search`), a search
+over which library patches each position can be made to take.
 
 Cost: the nearest-neighbour search (a distance to every library patch) is most of the defense's work
 and does not depend on the random choice, so the neighbours of the last batch are kept and reused when
@@ -31,6 +33,7 @@ class Quilting(Defense):
                 "draws": 8, "seed": 0}
     randomized = True
     differentiable = False
+    adaptive_attacks = ("quilting-search",)
 
     def validate(self) -> None:
         p = self.params
@@ -65,29 +68,50 @@ class Quilting(Defense):
             self._patches, self._shape = patches.flatten(1), (c, h, w)
         return self._patches
 
-    def transform(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        library = self._build().to(x.device, x.dtype)
+    def library(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The library patches (M, C * patch * patch), flattened as :meth:`to_patches` flattens."""
+        return self._build().to(device, dtype)
+
+    def to_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """The patches the defense replaces, (N, P, C * patch * patch): the image padded (replicating its
+        edge) to a multiple of the patch size, cut on a grid without overlap."""
         k = self.params["patch"]
         n, c, h, w = x.shape
         if c != self._shape[0]:
             raise RobustlabError(f"defense 'quilting': the library has {self._shape[0]}-channel images, the inputs {c}")
-        ph, pw = -h % k, -w % k
-        padded = F.pad(x, (0, pw, 0, ph), mode="replicate")
-        cols = F.unfold(padded, k, stride=k).transpose(1, 2)  # N, P, C*k*k
+        padded = F.pad(x, (0, -w % k, 0, -h % k), mode="replicate")
+        return F.unfold(padded, k, stride=k).transpose(1, 2)
+
+    def from_patches(self, patches: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """The image of ``size`` (H, W) that :meth:`to_patches` would cut into ``patches`` (N, P, D)."""
+        k = self.params["patch"]
+        h, w = size
+        out = F.fold(patches.transpose(1, 2), (h + -h % k, w + -w % k), k, stride=k)
+        return out[..., :h, :w]
+
+    def transform(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        library = self.library(x.device, x.dtype)
+        cols = self.to_patches(x)
         flat = cols.reshape(-1, cols.shape[-1])
         near = self._neighbors(flat.detach(), library)
         pick = torch.randint(self.params["neighbors"], (len(flat),), generator=generator,
                              device=generator.device if generator is not None else "cpu").to(x.device)
         chosen = library[near[torch.arange(len(flat), device=x.device), pick]]
-        out = F.fold(chosen.view(n, -1, chosen.shape[-1]).transpose(1, 2), padded.shape[-2:], k, stride=k)
-        return out[..., :h, :w]
+        return self.from_patches(chosen.view(cols.shape), x.shape[-2:])
+
+    def nearest(self, flat: torch.Tensor, library: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """Indices (rows, neighbors) of the library patches nearest each row of ``flat``, in chunks of
+        rows (no reuse: for many different queries at once, as an attack's candidates)."""
+        k = self.params["neighbors"]
+        return torch.cat([torch.cdist(part, library).topk(k, dim=1, largest=False).indices
+                          for part in flat.split(chunk)]) if len(flat) else flat.new_zeros((0, k), dtype=torch.long)
 
     def _neighbors(self, flat: torch.Tensor, library: torch.Tensor) -> torch.Tensor:
-        """Indices (P, neighbors) of the library patches nearest each row of ``flat``; the last batch's
-        are reused when the same patches come again (EOT draws, prediction votes)."""
+        """:meth:`nearest` for the rows of ``flat``; the last batch's are reused when the same patches
+        come again (EOT draws, prediction votes)."""
         last = self._last
         if last is not None and last[0].shape == flat.shape and last[0].device == flat.device and torch.equal(last[0], flat):
             return last[1]
-        near = torch.cdist(flat, library).topk(self.params["neighbors"], dim=1, largest=False).indices
+        near = self.nearest(flat, library)
         self._last = (flat.clone(), near)
         return near
