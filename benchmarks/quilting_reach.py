@@ -9,7 +9,11 @@ attack: the MNIST quilting row of ``defenses_trained.py`` (mnist_std behind its 
    ``x . (l_j - l_i) > (|l_j|^2 - |l_i|^2) / 2``, a half-space, and the ball is a box, so "can j beat i
    anywhere in the ball" is exact: the box's maximum of the linear form. Reported: the fraction of
    patches whose nearest library patch can change, and whose neighbour set can change at all.
-2. Soft-quilting attack (BPDA with a differentiable surrogate): each patch replaced by the
+2. Brightness in reach: over the candidate inputs ``quilting-search`` builds per position (the patch, its
+   box's corners, the 64 library patches nearest the box projected onto it), the brightest pixel of any
+   of their neighbours, on the positions that are black in the clean image: what an attacker can make the
+   network see where the digit has no stroke (a search over candidates, not an exhaustive bound).
+3. Soft-quilting attack (BPDA with a differentiable surrogate): each patch replaced by the
    softmax(-|x_p - l_j|^2 / T)-weighted mean of the library patches, the classifier behind it; APGD
    (CE, DLR) on that surrogate, judged by the real defended model's vote (fixed generator). The
    surrogate's gradient knows which library patches are within reach, where the identity (the row's
@@ -34,6 +38,7 @@ from common import RESULTS, environment, get_model, load_split, log, set_threads
 from defenses_trained import SETTINGS  # noqa: E402
 
 from robustlab.attacks import create_attack  # noqa: E402
+from robustlab.attacks.quilting_search import candidate_inputs  # noqa: E402
 from robustlab.defenses import apply_defenses  # noqa: E402
 from robustlab.predictor import predict  # noqa: E402
 from robustlab.threat import ThreatModel  # noqa: E402
@@ -120,6 +125,17 @@ def main() -> None:
              f"min {per_image.min():.0f}, max {per_image.max():.0f}",
              f"- CPU seconds: {time.process_time() - c0:.0f}", ""]
     log("\n".join(lines[-6:]))
+
+    c0 = time.process_time()
+    with torch.no_grad():
+        _, near = candidate_inputs(quilt, library, x, (x - eps).clamp(0, 1), (x + eps).clamp(0, 1), 64)
+    brightest = library[near].amax(-1).flatten(2).amax(-1).flatten()  # per position, over candidates and neighbours
+    black = patches_of(x, k).reshape(-1, k * k).amax(1) == 0
+    lines += [f"## Brightness in reach on black positions (over {near.shape[2]} candidate inputs per position)", ""]
+    lines += [f"- black positions where some candidate's neighbour has a pixel >= {t:g}: "
+              f"{100 * (brightest[black] >= t).float().mean():.1f}%" for t in (0.3, 0.5, 0.7, 0.9)]
+    lines += [f"- CPU seconds: {time.process_time() - c0:.0f}", ""]
+    log("\n".join(lines[-7:]))
 
     with torch.no_grad():
         keep = predict(defended, x, torch.Generator().manual_seed(999)) == y

@@ -2,6 +2,7 @@
 its quilting library): the strongest attacks we have, side by side, per point.
 
     python benchmarks/quilting_search.py [--n 100] [--square 5000]
+    python benchmarks/quilting_search.py --neighbors 1 --square 0 --out benchmarks/results/quilting_search_neighbors1.txt
 
 Every attack runs on the same first ``--n`` MNIST test images and is judged by the defended model's own
 vote (its ``draws`` random quilts, a fixed generator). Reported: robust accuracy under each attack alone,
@@ -12,6 +13,9 @@ cumulative (a point counts as broken once any attack above broke it) and the CPU
 - ``quilting-search`` (the attack the defense declares; CE and DLR): a greedy search over which
   neighbour set each patch position falls into, swaps ranked by the gradient at real quilts;
 - Square (``--square`` queries, no gradients at all) on the points every attack above left correct.
+
+``--neighbors K`` is the ablation: the same defense drawing from its K nearest library patches instead of
+the row's 10 (K = 1: quilting without randomness, a fixed projection onto the nearest clean patches).
 """
 
 from __future__ import annotations
@@ -38,12 +42,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100, help="first N MNIST test images")
     ap.add_argument("--square", type=int, default=5000, help="Square's queries (0: skip)")
+    ap.add_argument("--neighbors", type=int, help="ablation: the defense's neighbours (default: the row's)")
     ap.add_argument("--out", default=str(RESULTS / "quilting_search.txt"), help="results file")
     args = ap.parse_args()
     set_threads(1)
     os.environ.setdefault("ROBUSTLAB_DATA", str(shared_data_dir()))
     _, eps, rows = SETTINGS["mnist"]
     label, model_key, specs = next(r for r in rows if r[0] == "quilting")
+    if args.neighbors:
+        specs = [f"{specs[0]},neighbors={args.neighbors}"]
     model, _ = get_model(model_key)
     defended = apply_defenses(model, specs).eval()
     x, y = load_split("mnist", "test")
