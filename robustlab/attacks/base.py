@@ -116,6 +116,12 @@ class Attack(Configurable):
             out[key] = value
         return out
 
+    @classmethod
+    def runs_on(cls, model: nn.Module) -> bool:
+        """Whether this attack can attack ``model`` at all (True but for attacks built for one defense,
+        which need that defense alone in front of the network)."""
+        return True
+
     def with_loss(self, loss: str) -> "Attack":
         """This attack maximizing ``loss`` (a name of :data:`robustlab.losses.LOSSES`) where it maximizes
         cross-entropy (a ``loss`` parameter at ``ce``); itself otherwise. For models whose logits

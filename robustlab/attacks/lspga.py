@@ -33,12 +33,16 @@ from robustlab.losses import LOSSES, get_loss
 
 def discrete_encoding(model: nn.Module) -> tuple[object, nn.Module]:
     """(encoding, network behind it) of ``model``, or a one-line error saying what LS-PGA needs."""
-    get = getattr(model, "discrete_encoding", None)
-    found = get() if callable(get) else None
+    found = _encoding(model)
     if found is None:
         raise RobustlabError("attack 'ls-pga' attacks a model behind one discrete input encoding (defense "
                              "thermometer); this model has none")
     return found
+
+
+def _encoding(model: nn.Module) -> tuple[object, nn.Module] | None:
+    get = getattr(model, "discrete_encoding", None)
+    return get() if callable(get) else None
 
 
 @register_attack
@@ -55,6 +59,10 @@ class LSPGA(Attack):
     norms = ("linf",)
     defaults = {"steps": 100, "alpha": 0.5, "temperature": 1.0, "anneal": 1.05, "restarts": 1, "loss": "ce"}
     choices = {"loss": tuple(LOSSES)}
+
+    @classmethod
+    def runs_on(cls, model: nn.Module) -> bool:
+        return _encoding(model) is not None
 
     def validate(self) -> None:
         super().validate()

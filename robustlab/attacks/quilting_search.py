@@ -44,12 +44,16 @@ from robustlab.losses import LOSSES, get_loss
 
 def patch_library(model: nn.Module) -> tuple[object, nn.Module]:
     """(quilting defense, network behind it) of ``model``, or a one-line error saying what the attack needs."""
-    get = getattr(model, "patch_library", None)
-    found = get() if callable(get) else None
+    found = _library(model)
     if found is None:
         raise RobustlabError("attack 'quilting-search' attacks a model behind one patch-library projection "
                              "(defense quilting); this model has none")
     return found
+
+
+def _library(model: nn.Module) -> tuple[object, nn.Module] | None:
+    get = getattr(model, "patch_library", None)
+    return get() if callable(get) else None
 
 
 def candidate_inputs(quilt, library: torch.Tensor, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
@@ -90,6 +94,10 @@ class QuiltingSearch(Attack):
     norms = ("linf",)
     defaults = {"steps": 100, "candidates": 32, "eot": 4, "loss": "ce"}
     choices = {"loss": tuple(LOSSES)}
+
+    @classmethod
+    def runs_on(cls, model: nn.Module) -> bool:
+        return _library(model) is not None
 
     def validate(self) -> None:
         super().validate()
