@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -13,6 +14,13 @@ import torch
 
 from robustlab.cli import main
 from robustlab.models import ModelCard, save_checkpoint
+
+def _free_port() -> str:
+    """A TCP port free now (a fixed one collides with another run of the suite on the same machine)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
 
 ROWS = ("SELECT task, sample_index, clean_correct, robust, broken_by, adv_pred, gradients, forwards FROM adversarial_samples"
         " ORDER BY task, sample_index")
@@ -27,7 +35,7 @@ def test_two_process_evaluation_equals_one_process(tmp_path, digits_model, capsy
     one = json.loads(capsys.readouterr().out)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ROBUSTLAB_BACKEND": "gloo"}
     res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
          "-m", "robustlab", *args, "--db", str(tmp_path / "two.db")],
         capture_output=True, text=True, env=env, timeout=600,
     )
@@ -54,7 +62,7 @@ def test_two_process_training_matches_one_process(tmp_path):
                          capture_output=True, text=True, env=env, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
          "-m", "robustlab", *args, "--out", str(tmp_path / "two.safetensors")],
         capture_output=True, text=True, env=env, timeout=600,
     )
@@ -79,7 +87,7 @@ def test_two_process_structured_run_equals_one_process(tmp_path, digits_model, c
     one = json.loads(capsys.readouterr().out)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ROBUSTLAB_BACKEND": "gloo"}
     res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
          "-m", "robustlab", *args, "--db", str(tmp_path / "two.db")],
         check=False, capture_output=True, text=True, env=env, timeout=600,
     )

@@ -60,8 +60,9 @@ def candidate_inputs(quilt, library: torch.Tensor, x: torch.Tensor, lo: torch.Te
                      count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per patch position of each image: candidate input patches (N, P, count + 3, D), all inside the
     box [lo, hi], and each one's neighbour set under the defense (N, P, count + 3, neighbors). Candidate
-    0 is the patch of ``x``, 1 and 2 the box's corners, the rest the ``count`` library patches nearest
-    the box, projected onto it."""
+    0 is the patch of ``x``, 1 and 2 the box's corners, the rest ``count`` distinct library patches
+    projected onto the box: ranked by their squared distance to it less 1e-3 times the mean squared
+    change of the patch, so the nearest come first and equally near ones move the patch most."""
     cur, box_lo, box_hi = (quilt.to_patches(t) for t in (x, lo, hi))
     n, positions, dim = cur.shape
     rows, rows_lo, rows_hi = cur.reshape(-1, dim), box_lo.reshape(-1, dim), box_hi.reshape(-1, dim)
