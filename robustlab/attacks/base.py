@@ -71,6 +71,10 @@ class Attack(Configurable):
     derived: ClassVar[dict[str, str]] = {"alpha": "step_size"}
     kind: ClassVar[str] = "white-box"
     minimum_norm: ClassVar[bool] = False
+    # attacks built for one defense: the DefendedModel method that hands over (that defense, the network
+    # behind it), and what it is, for the error line (see runs_on, defense_of)
+    defense_accessor: ClassVar[str | None] = None
+    defense_needed: ClassVar[str] = ""
     # Attacks segmentation models too (per-pixel labels (N, H, W), dense logits): the loss is the
     # mean over pixels (robustlab.losses.per_sample) and a sample counts as broken only when every
     # pixel is, so the attack runs all its steps.
@@ -118,9 +122,22 @@ class Attack(Configurable):
 
     @classmethod
     def runs_on(cls, model: nn.Module) -> bool:
-        """Whether this attack can attack ``model`` at all (True but for attacks built for one defense,
-        which need that defense alone in front of the network)."""
-        return True
+        """Whether this attack can attack ``model`` at all: an attack built for one defense needs the model
+        to hand that defense over (see :attr:`defense_accessor`)."""
+        return cls.defense_accessor is None or cls._reach(model) is not None
+
+    @classmethod
+    def _reach(cls, model: nn.Module) -> tuple[Any, nn.Module] | None:
+        get = getattr(model, cls.defense_accessor, None)
+        return get() if callable(get) else None
+
+    def defense_of(self, model: nn.Module) -> tuple[Any, nn.Module]:
+        """(the defense this attack is built for, the network behind it), or one error line saying what
+        the attack needs."""
+        found = self._reach(model)
+        if found is None:
+            raise RobustlabError(f"attack {self.name!r} attacks a model behind {self.defense_needed}; this model has none")
+        return found
 
     def with_loss(self, loss: str) -> "Attack":
         """This attack maximizing ``loss`` (a name of :data:`robustlab.losses.LOSSES`) where it maximizes

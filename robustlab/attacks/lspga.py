@@ -31,20 +31,6 @@ from robustlab.errors import RobustlabError
 from robustlab.losses import LOSSES, get_loss
 
 
-def discrete_encoding(model: nn.Module) -> tuple[object, nn.Module]:
-    """(encoding, network behind it) of ``model``, or a one-line error saying what LS-PGA needs."""
-    found = _encoding(model)
-    if found is None:
-        raise RobustlabError("attack 'ls-pga' attacks a model behind one discrete input encoding (defense "
-                             "thermometer); this model has none")
-    return found
-
-
-def _encoding(model: nn.Module) -> tuple[object, nn.Module] | None:
-    get = getattr(model, "discrete_encoding", None)
-    return get() if callable(get) else None
-
-
 @register_attack
 class LSPGA(Attack):
     """Logit-space ascent over each pixel's reachable buckets (see the module).
@@ -56,13 +42,11 @@ class LSPGA(Attack):
     """
 
     name = "ls-pga"
+    defense_accessor = "discrete_encoding"
+    defense_needed = "one discrete input encoding (defense thermometer)"
     norms = ("linf",)
     defaults = {"steps": 100, "alpha": 0.5, "temperature": 1.0, "anneal": 1.05, "restarts": 1, "loss": "ce"}
     choices = {"loss": tuple(LOSSES)}
-
-    @classmethod
-    def runs_on(cls, model: nn.Module) -> bool:
-        return _encoding(model) is not None
 
     def validate(self) -> None:
         super().validate()
@@ -75,7 +59,7 @@ class LSPGA(Attack):
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator) -> AttackResult:
         p = self.params
-        encoding, network = discrete_encoding(model)
+        encoding, network = self.defense_of(model)
         objective = get_loss(p["loss"])
         # the bounds the threat model's projection uses, so every point built here is kept as it is
         lo_all, hi_all = self.threat.project(x - 1.0, x), self.threat.project(x + 1.0, x)

@@ -42,20 +42,6 @@ from robustlab.errors import RobustlabError
 from robustlab.losses import LOSSES, get_loss
 
 
-def patch_library(model: nn.Module) -> tuple[object, nn.Module]:
-    """(quilting defense, network behind it) of ``model``, or a one-line error saying what the attack needs."""
-    found = _library(model)
-    if found is None:
-        raise RobustlabError("attack 'quilting-search' attacks a model behind one patch-library projection "
-                             "(defense quilting); this model has none")
-    return found
-
-
-def _library(model: nn.Module) -> tuple[object, nn.Module] | None:
-    get = getattr(model, "patch_library", None)
-    return get() if callable(get) else None
-
-
 def candidate_inputs(quilt, library: torch.Tensor, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                      count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per patch position of each image: candidate input patches (N, P, count + 3, D), all inside the
@@ -92,13 +78,11 @@ class QuiltingSearch(Attack):
     """
 
     name = "quilting-search"
+    defense_accessor = "patch_library"
+    defense_needed = "one patch-library projection (defense quilting)"
     norms = ("linf",)
     defaults = {"steps": 100, "candidates": 32, "eot": 4, "loss": "ce"}
     choices = {"loss": tuple(LOSSES)}
-
-    @classmethod
-    def runs_on(cls, model: nn.Module) -> bool:
-        return _library(model) is not None
 
     def validate(self) -> None:
         super().validate()
@@ -108,7 +92,7 @@ class QuiltingSearch(Attack):
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator) -> AttackResult:
         p = self.params
-        quilt, network = patch_library(model)
+        quilt, network = self.defense_of(model)
         objective = get_loss(p["loss"])
         library = quilt.library(x.device, x.dtype)
         # the bounds the threat model's projection uses, so every point built here is kept as it is
