@@ -90,6 +90,7 @@ import argparse
 import copy
 import json
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -480,6 +481,7 @@ def render(args, path, t_pre, sources_desc, n_val, eval_sets, results, grid, sel
     lines = [
         ("Zero-shot robustness transfer with held-out evaluation data: tiny CLIP, TeCoA / FARE adapted on "
          + (f"{args.adapt_sets} with one head" if broad else "CIFAR-10 classes A") + " (benchmarks/vlm_tecoa_heldout.py)"),
+        "Command: OMP_NUM_THREADS=1 nice python benchmarks/vlm_tecoa_heldout.py " + shlex.join(sys.argv[1:]),
         environment(),
         "",
         (f"Pretraining: {path.name}: CLIP loss on captions of {args.pretrain_per_source} train images each of mnist, "
