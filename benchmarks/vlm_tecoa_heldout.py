@@ -579,6 +579,16 @@ def render(args, path, t_pre, sources_desc, n_val, eval_sets, results, grid, sel
                          + (f" (at 1/255 {per_class[1]})" if args.per_class_1 else ""))
         lines.append(f"  {label:66s} " + " | ".join(parts))
     lines.append("  (classes in order: " + ", ".join(eval_sets[NATURAL[0]].classes) + ")")
+    lines += ["Paired against the original AFTER the APGD check (same tests as above, on the per-image worst case):"]
+    for label, res in results.items():
+        if label == "original":
+            continue
+        parts = []
+        for n in (n for n in NATURAL if n in res):
+            for e in EVAL_EPS:
+                w, lo, p, d, _se = paired(res, base, [n], f"{e}/255 strong")
+                parts.append(f"{n} {e}/255 {100 * d:+.1f} ({w}/{lo}, p {p:.2g})")
+        lines.append(f"  {label:66s} " + "; ".join(parts))
     return "\n".join(lines) + "\n"
 
 
