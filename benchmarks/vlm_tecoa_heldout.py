@@ -82,6 +82,21 @@ B5. Evaluation as above (400 test images per set, the same images and attack see
     on cifar10-B at 1/255 or 4/255 significantly (paired sign test, p < 0.05, PGD-10) AND does not collapse
     there: no predicted class takes more than half of the cifar10-B images, clean or under that attack (a
     constant classifier: 100%; the true largest class: 22%), and the gain survives the APGD check.
+
+Runs made (results and summary in ``benchmarks/results/vlm_tecoa_broad.txt``; each file names its command)::
+
+    python benchmarks/vlm_tecoa_heldout.py --pretrain-config '{"vision_width": 96}' --pretrain-epochs 10 \
+        --pretrain-cifar-b --pretrain-flip --adapt-sets mnist,fashion_mnist,cifar10-A --select balanced \
+        --families fine-tuning,prompts --ft-modes full --ft-lrs 1e-5,1e-4 --vpt-lrs 1e-2 --fare-lrs 1e-4 \
+        --train-eps 1,4 --per-class-1 --out benchmarks/results/vlm_tecoa_broad.txt
+    # secondary, the default tiny CLIP, fine-tuning family only (CPU):
+    python benchmarks/vlm_tecoa_heldout.py --adapt-sets mnist,fashion_mnist,cifar10-A --select balanced \
+        --families fine-tuning --ft-modes full --ft-lrs 1e-5,1e-4 --fare-lrs 1e-4 --train-eps 1,4 --per-class-1 \
+        --out benchmarks/results/vlm_tecoa_broad_default.txt
+    # the same restricted to the selected lr and the natural sets, for the paired tests after APGD:
+    ... --ft-lrs 1e-4 --sets cifar10-B,cifar10-B-gray --out benchmarks/results/vlm_tecoa_broad_default_apgd.txt
+
+``benchmarks/vlm_tecoa_broad_diag.py``: a post-hoc look at the original model's text geometry (why "cat").
 """
 
 from __future__ import annotations
