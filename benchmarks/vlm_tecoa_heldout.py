@@ -46,6 +46,57 @@ the same as above, the grid and sets restricted to keep the CPU cost small), wri
 (``--pretrain-only`` with the same pretraining options prints the model's clean 5-way zero-shot accuracy on
 cifar10-B and stops.) ``--pretrain-cifar-b`` adds the classes-B train images outside the pretraining subset:
 they are never adaptation or validation images (those are classes A) and never test images.
+
+BROAD ADAPTATION (``--adapt-sets mnist,fashion_mnist,cifar10-A --select balanced``; written to
+``benchmarks/results/vlm_tecoa_broad.txt``). Design fixed before any run of it (the held-out runs above found
+TeCoA's gains on unseen natural classes to be a class collapse after adapting on 5 CIFAR classes, selected by a
+rule blind to collapse):
+
+B1. Pretrained model: the stronger tiny CLIP above (vision width 96, 10 epochs, ``--pretrain-cifar-b
+    --pretrain-flip``), re-pretrained with the same options. If CPU allows, the same run on the default tiny
+    CLIP as a second, secondary result.
+B2. Adaptation set: ONE zero-shot head over 25 classes: MNIST's 10, Fashion-MNIST's 10 and CIFAR-10 classes A's
+    5 (each class with its own data set's templates; :func:`robustlab.vlm.prompt_classifier` over the pooled
+    caption classes of :func:`robustlab.vlm.pretrain.caption_dataset`; images brought to 32x32x3 as in
+    pretraining). Equal images per source: the 2,274 classes-A train images of the runs above, and 2,274 each
+    of MNIST and Fashion-MNIST train images that pretraining did not use (the seeded permutation's images after
+    the pretraining ones) = 6,822 images. Validation: 300 further unused images per source (classes A: the same
+    300 as above) = 900, never trained on.
+B3. Grid (small, CPU): TeCoA at eps 1/255 and 4/255 x full fine-tuning x Adam lr {1e-5, 1e-4} (1e-3 collapsed
+    above) and visual prompt tuning (vpt:pad=2,tokens=8,deep=true) at lr 1e-2 (the lr of the runs above) x
+    epochs 1..2; FARE at 4/255, full, lr 1e-4 (1e-5 only with ``--fare-lrs 1e-5,1e-4`` if CPU allows).
+B4. Selection (``--select balanced``), per objective x training eps x family, on the 900 validation images
+    with the 25-way training head: the highest balanced clean accuracy + balanced robust accuracy (mean over
+    the 25 classes of per-class recall; robust = PGD-10 at the training eps); ties to the smaller lr. The test
+    sets are not read until then.
+B5. Evaluation as above (400 test images per set, the same images and attack seeds; PGD-10 at 1/255 and 4/255;
+    APGD-CE + APGD-DLR on PGD's survivors for the natural sets), each set with its own zero-shot head:
+    - held out: cifar10-B (5-way, the odd CIFAR classes, never adapted on: the PRIMARY endpoint), cifar10-B-gray,
+      and digits (a data set never seen; note that its class names are MNIST's, which the broad head adapted on,
+      so digits tests an unseen image distribution of adapted classes, not unseen classes);
+    - in domain, reported apart: cifar10-A, mnist, fashion_mnist test images.
+    For every model and test set: the largest share of any one predicted class, clean and under attack (the
+    protocol's predictions), beside the constant-classifier level (the largest true-class share), so a
+    collapse is visible. Paired sign tests against the original as above.
+    Reading fixed in advance: the transfer effect is reproduced if a selected TeCoA model raises robust accuracy
+    on cifar10-B at 1/255 or 4/255 significantly (paired sign test, p < 0.05, PGD-10) AND does not collapse
+    there: no predicted class takes more than half of the cifar10-B images, clean or under that attack (a
+    constant classifier: 100%; the true largest class: 22%), and the gain survives the APGD check.
+
+Runs made (results and summary in ``benchmarks/results/vlm_tecoa_broad.txt``; each file names its command)::
+
+    python benchmarks/vlm_tecoa_heldout.py --pretrain-config '{"vision_width": 96}' --pretrain-epochs 10 \
+        --pretrain-cifar-b --pretrain-flip --adapt-sets mnist,fashion_mnist,cifar10-A --select balanced \
+        --families fine-tuning,prompts --ft-modes full --ft-lrs 1e-5,1e-4 --vpt-lrs 1e-2 --fare-lrs 1e-4 \
+        --train-eps 1,4 --per-class-1 --out benchmarks/results/vlm_tecoa_broad.txt
+    # secondary, the default tiny CLIP, fine-tuning family only (CPU):
+    python benchmarks/vlm_tecoa_heldout.py --adapt-sets mnist,fashion_mnist,cifar10-A --select balanced \
+        --families fine-tuning --ft-modes full --ft-lrs 1e-5,1e-4 --fare-lrs 1e-4 --train-eps 1,4 --per-class-1 \
+        --out benchmarks/results/vlm_tecoa_broad_default.txt
+    # the same restricted to the selected lr and the natural sets, for the paired tests after APGD:
+    ... --ft-lrs 1e-4 --sets cifar10-B,cifar10-B-gray --out benchmarks/results/vlm_tecoa_broad_default_apgd.txt
+
+``benchmarks/vlm_tecoa_broad_diag.py``: a post-hoc look at the original model's text geometry (why "cat").
 """
 
 from __future__ import annotations
@@ -54,6 +105,7 @@ import argparse
 import copy
 import json
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -74,17 +126,23 @@ from benchmarks.common import (
 from benchmarks.vlm_tecoa import captions
 from benchmarks.vlm_tecoa_paired import per_image, sign_test_two_sided
 from robustlab.data import ImageDataset, load_dataset
+from robustlab.eval.metrics import balanced_accuracy, largest_class_share
 from robustlab.threat import ThreatModel
 from robustlab.training import TrainConfig, create_objective, train
 from robustlab.vlm.adapt import prepare
-from robustlab.vlm.pretrain import CaptionSource, pretrain_tiny_clip
+from robustlab.vlm.pretrain import CaptionSource, caption_dataset, pretrain_tiny_clip
 from robustlab.vlm.tiny_clip import (
     TinyCLIPConfig,
     load_tiny_clip,
     read_tiny_clip_card,
     save_tiny_clip,
 )
-from robustlab.vlm.zeroshot import ZeroShotClassifier, text_classifier
+from robustlab.vlm.zeroshot import (
+    ZeroShotClassifier,
+    fill,
+    prompt_classifier,
+    text_classifier,
+)
 
 EVAL_EPS = (1, 4)
 PRETRAIN_VERSION = "tiny-clip-heldout/1"
@@ -93,6 +151,9 @@ CLASSES_B = (1, 3, 5, 7, 9)
 HELDOUT = ("cifar10-B", "cifar10-B-gray", "digits", "mnist", "fashion_mnist")
 NATURAL = ("cifar10-B", "cifar10-B-gray")
 VPT_MODE = "vpt:pad=2,tokens=8,deep=true"
+ADAPT_SETS = ("mnist", "fashion_mnist", "cifar10-A")
+#: evaluation set -> the adaptation source whose domain it is (in-domain when that source is adapted on)
+DOMAIN = {"cifar10-A (in-domain)": "cifar10-A", "mnist": "mnist", "fashion_mnist": "fashion_mnist"}
 
 
 def cifar_split(root, per_source: int):
@@ -115,6 +176,42 @@ def take(data, idx, name: str, classes=None, gray: bool = False) -> ImageDataset
     if gray:
         x = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).clamp(0, 1)
     return ImageDataset(name, "x", x.float().contiguous(), y, names)
+
+
+def broad_adaptation(args, root, adapt_sets, cifar, pool, n_train):
+    """The pooled adaptation and validation sets over ``adapt_sets`` (one zero-shot head over all their
+    classes, each class with its data set's templates): (train, validation, per-class prompts, description).
+    MNIST / Fashion-MNIST images: the train images after the pretraining ones in pretraining's permutation."""
+    unknown = sorted(set(adapt_sets) - set(ADAPT_SETS))
+    if unknown or len(set(adapt_sets)) != len(adapt_sets):
+        raise SystemExit(f"--adapt-sets: give distinct names among {', '.join(ADAPT_SETS)}")
+    per = args.adapt_per_source or n_train
+    train_src, val_src = [], []
+    for name in adapt_sets:
+        if name == "cifar10-A":
+            if per > n_train:
+                raise SystemExit(f"--adapt-per-source {per}: classes A have only {n_train} unused train images")
+            all_names, templates = captions("cifar10", cifar)
+            names = [all_names[c] for c in CLASSES_A]
+            tr = take(pool, torch.arange(per), name)
+            va = take(pool, torch.arange(n_train, len(pool)), name)
+        else:
+            data = load_dataset(name, "train", root=root)
+            unused = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[args.pretrain_per_source:]
+            names, templates = captions(name, data)
+            tr = take(data, unused[:per].sort().values, name)
+            va = take(data, unused[per:per + args.val_n].sort().values, name)
+        train_src.append(CaptionSource(name, tr, names, templates))
+        val_src.append(CaptionSource(name, va, names, templates))
+    size = pretrain_config(args).image_size
+    train_data, prompts = caption_dataset(train_src, size)
+    val_data, val_prompts = caption_dataset(val_src, size)
+    assert prompts == val_prompts
+    desc = (f"ONE {len(prompts)}-way zero-shot head over " + " + ".join(
+        f"{s.name} ({len(s.classnames)} classes)" for s in train_src) + f"; {per} train images per source "
+        f"({len(train_data)} in all) that pretraining did NOT use, as {size}x{size}x3 as in pretraining "
+        f"(cifar10-A: the first {per} of the classes-A images outside the pretraining subset)")
+    return train_data, val_data, prompts, desc
 
 
 def pretrain_config(args) -> TinyCLIPConfig:
@@ -188,13 +285,13 @@ def stronger(clf, x, y, robust: torch.Tensor, eps: int, steps: int = 50, chunk: 
     return out
 
 
-def run_adaptation(path, data, names, templates, objective, mode, config, on_epoch):
-    """One adaptation in the loop (as :func:`robustlab.vlm.adapt.adapt`), with ``on_epoch(record,
-    adapted)`` so the prompts of vpt are visible to the callback."""
+def run_adaptation(path, data, prompts, objective, mode, config, on_epoch):
+    """One adaptation in the loop (as :func:`robustlab.vlm.adapt.adapt`; the head: each class's
+    ``prompts``), with ``on_epoch(record, adapted)`` so the prompts of vpt are visible to the callback."""
     vlm = load_tiny_clip(path).eval()
     if getattr(objective, "original", "absent") is None:
         objective.bind_original(copy.deepcopy(vlm))
-    weights = text_classifier(vlm, names, templates)
+    weights = prompt_classifier(vlm, prompts)
     adapted = prepare(vlm, mode, torch.Generator().manual_seed(config.seed))
     model = ZeroShotClassifier(adapted, weights)
     train(model, data, config, objective, progress=False, on_epoch=lambda r: on_epoch(r, adapted))
@@ -234,6 +331,14 @@ def main() -> None:
     ap.add_argument("--sets", default=",".join(("cifar10-A (in-domain)", *HELDOUT)),
                     help="evaluation sets (means are over the chosen ones of each group)")
     ap.add_argument("--per-class-1", action="store_true", help="also print per-class robust accuracy at 1/255")
+    ap.add_argument("--adapt-sets", default="cifar10-A",
+                    help="adaptation sources, one zero-shot head over all their classes: cifar10-A (the default, "
+                         "the held-out runs) or several of " + ", ".join(ADAPT_SETS) + " (broad adaptation)")
+    ap.add_argument("--adapt-per-source", type=int, default=0,
+                    help="broad adaptation: train images per source (0: as many as classes A have, 2274)")
+    ap.add_argument("--select", default="clean+robust", choices=("clean+robust", "balanced"),
+                    help="selection on validation: clean + robust accuracy (the held-out runs) or balanced clean + "
+                         "balanced robust accuracy (mean per-class recall over the adaptation classes)")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -259,17 +364,27 @@ def main() -> None:
     cifar, _pre_idx, rest = cifar_split(root, args.pretrain_per_source)
     pool = take(cifar, rest, "cifar10-A", CLASSES_A)
     n_train = len(pool) - args.val_n
-    train_data = take(pool, torch.arange(n_train), "cifar10-A")
-    val_x, val_y = pool.batch(torch.arange(n_train, len(pool)))
     names, templates = captions("cifar10", cifar)
     names_a = [names[c] for c in CLASSES_A]
+    adapt_sets = args.adapt_sets.split(",")
+    if adapt_sets == ["cifar10-A"]:  # the held-out runs: classes A alone, 5-way head
+        train_data = take(pool, torch.arange(n_train), "cifar10-A")
+        val_x, val_y = pool.batch(torch.arange(n_train, len(pool)))
+        prompts_a = [[fill(t, n) for t in templates] for n in names_a]
+        sources_desc = f"CIFAR-10 classes A {names_a} (even labels), {n_train} train images"
+    else:
+        train_data, val_data, prompts_a, sources_desc = broad_adaptation(args, root, adapt_sets, cifar, pool, n_train)
+        val_x, val_y = val_data.x, val_data.y
     original = load_tiny_clip(path)
-    val_head = text_classifier(original, names_a, templates)
+    val_head = prompt_classifier(original, prompts_a)
     train_eps = [int(v) for v in args.train_eps.split(",")]
 
     def val_score(vlm, eps):
+        """(clean, robust, balanced clean, balanced robust) on the validation images."""
         r = per_image(ZeroShotClassifier(vlm, val_head), val_x, val_y, [eps], args.pgd_steps, seed=7)
-        return float(r["clean"].float().mean()), float(r[f"{eps}/255"].float().mean())
+        k = len(prompts_a)
+        return (float(r["clean"].float().mean()), float(r[f"{eps}/255"].float().mean()),
+                balanced_accuracy(r["clean"], val_y, k), balanced_accuracy(r[f"{eps}/255"], val_y, k))
 
     val_original = {e: val_score(original, e) for e in train_eps}
     log(f"original on validation: {val_original}")
@@ -292,14 +407,16 @@ def main() -> None:
                              warmup_epochs=0.0, seed=args.seed)
 
         def on_epoch(record, adapted, objective_name=objective_name, eps=eps, family=family, mode=mode, lr=lr):
-            c, rb = val_score(adapted, eps)
+            c, rb, bc, brb = val_score(adapted, eps)
             grid.append({"objective": objective_name, "eps": eps, "family": family, "mode": mode, "lr": lr,
-                         "epoch": record["epoch"], "clean": c, "robust": rb, "score": c + rb,
+                         "epoch": record["epoch"], "clean": c, "robust": rb, "bal_clean": bc, "bal_robust": brb,
+                         "score": bc + brb if args.select == "balanced" else c + rb,
                          "state": copy.deepcopy(adapted.state_dict())})
             log(f"  {objective_name} eps {eps}/255 {mode} lr {lr:g} epoch {record['epoch']}: val clean "
-                f"{100 * c:.1f} robust {100 * rb:.1f} (loss {record['loss']:.4f})")
+                f"{100 * c:.1f} robust {100 * rb:.1f}, balanced {100 * bc:.1f} / {100 * brb:.1f} "
+                f"(loss {record['loss']:.4f}, {time.process_time() - t_start:.0f} CPU s)")
 
-        run_adaptation(path, train_data, names_a, templates, objective, mode, config, on_epoch)
+        run_adaptation(path, train_data, prompts_a, objective, mode, config, on_epoch)
     selected = {}
     for key in sorted({(g["objective"], g["eps"], g["family"]) for g in grid}, key=lambda k: (k[0] != "tecoa", k)):
         rows = [g for g in grid if (g["objective"], g["eps"], g["family"]) == key]
@@ -331,21 +448,26 @@ def main() -> None:
         base = "cifar10" if key.startswith("cifar10") else key
         prompts[key] = ([captions("cifar10", cifar)[0][c] for c in (CLASSES_A if "-A" in key else CLASSES_B)]
                         if base == "cifar10" else captions(base, data)[0], captions(base, data)[1])
-    results = {}
+    adapted_domains = set(adapt_sets)
+    groups = {"heldout": [n for n in HELDOUT if n in eval_sets and DOMAIN.get(n) not in adapted_domains],
+              "indomain": [n for n in eval_sets if DOMAIN.get(n) in adapted_domains]}
+    results, shares = {}, {}
     for label, row in {"original": None, **selected}.items():
         model = rebuild(path, row)
-        results[label] = {}
+        results[label], shares[label] = {}, {}
         for key, data in eval_sets.items():
             clf = ZeroShotClassifier(model, text_classifier(model, *prompts[key]))
-            results[label][key] = per_image(clf, data.x, data.y, EVAL_EPS, args.pgd_steps)
+            preds = {}
+            results[label][key] = per_image(clf, data.x, data.y, EVAL_EPS, args.pgd_steps, preds=preds)
+            shares[label][key] = {k: largest_class_share(v, len(data.classes)) for k, v in preds.items()}
             if key in NATURAL:
                 for e in EVAL_EPS:
                     results[label][key][f"{e}/255 strong"] = stronger(clf, data.x, data.y,
                                                                      results[label][key][f"{e}/255"], e)
             log(f"  {label} on {key}: " + ", ".join(f"{k} {100 * float(v.float().mean()):.1f}"
                                                      for k, v in results[label][key].items()))
-        report = render(args, path, t_pre, pool, n_train, eval_sets, results, grid, selected, val_original,
-                        time.process_time() - t_start, t_grid)
+        report = render(args, path, t_pre, sources_desc, len(val_y), eval_sets, results, grid, selected, val_original,
+                        time.process_time() - t_start, t_grid, groups, shares)
         write_report(report, Path(args.out))
 
 
@@ -363,13 +485,18 @@ def paired(res, base, keys_sets, k):
     return tw, tl, sign_test_two_sided(tw, tl), sum(diffs) / len(diffs), math.sqrt(var) / len(diffs)
 
 
-def render(args, path, t_pre, pool, n_train, eval_sets, results, grid, selected, val_original, cpu, t_grid) -> str:
+def render(args, path, t_pre, sources_desc, n_val, eval_sets, results, grid, selected, val_original, cpu, t_grid,
+           groups, shares) -> str:
     keys = ["clean", *[f"{e}/255" for e in EVAL_EPS]]
     card = read_tiny_clip_card(path).training
     sizes = ", ".join(f"{n} {len(d)}" for n, d in eval_sets.items())
+    broad = args.adapt_sets != "cifar10-A"
+    heldout, indomain = groups["heldout"], groups["indomain"]
+    balanced = args.select == "balanced"
     lines = [
-        ("Zero-shot robustness transfer with held-out evaluation data: tiny CLIP, TeCoA / FARE adapted on CIFAR-10 "
-         "classes A (benchmarks/vlm_tecoa_heldout.py)"),
+        ("Zero-shot robustness transfer with held-out evaluation data: tiny CLIP, TeCoA / FARE adapted on "
+         + (f"{args.adapt_sets} with one head" if broad else "CIFAR-10 classes A") + " (benchmarks/vlm_tecoa_heldout.py)"),
+        "Command: OMP_NUM_THREADS=1 nice python benchmarks/vlm_tecoa_heldout.py " + shlex.join(sys.argv[1:]),
         environment(),
         "",
         (f"Pretraining: {path.name}: CLIP loss on captions of {args.pretrain_per_source} train images each of mnist, "
@@ -378,45 +505,68 @@ def render(args, path, t_pre, pool, n_train, eval_sets, results, grid, selected,
          f"{'; each also mirrored' if args.pretrain_flip else ''}), {args.pretrain_epochs} epochs, Adam 2e-3 cosine; "
          f"no digits; tiny CLIP {pretrain_config(args)}; {t_pre} CPU s in the session that finished it (a resumed "
          "pretraining counts only its last session)."),
-        (f"Adaptation: CIFAR-10 classes A {list(pool.classes)} (even labels), {n_train} train images NOT used in "
-         f"pretraining; validation: the {len(pool) - n_train} further ones (never trained on). Batch 128, Adam, cosine "
-         f"over {args.epochs} epochs, no weight decay, seed {args.seed}. TeCoA: PGD 2 steps of eps; FARE: PGD 10 steps."),
+        (f"Adaptation: {sources_desc}" + ("" if broad else " NOT used in pretraining") + f"; validation: {n_val} further "
+         f"images ({args.val_n} per source, never trained on). Batch 128, Adam, cosine over {args.epochs} epochs, no "
+         f"weight decay, seed {args.seed}. TeCoA: PGD 2 steps of eps; FARE: PGD 10 steps."),
         (f"Grid: TeCoA eps {args.train_eps}/255 x families {args.families} [fine-tuning: {args.ft_modes} x lr "
          f"{args.ft_lrs}; prompts: {VPT_MODE} x lr {args.vpt_lrs}] x epochs 1..{args.epochs}; FARE eps 4/255 full x lr "
          f"{args.fare_lrs or 'none'}."),
-        ("Selection (fixed before the run): per objective x training eps x family, the highest clean + robust "
-         f"(PGD-{args.pgd_steps} at the training eps) zero-shot accuracy on the validation images, ties to the smaller lr."),
-        (f"Evaluation: zero-shot, same images and attack seeds for every model ({sizes}); PGD-{args.pgd_steps} (CE, "
-         f"1 random start, step 2.5 eps/{args.pgd_steps}) at Linf 1/255 and 4/255, at the data's own resolution; only "
-         "clean-correct images attacked. cifar10-B = test images of the odd classes (5-way), never in adaptation."),
+        ("Selection (fixed before the run): per objective x training eps x family, the highest "
+         + ("BALANCED clean + BALANCED robust (mean over the adaptation classes of per-class recall; robust: "
+            if balanced else "clean + robust (")
+         + f"PGD-{args.pgd_steps} at the training eps) zero-shot accuracy on the validation images"
+         + (" with the training head" if balanced else "") + ", ties to the smaller lr."),
+        (f"Evaluation: zero-shot, each set with its own head, same images and attack seeds for every model ({sizes}); "
+         f"PGD-{args.pgd_steps} (CE, 1 random start, step 2.5 eps/{args.pgd_steps}) at Linf 1/255 and 4/255, at the "
+         "data's own resolution; only clean-correct images attacked. cifar10-B = test images of the odd classes "
+         "(5-way), never in adaptation."),
+        f"Held-out sets (no adaptation on their domain): {', '.join(heldout)}; in-domain sets: {', '.join(indomain) or 'none'}.",
         f"CPU: grid {t_grid:.0f} s, total so far {cpu:.0f} s (process time, 1 thread).",
         "",
-        "Validation grid (held-out adaptation images, classes A; %):",
-        "  original: " + ", ".join(f"clean {100 * c:.1f} robust@{e}/255 {100 * r:.1f}" for e, (c, r) in val_original.items()),
+        "Validation grid (held-out adaptation images; %" + ("; balanced = mean per-class recall" if balanced else "") + "):",
+        "  original: " + ", ".join(f"clean {100 * v[0]:.1f} robust@{e}/255 {100 * v[1]:.1f}"
+                                   + (f" (balanced {100 * v[2]:.1f} / {100 * v[3]:.1f})" if balanced else "")
+                                   for e, v in val_original.items()),
     ]
     for g in grid:
         lines.append(f"  {g['objective']:5s} eps {g['eps']}/255  {g['mode']:30s} lr {g['lr']:<7g} ep {g['epoch']}   "
-                     f"val clean {100 * g['clean']:5.1f}  robust {100 * g['robust']:5.1f}  score {100 * g['score']:6.1f}")
+                     f"val clean {100 * g['clean']:5.1f}  robust {100 * g['robust']:5.1f}  "
+                     + (f"balanced {100 * g['bal_clean']:5.1f} / {100 * g['bal_robust']:5.1f}  " if balanced else "")
+                     + f"score {100 * g['score']:6.1f}")
     lines += ["", "Selected: " + "; ".join(selected), "", "Zero-shot accuracy (%) on the test images (clean / 1/255 / 4/255):"]
     cols = list(eval_sets)
-    lines.append(f"{'model':58s}" + "".join(f"{c[:21]:>22s}" for c in cols) + f"{'MEAN held-out':>22s}{'MEAN natural':>22s}")
+    lines.append(f"{'model':66s}" + "".join(f"{c[:21]:>22s}" for c in cols) + f"{'MEAN held-out':>22s}{'MEAN natural':>22s}")
     for label, res in results.items():
         cells = "".join("".join(f"{100 * float(res[n][k].float().mean()):7.1f}" for k in keys).rjust(22) for n in cols)
-        for group in (HELDOUT, NATURAL):
+        for group in (heldout, NATURAL):
             group = [n for n in group if n in res]
             avg = [sum(float(res[n][k].float().mean()) for n in group) / max(len(group), 1) for k in keys]
             cells += "".join(f"{100 * a:7.1f}" for a in avg).rjust(22)
-        lines.append(f"{label:58s}{cells}")
-    lines += ["  (cifar10-A is the adaptation classes' test images: in-domain, not in the means.)", "",
-              "Paired against the original: wins/losses = images only the adapted / only the original gets right, pooled;",
+        lines.append(f"{label:66s}{cells}")
+    lines += [f"  (in-domain sets {', '.join(indomain) or 'none'}: not in the means.)", "",
+              "Largest share (%) of any one predicted class, clean / under PGD-10 at 1/255 / at 4/255 (the protocol's",
+              "predictions: attacked images after the attack, the others as predicted clean), and the class. A constant",
+              "classifier: 100; evenly spread predictions: 100/classes. Constant-classifier ACCURACY (largest true class): "
+              + ", ".join(f"{n} {100 * float(torch.bincount(d.y).max()) / len(d):.1f}%" for n, d in eval_sets.items()) + "."]
+    lines.append(f"{'model':66s}" + "".join(f"{c[:21]:>22s}" for c in cols))
+    for label, per_set in shares.items():
+        cells = "".join("".join(f"{100 * per_set[n][k][1]:7.1f}" for k in keys).rjust(22) for n in cols)
+        lines.append(f"{label:66s}{cells}")
+        cells = "".join(("  " + "/".join(eval_sets[n].classes[per_set[n][k][0]][:6] for k in keys))[-22:].rjust(22)
+                        for n in cols)
+        lines.append(f"{'':66s}{cells}")
+    lines += ["", "Paired against the original: wins/losses = images only the adapted / only the original gets right, pooled;",
               "p = exact two-sided sign test; diff = mean over the sets of the per-set accuracy difference +- paired SE."]
     base = results["original"]
     for label, res in results.items():
         if label == "original":
             continue
         lines.append(f"  {label}")
-        for title, group in ((f"held-out ({sum(n in res for n in HELDOUT)} sets)", HELDOUT), ("natural (cifar10-B, gray)", NATURAL),
-                             ("in-domain cifar10-A", ("cifar10-A (in-domain)",))):
+        rows = [(f"held-out ({len([n for n in heldout if n in res])} sets)", heldout), ("natural (cifar10-B, gray)", NATURAL)]
+        if broad:
+            rows += [(n, (n,)) for n in heldout]
+        rows.append((f"in-domain ({len(indomain)} sets)" if broad else "in-domain cifar10-A", indomain))
+        for title, group in rows:
             parts = []
             group = [n for n in group if n in res]
             if not group:
@@ -428,10 +578,13 @@ def render(args, path, t_pre, pool, n_train, eval_sets, results, grid, selected,
     lines += ["", "Check of the PGD-10 figures on the natural sets: robust accuracy (%) after APGD-CE + APGD-DLR (50 steps",
               "each) on the images PGD-10 left correct (per-image worst case), and per class at 4/255 after it. A",
               "constant classifier scores the largest class share (" + ", ".join(
-                  f"{n} {100 * float(torch.bincount(eval_sets[n].y).max()) / len(eval_sets[n]):.1f}%" for n in NATURAL) + ")."]
+                  f"{n} {100 * float(torch.bincount(eval_sets[n].y).max()) / len(eval_sets[n]):.1f}%" for n in NATURAL
+                  if n in eval_sets) + ")."]
     for label, res in results.items():
         parts = []
         for n in NATURAL:
+            if n not in res:
+                continue
             strong = ", ".join(f"{e}/255 {100 * float(res[n][f'{e}/255'].float().mean()):.1f} -> "
                                f"{100 * float(res[n][f'{e}/255 strong'].float().mean()):.1f}" for e in EVAL_EPS)
             y = eval_sets[n].y
@@ -439,8 +592,18 @@ def render(args, path, t_pre, pool, n_train, eval_sets, results, grid, selected,
                                      for c in range(len(eval_sets[n].classes))) for e in EVAL_EPS}
             parts.append(f"{n}: {strong}; per class at 4/255 {per_class[4]}"
                          + (f" (at 1/255 {per_class[1]})" if args.per_class_1 else ""))
-        lines.append(f"  {label:58s} " + " | ".join(parts))
+        lines.append(f"  {label:66s} " + " | ".join(parts))
     lines.append("  (classes in order: " + ", ".join(eval_sets[NATURAL[0]].classes) + ")")
+    lines += ["Paired against the original AFTER the APGD check (same tests as above, on the per-image worst case):"]
+    for label, res in results.items():
+        if label == "original":
+            continue
+        parts = []
+        for n in (n for n in NATURAL if n in res):
+            for e in EVAL_EPS:
+                w, lo, p, d, _se = paired(res, base, [n], f"{e}/255 strong")
+                parts.append(f"{n} {e}/255 {100 * d:+.1f} ({w}/{lo}, p {p:.2g})")
+        lines.append(f"  {label:66s} " + "; ".join(parts))
     return "\n".join(lines) + "\n"
 
 

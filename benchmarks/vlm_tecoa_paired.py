@@ -55,17 +55,22 @@ from robustlab.vlm.zeroshot import ZeroShotClassifier, text_classifier
 EVAL_EPS = (1, 4)
 
 
-def per_image(clf, x, y, eps_list, steps, seed=0, chunk=250) -> dict[str, torch.Tensor]:
+def per_image(clf, x, y, eps_list, steps, seed=0, chunk=250, preds=None) -> dict[str, torch.Tensor]:
     """Per image (bool): clean-correct, and per epsilon correct after PGD (CE, 1 random start, step
     2.5 eps/steps; only clean-correct images attacked, so robust-correct implies clean-correct). The
-    attack's random start is seeded per chunk of the data, the same for every model."""
+    attack's random start is seeded per chunk of the data, the same for every model. ``preds`` (a
+    dict): filled with the predicted classes, clean and per epsilon under the protocol (the attacked
+    images' predictions after PGD, the clean prediction of the images not attacked)."""
     with eval_mode(clf), torch.no_grad():
         pred = torch.cat([clf(x[i:i + chunk]).argmax(1) for i in range(0, len(x), chunk)])
     ok = pred == y
     out = {"clean": ok}
+    if preds is not None:
+        preds["clean"] = pred
     for e in eps_list:
         attack = create_attack("pgd", ThreatModel("linf", e / 255), steps=steps)
         rob = torch.zeros_like(ok)
+        pred_e = pred.clone()
         for i in range(0, len(x), chunk):
             j = torch.arange(i, min(i + chunk, len(x)))
             j = j[ok[j]]
@@ -74,8 +79,13 @@ def per_image(clf, x, y, eps_list, steps, seed=0, chunk=250) -> dict[str, torch.
             g = torch.Generator().manual_seed(seed + i)
             x_adv = attack.run(clf, x[j], y[j], g).x_adv
             with torch.no_grad(), eval_mode(clf):
-                rob[j] = clf(x_adv).argmax(1) == y[j]
+                p_adv = clf(x_adv).argmax(1)
+            rob[j] = p_adv == y[j]
+            if preds is not None:
+                pred_e[j] = p_adv
         out[f"{e}/255"] = rob
+        if preds is not None:
+            preds[f"{e}/255"] = pred_e
     return out
 
 

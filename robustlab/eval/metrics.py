@@ -335,6 +335,43 @@ def confusion_counts(pred: Any, labels: Any, num_classes: int) -> tuple[list[int
     return correct.tolist(), inter.tolist(), union.tolist()
 
 
+def class_recalls(correct: Any, labels: Any, num_classes: int | None = None) -> list[float | None]:
+    """Per class, the share of its samples that are ``correct`` (recall); None for a class without
+    samples. ``correct``: per-sample booleans (clean or robust); ``labels``: true classes."""
+    import torch
+
+    ok = torch.as_tensor(correct).flatten().float()
+    y = torch.as_tensor(labels).flatten().long()
+    if ok.shape != y.shape:
+        raise ValueError(f"{ok.numel()} outcomes for {y.numel()} labels")
+    k = int(num_classes if num_classes is not None else (int(y.max()) + 1 if y.numel() else 0))
+    n = torch.bincount(y, minlength=k)
+    hit = torch.bincount(y, weights=ok, minlength=k)
+    return [float(h / c) if c else None for h, c in zip(hit.tolist(), n.tolist())]
+
+
+def balanced_accuracy(correct: Any, labels: Any, num_classes: int | None = None) -> float:
+    """The mean over the classes that have samples of their recall (:func:`class_recalls`): a model
+    that gives up some classes for others scores lower than its plain accuracy says."""
+    recalls = [r for r in class_recalls(correct, labels, num_classes) if r is not None]
+    if not recalls:
+        raise ValueError("balanced accuracy of no samples")
+    return sum(recalls) / len(recalls)
+
+
+def largest_class_share(pred: Any, num_classes: int | None = None) -> tuple[int, float]:
+    """(class, share) of the class predicted most often among ``pred`` (ties: the lower class): 1/K
+    for evenly spread predictions, 1.0 for a model that predicts one class for everything."""
+    import torch
+
+    p = torch.as_tensor(pred).flatten().long()
+    if not p.numel():
+        raise ValueError("largest class share of no predictions")
+    counts = torch.bincount(p, minlength=int(num_classes or 0))
+    c = int(counts.argmax())
+    return c, float(counts[c]) / p.numel()
+
+
 @dataclass
 class SegmentationScore(Metric):
     """Pixel accuracy and mean intersection-over-union of per-pixel predictions, for several views of

@@ -6,6 +6,7 @@ from robustlab.vlm.zeroshot import (
     ZeroShotClassifier,
     check_templates,
     fill,
+    prompt_classifier,
     text_classifier,
 )
 
@@ -16,6 +17,7 @@ __all__ = [
     "ZeroShotClassifier",
     "check_templates",
     "fill",
+    "prompt_classifier",
     "resize_square",
     "text_classifier",
 ]

@@ -46,10 +46,24 @@ def text_classifier(vlm: VisionLanguageModel, classnames: Sequence[str], templat
     classnames = list(classnames)
     if not classnames:
         raise RobustlabError("no class names given for the zero-shot classifier")
+    return prompt_classifier(vlm, [[fill(t, name) for t in templates] for name in classnames])
+
+
+def prompt_classifier(vlm: VisionLanguageModel, prompts: Sequence[Sequence[str]]) -> torch.Tensor:
+    """Zero-shot weights (C, D) from each class's own list of prompts (``prompts[c]``), averaged and
+    normalized as :func:`text_classifier` does. One head over the classes of several data sets, each
+    with its own templates (e.g. the pooled caption classes of
+    :func:`robustlab.vlm.pretrain.caption_dataset`)."""
+    prompts = [list(p) for p in prompts]
+    if not prompts:
+        raise RobustlabError("no classes given for the zero-shot classifier")
+    empty = [c for c, p in enumerate(prompts) if not p]
+    if empty:
+        raise RobustlabError(f"class {empty[0]} has no prompts; give at least one prompt per class")
     rows = []
     with torch.no_grad(), eval_mode(vlm):
-        for name in classnames:
-            emb = vlm.encode_text([fill(t, name) for t in templates]).float()
+        for texts in prompts:
+            emb = vlm.encode_text(texts).float()
             mean = F.normalize(emb, dim=-1).mean(dim=0)
             rows.append(F.normalize(mean, dim=-1))
     return torch.stack(rows)
