@@ -233,17 +233,9 @@ class DefendedModel(Predictor):
             bpda=tuple(d.name for d in self.defenses if not d.differentiable),
             through=tuple(d.name for d in self.defenses if d.iterative),
             penalty=tuple(d.name for d in self.defenses if d.has_penalty),
-            attacks=self._declared_attacks(),
+            attacks=tuple(dict.fromkeys(a for d in self.defenses for a in d.adaptive_attacks)),
             loss=next((d.attack_loss for d in self.defenses if d.attack_loss), None),
         )
-
-    def _declared_attacks(self) -> tuple[str, ...]:
-        """The attacks the defenses declare that can attack this model (one built for a defense that needs
-        it alone in front of the network, as LS-PGA, is left out when other defenses are stacked with it)."""
-        from robustlab.attacks import ATTACKS  # the filled registry; attacks never import defenses
-
-        specs = dict.fromkeys(a for d in self.defenses for a in d.adaptive_attacks)
-        return tuple(a for a in specs if ATTACKS.get(parse_spec(a, "attack")[0]).runs_on(self))
 
     def sole_defense(self, *methods: str) -> tuple[Defense, nn.Module] | None:
         """(the defense, the model behind it) when the defenses are one defense that has every method

@@ -124,7 +124,7 @@ def evaluate(
     given = list(attacks)
     if isinstance(model, DefendedModel):  # attack it adaptively, and record what was done
         needs = model.needs()
-        attacks = adaptive_attacks(attacks, needs)
+        attacks = adaptive_attacks(attacks, needs, model=model)
         defenses = model.configs()
         info = {**(kwargs.get("model_info") or {}), "defenses": defenses, "adaptive_attack": needs.describe()}
         single = [a.name for a in attacks if a.kind == "white-box" and needs.eot > 1 and "eot" not in a.params]
@@ -182,7 +182,7 @@ def segment(
     defenses = None
     if isinstance(model, DefendedModel):
         needs = model.needs()
-        attacks = adaptive_attacks(attacks, needs, dense=True)
+        attacks = adaptive_attacks(attacks, needs, dense=True, model=model)
         defenses = model.configs()
         kwargs["model_info"] = {**(kwargs.get("model_info") or {}), "defenses": defenses,
                                 "adaptive_attack": needs.describe()}
@@ -214,14 +214,16 @@ def zero_shot(
                model_info=info, **kwargs)
 
 
-def adaptive_attacks(attacks: list[Attack], needs: AttackerNeeds, dense: bool = False) -> list[Attack]:
+def adaptive_attacks(attacks: list[Attack], needs: AttackerNeeds, dense: bool = False,
+                     model: nn.Module | None = None) -> list[Attack]:
     """The attacks made adaptive to a defense: gradient attacks that average over draws (an ``eot``
     parameter left at 1) average over the defense's ``needs.eot`` draws. BPDA and gradients through
     iterative steps are the defended model's own forward pass, so every attack gets them. Attacks on
     cross-entropy maximize ``needs.loss`` instead where a defense declares one (``Attack.with_loss``). The attacks
     the defenses declare as their own (``needs.attacks``, e.g. the thermometer's LS-PGA) are added on
     the given attacks' threat model, unless one of that name is given already or it cannot run there
-    (another norm; per-pixel labels when ``dense``)."""
+    (another norm; per-pixel labels when ``dense``; a ``model`` it cannot attack, ``Attack.runs_on``:
+    one built for a defense that needs it alone in front of the network, when others are stacked)."""
     out = [a.with_loss(needs.loss) for a in attacks] if needs.loss else list(attacks)
     if needs.eot > 1:
         out = [a.with_params(eot=needs.eot) if a.params.get("eot") == 1 else a for a in out]
@@ -230,7 +232,8 @@ def adaptive_attacks(attacks: list[Attack], needs: AttackerNeeds, dense: bool = 
         name, params = parse_spec(spec, "attack")
         cls = ATTACKS.get(name)
         threat = out[0].threat
-        if name in given or threat.norm not in cls.norms or (dense and not cls.dense):
+        if (name in given or threat.norm not in cls.norms or (dense and not cls.dense)
+                or (model is not None and not cls.runs_on(model))):
             continue
         out.append(cls(threat, targeted=out[0].targeted, **params))
     return out
