@@ -8,7 +8,7 @@ from robustlab.attacks import create_attack
 from robustlab.attacks.quilting_search import candidate_inputs
 from robustlab.defenses import apply_defenses
 from robustlab.errors import RobustlabError
-from robustlab.eval.runner import adaptive_attacks
+from robustlab.eval.runner import adaptive_attacks, attacker_needs
 from robustlab.predictor import predict
 from robustlab.threat import ThreatModel
 
@@ -67,12 +67,13 @@ def test_runner_adds_it_for_quilting_and_it_refuses_other_models(digits):
     model, x, y = digits
     defended = apply_defenses(model, [QUILT])
     threat = ThreatModel("linf", 0.1)
-    names = [a.name for a in adaptive_attacks([create_attack("apgd-ce", threat)], defended.needs(), model=defended)]
+    names = [a.name for a in adaptive_attacks([create_attack("apgd-ce", threat)], attacker_needs(defended))]
     assert names == ["apgd-ce", "quilting-search"]
     # stacked behind another defense it cannot reach the library: the evaluation leaves it out, not fails
     stacked = apply_defenses(model, ["median:size=2", QUILT])
     assert not create_attack("quilting-search", threat).runs_on(stacked)
-    names = [a.name for a in adaptive_attacks([create_attack("apgd-ce", threat)], stacked.needs(), model=stacked)]
+    assert attacker_needs(stacked).attacks == () and stacked.needs().attacks == ("quilting-search",)
+    names = [a.name for a in adaptive_attacks([create_attack("apgd-ce", threat)], attacker_needs(stacked))]
     assert names == ["apgd-ce"]
     with pytest.raises(RobustlabError, match="quilting-search.*defense quilting"):
         create_attack("quilting-search", threat).run(model, x[:2], y[:2])

@@ -17,7 +17,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -123,8 +123,8 @@ def evaluate(
     defenses = None
     given = list(attacks)
     if isinstance(model, DefendedModel):  # attack it adaptively, and record what was done
-        needs = model.needs()
-        attacks = adaptive_attacks(attacks, needs, model=model)
+        needs = attacker_needs(model)
+        attacks = adaptive_attacks(attacks, needs)
         defenses = model.configs()
         info = {**(kwargs.get("model_info") or {}), "defenses": defenses, "adaptive_attack": needs.describe()}
         single = [a.name for a in attacks if a.kind == "white-box" and needs.eot > 1 and "eot" not in a.params]
@@ -181,8 +181,8 @@ def segment(
 
     defenses = None
     if isinstance(model, DefendedModel):
-        needs = model.needs()
-        attacks = adaptive_attacks(attacks, needs, dense=True, model=model)
+        needs = attacker_needs(model)
+        attacks = adaptive_attacks(attacks, needs, dense=True)
         defenses = model.configs()
         kwargs["model_info"] = {**(kwargs.get("model_info") or {}), "defenses": defenses,
                                 "adaptive_attack": needs.describe()}
@@ -214,16 +214,23 @@ def zero_shot(
                model_info=info, **kwargs)
 
 
-def adaptive_attacks(attacks: list[Attack], needs: AttackerNeeds, dense: bool = False,
-                     model: nn.Module | None = None) -> list[Attack]:
+def attacker_needs(model: DefendedModel) -> AttackerNeeds:
+    """What attacking ``model`` adaptively takes (:meth:`DefendedModel.needs`), without the declared
+    attacks that cannot attack it (``Attack.runs_on``: one built for a defense that needs it alone in
+    front of the network, when others are stacked), so the run records only what it ran."""
+    needs = model.needs()
+    runnable = tuple(a for a in needs.attacks if ATTACKS.get(parse_spec(a, "attack")[0]).runs_on(model))
+    return replace(needs, attacks=runnable)
+
+
+def adaptive_attacks(attacks: list[Attack], needs: AttackerNeeds, dense: bool = False) -> list[Attack]:
     """The attacks made adaptive to a defense: gradient attacks that average over draws (an ``eot``
     parameter left at 1) average over the defense's ``needs.eot`` draws. BPDA and gradients through
     iterative steps are the defended model's own forward pass, so every attack gets them. Attacks on
     cross-entropy maximize ``needs.loss`` instead where a defense declares one (``Attack.with_loss``). The attacks
     the defenses declare as their own (``needs.attacks``, e.g. the thermometer's LS-PGA) are added on
     the given attacks' threat model, unless one of that name is given already or it cannot run there
-    (another norm; per-pixel labels when ``dense``; a ``model`` it cannot attack, ``Attack.runs_on``:
-    one built for a defense that needs it alone in front of the network, when others are stacked)."""
+    (another norm; per-pixel labels when ``dense``)."""
     out = [a.with_loss(needs.loss) for a in attacks] if needs.loss else list(attacks)
     if needs.eot > 1:
         out = [a.with_params(eot=needs.eot) if a.params.get("eot") == 1 else a for a in out]
@@ -232,8 +239,7 @@ def adaptive_attacks(attacks: list[Attack], needs: AttackerNeeds, dense: bool = 
         name, params = parse_spec(spec, "attack")
         cls = ATTACKS.get(name)
         threat = out[0].threat
-        if (name in given or threat.norm not in cls.norms or (dense and not cls.dense)
-                or (model is not None and not cls.runs_on(model))):
+        if name in given or threat.norm not in cls.norms or (dense and not cls.dense):
             continue
         out.append(cls(threat, targeted=out[0].targeted, **params))
     return out
