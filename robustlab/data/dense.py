@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from robustlab.checks import check_images
-from robustlab.data.dataset import Dataset, check_class_names
+from robustlab.data.dataset import Dataset, TensorDataset, check_class_names
 from robustlab.errors import RobustlabError
 
 
@@ -37,7 +37,7 @@ def check_dense_labels(y: object, x: torch.Tensor, num_classes: int | None = Non
     return y.long()
 
 
-class DenseDataset(Dataset):
+class DenseDataset(TensorDataset):
     """Images (N, C, H, W) float32 in [0, 1] and per-pixel labels (N, H, W) int64 held in memory.
 
     ``classes``: names in label order, ``classes[0]`` the background. ``describe``: how the data were
@@ -45,7 +45,6 @@ class DenseDataset(Dataset):
     """
 
     dense = True
-    in_memory = True
 
     def __init__(self, name: str, split: str, x: torch.Tensor, y: torch.Tensor, classes: list[str],
                  describe: dict | None = None) -> None:
@@ -57,29 +56,9 @@ class DenseDataset(Dataset):
         self.y = check_dense_labels(y, x, len(self.classes), what=f"{what} labels")
         self.describe = dict(describe or {})
 
-    def __len__(self) -> int:
-        return int(self.x.shape[0])
-
-    @property
-    def labels(self) -> torch.Tensor:
-        """int64 (N, H, W): every pixel's class."""
-        return self.y
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        c, h, w = self.x.shape[1:]
-        return int(c), int(h), int(w)
-
-    def _read(self, positions: range | torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        return self.x[positions.start : positions.stop] if isinstance(positions, range) else self.x[positions]
-
     def _select(self, positions: range | torch.Tensor) -> DenseDataset:
         sl = slice(positions.start, positions.stop) if isinstance(positions, range) else positions
         return DenseDataset(self.name, self.split, self.x[sl], self.y[sl], list(self.classes), self.describe)
-
-    def materialize(self, batch_size: int = 256, generator: torch.Generator | None = None) -> DenseDataset:
-        """Already in memory: itself."""
-        return self
 
     def with_transform(self, transform: Callable[..., torch.Tensor]) -> Dataset:
         raise RobustlabError(f"data set {self.name!r} has per-pixel labels; a transform would move the pixels "
