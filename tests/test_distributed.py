@@ -100,3 +100,58 @@ def test_two_process_structured_run_equals_one_process(tmp_path, digits_model, c
     fits = "SELECT name, data FROM run_files WHERE name NOT LIKE '%:record' ORDER BY name"  # records hold seconds
     a = sqlite3.connect(tmp_path / "one.db").execute(fits).fetchall()
     assert len(a) == 2 and a == sqlite3.connect(tmp_path / "two.db").execute(fits).fetchall()
+
+
+@pytest.mark.slow
+def test_two_process_detection_run_equals_one_process(tmp_path, digits_model, capsys):
+    """``robustlab detect`` under torchrun: rank 0 fits the detector and its threshold and keeps them with
+    the run, every rank evaluates its batches, and the store holds what one process writes."""
+    ckpt = save_checkpoint(digits_model, tmp_path / "m.safetensors", ModelCard.for_architecture("digits_cnn"))
+    args = ["detect", "--model", str(ckpt), "--data", "digits", "--num-examples", "64", "--batch-size", "16",
+            "--detector", "mahalanobis", "--norm", "linf", "--eps", "0.1", "--fit-n", "300", "--calibration-n", "100",
+            "--pgd-steps", "5", "--adaptive-steps", "5", "--adaptive-rounds", "1", "--device", "cpu", "--json"]
+    assert main([*args, "--db", str(tmp_path / "one.db")]) == 0
+    one = json.loads(capsys.readouterr().out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ROBUSTLAB_BACKEND": "gloo"}
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
+         "-m", "robustlab", *args, "--db", str(tmp_path / "two.db")],
+        check=False, capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    two = json.loads(res.stdout)  # one JSON document: only rank 0 prints
+    keys = ("n", "threshold", "clean_accuracy", "robust_accuracy", "auc", "detection_rate", "adaptive_detection_rate")
+    assert {k: two[k] for k in keys} == {k: one[k] for k in keys}
+    rows = "SELECT * FROM detection_samples ORDER BY task, sample_index"
+    a = [r[1:-1] for r in sqlite3.connect(tmp_path / "one.db").execute(rows)]  # no run id, no seconds
+    b = [r[1:-1] for r in sqlite3.connect(tmp_path / "two.db").execute(rows)]
+    assert len(a) >= 64 and a == b
+
+
+@pytest.mark.slow
+def test_two_process_segmentation_run_equals_one_process(tmp_path, capsys):
+    """``robustlab eval`` of a segmentation model under torchrun writes what one process writes."""
+    from robustlab.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("seg_unet", num_classes=11, width=8, depth=2).eval()
+    ckpt = save_checkpoint(model, tmp_path / "seg.safetensors",
+                           ModelCard.for_architecture("seg_unet", num_classes=11, arch_kwargs={"width": 8, "depth": 2}))
+    args = ["eval", "--model", str(ckpt), "--data", "scenes-digits", "--num-examples", "32", "--batch-size", "8",
+            "--norm", "linf", "--eps", "0.1", "--attack", "pgd:steps=2", "--device", "cpu", "--json"]
+    assert main([*args, "--db", str(tmp_path / "one.db")]) == 0
+    one = json.loads(capsys.readouterr().out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ROBUSTLAB_BACKEND": "gloo"}
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
+         "-m", "robustlab", *args, "--db", str(tmp_path / "two.db")],
+        check=False, capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    two = json.loads(res.stdout)  # one JSON document: only rank 0 prints
+    assert two["protocol"] == "segmentation" and two["n"] == one["n"] == 32
+    assert (two["clean_miou"], two["robust_miou"]) == (one["clean_miou"], one["robust_miou"])
+    rows = "SELECT * FROM segmentation_samples ORDER BY task, sample_index"
+    a = [r[1:] for r in sqlite3.connect(tmp_path / "one.db").execute(rows)]  # no run id
+    b = [r[1:] for r in sqlite3.connect(tmp_path / "two.db").execute(rows)]
+    assert len(a) >= 32 and a == b

@@ -25,6 +25,7 @@ from robustlab.cli.common import (
     load_model_on,
     _number,
     print_run,
+    rank_store,
     _say,
     _threat,
 )
@@ -41,7 +42,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         DetectorData,
     )
     from robustlab.eval.runner import run
-    from robustlab.eval.store import ResultsStore
+    from robustlab import distributed
     from robustlab.report.detection import format_detection
 
     threat = _threat(args.norm, args.eps)
@@ -65,17 +66,16 @@ def cmd_detect(args: argparse.Namespace) -> int:
     x_cal, _ = train.batch(range(args.fit_n, need))
     model = loaded.model.eval()
     info = {"source": loaded.source, "spec": args.model, "card": loaded.card.to_dict() if loaded.card else None}
-    store = ResultsStore(args.db, readonly=False)
-    try:
-        fitting = DetectorData(x_fit, y_fit, x_cal, args.fpr, f"{data.name}:train[0:{args.fit_n}]",
-                               f"{data.name}:train[{args.fit_n}:{need}]")
-        protocol = DetectionProtocol(detector, threat, fitting, options)
+    fitting = DetectorData(x_fit, y_fit, x_cal, args.fpr, f"{data.name}:train[0:{args.fit_n}]",
+                           f"{data.name}:train[{args.fit_n}:{need}]")
+    protocol = DetectionProtocol(detector, threat, fitting, options)
+    # Under torchrun: rank 0 fits the detector and owns the store; every rank runs its share of the batches.
+    with rank_store(args.db) as store:
         result = run(model, data, protocol, store, seed=args.seed, batch_size=args.batch_size, examples=0,
                      extra={"classes": list(data.classes)}, model_name=args.model, model_info=info,
                      resume=args.resume, device=device, log=_say)
-    finally:
-        store.discard_if_unused()
-        store.close()
+    if not distributed.is_main():
+        return 0
     s = result.summary
     keys = ("n", "threat", "detector", "fpr", "threshold", "clean_accuracy", "clean_flag_rate", "robust_accuracy",
             "non_adaptive", "undefended_robust_accuracy", "auc", "detection_rate", "adaptive_auc",
@@ -89,7 +89,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("detect", help="evaluate a classifier guarded by an adversarial-example detector (threshold "
                        "fixed on clean images; plain PGD and the detector-aware attack)")
-    add_model_data_options(d)
+    add_model_data_options(d, ("--n", "--num-examples"))  # torchrun's parser takes --n for its --nnodes
     d.add_argument("--detector", required=True, metavar="NAME[:key=value,...]",
                    help="the detector: squeeze (bits, median), mahalanobis (shrinkage), lid (k, reference, noise), "
                    "magnet (width, steps, lr, noise), e.g. squeeze:bits=1,median=2")

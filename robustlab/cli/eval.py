@@ -157,8 +157,8 @@ def _eval_segmentation(args: argparse.Namespace, loaded: LoadedModel, model: tor
                        attacks: list[Any], device: Any) -> int:
     """``robustlab eval`` of a segmentation model: the segmentation protocol (mIoU and pixel accuracy,
     clean and under the attacks on the per-pixel loss)."""
+    from robustlab import distributed
     from robustlab.eval.runner import segment
-    from robustlab.eval.store import ResultsStore
     from robustlab.report.segmentation import format_segmentation_summary
 
     given = [flag for flag, on in (("--steps-grid", args.steps_grid is not None), ("--reuse-curve", args.reuse_curve),
@@ -169,13 +169,12 @@ def _eval_segmentation(args: argparse.Namespace, loaded: LoadedModel, model: tor
     info = {"source": loaded.source, "spec": args.model, "card": loaded.card.to_dict() if loaded.card else None,
             "task": "segmentation"}
     extra = {"data": data.describe} if getattr(data, "describe", None) else {}
-    store = ResultsStore(args.db, readonly=False)
-    try:
+    with rank_store(args.db) as store:  # under torchrun as cmd_eval
         result = segment(model, data, attacks, store, eps_grid=tuple(args.eps_grid or ()), seed=args.seed,
                          batch_size=args.batch_size, extra=extra, model_name=args.model, model_info=info,
                          resume=args.resume, device=device, log=_say)
-    finally:
-        store.discard_if_unused()
+    if not distributed.is_main():
+        return 0
     return print_run(args, result, format_segmentation_summary(result.summary, result.checks),
                      {**result.summary, "checks": result.checks})
 
