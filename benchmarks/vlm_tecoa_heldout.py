@@ -96,6 +96,37 @@ Runs made (results and summary in ``benchmarks/results/vlm_tecoa_broad.txt``; ea
     # the same restricted to the selected lr and the natural sets, for the paired tests after APGD:
     ... --ft-lrs 1e-4 --sets cifar10-B,cifar10-B-gray --out benchmarks/results/vlm_tecoa_broad_default_apgd.txt
 
+SELECTION ON HELD-OUT CLASSES (``--select held-classes --select-classes frog,ship``; written to
+``benchmarks/results/vlm_tecoa_selectheld.txt``). Design fixed before any run of it (the broad runs' gains on classes
+B were a drift onto "cat" that a rule scoring only adaptation-class validation images cannot see; a rule that can
+see it needs whole classes held out of adaptation and used only for selection):
+
+S1. Pretrained model: the DEFAULT tiny CLIP (``tiny_clip_heldout_3000_8``, cached; CPU budget), not re-pretrained.
+S2. Adaptation: the broad set of B2 with the selection classes removed: ONE 23-way head over MNIST's 10,
+    Fashion-MNIST's 10 and CIFAR-10 {airplane, bird, deer} (classes A minus frog, ship). The MNIST / Fashion-MNIST
+    images are B2's (2,274 each); the CIFAR images are those of B2's 2,274 classes-A train images whose class is
+    airplane, bird or deer (B2's frog and ship images are dropped, never trained on).
+S3. Grid (small): TeCoA at eps 1/255 and 4/255 x full fine-tuning x Adam lr {1e-5, 3e-5, 1e-4} x epochs 1..2;
+    FARE at 4/255, full, lr {3e-5, 1e-4} x epochs 1..2.
+S4. Selection rule: a 5-way zero-shot head over {airplane, bird, deer, frog, ship} (cifar10 templates; two of its
+    classes never adapted on, three adapted on through the 23-way head), scored on the 300 validation images of
+    classes A of the runs above (never trained on; about 60 per class). Score = balanced clean accuracy + balanced
+    robust accuracy (mean per-class recall; robust: PGD-10 at the training eps). A grid point whose largest
+    predicted-class share on those images exceeds 50%, clean or under that attack, is not eligible. Per objective x
+    training eps (TeCoA 1/255, TeCoA 4/255, FARE 4/255) the rule picks the highest score among the eligible grid
+    points AND the original model (scored the same way at that eps; always a candidate), ties to the original, then
+    the smaller lr. So the rule may pick "no adaptation". The test sets are not read until then.
+S5. Evaluation as B5 (same test images, attack seeds, sets, APGD check, largest shares, paired sign tests before
+    and after APGD). The rule's picks are evaluated; where the rule picks the original for a group, that group's
+    best-scoring adapted grid point (eligible if any, else the best regardless of eligibility) is evaluated too,
+    labelled "(not selected)", to show what the rule turned down. The reading fixed in B5 applies to the rule's
+    picks: a selected model shows a non-collapsed robust transfer gain if its robust accuracy on cifar10-B at
+    1/255 or 4/255 rises significantly (paired sign test, p < 0.05), no predicted class takes more than half of
+    cifar10-B clean or under that attack, and the gain survives APGD. (cifar10-A test images include frog and ship,
+    now selection classes, not adapted on; the set stays "in domain" as before.)
+    To use both CPU cores the three groups run as two processes (``--train-eps 1 --fare-lrs ''`` and
+    ``--train-eps 4 --fare-lrs 3e-5,1e-4``); the rule is per group, so this changes no pick.
+
 ``benchmarks/vlm_tecoa_broad_diag.py``: a post-hoc look at the original model's text geometry (why "cat").
 """
 
