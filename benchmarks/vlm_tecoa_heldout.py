@@ -126,6 +126,9 @@ S5. Evaluation as B5 (same test images, attack seeds, sets, APGD check, largest 
     now selection classes, not adapted on; the set stays "in domain" as before.)
     To use both CPU cores the three groups run as two processes (``--train-eps 1 --fare-lrs ''`` and
     ``--train-eps 4 --fare-lrs 3e-5,1e-4``); the rule is per group, so this changes no pick.
+    Runs made (added after the runs; the design above unchanged): the default model as planned, then the same two
+    commands on the stronger tiny CLIP (its pretraining options as above); commands and summary in
+    ``benchmarks/results/vlm_tecoa_selectheld.txt``.
 
 ``benchmarks/vlm_tecoa_broad_diag.py``: a post-hoc look at the original model's text geometry (why "cat").
 """
