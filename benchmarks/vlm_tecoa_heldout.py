@@ -96,6 +96,40 @@ Runs made (results and summary in ``benchmarks/results/vlm_tecoa_broad.txt``; ea
     # the same restricted to the selected lr and the natural sets, for the paired tests after APGD:
     ... --ft-lrs 1e-4 --sets cifar10-B,cifar10-B-gray --out benchmarks/results/vlm_tecoa_broad_default_apgd.txt
 
+SELECTION ON HELD-OUT CLASSES (``--select held-classes --select-classes frog,ship``; written to
+``benchmarks/results/vlm_tecoa_selectheld.txt``). Design fixed before any run of it (the broad runs' gains on classes
+B were a drift onto "cat" that a rule scoring only adaptation-class validation images cannot see; a rule that can
+see it needs whole classes held out of adaptation and used only for selection):
+
+S1. Pretrained model: the DEFAULT tiny CLIP (``tiny_clip_heldout_3000_8``, cached; CPU budget), not re-pretrained.
+S2. Adaptation: the broad set of B2 with the selection classes removed: ONE 23-way head over MNIST's 10,
+    Fashion-MNIST's 10 and CIFAR-10 {airplane, bird, deer} (classes A minus frog, ship). The MNIST / Fashion-MNIST
+    images are B2's (2,274 each); the CIFAR images are those of B2's 2,274 classes-A train images whose class is
+    airplane, bird or deer (B2's frog and ship images are dropped, never trained on).
+S3. Grid (small): TeCoA at eps 1/255 and 4/255 x full fine-tuning x Adam lr {1e-5, 3e-5, 1e-4} x epochs 1..2;
+    FARE at 4/255, full, lr {3e-5, 1e-4} x epochs 1..2.
+S4. Selection rule: a 5-way zero-shot head over {airplane, bird, deer, frog, ship} (cifar10 templates; two of its
+    classes never adapted on, three adapted on through the 23-way head), scored on the 300 validation images of
+    classes A of the runs above (never trained on; about 60 per class). Score = balanced clean accuracy + balanced
+    robust accuracy (mean per-class recall; robust: PGD-10 at the training eps). A grid point whose largest
+    predicted-class share on those images exceeds 50%, clean or under that attack, is not eligible. Per objective x
+    training eps (TeCoA 1/255, TeCoA 4/255, FARE 4/255) the rule picks the highest score among the eligible grid
+    points AND the original model (scored the same way at that eps; always a candidate), ties to the original, then
+    the smaller lr. So the rule may pick "no adaptation". The test sets are not read until then.
+S5. Evaluation as B5 (same test images, attack seeds, sets, APGD check, largest shares, paired sign tests before
+    and after APGD). The rule's picks are evaluated; where the rule picks the original for a group, that group's
+    best-scoring adapted grid point (eligible if any, else the best regardless of eligibility) is evaluated too,
+    labelled "(not selected)", to show what the rule turned down. The reading fixed in B5 applies to the rule's
+    picks: a selected model shows a non-collapsed robust transfer gain if its robust accuracy on cifar10-B at
+    1/255 or 4/255 rises significantly (paired sign test, p < 0.05), no predicted class takes more than half of
+    cifar10-B clean or under that attack, and the gain survives APGD. (cifar10-A test images include frog and ship,
+    now selection classes, not adapted on; the set stays "in domain" as before.)
+    To use both CPU cores the three groups run as two processes (``--train-eps 1 --fare-lrs ''`` and
+    ``--train-eps 4 --fare-lrs 3e-5,1e-4``); the rule is per group, so this changes no pick.
+    Runs made (added after the runs; the design above unchanged): the default model as planned, then the same two
+    commands on the stronger tiny CLIP (its pretraining options as above); commands and summary in
+    ``benchmarks/results/vlm_tecoa_selectheld.txt``.
+
 ``benchmarks/vlm_tecoa_broad_diag.py``: a post-hoc look at the original model's text geometry (why "cat").
 """
 
@@ -152,6 +186,7 @@ HELDOUT = ("cifar10-B", "cifar10-B-gray", "digits", "mnist", "fashion_mnist")
 NATURAL = ("cifar10-B", "cifar10-B-gray")
 VPT_MODE = "vpt:pad=2,tokens=8,deep=true"
 ADAPT_SETS = ("mnist", "fashion_mnist", "cifar10-A")
+MAX_SHARE = 0.5  # --select held-classes: a larger predicted-class share on validation is not eligible
 #: evaluation set -> the adaptation source whose domain it is (in-domain when that source is adapted on)
 DOMAIN = {"cifar10-A (in-domain)": "cifar10-A", "mnist": "mnist", "fashion_mnist": "fashion_mnist"}
 
@@ -178,10 +213,12 @@ def take(data, idx, name: str, classes=None, gray: bool = False) -> ImageDataset
     return ImageDataset(name, "x", x.float().contiguous(), y, names)
 
 
-def broad_adaptation(args, root, adapt_sets, cifar, pool, n_train):
+def broad_adaptation(args, root, adapt_sets, cifar, pool, n_train, keep_a=None):
     """The pooled adaptation and validation sets over ``adapt_sets`` (one zero-shot head over all their
     classes, each class with its data set's templates): (train, validation, per-class prompts, description).
-    MNIST / Fashion-MNIST images: the train images after the pretraining ones in pretraining's permutation."""
+    MNIST / Fashion-MNIST images: the train images after the pretraining ones in pretraining's permutation.
+    ``keep_a``: the positions in classes A adapted on (None: all; the others are selection classes: dropped)."""
+    keep_a = tuple(range(len(CLASSES_A))) if keep_a is None else keep_a
     unknown = sorted(set(adapt_sets) - set(ADAPT_SETS))
     if unknown or len(set(adapt_sets)) != len(adapt_sets):
         raise SystemExit(f"--adapt-sets: give distinct names among {', '.join(ADAPT_SETS)}")
@@ -192,9 +229,9 @@ def broad_adaptation(args, root, adapt_sets, cifar, pool, n_train):
             if per > n_train:
                 raise SystemExit(f"--adapt-per-source {per}: classes A have only {n_train} unused train images")
             all_names, templates = captions("cifar10", cifar)
-            names = [all_names[c] for c in CLASSES_A]
-            tr = take(pool, torch.arange(per), name)
-            va = take(pool, torch.arange(n_train, len(pool)), name)
+            names = [all_names[CLASSES_A[i]] for i in keep_a]
+            tr = take(pool, torch.arange(per), name, list(keep_a))
+            va = take(pool, torch.arange(n_train, len(pool)), name, list(keep_a))
         else:
             data = load_dataset(name, "train", root=root)
             unused = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[args.pretrain_per_source:]
@@ -210,7 +247,10 @@ def broad_adaptation(args, root, adapt_sets, cifar, pool, n_train):
     desc = (f"ONE {len(prompts)}-way zero-shot head over " + " + ".join(
         f"{s.name} ({len(s.classnames)} classes)" for s in train_src) + f"; {per} train images per source "
         f"({len(train_data)} in all) that pretraining did NOT use, as {size}x{size}x3 as in pretraining "
-        f"(cifar10-A: the first {per} of the classes-A images outside the pretraining subset)")
+        f"(cifar10-A: the first {per} of the classes-A images outside the pretraining subset"
+        + (f", only those of {next(s.classnames for s in train_src if s.name == 'cifar10-A')}: "
+           f"{next(len(s.data) for s in train_src if s.name == 'cifar10-A')} images" if len(keep_a) < len(CLASSES_A)
+           else "") + ")")
     return train_data, val_data, prompts, desc
 
 
@@ -336,9 +376,13 @@ def main() -> None:
                          "the held-out runs) or several of " + ", ".join(ADAPT_SETS) + " (broad adaptation)")
     ap.add_argument("--adapt-per-source", type=int, default=0,
                     help="broad adaptation: train images per source (0: as many as classes A have, 2274)")
-    ap.add_argument("--select", default="clean+robust", choices=("clean+robust", "balanced"),
-                    help="selection on validation: clean + robust accuracy (the held-out runs) or balanced clean + "
-                         "balanced robust accuracy (mean per-class recall over the adaptation classes)")
+    ap.add_argument("--select", default="clean+robust", choices=("clean+robust", "balanced", "held-classes"),
+                    help="selection on validation: clean + robust accuracy (the held-out runs), balanced clean + "
+                         "balanced robust accuracy (mean per-class recall over the adaptation classes), or "
+                         "held-classes (docstring S4: a 5-way head over classes A, --select-classes never adapted on; "
+                         "largest predicted share above 50%% not eligible; the original always a candidate)")
+    ap.add_argument("--select-classes", default="frog,ship",
+                    help="with --select held-classes: CIFAR-10 classes A taken out of adaptation, used only to select")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -373,18 +417,36 @@ def main() -> None:
         prompts_a = [[fill(t, n) for t in templates] for n in names_a]
         sources_desc = f"CIFAR-10 classes A {names_a} (even labels), {n_train} train images"
     else:
-        train_data, val_data, prompts_a, sources_desc = broad_adaptation(args, root, adapt_sets, cifar, pool, n_train)
+        keep_a = tuple(range(len(CLASSES_A)))
+        if args.select == "held-classes":
+            held = args.select_classes.split(",")
+            if "cifar10-A" not in adapt_sets or not set(held) < set(names_a) or len(set(held)) != len(held):
+                raise SystemExit(f"--select-classes: give distinct names among {', '.join(names_a)} (not all), "
+                                 "with cifar10-A in --adapt-sets")
+            keep_a = tuple(i for i, n in enumerate(names_a) if n not in held)
+        train_data, val_data, prompts_a, sources_desc = broad_adaptation(args, root, adapt_sets, cifar, pool, n_train,
+                                                                         keep_a)
         val_x, val_y = val_data.x, val_data.y
     original = load_tiny_clip(path)
-    val_head = prompt_classifier(original, prompts_a)
+    held_classes = args.select == "held-classes"
+    if held_classes:  # S4: the 5-way head over classes A on their 300 validation images (selection classes included)
+        val_x, val_y = pool.batch(torch.arange(n_train, len(pool)))
+        val_head = prompt_classifier(original, [[fill(t, n) for t in templates] for n in names_a])
+        n_val_classes = len(names_a)
+    else:
+        val_head = prompt_classifier(original, prompts_a)
+        n_val_classes = len(prompts_a)
     train_eps = [int(v) for v in args.train_eps.split(",")]
 
     def val_score(vlm, eps):
-        """(clean, robust, balanced clean, balanced robust) on the validation images."""
-        r = per_image(ZeroShotClassifier(vlm, val_head), val_x, val_y, [eps], args.pgd_steps, seed=7)
-        k = len(prompts_a)
+        """(clean, robust, balanced clean, balanced robust, largest predicted share clean, attacked) on the
+        validation images."""
+        preds = {}
+        r = per_image(ZeroShotClassifier(vlm, val_head), val_x, val_y, [eps], args.pgd_steps, seed=7, preds=preds)
+        k = n_val_classes
         return (float(r["clean"].float().mean()), float(r[f"{eps}/255"].float().mean()),
-                balanced_accuracy(r["clean"], val_y, k), balanced_accuracy(r[f"{eps}/255"], val_y, k))
+                balanced_accuracy(r["clean"], val_y, k), balanced_accuracy(r[f"{eps}/255"], val_y, k),
+                largest_class_share(preds["clean"], k)[1], largest_class_share(preds[f"{eps}/255"], k)[1])
 
     val_original = {e: val_score(original, e) for e in train_eps}
     log(f"original on validation: {val_original}")
@@ -407,25 +469,39 @@ def main() -> None:
                              warmup_epochs=0.0, seed=args.seed)
 
         def on_epoch(record, adapted, objective_name=objective_name, eps=eps, family=family, mode=mode, lr=lr):
-            c, rb, bc, brb = val_score(adapted, eps)
+            c, rb, bc, brb, sh_c, sh_r = val_score(adapted, eps)
             grid.append({"objective": objective_name, "eps": eps, "family": family, "mode": mode, "lr": lr,
                          "epoch": record["epoch"], "clean": c, "robust": rb, "bal_clean": bc, "bal_robust": brb,
-                         "score": bc + brb if args.select == "balanced" else c + rb,
+                         "share": max(sh_c, sh_r), "eligible": max(sh_c, sh_r) <= MAX_SHARE,
+                         "score": bc + brb if args.select != "clean+robust" else c + rb,
                          "state": copy.deepcopy(adapted.state_dict())})
             log(f"  {objective_name} eps {eps}/255 {mode} lr {lr:g} epoch {record['epoch']}: val clean "
-                f"{100 * c:.1f} robust {100 * rb:.1f}, balanced {100 * bc:.1f} / {100 * brb:.1f} "
+                f"{100 * c:.1f} robust {100 * rb:.1f}, balanced {100 * bc:.1f} / {100 * brb:.1f}, largest share "
+                f"{100 * sh_c:.0f} / {100 * sh_r:.0f} "
                 f"(loss {record['loss']:.4f}, {time.process_time() - t_start:.0f} CPU s)")
 
         run_adaptation(path, train_data, prompts_a, objective, mode, config, on_epoch)
-    selected = {}
+    selected, picks = {}, []
     for key in sorted({(g["objective"], g["eps"], g["family"]) for g in grid}, key=lambda k: (k[0] != "tecoa", k)):
         rows = [g for g in grid if (g["objective"], g["eps"], g["family"]) == key]
         best = max(rows, key=lambda g: (round(g["score"], 6), -g["lr"]))
-        label = (f"{'TeCoA' if key[0] == 'tecoa' else 'FARE'} {key[1]}/255 {key[2]}: {best['mode']}, "
-                 f"lr {best['lr']:g}, {best['epoch']} ep")
+        group = f"{'TeCoA' if key[0] == 'tecoa' else 'FARE'} {key[1]}/255 {key[2]}"
+        label = f"{group}: {best['mode']}, lr {best['lr']:g}, {best['epoch']} ep"
+        if held_classes:  # S4: eligible grid points and the original; ties to the original, then the smaller lr
+            eligible = [g for g in rows if g["eligible"]]
+            best = max(eligible, key=lambda g: (round(g["score"], 6), -g["lr"])) if eligible else None
+            v = val_original[key[1]]
+            if best is None or round(best["score"], 6) <= round(v[2] + v[3], 6):
+                shown = max(eligible or rows, key=lambda g: (round(g["score"], 6), -g["lr"]))
+                picks.append(f"{group}: the ORIGINAL (no adaptation)")
+                label = (f"{group}: {shown['mode']}, lr {shown['lr']:g}, {shown['epoch']} ep (not selected"
+                         + ("" if eligible else ", not eligible") + ")")
+                best = shown
+            else:
+                picks.append(label)
         selected[label] = best
     t_grid = time.process_time() - t_start
-    log(f"grid done ({t_grid:.0f} CPU s); selected: {list(selected)}")
+    log(f"grid done ({t_grid:.0f} CPU s); selected: {picks or list(selected)}")
 
     # ---------------------------------------------------------------- evaluation (read only now)
     test = load_dataset("cifar10", "test", root=root)
@@ -467,7 +543,7 @@ def main() -> None:
             log(f"  {label} on {key}: " + ", ".join(f"{k} {100 * float(v.float().mean()):.1f}"
                                                      for k, v in results[label][key].items()))
         report = render(args, path, t_pre, sources_desc, len(val_y), eval_sets, results, grid, selected, val_original,
-                        time.process_time() - t_start, t_grid, groups, shares)
+                        time.process_time() - t_start, t_grid, groups, shares, picks)
         write_report(report, Path(args.out))
 
 
@@ -486,13 +562,14 @@ def paired(res, base, keys_sets, k):
 
 
 def render(args, path, t_pre, sources_desc, n_val, eval_sets, results, grid, selected, val_original, cpu, t_grid,
-           groups, shares) -> str:
+           groups, shares, picks=()) -> str:
     keys = ["clean", *[f"{e}/255" for e in EVAL_EPS]]
     card = read_tiny_clip_card(path).training
     sizes = ", ".join(f"{n} {len(d)}" for n, d in eval_sets.items())
     broad = args.adapt_sets != "cifar10-A"
     heldout, indomain = groups["heldout"], groups["indomain"]
-    balanced = args.select == "balanced"
+    balanced = args.select != "clean+robust"
+    held = args.select == "held-classes"
     lines = [
         ("Zero-shot robustness transfer with held-out evaluation data: tiny CLIP, TeCoA / FARE adapted on "
          + (f"{args.adapt_sets} with one head" if broad else "CIFAR-10 classes A") + " (benchmarks/vlm_tecoa_heldout.py)"),
@@ -505,17 +582,23 @@ def render(args, path, t_pre, sources_desc, n_val, eval_sets, results, grid, sel
          f"{'; each also mirrored' if args.pretrain_flip else ''}), {args.pretrain_epochs} epochs, Adam 2e-3 cosine; "
          f"no digits; tiny CLIP {pretrain_config(args)}; {t_pre} CPU s in the session that finished it (a resumed "
          "pretraining counts only its last session)."),
-        (f"Adaptation: {sources_desc}" + ("" if broad else " NOT used in pretraining") + f"; validation: {n_val} further "
-         f"images ({args.val_n} per source, never trained on). Batch 128, Adam, cosine over {args.epochs} epochs, no "
+        (f"Adaptation: {sources_desc}" + ("" if broad else " NOT used in pretraining") + (
+            f"; validation: {n_val} further images ({args.val_n} per source, never trained on)" if not held else "")
+         + f". Batch 128, Adam, cosine over {args.epochs} epochs, no "
          f"weight decay, seed {args.seed}. TeCoA: PGD 2 steps of eps; FARE: PGD 10 steps."),
         (f"Grid: TeCoA eps {args.train_eps}/255 x families {args.families} [fine-tuning: {args.ft_modes} x lr "
          f"{args.ft_lrs}; prompts: {VPT_MODE} x lr {args.vpt_lrs}] x epochs 1..{args.epochs}; FARE eps 4/255 full x lr "
          f"{args.fare_lrs or 'none'}."),
         ("Selection (fixed before the run): per objective x training eps x family, the highest "
          + ("BALANCED clean + BALANCED robust (mean over the adaptation classes of per-class recall; robust: "
-            if balanced else "clean + robust (")
+            if balanced and not held else "clean + robust (" if not held else
+            "BALANCED clean + BALANCED robust (mean per-class recall; robust: ")
          + f"PGD-{args.pgd_steps} at the training eps) zero-shot accuracy on the validation images"
-         + (" with the training head" if balanced else "") + ", ties to the smaller lr."),
+         + (" with the training head" if balanced and not held else "") + ", ties to the smaller lr."
+         + (f" HELD-OUT CLASSES (docstring S4): the validation images are the {n_val} classes-A validation images "
+            f"with a 5-way head over classes A, of which {args.select_classes} were never adapted on; a grid point "
+            f"whose largest predicted share there exceeds {100 * MAX_SHARE:.0f}% (clean or attacked) is not "
+            "eligible; the original is always a candidate (ties to it)." if held else "")),
         (f"Evaluation: zero-shot, each set with its own head, same images and attack seeds for every model ({sizes}); "
          f"PGD-{args.pgd_steps} (CE, 1 random start, step 2.5 eps/{args.pgd_steps}) at Linf 1/255 and 4/255, at the "
          "data's own resolution; only clean-correct images attacked. cifar10-B = test images of the odd classes "
@@ -523,17 +606,22 @@ def render(args, path, t_pre, sources_desc, n_val, eval_sets, results, grid, sel
         f"Held-out sets (no adaptation on their domain): {', '.join(heldout)}; in-domain sets: {', '.join(indomain) or 'none'}.",
         f"CPU: grid {t_grid:.0f} s, total so far {cpu:.0f} s (process time, 1 thread).",
         "",
-        "Validation grid (held-out adaptation images; %" + ("; balanced = mean per-class recall" if balanced else "") + "):",
+        ("Validation grid (held-out adaptation images; %" if not held else "Validation grid (the selection head over "
+         "classes A on their validation images; %") + ("; balanced = mean per-class recall" if balanced else "") + "):",
         "  original: " + ", ".join(f"clean {100 * v[0]:.1f} robust@{e}/255 {100 * v[1]:.1f}"
                                    + (f" (balanced {100 * v[2]:.1f} / {100 * v[3]:.1f})" if balanced else "")
+                                   + (f" largest share {100 * max(v[4], v[5]):.0f}" if held else "")
+                                   + (f" score {100 * (v[2] + v[3]):.1f}" if held else "")
                                    for e, v in val_original.items()),
     ]
     for g in grid:
         lines.append(f"  {g['objective']:5s} eps {g['eps']}/255  {g['mode']:30s} lr {g['lr']:<7g} ep {g['epoch']}   "
                      f"val clean {100 * g['clean']:5.1f}  robust {100 * g['robust']:5.1f}  "
                      + (f"balanced {100 * g['bal_clean']:5.1f} / {100 * g['bal_robust']:5.1f}  " if balanced else "")
+                     + (f"largest share {100 * g['share']:3.0f}{'' if g['eligible'] else ' NOT eligible'}  "
+                        if held else "")
                      + f"score {100 * g['score']:6.1f}")
-    lines += ["", "Selected: " + "; ".join(selected), "", "Zero-shot accuracy (%) on the test images (clean / 1/255 / 4/255):"]
+    lines += ["", "Selected: " + "; ".join(picks or selected), "", "Zero-shot accuracy (%) on the test images (clean / 1/255 / 4/255):"]
     cols = list(eval_sets)
     lines.append(f"{'model':66s}" + "".join(f"{c[:21]:>22s}" for c in cols) + f"{'MEAN held-out':>22s}{'MEAN natural':>22s}")
     for label, res in results.items():
