@@ -22,6 +22,21 @@ def _free_port() -> str:
         return str(sock.getsockname()[1])
 
 
+def _one_and_two_processes(args: list[str], tmp_path, capsys) -> tuple[dict, dict]:
+    """``robustlab ARGS --json`` in this process into one.db and under torchrun with two processes into
+    two.db: their JSON outputs (one document each: only rank 0 prints)."""
+    assert main([*args, "--db", str(tmp_path / "one.db")]) == 0
+    one = json.loads(capsys.readouterr().out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ROBUSTLAB_BACKEND": "gloo"}
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
+         "-m", "robustlab", *args, "--db", str(tmp_path / "two.db")],
+        check=False, capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return one, json.loads(res.stdout)
+
+
 ROWS = ("SELECT task, sample_index, clean_correct, robust, broken_by, adv_pred, gradients, forwards FROM adversarial_samples"
         " ORDER BY task, sample_index")
 
@@ -31,16 +46,7 @@ def test_two_process_evaluation_equals_one_process(tmp_path, digits_model, capsy
     ckpt = save_checkpoint(digits_model, tmp_path / "m.safetensors", ModelCard.for_architecture("digits_cnn"))
     args = ["eval", "--model", str(ckpt), "--data", "digits", "--num-examples", "200", "--norm", "linf", "--eps", "0.1",
             "--attack", "fgsm", "--attack", "pgd:steps=10", "--eps-grid", "0.05", "--batch-size", "32", "--json"]
-    assert main([*args, "--db", str(tmp_path / "one.db")]) == 0
-    one = json.loads(capsys.readouterr().out)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ROBUSTLAB_BACKEND": "gloo"}
-    res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
-         "-m", "robustlab", *args, "--db", str(tmp_path / "two.db")],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    two = json.loads(res.stdout)
+    one, two = _one_and_two_processes(args, tmp_path, capsys)
     for key in ("n", "clean_accuracy", "robust_accuracy", "eps_curve", "steps_curve"):
         assert two[key] == one[key]
     a = sqlite3.connect(tmp_path / "one.db").execute(ROWS).fetchall()
@@ -83,16 +89,8 @@ def test_two_process_structured_run_equals_one_process(tmp_path, digits_model, c
     args = ["structured", "--model", str(ckpt), "--data", "digits", "--num-examples", "96", "--fit-n", "200",
             "--batch-size", "16", "--device", "cpu", "--json", "--threat", "spatial:angle=20,shift=1,angles=9,shifts=3",
             "--threat", "universal:norm=linf,eps=0.15,epochs=3", "--threat", "patch:size=3,epochs=3,draws=3"]
-    assert main([*args, "--db", str(tmp_path / "one.db")]) == 0
-    one = json.loads(capsys.readouterr().out)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ROBUSTLAB_BACKEND": "gloo"}
-    res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
-         "-m", "robustlab", *args, "--db", str(tmp_path / "two.db")],
-        check=False, capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert json.loads(res.stdout)["robust_accuracy"] == one["robust_accuracy"]
+    one, two = _one_and_two_processes(args, tmp_path, capsys)
+    assert two["robust_accuracy"] == one["robust_accuracy"]
     rows = "SELECT * FROM structured_samples ORDER BY task, sample_index"
     a = [r[1:-1] for r in sqlite3.connect(tmp_path / "one.db").execute(rows)]  # no run id, no seconds
     b = [r[1:-1] for r in sqlite3.connect(tmp_path / "two.db").execute(rows)]
@@ -110,16 +108,7 @@ def test_two_process_detection_run_equals_one_process(tmp_path, digits_model, ca
     args = ["detect", "--model", str(ckpt), "--data", "digits", "--num-examples", "64", "--batch-size", "16",
             "--detector", "mahalanobis", "--norm", "linf", "--eps", "0.1", "--fit-n", "300", "--calibration-n", "100",
             "--pgd-steps", "5", "--adaptive-steps", "5", "--adaptive-rounds", "1", "--device", "cpu", "--json"]
-    assert main([*args, "--db", str(tmp_path / "one.db")]) == 0
-    one = json.loads(capsys.readouterr().out)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ROBUSTLAB_BACKEND": "gloo"}
-    res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
-         "-m", "robustlab", *args, "--db", str(tmp_path / "two.db")],
-        check=False, capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    two = json.loads(res.stdout)  # one JSON document: only rank 0 prints
+    one, two = _one_and_two_processes(args, tmp_path, capsys)
     keys = ("n", "threshold", "clean_accuracy", "robust_accuracy", "auc", "detection_rate", "adaptive_detection_rate")
     assert {k: two[k] for k in keys} == {k: one[k] for k in keys}
     rows = "SELECT * FROM detection_samples ORDER BY task, sample_index"
@@ -139,16 +128,7 @@ def test_two_process_segmentation_run_equals_one_process(tmp_path, capsys):
                            ModelCard.for_architecture("seg_unet", num_classes=11, arch_kwargs={"width": 8, "depth": 2}))
     args = ["eval", "--model", str(ckpt), "--data", "scenes-digits", "--num-examples", "32", "--batch-size", "8",
             "--norm", "linf", "--eps", "0.1", "--attack", "pgd:steps=2", "--device", "cpu", "--json"]
-    assert main([*args, "--db", str(tmp_path / "one.db")]) == 0
-    one = json.loads(capsys.readouterr().out)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ROBUSTLAB_BACKEND": "gloo"}
-    res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
-         "-m", "robustlab", *args, "--db", str(tmp_path / "two.db")],
-        check=False, capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    two = json.loads(res.stdout)  # one JSON document: only rank 0 prints
+    one, two = _one_and_two_processes(args, tmp_path, capsys)
     assert two["protocol"] == "segmentation" and two["n"] == one["n"] == 32
     assert (two["clean_miou"], two["robust_miou"]) == (one["clean_miou"], one["robust_miou"])
     rows = "SELECT * FROM segmentation_samples ORDER BY task, sample_index"
