@@ -176,9 +176,11 @@ def _threat(norm: str, eps: float):
 
 # ---------------------------------------------------------------------- options several commands share
 
-def add_model_data_options(p: argparse.ArgumentParser, samples_flag: str | tuple[str, ...] = "--n") -> None:
+def add_model_data_options(p: argparse.ArgumentParser,
+                           samples_flag: str | tuple[str, ...] = ("--n", "--num-examples")) -> None:
     """--model, --data, --split, --data-root, the sample count (``samples_flag``, or several names of
-    it), --device, --seed."""
+    it; by default --n and --num-examples, as torchrun's own parser takes --n for its --nnodes), --device,
+    --seed."""
     p.add_argument("--model", required=True, help="registry name, checkpoint path, or file.py:function / module:function")
     p.add_argument("--data", required=True, help="data set name (digits, mnist, cifar10, ...) or folder")
     p.add_argument("--split", default="test", help="data split (default test)")

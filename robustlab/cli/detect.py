@@ -89,7 +89,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("detect", help="evaluate a classifier guarded by an adversarial-example detector (threshold "
                        "fixed on clean images; plain PGD and the detector-aware attack)")
-    add_model_data_options(d, ("--n", "--num-examples"))  # torchrun's parser takes --n for its --nnodes
+    add_model_data_options(d)
     d.add_argument("--detector", required=True, metavar="NAME[:key=value,...]",
                    help="the detector: squeeze (bits, median), mahalanobis (shrinkage), lid (k, reference, noise), "
                    "magnet (width, steps, lr, noise), e.g. squeeze:bits=1,median=2")

@@ -85,7 +85,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("structured", help="evaluate under spatial transformations, a universal perturbation or an "
                        "adversarial patch, each as its own threat model")
-    add_model_data_options(p, ("--n", "--num-examples"))  # torchrun's parser takes --n for its --nnodes
+    add_model_data_options(p)
     p.add_argument("--threat", action="append", required=True, metavar="KIND[:key=value,...]",
                    help="a threat model, one task of the run each (repeat for several): " + threat_help().replace(
                        "%", "%%") + ". spatial: rotations up to angle degrees and shifts up to shift pixels, worst "
